@@ -1,0 +1,3 @@
+from infinilm_nb.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,115 @@
+"""What every launcher shares: argument checks, compiled-kernel caching and the launch stream.
+
+Launchers check every argument before anything is launched and raise ``ValueError`` naming the
+argument, the expected and the given shape / dtype. They launch on CuPy's current stream, so that
+``with stream:`` (and CUDA-graph capture on that stream) covers them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from numba import config, cuda
+
+SIMULATOR = bool(config.ENABLE_CUDASIM)
+FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
+
+
+def _describe(shape: Sequence[int]) -> str:
+    return "(" + ", ".join(str(int(s)) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def check_array(
+    op: str,
+    name: str,
+    array: Any,
+    shape: Sequence[int | None] | None = None,
+    dtypes: Sequence[Any] | None = None,
+    contiguous: bool = True,
+) -> None:
+    """Raise ``ValueError`` unless ``array`` is a device array of the given shape / dtype / layout.
+
+    ``None`` in ``shape`` accepts any size on that axis. ``contiguous`` asks for C order; with it
+    False only the last axis must be unit-stride (strided views into a fused buffer).
+    """
+    if array is None:
+        raise ValueError(f"{op}: {name} is required")
+    on_device = hasattr(array, "__cuda_array_interface__") or (SIMULATOR and isinstance(array, np.ndarray))
+    if not on_device:
+        where = "a NumPy array (simulator)" if SIMULATOR else "a device array (CuPy / numba)"
+        raise ValueError(f"{op}: {name} must be {where}, got {type(array).__name__}")
+    if shape is not None:
+        given = tuple(array.shape)
+        if len(given) != len(shape) or any(e is not None and e != g for e, g in zip(shape, given)):
+            expected = "(" + ", ".join("*" if e is None else str(e) for e in shape) + ")"
+            raise ValueError(f"{op}: {name} must have shape {expected}, got {_describe(given)}")
+    if dtypes is not None and np.dtype(array.dtype) not in [np.dtype(d) for d in dtypes]:
+        names = " or ".join(np.dtype(d).name for d in dtypes)
+        raise ValueError(f"{op}: {name} must be {names}, got {np.dtype(array.dtype).name}")
+    itemsize = np.dtype(array.dtype).itemsize
+    strides = array.strides
+    if contiguous:
+        expected_strides, step = [], itemsize
+        for size in reversed(array.shape):
+            expected_strides.append(step)
+            step *= size
+        ok = all(s == e or n == 1 for s, e, n in zip(strides, reversed(expected_strides), array.shape))
+        if not ok:
+            raise ValueError(f"{op}: {name} must be C-contiguous, got strides {tuple(strides)}")
+    elif array.ndim and array.shape[-1] > 1 and strides[-1] != itemsize:
+        raise ValueError(f"{op}: {name} must be unit-stride along its last axis, got strides {tuple(strides)}")
+
+
+def check_same_dtype(op: str, reference_name: str, reference: Any, **others: Any) -> None:
+    """Raise ``ValueError`` unless every array in ``others`` has the dtype of ``reference``."""
+    want = np.dtype(reference.dtype)
+    for name, array in others.items():
+        if array is not None and np.dtype(array.dtype) != want:
+            raise ValueError(
+                f"{op}: {name} must have the dtype of {reference_name} ({want.name}), got {np.dtype(array.dtype).name}"
+            )
+
+
+_compiled: dict[tuple[Callable, str], Any] = {}
+
+
+def compiled(pyfunc: Callable, signature: str, **options: Any) -> Any:
+    """``cuda.jit(signature)(pyfunc)``, compiled once per (function, signature) and cached.
+
+    An explicit signature halves numba's per-launch host cost against a lazily typed kernel, and
+    compiling on first use keeps import fast.
+    """
+    key = (pyfunc, signature)
+    kernel = _compiled.get(key)
+    if kernel is None:
+        kernel = _compiled[key] = cuda.jit(signature, **options)(pyfunc)
+    return kernel
+
+
+_streams: dict[int, Any] = {}
+
+
+def launch_stream() -> Any:
+    """The stream to launch on: CuPy's current stream on a GPU, 0 in the simulator."""
+    if SIMULATOR:
+        return 0
+    import cupy
+
+    ptr = cupy.cuda.get_current_stream().ptr
+    stream = _streams.get(ptr)
+    if stream is None:
+        stream = _streams[ptr] = cuda.external_stream(ptr) if ptr else cuda.default_stream()
+    return stream
+
+
+def numba_type(dtype: Any) -> str:
+    """The numba type name of a NumPy dtype, for signature strings."""
+    return {"float16": "float16", "float32": "float32", "int32": "int32", "uint64": "uint64", "int64": "int64"}[
+        np.dtype(dtype).name
+    ]
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division."""
+    return -(-a // b)

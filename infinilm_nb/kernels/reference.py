@@ -1,0 +1,312 @@
+"""NumPy specification of every op: the oracle for the kernel tests and the ops of the CPU backend.
+
+Conventions shared by every op (and by the Numba launchers, which have the same signatures):
+
+* Arrays are NumPy arrays (CuPy arrays for the launchers on ``cuda``). Activations and weights are
+  float16 or float32 (bfloat16 on the GPU); integer metadata is int32; seeds are uint64.
+* Arithmetic accumulates in float32 and rounds once, to the output's dtype, when it is stored.
+* Outputs are passed in (``out=``) and returned; an op never allocates its result. Ops documented
+  as "in place" write into their inputs.
+* The token axis is flat: one step's prefill and decode tokens are concatenated (``T`` tokens in all),
+  and sequence ``b`` owns tokens ``query_start_loc[b]:query_start_loc[b + 1]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+F32 = np.float32
+
+
+def embedding(ids: np.ndarray, weight: np.ndarray, out: np.ndarray, vocab_start: int = 0) -> np.ndarray:
+    """Gather embedding rows: ``out[t] = weight[ids[t] - vocab_start]``.
+
+    ids: int32 ``[T]``; weight: ``[V_shard, H]``, the rows ``vocab_start .. vocab_start + V_shard`` of
+    the full table (a vocab-parallel shard); out: ``[T, H]``. Ids outside the shard give zero rows, so
+    that summing the shards' outputs over ranks gives the full embedding.
+    """
+    local = ids.astype(np.int64) - vocab_start
+    inside = (local >= 0) & (local < weight.shape[0])
+    out[...] = 0
+    out[inside] = weight[local[inside]]
+    return out
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, out: np.ndarray) -> np.ndarray:
+    """``out = x / sqrt(mean(x**2, -1) + eps) * weight`` per row.
+
+    x, out: ``[T, H]`` (out may be x); weight: ``[H]``.
+    """
+    xf = x.astype(F32)
+    inv = 1.0 / np.sqrt((xf * xf).mean(axis=-1, keepdims=True, dtype=F32) + F32(eps))
+    out[...] = (xf * inv.astype(F32) * weight.astype(F32)).astype(out.dtype)
+    return out
+
+
+def add_rms_norm(
+    x: np.ndarray, residual: np.ndarray, weight: np.ndarray, eps: float, out: np.ndarray
+) -> np.ndarray:
+    """Fused residual add and RMSNorm, as vLLM's ``fused_add_rms_norm``.
+
+    In place: ``residual += x`` (rounded to residual's dtype); then ``out = rms_norm(residual)``.
+    x, residual, out: ``[T, H]`` (out may be x); weight: ``[H]``. The norm reads the rounded residual,
+    so every backend normalises exactly what it stores.
+    """
+    residual[...] = (residual.astype(F32) + x.astype(F32)).astype(residual.dtype)
+    return rms_norm(residual, weight, eps, out)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> np.ndarray:
+    """Inverse frequencies ``theta ** (-2i / head_dim)``, with Llama-3 ``rope_scaling`` applied.
+
+    ``scaling`` is the HF ``rope_scaling`` dict; ``rope_type`` (or ``type``) ``"llama3"`` uses
+    ``factor``, ``low_freq_factor``, ``high_freq_factor`` and ``original_max_position_embeddings``;
+    ``"default"`` or None leaves the frequencies alone; ``"linear"`` divides them by ``factor``.
+    """
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / float(scaling["factor"])
+    if kind != "llama3":
+        raise ValueError(f"rope_scaling: unsupported rope_type {kind!r} (supported: default, linear, llama3)")
+    factor = float(scaling["factor"])
+    low = float(scaling["low_freq_factor"])
+    high = float(scaling["high_freq_factor"])
+    old_len = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return np.where(medium, smoothed, scaled)
+
+
+def rope_cache(head_dim: int, max_positions: int, theta: float, scaling: dict | None = None) -> np.ndarray:
+    """The cos/sin table read by :func:`rope`: float32 ``[max_positions, head_dim]``.
+
+    Row ``p`` holds ``cos(p * inv_freq)`` in its first ``head_dim / 2`` columns and ``sin(p * inv_freq)``
+    in the rest.
+    """
+    freqs = np.outer(np.arange(max_positions, dtype=np.float64), rope_inv_freq(head_dim, theta, scaling))
+    return np.concatenate([np.cos(freqs), np.sin(freqs)], axis=1).astype(F32)
+
+
+def rope(q: np.ndarray, k: np.ndarray, positions: np.ndarray, cos_sin: np.ndarray) -> None:
+    """Rotary embedding, GPT-NeoX ``rotate_half`` layout, applied to q and k in place.
+
+    q: ``[T, Hq, D]``; k: ``[T, Hk, D]`` (both may be strided views into a fused QKV output);
+    positions: int32 ``[T]``; cos_sin: :func:`rope_cache` ``[P, D]``. With ``x1, x2`` the halves of a
+    head: ``x1' = x1 cos - x2 sin`` and ``x2' = x2 cos + x1 sin``.
+    """
+    half = cos_sin.shape[1] // 2
+    cos = cos_sin[positions, :half][:, None, :]
+    sin = cos_sin[positions, half:][:, None, :]
+    for x in (q, k):
+        x1 = x[..., :half].astype(F32)
+        x2 = x[..., half:].astype(F32)
+        x[..., :half] = (x1 * cos - x2 * sin).astype(x.dtype)
+        x[..., half:] = (x2 * cos + x1 * sin).astype(x.dtype)
+
+
+def silu_mul(x: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """SwiGLU activation over a fused ``[gate | up]`` tensor: ``out = silu(gate) * up``.
+
+    x: ``[T, 2I]`` (gate in the first I columns); out: ``[T, I]``.
+    """
+    inter = out.shape[-1]
+    gate = x[..., :inter].astype(F32)
+    up = x[..., inter:].astype(F32)
+    out[...] = (gate / (1 + np.exp(-gate)) * up).astype(out.dtype)
+    return out
+
+
+def linear(
+    x: np.ndarray,
+    weight: np.ndarray,
+    out: np.ndarray,
+    bias: np.ndarray | None = None,
+    residual: np.ndarray | None = None,
+) -> np.ndarray:
+    """``out = x @ weight.T (+ bias) (+ residual)``, accumulated in float32.
+
+    x: ``[M, K]``; weight: ``[N, K]`` row-major, as HF stores it; bias: ``[N]``; residual, out:
+    ``[M, N]`` (out may be residual: the fused residual add of o_proj and down_proj).
+    """
+    acc = x.astype(F32) @ weight.astype(F32).T
+    if bias is not None:
+        acc += bias.astype(F32)
+    if residual is not None:
+        acc += residual.astype(F32)
+    out[...] = acc.astype(out.dtype)
+    return out
+
+
+def store_kv(
+    k: np.ndarray, v: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, slot_mapping: np.ndarray
+) -> None:
+    """Write each token's K and V into a paged cache.
+
+    k, v: ``[T, Hk, D]``; k_cache, v_cache: ``[num_blocks, block_size, Hk, D]`` (one layer);
+    slot_mapping: int32 ``[T]``, the flat slot ``block * block_size + offset`` of each token; a
+    negative slot skips that token (padding).
+    """
+    block_size = k_cache.shape[1]
+    for t in np.flatnonzero(slot_mapping >= 0):
+        block, offset = divmod(int(slot_mapping[t]), block_size)
+        k_cache[block, offset] = k[t]
+        v_cache[block, offset] = v[t]
+
+
+def store_kv_static(
+    k: np.ndarray,
+    v: np.ndarray,
+    k_cache: np.ndarray,
+    v_cache: np.ndarray,
+    cache_slots: np.ndarray,
+    positions: np.ndarray,
+) -> None:
+    """Write each token's K and V into a static cache ``[num_slots, max_len, Hk, D]``.
+
+    cache_slots: int32 ``[T]``, the cache slot (sequence row) of each token, negative to skip;
+    positions: int32 ``[T]``. A static cache is a paged cache whose blocks are whole sequences,
+    so this is :func:`store_kv` with ``slot = cache_slot * max_len + position``.
+    """
+    slots = np.where(cache_slots >= 0, cache_slots.astype(np.int64) * k_cache.shape[1] + positions, -1)
+    store_kv(k, v, k_cache, v_cache, slots)
+
+
+def paged_attention(
+    q: np.ndarray,
+    k_cache: np.ndarray,
+    v_cache: np.ndarray,
+    block_tables: np.ndarray,
+    context_lens: np.ndarray,
+    query_start_loc: np.ndarray,
+    scale: float,
+    out: np.ndarray,
+) -> np.ndarray:
+    """Causal attention of a flattened batch over a paged KV cache (prefill, decode or both).
+
+    q, out: ``[T, Hq, D]``; k_cache, v_cache: ``[num_blocks, block_size, Hk, D]``, already holding every
+    token of each sequence, this step's included (store_kv runs first); ``Hq`` is a multiple of ``Hk``
+    (GQA: query head ``h`` reads KV head ``h // (Hq // Hk)``); block_tables: int32 ``[B, max_blocks]``;
+    context_lens: int32 ``[B]``, the tokens of sequence b in the cache after this step; query_start_loc:
+    int32 ``[B + 1]``. Sequence b's ``n = qsl[b+1] - qsl[b]`` queries are its last n positions
+    ``L - n .. L - 1`` (``L = context_lens[b]``), so a prefill with a cached prefix and a decode step
+    (n = 1) are the same case. Query i attends to keys ``0 .. L - n + i``; softmax in float32.
+    """
+    block_size = k_cache.shape[1]
+    group = q.shape[1] // k_cache.shape[2]
+    for b in range(len(context_lens)):
+        start, end = int(query_start_loc[b]), int(query_start_loc[b + 1])
+        n, length = end - start, int(context_lens[b])
+        if n == 0:
+            continue
+        pos = np.arange(length)
+        blocks = block_tables[b, pos // block_size]
+        keys = np.repeat(k_cache[blocks, pos % block_size].astype(F32), group, axis=1)  # [L, Hq, D]
+        vals = np.repeat(v_cache[blocks, pos % block_size].astype(F32), group, axis=1)
+        scores = np.einsum("qhd,khd->hqk", q[start:end].astype(F32), keys) * F32(scale)
+        allowed = pos[None, :] <= (length - n + np.arange(n))[:, None]  # [n, L]
+        scores = np.where(allowed[None], scores, -np.inf)
+        probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        probs /= probs.sum(axis=-1, keepdims=True)
+        out[start:end] = np.einsum("hqk,khd->qhd", probs, vals).astype(out.dtype)
+    return out
+
+
+def static_attention(
+    q: np.ndarray,
+    k_cache: np.ndarray,
+    v_cache: np.ndarray,
+    cache_slots: np.ndarray,
+    context_lens: np.ndarray,
+    query_start_loc: np.ndarray,
+    scale: float,
+    out: np.ndarray,
+) -> np.ndarray:
+    """:func:`paged_attention` over a static cache ``[num_slots, max_len, Hk, D]``.
+
+    cache_slots: int32 ``[B]``, the cache slot of each sequence. A static cache is a paged cache with
+    one block per sequence, so the block table is ``cache_slots[:, None]``.
+    """
+    return paged_attention(
+        q, k_cache, v_cache, cache_slots.reshape(-1, 1), context_lens, query_start_loc, scale, out
+    )
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+def gumbel_noise(seed: np.uint64, count: int) -> np.ndarray:
+    """Float32 Gumbel(0, 1) noise for indices ``0 .. count - 1``, a pure function of (seed, index).
+
+    ``z = splitmix64(seed + (i + 1) * 0x9E3779B97F4A7C15)``; ``u = ((z >> 40) + 0.5) / 2**24``;
+    ``g = -log(-log(u))``, all in float32 after ``u``. The sampling kernel computes the same numbers.
+    """
+    with np.errstate(over="ignore"):
+        z = np.uint64(seed) + (np.arange(count, dtype=np.uint64) + np.uint64(1)) * _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * _MIX1
+        z = (z ^ (z >> np.uint64(27))) * _MIX2
+        z = z ^ (z >> np.uint64(31))
+    u = ((z >> np.uint64(40)).astype(F32) + F32(0.5)) * F32(1.0 / (1 << 24))
+    return -np.log(-np.log(u))
+
+
+def sampling_mask(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
+    """The tokens one row may be sampled from: its top-k, then the top-p nucleus of what is left.
+
+    top-k keeps the tokens whose logit is at least the k-th largest (ties at the boundary stay;
+    ``top_k <= 0`` or ``>= V`` keeps all). top-p works on ``softmax(logits / temperature)`` renormalised
+    over the top-k set, and keeps a token when the mass of the tokens strictly more likely than it is
+    below ``top_p``: the smallest set whose mass reaches p (ties stay). ``top_p >= 1`` keeps all.
+    """
+    x = logits.astype(F32)
+    keep = np.ones(x.shape, dtype=bool)
+    if 0 < top_k < x.size:
+        keep &= x >= np.partition(x, x.size - top_k)[x.size - top_k]
+    if top_p < 1.0:
+        probs = np.where(keep, np.exp((x - x.max()) / F32(temperature)), 0).astype(np.float64)
+        probs /= probs.sum()
+        order = np.argsort(-probs, kind="stable")
+        sorted_probs = probs[order]
+        greater_mass = np.cumsum(sorted_probs) - sorted_probs
+        # tokens tied with a kept token are kept as well
+        first_of_value = np.searchsorted(-sorted_probs, -sorted_probs, side="left")
+        keep_sorted = greater_mass[first_of_value] < top_p
+        keep[order] &= keep_sorted
+    return keep
+
+
+def sample(
+    logits: np.ndarray,
+    temperatures: np.ndarray,
+    top_ks: np.ndarray,
+    top_ps: np.ndarray,
+    seeds: np.ndarray,
+    out: np.ndarray,
+) -> np.ndarray:
+    """Pick one token per row of ``logits [B, V]``; writes int32 ``out [B]``.
+
+    temperatures: float32 ``[B]``, 0 means greedy (argmax, lowest index on ties); top_ks: int32
+    ``[B]``; top_ps: float32 ``[B]``; seeds: uint64 ``[B]``, one per row and step (the engine derives
+    it from the request's seed and its step, so a seed reproduces its tokens). Otherwise the token is
+    ``argmax(logits / T + gumbel_noise(seed))`` over :func:`sampling_mask` — the Gumbel-max trick,
+    which draws exactly from the renormalised softmax and needs only one pass over the row.
+    """
+    for b in range(logits.shape[0]):
+        row = logits[b].astype(F32)
+        temperature = float(temperatures[b])
+        if temperature <= 0:
+            out[b] = int(np.argmax(row))
+            continue
+        keep = sampling_mask(row, temperature, int(top_ks[b]), float(top_ps[b]))
+        scores = row / F32(temperature) + gumbel_noise(seeds[b], row.size)
+        out[b] = int(np.argmax(np.where(keep, scores, -np.inf)))
+    return out

@@ -1,0 +1,65 @@
+"""Make numba's CUDA simulator good enough to run our kernels unchanged.
+
+The simulator runs one Python thread per CUDA thread. Two gaps matter to us:
+
+* it has no warp intrinsics; :func:`install` adds ``shfl_sync``, ``shfl_up/down/xor_sync`` and
+  ``syncwarp``, built on the block barrier, so they are valid only when the whole block reaches
+  them together (every kernel here keeps that rule);
+* it copies every NumPy argument in and back out, which breaks strided views (q and k inside a
+  fused QKV buffer) and aliased arguments (out is residual); :func:`install` makes it pass the
+  caller's arrays through instead, as device memory behaves.
+"""
+
+from __future__ import annotations
+
+import threading
+
+WARP = 32
+_installed = False
+
+
+def _exchange(value, source_lane):
+    """Publish this thread's value to its warp and read the value of lane ``source_lane(lane)``."""
+    thread = threading.current_thread()
+    board = thread._manager.__dict__.setdefault("_warp_board", {})
+    thread.syncthreads()  # earlier readers are done with the board
+    board[thread.thread_id] = value
+    thread.syncthreads()
+    lane = thread.thread_id % WARP
+    source = source_lane(lane)
+    key = thread.thread_id - lane + source
+    if 0 <= source < WARP and key in board:
+        return board[key]
+    return value
+
+
+def install() -> None:
+    """Patch the simulator in place; call after ``NUMBA_ENABLE_CUDASIM=1`` took effect. Idempotent."""
+    global _installed
+    if _installed:
+        return
+    from numba import config
+
+    if not config.ENABLE_CUDASIM:
+        raise RuntimeError("the CUDA simulator shim needs NUMBA_ENABLE_CUDASIM=1 before numba is imported")
+    from numba.cuda.simulator import kernel, kernelapi
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+    module = kernelapi.FakeCUDAModule
+    module.shfl_sync = lambda self, mask, value, src: _exchange(value, lambda lane: src % WARP)
+    module.shfl_up_sync = lambda self, mask, value, delta: _exchange(value, lambda lane: lane - delta)
+    module.shfl_down_sync = lambda self, mask, value, delta: _exchange(value, lambda lane: lane + delta)
+    module.shfl_xor_sync = lambda self, mask, value, lanes: _exchange(value, lambda lane: lane ^ lanes)
+    module.syncwarp = lambda self, mask=0xFFFFFFFF: threading.current_thread().syncthreads()
+
+    class PassThrough:
+        """Hands the kernel the caller's array itself (no copy in, no copy back)."""
+
+        def __init__(self, value):
+            self.value = value
+
+        def to_device(self, retr, stream=0):
+            return FakeCUDAArray(self.value)
+
+    kernel.InOut = PassThrough
+    _installed = True

@@ -1,0 +1,1 @@
+"""The Llama runtime: config, weights, layers, model, KV caches, scheduler and engine."""

@@ -1,0 +1,42 @@
+"""StepInput: the flattened description of one forward step, built on the host by the scheduler."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class StepInput:
+    """One step's tokens for B sequences, prefill and decode mixed, flattened to T tokens.
+
+    Sequence ``b`` owns tokens ``query_start_loc[b]:query_start_loc[b + 1]``; they are its last
+    ``n_b`` positions, so ``context_lens[b]`` (its length in the cache after this step) ends them.
+    A static cache is a paged cache with one block per sequence, so both use the same fields.
+    """
+
+    token_ids: np.ndarray  # int32 [T]
+    positions: np.ndarray  # int32 [T]
+    slot_mapping: np.ndarray  # int32 [T]: flat cache slot (block * block_size + offset), -1 = skip
+    query_start_loc: np.ndarray  # int32 [B + 1]
+    context_lens: np.ndarray  # int32 [B]
+    block_tables: np.ndarray  # int32 [B, max_blocks]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_ids.shape[0])
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.context_lens.shape[0])
+
+    @property
+    def last_token_index(self) -> np.ndarray:
+        """int32 [B]: the flat index of each sequence's last token (the one whose logits we need)."""
+        return (self.query_start_loc[1:] - 1).astype(np.int32)
+
+    def to(self, backend: Any) -> "StepInput":
+        """A copy whose arrays live on ``backend`` (one host-to-device copy per field)."""
+        return StepInput(**{f.name: backend.asarray(getattr(self, f.name)) for f in fields(self)})
