@@ -7,8 +7,6 @@ once at numba's import. ``INFINILM_NB_TEST_BACKEND=sim`` forces the simulator on
 from __future__ import annotations
 
 import os
-import shutil
-
 import pytest
 
 
@@ -26,8 +24,10 @@ def _gpu_usable() -> bool:
 ON_GPU = _gpu_usable()
 if not ON_GPU:
     os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+os.environ.setdefault("NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS", "0")  # tests launch small grids on purpose
 
 from infinilm_nb.backend import get_backend  # noqa: E402  (after the simulator switch)
+from infinilm_nb.runtime.distributed import find_mpiexec  # noqa: E402
 
 KERNEL_BACKEND = get_backend("cuda" if ON_GPU else "sim")
 
@@ -47,7 +47,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords and not ON_GPU:
             item.add_marker(no_gpu)
-        if "mpi" in item.keywords and shutil.which("mpiexec") is None:
+        if "mpi" in item.keywords and find_mpiexec() is None:
             item.add_marker(no_mpi)
 
 

@@ -1,0 +1,83 @@
+"""GPU timing done right (../shared/DESIGN.md, "Benchmarks").
+
+* A Numba launch costs the host 20-50 us, more than many decode kernels take: capture ``reps``
+  launches in a CUDA graph and time its replays with events.
+* The L2 holds 50-60 MB: each launch in the loop reads its own copy of the inputs, rotating over
+  enough copies that the whole set is several times the L2.
+"""
+
+from __future__ import annotations
+
+from statistics import median
+from typing import Any, Callable, Sequence
+
+import cupy
+
+L2_BYTES = cupy.cuda.runtime.getDeviceProperties(0)["l2CacheSize"]
+
+
+def gpu_name() -> str:
+    return cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+
+
+def copies_needed(bytes_per_call: int, budget: int = 8 << 30) -> int:
+    """How many input copies make the rotation at least 3x the L2 (at most ``budget`` bytes)."""
+    want = -(-3 * L2_BYTES // max(bytes_per_call, 1)) + 1
+    return max(1, min(want, budget // max(bytes_per_call, 1)))
+
+
+def _events_ms(run: Callable[[], None], stream: Any, rounds: int) -> list[float]:
+    times = []
+    for _ in range(rounds):
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record(stream)
+        run()
+        end.record(stream)
+        end.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, end))
+    return times
+
+
+def time_graph(calls: Sequence[Callable[[], None]], reps: int = 50, rounds: int = 7) -> float:
+    """Median seconds per call of ``calls`` (cycled ``reps`` times), captured once in a CUDA graph.
+
+    Each call launches on CuPy's current stream; the first call of each is run eagerly first, so
+    compilation and module loading stay out of the capture.
+    """
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        for call in calls:
+            call()
+        stream.synchronize()
+        stream.begin_capture()
+        for i in range(reps):
+            calls[i % len(calls)]()
+        graph = stream.end_capture()
+        graph.launch(stream)
+        stream.synchronize()
+        times = _events_ms(lambda: graph.launch(stream), stream, rounds)
+    return median(times) / 1e3 / reps
+
+
+def time_eager(calls: Sequence[Callable[[], None]], reps: int = 50, rounds: int = 7) -> float:
+    """Median seconds per call launched eagerly (for cuBLAS, which CuPy will not capture)."""
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        for call in calls:
+            call()
+        stream.synchronize()
+
+        def loop():
+            for i in range(reps):
+                calls[i % len(calls)]()
+
+        times = _events_ms(loop, stream, rounds)
+    return median(times) / 1e3 / reps
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    src = cupy.empty(nbytes, dtype=cupy.uint8)
+    dst = cupy.empty_like(src)
+    seconds = time_eager([lambda: dst.__setitem__(Ellipsis, src)], reps=10, rounds=5)
+    return 2 * nbytes / seconds
