@@ -1,0 +1,82 @@
+import numpy as np
+import pytest
+
+from infinilm_nb.kernels import reference, rope
+from tests.helpers import pick, random, rel_err, tolerance
+
+LLAMA3_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+MAX_POSITIONS = pick(sim=300, gpu=131072)
+
+
+def fused_views(qkv, q_heads, kv_heads, head_dim):
+    """q and k as strided views into a fused QKV output ``[T, (Hq + 2 Hk) * D]``."""
+    tokens = qkv.shape[0]
+    q = qkv[:, : q_heads * head_dim].reshape(tokens, q_heads, head_dim)
+    k = qkv[:, q_heads * head_dim : (q_heads + kv_heads) * head_dim].reshape(tokens, kv_heads, head_dim)
+    return q, k
+
+
+# GQA ratios 1, 3, 4; on the GPU 70000 tokens outnumber the grid's y axis (65535), so blocks loop
+SHAPES = pick(sim=[(3, 2, 2), (2, 3, 1), (1, 4, 1)], gpu=[(5, 8, 8), (77, 9, 3), (300, 32, 8), (70000, 1, 1)])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("tokens,q_heads,kv_heads", SHAPES)
+def test_rope_on_fused_qkv_views(kb, rng, dtype, head_dim, tokens, q_heads, kv_heads):
+    scaling = LLAMA3_SCALING if head_dim == 128 else None
+    cos_sin = reference.rope_cache(head_dim, MAX_POSITIONS, 500000.0 if scaling else 10000.0, scaling)
+    positions = rng.integers(0, MAX_POSITIONS, tokens).astype(np.int32)
+    qkv = random(rng, (tokens, (q_heads + 2 * kv_heads) * head_dim), dtype, scale=2.0)
+    qkv_d = kb.asarray(qkv.copy())
+    q_d, k_d = fused_views(qkv_d, q_heads, kv_heads, head_dim)
+    assert rope.rope(q_d, k_d, kb.asarray(positions), kb.asarray(cos_sin)) is None
+
+    want = qkv.astype(np.float32)
+    reference.rope(*fused_views(want, q_heads, kv_heads, head_dim), positions, cos_sin)
+    got = kb.to_host(qkv_d)
+    qk = (q_heads + kv_heads) * head_dim
+    assert rel_err(got[:, :qk], want[:, :qk]) < tolerance(dtype)
+    np.testing.assert_array_equal(got[:, qk:], qkv[:, qk:])  # v is untouched
+
+
+def test_rope_on_separate_arrays(kb, rng):
+    tokens, head_dim = 4, 10
+    cos_sin = reference.rope_cache(head_dim, 50, 10000.0, {"rope_type": "linear", "factor": 2.0})
+    positions = np.array([7, 0, 49, 7], np.int32)
+    q = random(rng, (tokens, 3, head_dim))
+    k = random(rng, (tokens, 1, head_dim))
+    q_d, k_d = kb.asarray(q.copy()), kb.asarray(k.copy())
+    rope.rope(q_d, k_d, kb.asarray(positions), kb.asarray(cos_sin))
+    reference.rope(q, k, positions, cos_sin)
+    assert rel_err(kb.to_host(q_d), q) < 1e-5
+    assert rel_err(kb.to_host(k_d), k) < 1e-5
+
+
+def test_rope_rejects_bad_arguments(kb, rng):
+    cos_sin = kb.asarray(reference.rope_cache(8, 16, 10000.0))
+    positions = kb.asarray(np.arange(3, dtype=np.int32))
+    qkv = kb.asarray(random(rng, (3, 32)))
+    q, k = fused_views(qkv, 2, 1, 8)
+    with pytest.raises(ValueError, match="rope: head_dim \\(q's last axis\\) must be even, got 7"):
+        rope.rope(kb.asarray(random(rng, (3, 2, 7))), kb.asarray(random(rng, (3, 1, 7))), positions, cos_sin)
+    with pytest.raises(ValueError, match=r"rope: k must have shape \(3, \*, 8\), got \(3, 1, 6\)"):
+        rope.rope(q, kb.asarray(random(rng, (3, 1, 6))), positions, cos_sin)
+    with pytest.raises(ValueError, match=r"rope: k must have the dtype of q \(float32\), got float16"):
+        rope.rope(q, kb.asarray(random(rng, (3, 1, 8), np.float16)), positions, cos_sin)
+    with pytest.raises(ValueError, match="rope: positions must be int32, got int64"):
+        rope.rope(q, k, kb.asarray(np.arange(3)), cos_sin)
+    with pytest.raises(ValueError, match=r"rope: positions must have shape \(3\), got \(4,\)"):
+        rope.rope(q, k, kb.asarray(np.arange(4, dtype=np.int32)), cos_sin)
+    with pytest.raises(ValueError, match=r"rope: cos_sin must have shape \(\*, 8\), got \(16, 16\)"):
+        rope.rope(q, k, positions, kb.asarray(reference.rope_cache(16, 16, 10000.0)))
+    with pytest.raises(ValueError, match="rope: cos_sin must be float32, got float16"):
+        rope.rope(q, k, positions, kb.asarray(reference.rope_cache(8, 16, 10000.0).astype(np.float16)))
+    with pytest.raises(ValueError, match="rope: q must be unit-stride along its last axis"):
+        rope.rope(kb.asarray(random(rng, (3, 2, 16)))[:, :, ::2], k, positions, cos_sin)
