@@ -1,0 +1,247 @@
+"""The fused linear ``out = x @ weight.T (+ bias) (+ residual)`` on CUDA cores, two kernels by M.
+
+* Decode (``M <= DECODE_MAX_M``): memory-bound, so each weight load serves many rows of ``x``. A
+  block of up to ``DECODE_THREADS`` threads owns ``rows`` consecutive output rows; its threads
+  stride K in 16-byte chunks of ``weight`` (8 float16 / 4 float32 through :mod:`.intrinsics`) and
+  use every chunk for a group of up to ``group`` rows of ``x``, keeping ``group * rows`` float32
+  partial sums in registers. The block then adds up the partial sums through shared memory in a
+  fixed order (deterministic, no atomics). M larger than the group loops over groups; the block's
+  slice of ``weight`` is then re-read, mostly from L2. Group sizes are compile-time constants
+  (one kernel per size in ``DECODE_GROUPS``) because the partial sums only stay in registers when
+  NVVM can fully unroll the loops over them.
+  The threshold ``DECODE_MAX_M`` is an estimate to tune on the GPU: at M = 32 four passes over the
+  weight slices still cost less than the tiled kernel's FMAs on CUDA cores.
+* Tiled (larger M): ``TILE_M x TILE_N`` output tiles staged through shared memory ``TILE_K`` at a
+  time (as float32), 128 threads each computing an 8 x 4 micro-tile, strided so that a warp's
+  shared reads and output writes are consecutive.
+
+Both kernels read ``x`` and ``weight`` with 16-byte loads when K is a multiple of the vector width
+and both data pointers are 16-byte aligned, and with plain element loads otherwise. Kernels see
+flat 1-D views, so an element is addressed as ``row * K + k``; rows past M or N are clamped to the
+last row for loading and never stored.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any, Callable
+
+import numpy as np
+from numba import cuda, float32
+
+from .common import FLOAT_DTYPES, cdiv, check_array, check_same_dtype, compiled, launch_stream, numba_type
+from .intrinsics import VECTOR_WIDTH, aligned16, load_f16x8, load_f32x4
+
+WARP = 32
+
+DECODE_MAX_M = 32
+DECODE_GROUPS = (1, 2, 4, 8)
+# Output rows per decode block, by group size. NVVM 12.9 fully unrolls the per-chunk loops only
+# while group * rows * 8 stays about <= 128 (measured in PTX); past that the partial sums spill
+# to local memory.
+DECODE_ROWS = {1: 4, 2: 4, 4: 4, 8: 2}
+DECODE_THREADS = 128  # at most; fewer when K is short
+PARTIAL_COLUMNS = DECODE_THREADS + 1  # one per thread, plus a pad against bank conflicts
+
+TILE_M, TILE_N, TILE_K = 64, 64, 16  # TILE_M == TILE_N: one load index serves both tiles
+TILE_THREADS = 128  # 16 threads along N x 8 along M
+THREADS_N, THREADS_M = 16, 8
+MICRO_M, MICRO_N = TILE_M // THREADS_M, TILE_N // THREADS_N  # 8 x 4 outputs per thread
+TILE_PAD = 2  # shared row padding that makes the transposed tile stores bank-conflict free
+X_TILE = (TILE_K, TILE_M + TILE_PAD)  # shared tiles, transposed: x_tile[k, m], w_tile[k, n]
+W_TILE = (TILE_K, TILE_N + TILE_PAD)
+MICRO = MICRO_M * MICRO_N
+
+
+@cuda.jit(device=True)
+def _load1(array, index):
+    """``(array[index],)``: the plain-load counterpart of the 16-byte loads, for any K."""
+    return (array[index],)
+
+
+def _loader(vec: int) -> Callable:
+    """The device function loading ``vec`` consecutive elements as a tuple."""
+    return {1: _load1, 4: load_f32x4, 8: load_f16x8}[vec]
+
+
+@lru_cache(maxsize=None)
+def _decode_kernel(group: int, vec: int) -> Callable:
+    """The decode kernel taking rows of x ``group`` at a time, loading ``vec`` elements at a time."""
+    rows = DECODE_ROWS[group]
+    sums = group * rows
+    chunk_values = rows * vec  # numba needs local array sizes as plain constants, not expressions
+    load = _loader(vec)
+
+    def kernel(x, weight, bias, residual, out, M, N, K, has_bias, has_residual):
+        tid = cuda.threadIdx.x
+        threads = cuda.blockDim.x
+        n0 = cuda.blockIdx.x * rows
+        acc = cuda.local.array(sums, float32)  # acc[g * rows + r]: x row m0 + g, output row n0 + r
+        w = cuda.local.array(chunk_values, float32)
+        partial = cuda.shared.array((sums, PARTIAL_COLUMNS), float32)
+        # Groups after the first re-read this block's rows of weight, mostly from L2.
+        for m0 in range(0, M, group):
+            ms = min(group, M - m0)
+            for i in range(sums):
+                acc[i] = 0
+            for chunk in range(tid, K // vec, threads):
+                k = chunk * vec
+                for r in range(rows):
+                    # rows past N (last block) re-read row N - 1; their sums are never stored
+                    wv = load(weight, min(n0 + r, N - 1) * K + k)
+                    for j in range(vec):
+                        w[r * vec + j] = float32(wv[j])
+                for g in range(group):
+                    if g < ms:
+                        xv = load(x, (m0 + g) * K + k)
+                        for j in range(vec):
+                            xj = float32(xv[j])
+                            for r in range(rows):
+                                acc[g * rows + r] += w[r * vec + j] * xj
+
+            # Thread t's partial sum i goes to column t of row i; then thread i adds up row i. In a
+            # fixed order, so results do not depend on timing; the pad spreads those reads over the banks.
+            for i in range(sums):
+                partial[i, tid] = acc[i]
+            cuda.syncthreads()
+            if tid < ms * rows:
+                g = tid // rows
+                m = m0 + g
+                n = n0 + tid - g * rows
+                if n < N:
+                    total = float32(0)
+                    for t in range(threads):
+                        total += partial[tid, t]
+                    if has_bias:
+                        total += float32(bias[n])
+                    if has_residual:
+                        total += float32(residual[m * N + n])
+                    out[m * N + n] = total
+            cuda.syncthreads()  # before the next group overwrites partial
+
+    return kernel
+
+
+@lru_cache(maxsize=None)
+def _tiled_kernel(vec: int) -> Callable:
+    """The tiled kernel, loading ``vec`` elements of x and weight at a time."""
+    load = _loader(vec)
+    loads = TILE_M * TILE_K // (TILE_THREADS * vec)  # loads per thread per operand and K step
+
+    def kernel(x, weight, bias, residual, out, M, N, K, has_bias, has_residual):
+        tid = cuda.threadIdx.x
+        tn = tid % THREADS_N
+        tm = tid // THREADS_N
+        m0 = cuda.blockIdx.y * TILE_M
+        n0 = cuda.blockIdx.x * TILE_N
+        xs = cuda.shared.array(X_TILE, float32)
+        ws = cuda.shared.array(W_TILE, float32)
+        acc = cuda.local.array(MICRO, float32)
+        a = cuda.local.array(MICRO_M, float32)
+        b = cuda.local.array(MICRO_N, float32)
+        for i in range(MICRO):
+            acc[i] = 0
+
+        for k0 in range(0, K, TILE_K):
+            for step in range(loads):
+                e = (step * TILE_THREADS + tid) * vec
+                row = e // TILE_K
+                kk = e - row * TILE_K
+                # vec divides K, so a chunk is wholly inside K or wholly past it; loads past an edge
+                # are clamped in bounds and their values replaced by zeros
+                inside = k0 + kk < K
+                k = min(k0 + kk, K - vec)
+                xv = load(x, min(m0 + row, M - 1) * K + k)
+                wv = load(weight, min(n0 + row, N - 1) * K + k)
+                for j in range(vec):
+                    xs[kk + j, row] = float32(xv[j]) if inside else float32(0)
+                    ws[kk + j, row] = float32(wv[j]) if inside else float32(0)
+            cuda.syncthreads()
+            for kk in range(TILE_K):
+                for i in range(MICRO_M):
+                    a[i] = xs[kk, tm + i * THREADS_M]
+                for j in range(MICRO_N):
+                    b[j] = ws[kk, tn + j * THREADS_N]
+                for i in range(MICRO_M):
+                    for j in range(MICRO_N):
+                        acc[i * MICRO_N + j] += a[i] * b[j]
+            cuda.syncthreads()
+
+        for j in range(MICRO_N):
+            n = n0 + tn + j * THREADS_N
+            b[j] = float32(bias[n]) if has_bias and n < N else float32(0)
+        for i in range(MICRO_M):
+            m = m0 + tm + i * THREADS_M
+            for j in range(MICRO_N):
+                n = n0 + tn + j * THREADS_N
+                if m < M and n < N:
+                    total = acc[i * MICRO_N + j] + b[j]
+                    if has_residual:
+                        total += float32(residual[m * N + n])
+                    out[m * N + n] = total
+
+    return kernel
+
+
+def kernel_signature(dtype: Any) -> str:
+    """The signature both kernels are compiled with: flat x, weight, bias, residual, out; M, N, K; flags."""
+    array = f"{numba_type(dtype)}[::1]"
+    return f"void({array}, {array}, {array}, {array}, {array}, int64, int64, int64, boolean, boolean)"
+
+
+def _group(m: int) -> int:
+    """The decode group size for M rows: the smallest that holds them all, else the largest."""
+    return next((g for g in DECODE_GROUPS if m <= g), DECODE_GROUPS[-1])
+
+
+def linear(x: Any, weight: Any, out: Any, bias: Any = None, residual: Any = None) -> Any:
+    """Launch the fused linear; see :func:`infinilm_nb.kernels.reference.linear`.
+
+    x: ``[M, K]``; weight: ``[N, K]``; bias: ``[N]``; residual, out: ``[M, N]`` (out may be
+    residual). All C-contiguous and of one dtype (float16 or float32); float32 accumulation.
+    """
+    check_array("linear", "x", x, (None, None), FLOAT_DTYPES)
+    check_array("linear", "weight", weight, (None, None), FLOAT_DTYPES)
+    M, K = x.shape
+    N = weight.shape[0]
+    if weight.shape[1] != K:
+        raise ValueError(
+            f"linear: x {tuple(x.shape)} and weight {tuple(weight.shape)} disagree on K "
+            "(x.shape[1] must equal weight.shape[1])"
+        )
+    check_array("linear", "out", out, (M, N), FLOAT_DTYPES)
+    if bias is not None:
+        check_array("linear", "bias", bias, (N,), FLOAT_DTYPES)
+    if residual is not None:
+        check_array("linear", "residual", residual, (M, N), FLOAT_DTYPES)
+    check_same_dtype("linear", "x", x, weight=weight, out=out, bias=bias, residual=residual)
+    if M == 0 or N == 0:
+        return out
+
+    dtype = np.dtype(x.dtype)
+    vec = VECTOR_WIDTH[dtype]
+    if K % vec or not aligned16(x, weight):
+        vec = 1
+    flat_out = out.reshape(-1)
+    args = (
+        x.reshape(-1),
+        weight.reshape(-1),
+        flat_out if bias is None else bias,
+        flat_out if residual is None else residual.reshape(-1),
+        flat_out,
+        M,
+        N,
+        K,
+        bias is not None,
+        residual is not None,
+    )
+    signature = kernel_signature(dtype)
+    if M <= DECODE_MAX_M:
+        group = _group(M)
+        kernel = compiled(_decode_kernel(group, vec), signature)
+        threads = min(DECODE_THREADS, max(WARP, cdiv(K // vec, WARP) * WARP))
+        kernel[cdiv(N, DECODE_ROWS[group]), threads, launch_stream()](*args)
+    else:
+        kernel = compiled(_tiled_kernel(vec), signature)
+        kernel[(cdiv(N, TILE_N), cdiv(M, TILE_M)), TILE_THREADS, launch_stream()](*args)
+    return out

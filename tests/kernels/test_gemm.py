@@ -1,0 +1,134 @@
+import numpy as np
+import pytest
+
+from infinilm_nb.kernels import gemm, reference
+from infinilm_nb.kernels.common import compiled
+from tests.helpers import pick, poisoned, random, rel_err, tolerance
+
+# (M, N, K). M <= gemm.DECODE_MAX_M takes the decode kernel (17 loops over groups of x rows), larger
+# M the tiled one. K = 40 fits 16-byte loads in both dtypes, K = 13 only plain loads. The GPU list
+# adds Llama-3-8B decode (QKV 4096 -> 6144, down 14336 -> 4096) and prefill shapes.
+SHAPES = pick(
+    sim=[(1, 37, 40), (3, 37, 40), (17, 37, 40), (70, 37, 40), (3, 37, 13), (70, 37, 13)],
+    gpu=[
+        (1, 37, 40),
+        (3, 37, 13),
+        (17, 1000, 77),
+        (70, 37, 40),
+        (70, 130, 13),
+        (1, 6144, 4096),
+        (8, 6144, 4096),
+        (1, 4096, 14336),
+        (8, 4096, 14336),
+        (32, 4096, 4096),
+        (300, 4096, 4096),
+    ],
+)
+
+
+def _run(kb, rng, dtype, M, N, K, with_bias, with_residual):
+    x = random(rng, (M, K), dtype)
+    weight = random(rng, (N, K), dtype, scale=0.1)
+    bias = random(rng, N, dtype) if with_bias else None
+    residual = random(rng, (M, N), dtype) if with_residual else None
+    out = poisoned(kb, (M, N), dtype)
+    result = kb.ops.linear(
+        kb.asarray(x),
+        kb.asarray(weight),
+        out,
+        bias=None if bias is None else kb.asarray(bias),
+        residual=None if residual is None else kb.asarray(residual),
+    )
+    assert result is out
+    want = reference.linear(x, weight, np.empty((M, N), np.float32), bias=bias, residual=residual)
+    return kb.to_host(out), want
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_linear_with_bias_and_residual_matches_reference(kb, rng, dtype, M, N, K):
+    got, want = _run(kb, rng, dtype, M, N, K, with_bias=True, with_residual=True)
+    assert rel_err(got, want) < tolerance(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("M", [2, 70])
+@pytest.mark.parametrize("with_bias,with_residual", [(False, False), (True, False), (False, True)])
+def test_linear_epilogues_match_reference(kb, rng, dtype, M, with_bias, with_residual):
+    got, want = _run(kb, rng, dtype, M, 37, 40, with_bias, with_residual)
+    assert rel_err(got, want) < tolerance(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("M", [5, 70])
+def test_linear_out_is_residual(kb, rng, dtype, M):
+    x = random(rng, (M, 24), dtype)
+    weight = random(rng, (37, 24), dtype, scale=0.1)
+    residual = random(rng, (M, 37), dtype)
+    residual_d = kb.asarray(residual.copy())  # the simulator's asarray would hand back residual itself
+    kb.ops.linear(kb.asarray(x), kb.asarray(weight), residual_d, residual=residual_d)
+    want = reference.linear(x, weight, np.empty((M, 37), np.float32), residual=residual)
+    assert rel_err(kb.to_host(residual_d), want) < tolerance(dtype)
+
+
+@pytest.mark.parametrize("M", [3, 70])
+def test_linear_misaligned_operands_take_plain_loads(kb, rng, M):
+    # x starts 2 bytes past a 16-byte boundary, so 16-byte loads would fault on the GPU
+    x = random(rng, (M, 24), np.float16)
+    weight = random(rng, (37, 24), np.float16, scale=0.1)
+    buffer = kb.asarray(np.concatenate([np.ones(1, np.float16), x.reshape(-1)]))
+    x_d = buffer[1:].reshape(M, 24)
+    out = poisoned(kb, (M, 37), np.float16)
+    kb.ops.linear(x_d, kb.asarray(weight), out)
+    want = reference.linear(x, weight, np.empty((M, 37), np.float32))
+    assert rel_err(kb.to_host(out), want) < tolerance(np.float16)
+
+
+def _operands(kb, rng, M=4, N=5, K=8, dtype=np.float32):
+    return kb.asarray(random(rng, (M, K), dtype)), kb.asarray(random(rng, (N, K), dtype))
+
+
+def test_linear_rejects_k_mismatch(kb, rng):
+    x = kb.asarray(random(rng, (4, 6)))
+    weight = kb.asarray(random(rng, (5, 7)))
+    with pytest.raises(ValueError, match=r"linear: x \(4, 6\) and weight \(5, 7\) disagree on K"):
+        kb.ops.linear(x, weight, kb.asarray(np.zeros((4, 5), np.float32)))
+
+
+def test_linear_rejects_wrong_output_shape(kb, rng):
+    x, weight = _operands(kb, rng)
+    with pytest.raises(ValueError, match=r"linear: out must have shape \(4, 5\), got \(5, 4\)"):
+        kb.ops.linear(x, weight, kb.asarray(np.zeros((5, 4), np.float32)))
+
+
+def test_linear_rejects_wrong_bias_and_residual_shapes(kb, rng):
+    x, weight = _operands(kb, rng)
+    out = kb.asarray(np.zeros((4, 5), np.float32))
+    with pytest.raises(ValueError, match=r"linear: bias must have shape \(5,?\), got \(4,\)"):
+        kb.ops.linear(x, weight, out, bias=kb.asarray(np.zeros(4, np.float32)))
+    with pytest.raises(ValueError, match=r"linear: residual must have shape \(4, 5\), got \(4, 6\)"):
+        kb.ops.linear(x, weight, out, residual=kb.asarray(np.zeros((4, 6), np.float32)))
+
+
+def test_linear_rejects_mixed_dtypes(kb, rng):
+    x, _ = _operands(kb, rng)
+    weight16 = kb.asarray(random(rng, (5, 8), np.float16))
+    with pytest.raises(ValueError, match=r"linear: weight must have the dtype of x \(float32\), got float16"):
+        kb.ops.linear(x, weight16, kb.asarray(np.zeros((4, 5), np.float32)))
+
+
+def test_linear_rejects_non_contiguous_weight(kb, rng):
+    x, _ = _operands(kb, rng)
+    wide = kb.asarray(random(rng, (5, 16)))
+    with pytest.raises(ValueError, match="linear: weight must be C-contiguous"):
+        kb.ops.linear(x, wide[:, :8], kb.asarray(np.zeros((4, 5), np.float32)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_linear_kernels_keep_accumulators_in_registers(dtype):
+    # partial sums spill to local memory when NVVM does not fully unroll the loops over them
+    vec = 8 if dtype == np.float16 else 4
+    kernels = [gemm._decode_kernel(group, vec) for group in gemm.DECODE_GROUPS] + [gemm._tiled_kernel(vec)]
+    for pyfunc in kernels:
+        assert compiled(pyfunc, gemm.kernel_signature(dtype)).get_local_mem_per_thread() == 0, pyfunc

@@ -1,0 +1,58 @@
+import re
+
+import numpy as np
+import pytest
+from numba import cuda
+
+from infinilm_nb.kernels.common import cdiv, launch_stream
+from infinilm_nb.kernels.intrinsics import aligned16, load_f16x8, load_f32x4
+
+SIGNATURES = {np.float16: "void(float16[:, ::1], float16[::1])", np.float32: "void(float32[:, ::1], float32[::1])"}
+
+
+def _copy_f16(src, dst):
+    i = cuda.grid(1) * 8
+    if i < src.size:
+        v = load_f16x8(src, i)
+        for j in range(8):
+            dst[i + j] = v[j]
+
+
+def _copy_f32(src, dst):
+    i = cuda.grid(1) * 4
+    if i < src.size:
+        v = load_f32x4(src, i)
+        for j in range(4):
+            dst[i + j] = v[j]
+
+
+COPIES = {np.float16: (_copy_f16, 8), np.float32: (_copy_f32, 4)}
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_vector_load_returns_the_elements_in_order(kb, rng, dtype):
+    # a 2-D source: the index is flat over the whole C-contiguous array
+    src = (rng.standard_normal((3, 24)) * 100).astype(dtype)
+    dst = kb.asarray(np.full(src.size, np.nan, dtype))
+    pyfunc, width = COPIES[dtype]
+    kernel = cuda.jit(SIGNATURES[dtype])(pyfunc)
+    kernel[cdiv(src.size // width, 32), 32, launch_stream()](kb.asarray(src), dst)
+    np.testing.assert_array_equal(kb.to_host(dst), src.reshape(-1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_vector_load_is_one_16_byte_load(dtype):
+    pyfunc, _ = COPIES[dtype]
+    ptx, _ = cuda.compile_ptx(pyfunc, SIGNATURES[dtype])
+    assert re.search(r"ld\.global(\.nc)?\.v4\.(u32|b32|f32)", ptx), "no 16-byte vector load in the PTX"
+    assert not re.search(r"ld\.global(\.nc)?\.(v2|v4)\.(u16|b16|f16)", ptx), "the load was split"
+
+
+def test_aligned16_accepts_one_offset_in_eight(kb):
+    base = kb.asarray(np.zeros(64, np.float16))
+    offsets = [offset for offset in range(8) if aligned16(base[offset:])]
+    assert len(offsets) == 1
+    start = offsets[0]
+    assert aligned16(base[start:], base[start + 8 :])
+    assert not aligned16(base[start:], base[start + 1 :])
