@@ -247,15 +247,17 @@ _MIX2 = np.uint64(0x94D049BB133111EB)
 def gumbel_noise(seed: np.uint64, count: int) -> np.ndarray:
     """Float32 Gumbel(0, 1) noise for indices ``0 .. count - 1``, a pure function of (seed, index).
 
-    ``z = splitmix64(seed + (i + 1) * 0x9E3779B97F4A7C15)``; ``u = ((z >> 40) + 0.5) / 2**24``;
+    ``z = splitmix64(seed + (i + 1) * 0x9E3779B97F4A7C15)``; ``u = ((z >> 41) + 0.5) / 2**23``;
     ``g = -log(-log(u))``, all in float32 after ``u``. The sampling kernel computes the same numbers.
+    23 bits, so that ``u`` is exact in float32 and inside (0, 1): with 24, ``(2**24 - 1) + 0.5`` rounds
+    to ``2**24``, ``u`` to 1 and ``g`` to +inf, once in 2**24 draws.
     """
     with np.errstate(over="ignore"):
         z = np.uint64(seed) + (np.arange(count, dtype=np.uint64) + np.uint64(1)) * _GOLDEN
         z = (z ^ (z >> np.uint64(30))) * _MIX1
         z = (z ^ (z >> np.uint64(27))) * _MIX2
         z = z ^ (z >> np.uint64(31))
-    u = ((z >> np.uint64(40)).astype(F32) + F32(0.5)) * F32(1.0 / (1 << 24))
+    u = ((z >> np.uint64(41)).astype(F32) + F32(0.5)) * F32(1.0 / (1 << 23))
     return -np.log(-np.log(u))
 
 
@@ -265,7 +267,8 @@ def sampling_mask(logits: np.ndarray, temperature: float, top_k: int, top_p: flo
     top-k keeps the tokens whose logit is at least the k-th largest (ties at the boundary stay;
     ``top_k <= 0`` or ``>= V`` keeps all). top-p works on ``softmax(logits / temperature)`` renormalised
     over the top-k set, and keeps a token when the mass of the tokens strictly more likely than it is
-    below ``top_p``: the smallest set whose mass reaches p (ties stay). ``top_p >= 1`` keeps all.
+    below ``top_p``: the smallest set whose mass reaches p (ties stay). ``top_p >= 1`` keeps all;
+    the most likely tokens always stay, so ``top_p <= 0`` keeps just them.
     """
     x = logits.astype(F32)
     keep = np.ones(x.shape, dtype=bool)
@@ -279,7 +282,7 @@ def sampling_mask(logits: np.ndarray, temperature: float, top_k: int, top_p: flo
         greater_mass = np.cumsum(sorted_probs) - sorted_probs
         # tokens tied with a kept token are kept as well
         first_of_value = np.searchsorted(-sorted_probs, -sorted_probs, side="left")
-        keep_sorted = greater_mass[first_of_value] < top_p
+        keep_sorted = (greater_mass[first_of_value] < top_p) | (first_of_value == 0)
         keep[order] &= keep_sorted
     return keep
 

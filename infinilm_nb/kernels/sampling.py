@@ -1,0 +1,290 @@
+"""Token sampling: greedy argmax, or Gumbel-max over the top-k ∩ top-p set; one block per row.
+
+A row is read a few times and never sorted or copied. Greedy rows and rows with neither top-k nor
+top-p take one pass: the argmax of ``x`` or of ``x / T + gumbel(seed, i)``. Otherwise the kernel
+finds the two cut-offs of :func:`reference.sampling_mask` as values of the row, by searching the
+float32 bit patterns (mapped to ordered integers) for the largest value ``v`` whose tail ``{x >= v}``
+still holds k tokens (top-k), or top_p of the softmax mass of the top-k set (top-p). Each pass
+tests ``PIVOTS`` candidates at once, cutting the interval ``PIVOTS + 1`` ways, so ~11 passes cover
+the 2**32 patterns. Both definitions keep boundary ties, as the reference does: top-k keeps
+``x >= kth``; top-p keeps ``p >= p(v)``, since the largest ``t`` with ``mass(p >= t) >= top_p`` is the
+probability of that ``v`` (p is monotone in x). Counts and masses are float32 block sums in a fixed
+order, so a seed gives the same token on every run.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numba
+import numpy as np
+from numba import cuda
+
+from .common import FLOAT_DTYPES, SIMULATOR, cdiv, check_array, compiled, launch_stream, numba_type
+
+THREADS = 64 if SIMULATOR else 512  # a multiple of WARP, at most WARP * MAX_WARPS
+WARP = 32
+MAX_WARPS = 32
+FULL_MASK = 0xFFFFFFFF
+PIVOTS = 8  # _block_sums is written for 8
+
+NEG_INF = np.float32(-np.inf)
+POS_INF = np.float32(np.inf)
+ONE = np.float32(1.0)
+ZERO = np.float32(0.0)
+HALF = np.float32(0.5)
+INV_2_23 = np.float32(1.0 / (1 << 23))
+GUMBEL_BOUND = np.float32(17.0)  # above every noise value: u <= 1 - 2**-24 gives g <= 16.64
+# splitmix64 of reference.gumbel_noise; uint64 constants keep the arithmetic in uint64 (an int64
+# operand would promote it to float64)
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+MIX2 = np.uint64(0x94D049BB133111EB)
+U1 = np.uint64(1)
+U27 = np.uint64(27)
+U30 = np.uint64(30)
+U31 = np.uint64(31)
+U41 = np.uint64(41)
+SIGN_FLIP = 0x7FFFFFFF
+LOW32 = 0xFFFFFFFF
+
+if SIMULATOR:
+
+    def _float_bits(x):
+        return np.float32(x).view(np.int32)
+
+    def _bits_float(bits):
+        return np.int32(bits).view(np.float32)
+
+else:
+    from numba.cuda import libdevice
+
+    @cuda.jit(device=True)
+    def _float_bits(x):
+        return libdevice.float_as_int(x)
+
+    @cuda.jit(device=True)
+    def _bits_float(bits):
+        return libdevice.int_as_float(bits)
+
+
+@cuda.jit(device=True)
+def _key(x):
+    """An int64 that orders like the float32 ``x`` (negative patterns have their magnitude flipped)."""
+    key = numba.int64(_float_bits(x))
+    if key < 0:
+        key = key ^ SIGN_FLIP
+    return key
+
+
+@cuda.jit(device=True)
+def _key_value(key):
+    """The float32 whose :func:`_key` is ``key``."""
+    if key < 0:
+        key = key ^ SIGN_FLIP
+    return _bits_float(numba.int32(key))
+
+
+@cuda.jit(device=True)
+def _gumbel(seed, i):
+    """``reference.gumbel_noise(seed, i + 1)[i]``, bit for bit up to the float32 logs."""
+    z = seed + (numba.uint64(i) + U1) * GOLDEN
+    z = (z ^ (z >> U30)) * MIX1
+    z = (z ^ (z >> U27)) * MIX2
+    z = z ^ (z >> U31)
+    u = (numba.float32(z >> U41) + HALF) * INV_2_23
+    inner = numba.float32(-math.log(u))
+    return numba.float32(-math.log(inner))
+
+
+@cuda.jit(device=True)
+def _block_sums(values, partial):
+    """Replace the ``PIVOTS`` (8) ``values`` of every thread by their block-wide sums.
+
+    Within a warp a reduce-scatter halves the values at each step (4 + 2 + 1 shuffles, then 2 more
+    for the last value), leaving lane ``l`` with the warp's sum of value ``4*b4 + 2*b3 + b2`` (b = the
+    bits of ``l``); warps then meet in shared memory. The order of additions is fixed, so every run
+    and every thread gets the same sums.
+    """
+    lane = cuda.threadIdx.x % WARP
+    upper = (lane & 16) != 0
+    for m in range(4):
+        keep = values[m + 4] if upper else values[m]
+        give = values[m] if upper else values[m + 4]
+        values[m] = keep + cuda.shfl_xor_sync(FULL_MASK, give, 16)
+    upper = (lane & 8) != 0
+    for m in range(2):
+        keep = values[m + 2] if upper else values[m]
+        give = values[m] if upper else values[m + 2]
+        values[m] = keep + cuda.shfl_xor_sync(FULL_MASK, give, 8)
+    upper = (lane & 4) != 0
+    keep = values[1] if upper else values[0]
+    give = values[0] if upper else values[1]
+    v = keep + cuda.shfl_xor_sync(FULL_MASK, give, 4)
+    v += cuda.shfl_xor_sync(FULL_MASK, v, 2)
+    v += cuda.shfl_xor_sync(FULL_MASK, v, 1)
+    if lane % 4 == 0:
+        partial[lane // 4, cuda.threadIdx.x // WARP] = v
+    cuda.syncthreads()
+    warps = cuda.blockDim.x // WARP
+    for j in range(PIVOTS):
+        total = partial[j, 0]
+        for w in range(1, warps):
+            total += partial[j, w]
+        values[j] = total
+    cuda.syncthreads()
+
+
+@cuda.jit(device=True)
+def _block_max(value, partial):
+    """The block-wide maximum of an int64 ``value``."""
+    offset = WARP // 2
+    while offset > 0:
+        value = max(value, cuda.shfl_xor_sync(FULL_MASK, value, offset))
+        offset //= 2
+    if cuda.threadIdx.x % WARP == 0:
+        partial[cuda.threadIdx.x // WARP] = value
+    cuda.syncthreads()
+    value = partial[0]
+    for w in range(1, cuda.blockDim.x // WARP):
+        value = max(value, partial[w])
+    cuda.syncthreads()
+    return value
+
+
+@cuda.jit(device=True)
+def _tails(row, floor, row_max, temperature, mass, pivots, sums, partial):
+    """``sums[j]`` = count (or softmax mass) of the row's ``x >= pivots[j]`` among ``x >= floor``."""
+    for j in range(PIVOTS):
+        sums[j] = ZERO
+    i = cuda.threadIdx.x
+    while i < row.shape[0]:
+        x = numba.float32(row[i])
+        if x >= floor:
+            w = ONE
+            if mass:
+                w = math.exp((x - row_max) / temperature)
+            for j in range(PIVOTS):
+                if x >= pivots[j]:
+                    sums[j] += w
+        i += cuda.blockDim.x
+    _block_sums(sums, partial)
+
+
+@cuda.jit(device=True)
+def _cutoff(row, lo, hi, target, floor, row_max, temperature, mass, pivots, sums, partial):
+    """The largest key in ``[lo, hi)`` whose tail (see :func:`_tails`) reaches ``target``; the tail
+    of ``lo`` must reach it. Tails only change at the row's values, so the answer is one of them."""
+    while hi - lo > 1:
+        width = hi - lo
+        for j in range(PIVOTS):
+            pivots[j] = _key_value(lo + width * (j + 1) // (PIVOTS + 1))
+        _tails(row, floor, row_max, temperature, mass, pivots, sums, partial)
+        new_lo = lo
+        new_hi = hi
+        for j in range(PIVOTS - 1, -1, -1):
+            key = lo + width * (j + 1) // (PIVOTS + 1)
+            if sums[j] >= target:
+                new_lo = key
+                break
+            new_hi = key
+        lo = new_lo
+        hi = new_hi
+    return lo
+
+
+def _sample_kernel(logits, temperatures, top_ks, top_ps, seeds, out):
+    """One block per row; every branch depends on the row only, so whole blocks take it together."""
+    b = cuda.blockIdx.x
+    row = logits[b]
+    n = row.shape[0]
+    pivots = cuda.local.array(PIVOTS, numba.float32)
+    sums = cuda.local.array(PIVOTS, numba.float32)
+    partial = cuda.shared.array((PIVOTS, MAX_WARPS), numba.float32)
+    partial_max = cuda.shared.array(MAX_WARPS, numba.int64)
+
+    temperature = temperatures[b]
+    greedy = temperature <= ZERO
+    top_k = top_ks[b]
+    top_p = top_ps[b]
+    use_k = not greedy and 0 < top_k < n
+    use_p = not greedy and top_p < ONE
+    floor = NEG_INF
+    row_max = ZERO
+    p_floor = ZERO
+    if use_k or use_p:
+        low = POS_INF
+        high = NEG_INF
+        i = cuda.threadIdx.x
+        while i < n:
+            x = numba.float32(row[i])
+            low = min(low, x)
+            high = max(high, x)
+            i += cuda.blockDim.x
+        min_key = -_block_max(-_key(low), partial_max)
+        max_key = _block_max(_key(high), partial_max)
+        row_max = _key_value(max_key)
+        if use_k:
+            floor = _key_value(
+                _cutoff(row, min_key, max_key + 1, numba.float32(top_k), NEG_INF, row_max, temperature, False,
+                        pivots, sums, partial)
+            )
+        if use_p:
+            for j in range(PIVOTS):
+                pivots[j] = floor
+            _tails(row, floor, row_max, temperature, True, pivots, sums, partial)
+            p_cut = _key_value(
+                _cutoff(row, _key(floor), max_key + 1, top_p * sums[0], floor, row_max, temperature, True,
+                        pivots, sums, partial)
+            )
+            p_floor = math.exp((p_cut - row_max) / temperature)
+
+    # each thread sees its indices in increasing order, so a strict > keeps the lowest of equals;
+    # a token whose x / T + GUMBEL_BOUND is below the thread's best cannot win: skip its noise
+    seed = seeds[b]
+    best = NEG_INF
+    best_index = cuda.threadIdx.x
+    i = cuda.threadIdx.x
+    while i < n:
+        x = numba.float32(row[i])
+        if greedy:
+            if x > best:
+                best = x
+                best_index = i
+        elif x >= floor:
+            scaled = x / temperature
+            if scaled + GUMBEL_BOUND >= best and (not use_p or math.exp((x - row_max) / temperature) >= p_floor):
+                score = scaled + _gumbel(seed, i)
+                if score > best:
+                    best = score
+                    best_index = i
+        i += cuda.blockDim.x
+    # one int64 orders (score, -index): the max is the argmax with the lowest index among equals
+    # (+ 0 turns -0.0 into +0.0, which compare equal but have different keys)
+    packed = (_key(best + ZERO) << 32) | (LOW32 - numba.int64(best_index))
+    packed = _block_max(packed, partial_max)
+    if cuda.threadIdx.x == 0:
+        out[b] = LOW32 - (packed & LOW32)
+
+
+def sample(logits: Any, temperatures: Any, top_ks: Any, top_ps: Any, seeds: Any, out: Any) -> Any:
+    """Launch the sampler; see :func:`infinilm_nb.kernels.reference.sample`."""
+    check_array("sample", "logits", logits, (None, None), FLOAT_DTYPES)
+    rows, vocab = logits.shape
+    check_array("sample", "temperatures", temperatures, (rows,), (np.float32,))
+    check_array("sample", "top_ks", top_ks, (rows,), (np.int32,))
+    check_array("sample", "top_ps", top_ps, (rows,), (np.float32,))
+    check_array("sample", "seeds", seeds, (rows,), (np.uint64,))
+    check_array("sample", "out", out, (rows,), (np.int32,))
+    if not 0 < vocab < 2**31:
+        raise ValueError(f"sample: logits must have 1 to 2**31 - 1 columns, got {vocab}")
+    if rows == 0:
+        return out
+    t = numba_type(logits.dtype)
+    kernel = compiled(
+        _sample_kernel, f"void({t}[:, ::1], float32[::1], int32[::1], float32[::1], uint64[::1], int32[::1])"
+    )
+    threads = min(THREADS, WARP * cdiv(vocab, WARP))  # no idle warps for a tiny vocabulary
+    kernel[rows, threads, launch_stream()](logits, temperatures, top_ks, top_ps, seeds, out)
+    return out
