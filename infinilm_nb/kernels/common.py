@@ -42,13 +42,15 @@ def check_array(
     if shape is not None:
         given = tuple(array.shape)
         if len(given) != len(shape) or any(e is not None and e != g for e, g in zip(shape, given)):
-            expected = "(" + ", ".join("*" if e is None else str(e) for e in shape) + ")"
+            expected = "(" + ", ".join("*" if e is None else str(e) for e in shape) + ("," if len(shape) == 1 else "") + ")"
             raise ValueError(f"{op}: {name} must have shape {expected}, got {_describe(given)}")
     if dtypes is not None and np.dtype(array.dtype) not in [np.dtype(d) for d in dtypes]:
         names = " or ".join(np.dtype(d).name for d in dtypes)
         raise ValueError(f"{op}: {name} must be {names}, got {np.dtype(array.dtype).name}")
     itemsize = np.dtype(array.dtype).itemsize
     strides = array.strides
+    if array.size == 0:
+        return  # NumPy gives empty arrays zero strides; there is nothing to lay out
     if contiguous:
         expected_strides, step = [], itemsize
         for size in reversed(array.shape):

@@ -12,6 +12,7 @@ The simulator runs one Python thread per CUDA thread. Two gaps matter to us:
 
 from __future__ import annotations
 
+import sys
 import threading
 
 WARP = 32
@@ -19,10 +20,16 @@ _installed = False
 
 
 def _exchange(value, source_lane):
-    """Publish this thread's value to its warp and read the value of lane ``source_lane(lane)``."""
+    """Publish this thread's value to its warp and read the value of lane ``source_lane(lane)``.
+
+    Two boards used alternately need one barrier per shuffle: a thread can only write a board again
+    two shuffles later, after every thread has passed the barrier between, so all have read it.
+    """
     thread = threading.current_thread()
-    board = thread._manager.__dict__.setdefault("_warp_board", {})
-    thread.syncthreads()  # earlier readers are done with the board
+    boards = thread._manager.__dict__.setdefault("_warp_boards", ({}, {}))
+    turn = thread.__dict__.get("_shuffle_turn", 0)
+    thread._shuffle_turn = turn ^ 1
+    board = boards[turn]
     board[thread.thread_id] = value
     thread.syncthreads()
     lane = thread.thread_id % WARP
@@ -62,4 +69,6 @@ def install() -> None:
             return FakeCUDAArray(self.value)
 
     kernel.InOut = PassThrough
+    # Simulated threads meet at every barrier; a short GIL switch interval makes that ~4x faster.
+    sys.setswitchinterval(5e-4)
     _installed = True

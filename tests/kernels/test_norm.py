@@ -73,7 +73,7 @@ def test_add_rms_norm_out_is_x(kb, rng, monkeypatch, monkeypatched_threads):
 def test_norms_reject_bad_arguments(kb, rng):
     x = kb.asarray(random(rng, (4, 6)))
     weight = kb.asarray(random(rng, 6))
-    with pytest.raises(ValueError, match=r"rms_norm: weight must have shape \(6\), got \(5,\)"):
+    with pytest.raises(ValueError, match=r"rms_norm: weight must have shape \(6,\), got \(5,\)"):
         norm.rms_norm(x, kb.asarray(random(rng, 5)), EPS, x)
     with pytest.raises(ValueError, match=r"rms_norm: out must have shape \(4, 6\), got \(6, 4\)"):
         norm.rms_norm(x, weight, EPS, kb.asarray(random(rng, (6, 4))))

@@ -72,7 +72,7 @@ def test_rope_rejects_bad_arguments(kb, rng):
         rope.rope(q, kb.asarray(random(rng, (3, 1, 8), np.float16)), positions, cos_sin)
     with pytest.raises(ValueError, match="rope: positions must be int32, got int64"):
         rope.rope(q, k, kb.asarray(np.arange(3)), cos_sin)
-    with pytest.raises(ValueError, match=r"rope: positions must have shape \(3\), got \(4,\)"):
+    with pytest.raises(ValueError, match=r"rope: positions must have shape \(3,\), got \(4,\)"):
         rope.rope(q, k, kb.asarray(np.arange(4, dtype=np.int32)), cos_sin)
     with pytest.raises(ValueError, match=r"rope: cos_sin must have shape \(\*, 8\), got \(16, 16\)"):
         rope.rope(q, k, positions, kb.asarray(reference.rope_cache(16, 16, 10000.0)))
