@@ -1,0 +1,213 @@
+"""LLMEngine: requests in, one scheduled step at a time through the model and the sampler, outputs out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..outputs import CompletionOutput, RequestOutput
+from ..sampling_params import SamplingParams
+from .detokenizer import IncrementalDetokenizer
+from .scheduler import ScheduledStep, Scheduler
+from .sequence import Sequence
+from .tokenizer import Tokenizer
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def splitmix64(value: int) -> int:
+    """The splitmix64 finaliser of ``value`` (a 64-bit integer)."""
+    z = value & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def step_seed(request_seed: int, num_generated: int) -> int:
+    """The sampler's uint64 seed for a request's next token: a pure function of its seed and of how
+    many tokens it has generated, so a seeded request gives the same tokens in any batch, preempted or not."""
+    return splitmix64(request_seed + (num_generated + 1) * _GOLDEN)
+
+
+@dataclass(eq=False)
+class _Request:
+    """The engine's view of a request: its sequence and the text made of it so far."""
+
+    seq: Sequence
+    prompt: str | None
+    seed: int
+    detokenizer: IncrementalDetokenizer
+    holdback: int  # characters withheld from unfinished outputs: a stop string may be starting there
+    text: str = ""
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    error: str | None = None
+
+    def output(self) -> RequestOutput:
+        finished = self.finish_reason is not None
+        text = self.text if finished or not self.holdback else self.text[: max(len(self.text) - self.holdback, 0)]
+        completion = CompletionOutput(
+            text=text,
+            token_ids=self.seq.output_token_ids,
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+            error=self.error,
+        )
+        return RequestOutput(self.seq.request_id, self.prompt, list(self.seq.prompt_token_ids), [completion], finished)
+
+
+class LLMEngine:
+    """Runs requests to completion, one continuous-batching step per :meth:`step`.
+
+    A step: the scheduler's host :class:`StepInput` -> one copy to the backend -> ``model.forward`` ->
+    the backend's ``sample`` op (per-row temperature, top-k, top-p and seed) -> tokens to the host ->
+    append, detokenize incrementally, check the stop conditions.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        cache: Any,
+        tokenizer: Tokenizer,
+        backend: Any,
+        scheduler: Scheduler,
+        max_model_len: int,
+        eos_token_ids: set[int],
+        seed: int = 0,
+    ) -> None:
+        self.model = model
+        self.cache = cache
+        self.tokenizer = tokenizer
+        self.backend = backend
+        self.scheduler = scheduler
+        self.max_model_len = max_model_len
+        self.eos_token_ids = set(eos_token_ids)
+        self.vocab_size = int(model.config.vocab_size)
+        self._rng = np.random.default_rng(seed)
+        self._requests: dict[str, _Request] = {}
+        self._failed: list[RequestOutput] = []
+
+    def tokenize_prompt(self, prompt: str | dict[str, Any]) -> tuple[str | None, list[int]]:
+        """``(text, token ids)`` of a prompt: a string, or ``{"prompt_token_ids": [...]}``.
+
+        Raises ``ValueError`` for an empty prompt, a token id outside the vocabulary or another type.
+        """
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            ids = self.tokenizer.encode(prompt)
+            text: str | None = prompt
+        elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            ids = [int(i) for i in prompt["prompt_token_ids"]]
+            text = prompt.get("prompt")
+        else:
+            raise ValueError(f'a prompt is a string or {{"prompt_token_ids": [...]}}, got {type(prompt).__name__}')
+        if not ids:
+            raise ValueError(f"prompt is empty (no tokens): {prompt!r}")
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size}), got {bad[:5]}")
+        return text, ids
+
+    def add_request(
+        self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams
+    ) -> None:
+        """Queue a tokenized request. One longer than ``max_model_len`` is not run: it finishes at the
+        next :meth:`step` with finish_reason "error" and a message, and the others go on."""
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already running")
+        if len(prompt_token_ids) > self.max_model_len:
+            message = (
+                f"prompt has {len(prompt_token_ids)} tokens, more than max_model_len={self.max_model_len}; "
+                "shorten it or raise max_model_len"
+            )
+            completion = CompletionOutput(finish_reason="error", error=message)
+            self._failed.append(RequestOutput(request_id, prompt, list(prompt_token_ids), [completion], True))
+            return
+        seed = params.seed if params.seed is not None else int(self._rng.integers(0, 1 << 63))
+        self._requests[request_id] = _Request(
+            seq=Sequence(request_id, prompt_token_ids, params),
+            prompt=prompt,
+            seed=seed & _MASK64,
+            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_token_ids),
+            holdback=max((len(s) for s in params.stop_strings), default=1) - 1,
+        )
+        self.scheduler.add(self._requests[request_id].seq)
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request (unknown or finished ids are ignored)."""
+        request = self._requests.pop(request_id, None)
+        if request is not None:
+            self.scheduler.finish(request.seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests or self._failed)
+
+    def step(self) -> list[RequestOutput]:
+        """Run one step; the outputs of the requests that got a token or finished in it."""
+        outputs, self._failed = self._failed, []
+        scheduled = self.scheduler.schedule()
+        if scheduled is None:
+            return outputs
+        logits = self.model.forward(scheduled.step.to(self.backend), self.cache)
+        tokens = self._sample(logits, scheduled)
+        for seq in self.scheduler.update(scheduled, tokens):
+            request = self._requests[seq.request_id]
+            self._check_stop(request, seq.token_ids[-1])
+            if request.finish_reason is not None:
+                self.scheduler.finish(seq)
+                del self._requests[seq.request_id]
+            outputs.append(request.output())
+        return outputs
+
+    def _sample(self, logits: Any, scheduled: ScheduledStep) -> np.ndarray:
+        """One token per row of ``logits`` through the backend's sampler, back on the host."""
+        params = [seq.params for seq in scheduled.seqs]
+        seeds = [step_seed(self._requests[seq.request_id].seed, seq.num_output_tokens) for seq in scheduled.seqs]
+        backend = self.backend
+        out = backend.xp.empty(len(params), dtype=np.int32)
+        backend.ops.sample(
+            logits,
+            backend.asarray([p.temperature for p in params], dtype=np.float32),
+            backend.asarray([p.top_k for p in params], dtype=np.int32),
+            backend.asarray([p.top_p for p in params], dtype=np.float32),
+            backend.asarray(seeds, dtype=np.uint64),
+            out,
+        )
+        return backend.to_host(out)
+
+    def _check_stop(self, request: _Request, token: int) -> None:
+        """Detokenize the new token and apply the stop conditions, in vLLM's order."""
+        seq, params = request.seq, request.seq.params
+        if token in self.eos_token_ids and not params.ignore_eos:
+            request.finish_reason, request.stop_reason = "stop", None
+        elif token in params.stop_token_ids:
+            request.finish_reason, request.stop_reason = "stop", token
+        else:
+            before = len(request.text)
+            request.text += request.detokenizer.add(token)
+            if params.stop_strings and self._cut_at_stop_string(request, before):
+                return
+        if request.finish_reason is None and (
+            seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len
+        ):
+            request.finish_reason = "length"
+        if request.finish_reason is not None:
+            request.text += request.detokenizer.flush()
+
+    @staticmethod
+    def _cut_at_stop_string(request: _Request, before: int) -> bool:
+        """End the request at the earliest stop string in its new text; the text stops before it."""
+        found: tuple[int, str] | None = None
+        for stop in request.seq.params.stop_strings:
+            index = request.text.find(stop, max(before - len(stop) + 1, 0))
+            if index >= 0 and (found is None or index < found[0]):
+                found = (index, stop)
+        if found is None:
+            return False
+        request.text = request.text[: found[0]]
+        request.finish_reason, request.stop_reason = "stop", found[1]
+        return True

@@ -1,0 +1,157 @@
+"""Continuous batching: each step, one flattened batch that mixes prefill chunks and decodes."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from .batch import StepInput
+from .block_manager import BlockManager
+from .sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledStep:
+    """What one step computes: ``num_new_tokens[b]`` tokens of ``seqs[b]``, flattened in ``step``.
+
+    ``samples[b]`` says whether row b's logits give a new token: only when the step reaches the end
+    of the sequence's tokens (a decode, or the last chunk of a prompt).
+    """
+
+    seqs: list[Sequence]
+    num_new_tokens: list[int]
+    samples: list[bool]
+    step: StepInput
+
+
+class Scheduler:
+    """Picks the sequences of each step, bounded by ``max_num_seqs`` running sequences and
+    ``max_num_batched_tokens`` tokens per step.
+
+    Running sequences go first, oldest first: each takes its remaining tokens (one for a decode, a
+    chunk of at most the token budget left for a prompt). When one needs a block and none is free,
+    the newest running sequence is preempted — its blocks freed, itself queued first in line, to be
+    recomputed later — until the block fits. Then, if nothing was preempted, waiting sequences are
+    admitted in arrival order while sequence slots, token budget and blocks last.
+    """
+
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        if max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
+        self.blocks = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence."""
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence) -> None:
+        """Take ``seq`` out (finished or aborted) and free its blocks."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self.blocks.free(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    def schedule(self) -> ScheduledStep | None:
+        """The next step's batch, or None when no sequence is left."""
+        budget = self.max_num_batched_tokens
+        picked: list[tuple[Sequence, int]] = []
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            count = min(seq.num_uncomputed_tokens, budget)
+            while seq.status is SequenceStatus.RUNNING and not self.blocks.can_allocate(
+                seq, seq.num_computed_tokens + count
+            ):
+                self._preempt(self.running.pop())  # the newest; seq itself when it is the newest left
+                preempted = True
+            if seq.status is SequenceStatus.WAITING:
+                break
+            self.blocks.allocate(seq, seq.num_computed_tokens + count)
+            picked.append((seq, count))
+            budget -= count
+            i += 1
+        while not preempted and self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
+            seq = self.waiting[0]
+            count = min(seq.num_uncomputed_tokens, budget)
+            if not self.blocks.can_allocate(seq, seq.num_computed_tokens + count):
+                break
+            self.waiting.popleft()
+            self.blocks.allocate(seq, seq.num_computed_tokens + count)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            picked.append((seq, count))
+            budget -= count
+        if not picked:
+            if self.running or self.waiting:
+                raise RuntimeError(
+                    f"scheduler: no sequence fits in {self.blocks.num_free_blocks} free cache blocks; "
+                    "the cache must hold at least one sequence of max_model_len tokens"
+                )
+            return None
+        return self._build(picked)
+
+    def update(self, scheduled: ScheduledStep, sampled: np.ndarray) -> list[Sequence]:
+        """Record a computed step: advance each sequence, append the tokens sampled for the rows
+        that sample. Returns the sequences that got a new token, in batch order."""
+        grown = []
+        for seq, count, samples, token in zip(scheduled.seqs, scheduled.num_new_tokens, scheduled.samples, sampled):
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # aborted between schedule and update
+            seq.num_computed_tokens += count
+            if samples:
+                seq.append(int(token))
+                grown.append(seq)
+        return grown
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.blocks.free(seq)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def _build(self, picked: list[tuple[Sequence, int]]) -> ScheduledStep:
+        """The host StepInput of the picked (sequence, new token count) pairs."""
+        token_ids, positions, slots = [], [], []
+        lengths = np.zeros(len(picked), dtype=np.int32)
+        widths = max(len(seq.block_table) for seq, _ in picked)
+        tables = np.zeros((len(picked), widths), dtype=np.int32)
+        for b, (seq, count) in enumerate(picked):
+            start = seq.num_computed_tokens
+            pos = np.arange(start, start + count, dtype=np.int32)
+            token_ids.append(np.asarray(seq.token_ids[start : start + count], dtype=np.int32))
+            positions.append(pos)
+            slots.append(self.blocks.slots(seq, pos))
+            lengths[b] = start + count
+            tables[b, : len(seq.block_table)] = seq.block_table
+        counts = [count for _, count in picked]
+        query_start_loc = np.zeros(len(picked) + 1, dtype=np.int32)
+        np.cumsum(counts, out=query_start_loc[1:])
+        step = StepInput(
+            token_ids=np.concatenate(token_ids),
+            positions=np.concatenate(positions),
+            slot_mapping=np.concatenate(slots),
+            query_start_loc=query_start_loc,
+            context_lens=lengths,
+            block_tables=tables,
+        )
+        seqs = [seq for seq, _ in picked]
+        samples = [seq.num_computed_tokens + count == seq.num_tokens for seq, count in picked]
+        return ScheduledStep(seqs=seqs, num_new_tokens=counts, samples=samples, step=step)

@@ -1,0 +1,193 @@
+"""Safetensors loading: HF tensor names, dtype conversion and the packed QKV / gate-up weights.
+
+The model asks for weights by *runtime name* (:func:`expected_shapes` lists them):
+
+* ``embed_tokens`` ``[V, H]``, ``norm`` ``[H]``, ``lm_head`` ``[V, H]`` (absent when tied: the model
+  reuses the embedding);
+* per layer ``layers.{i}.``: ``input_layernorm`` and ``post_attention_layernorm`` ``[H]``,
+  ``qkv_proj.weight`` ``[(Hq + 2 Hk) D, H]`` (q, k, v rows stacked; ``qkv_proj.bias`` when the model
+  has attention bias), ``o_proj.weight`` ``[H, Hq D]``, ``gate_up_proj.weight`` ``[2 I, H]`` (gate rows
+  first) and ``down_proj.weight`` ``[H, I]`` (plus their biases when the config asks).
+
+:class:`ModelWeights` reads them lazily from the files, one tensor in host memory at a time, after
+checking every header first, so that a bad checkpoint fails before anything is loaded. Safetensors
+files are parsed here (an 8-byte header length, a JSON header, raw little-endian data) and memory
+mapped, which reads bfloat16 without torch and lets a tensor-parallel rank read only its rows later.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .config import ModelConfig
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+DISK_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # bf16 widened by hand
+# tensors some checkpoints carry that the runtime recomputes
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+def expected_shapes(config: ModelConfig, tied: bool) -> dict[str, tuple[int, ...]]:
+    """Runtime name -> shape of every weight the model needs; no ``lm_head`` when ``tied``."""
+    return {
+        name: (sum(shape[0] for _, shape in parts),) + parts[0][1][1:]
+        for name, parts in hf_sources(config, tied).items()
+    }
+
+
+def hf_sources(config: ModelConfig, tied: bool) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
+    """Runtime name -> the HF tensors (name, shape) stacked along axis 0 to make it (in that order)."""
+    h, inter = config.hidden_size, config.intermediate_size
+    q, kv = config.q_size, config.kv_size
+    sources: dict[str, list[tuple[str, tuple[int, ...]]]] = {"embed_tokens": [("model.embed_tokens.weight", (config.vocab_size, h))]}
+    for i in range(config.num_hidden_layers):
+        p, hp = f"layers.{i}.", f"model.layers.{i}."
+        attn, mlp = hp + "self_attn.", hp + "mlp."
+        sources[p + "input_layernorm"] = [(hp + "input_layernorm.weight", (h,))]
+        sources[p + "qkv_proj.weight"] = [(attn + "q_proj.weight", (q, h)), (attn + "k_proj.weight", (kv, h)),
+                                          (attn + "v_proj.weight", (kv, h))]
+        if config.attention_bias:
+            sources[p + "qkv_proj.bias"] = [(attn + "q_proj.bias", (q,)), (attn + "k_proj.bias", (kv,)),
+                                            (attn + "v_proj.bias", (kv,))]
+        sources[p + "o_proj.weight"] = [(attn + "o_proj.weight", (h, q))]
+        if config.o_proj_bias:
+            sources[p + "o_proj.bias"] = [(attn + "o_proj.bias", (h,))]
+        sources[p + "post_attention_layernorm"] = [(hp + "post_attention_layernorm.weight", (h,))]
+        sources[p + "gate_up_proj.weight"] = [(mlp + "gate_proj.weight", (inter, h)), (mlp + "up_proj.weight", (inter, h))]
+        sources[p + "down_proj.weight"] = [(mlp + "down_proj.weight", (h, inter))]
+        if config.mlp_bias:
+            sources[p + "gate_up_proj.bias"] = [(mlp + "gate_proj.bias", (inter,)), (mlp + "up_proj.bias", (inter,))]
+            sources[p + "down_proj.bias"] = [(mlp + "down_proj.bias", (h,))]
+    sources["norm"] = [("model.norm.weight", (h,))]
+    if not tied:
+        sources["lm_head"] = [("lm_head.weight", (config.vocab_size, h))]
+    return sources
+
+
+class SafetensorsFile:
+    """One ``.safetensors`` file: its header, and its tensors as read-only memory-mapped arrays."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+            length = int.from_bytes(raw, "little")
+            try:
+                header = json.loads(f.read(length))
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise ValueError(f"{path}: not a safetensors file (bad header: {error})") from None
+        header.pop("__metadata__", None)
+        self.header: dict[str, dict[str, Any]] = header
+        self.data_start = 8 + length
+        self._map: np.memmap | None = None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.header[name]["shape"])
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor as stored (bfloat16 comes back as its uint16 bit pattern), memory mapped.
+
+        Only F32, F16 and BF16 tensors are read (:class:`ModelWeights` checks that first)."""
+        info = self.header[name]
+        if self._map is None:
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        begin, end = (self.data_start + int(o) for o in info["data_offsets"])
+        return self._map[begin:end].view(DISK_DTYPES[info["dtype"]]).reshape(self.shape(name))
+
+    def is_bf16(self, name: str) -> bool:
+        return self.header[name]["dtype"] == "BF16"
+
+
+def to_dtype(array: np.ndarray, bf16: bool, dtype: np.dtype) -> np.ndarray:
+    """Convert a stored tensor to ``dtype``; bfloat16 bits go to the high half of a float32."""
+    if bf16:
+        array = (array.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    return np.array(array, dtype=dtype, order="C")  # always a copy: never hand out the file mapping
+
+
+def weight_files(model_dir: Path) -> dict[str, Path]:
+    """HF tensor name -> the file holding it, from the index (sharded) or the single file."""
+    index = model_dir / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(f"{index}: not a safetensors index (no weight_map: {error})") from None
+        files = {name: model_dir / file for name, file in weight_map.items()}
+        for path in sorted(set(files.values())):
+            if not path.is_file():
+                raise FileNotFoundError(f"weight file {path.name} listed in {index} is missing from {model_dir}")
+        return files
+    single = model_dir / SINGLE_FILE
+    if not single.is_file():
+        raise FileNotFoundError(f"model directory {model_dir} has no weights: neither {SINGLE_FILE} nor {INDEX_FILE}")
+    return {name: single for name in SafetensorsFile(single).header}
+
+
+class ModelWeights(Mapping):
+    """The model's weights by runtime name, read from an HF directory on demand.
+
+    Construction checks every tensor's presence and shape against the config (``ValueError`` naming
+    the tensor and both shapes) and that no unexpected tensor is present. ``weights[name]`` reads,
+    converts to ``dtype`` and packs one runtime tensor (host NumPy). Iterating advances a tqdm bar.
+    """
+
+    def __init__(self, model_dir: str | Path, config: ModelConfig, dtype: Any = np.float32, progress: bool = True) -> None:
+        self.model_dir = Path(model_dir)
+        self.config = config
+        self.dtype = np.dtype(dtype)
+        self.progress = progress
+        locations = weight_files(self.model_dir)
+        self._files = {path: SafetensorsFile(path) for path in sorted(set(locations.values()))}
+        self._where = {name: self._files[path] for name, path in locations.items()}
+        for name, file in self._where.items():
+            if name not in file.header:
+                raise ValueError(f"tensor {name} is listed in {INDEX_FILE} but missing from {file.path.name}")
+        self.tied = config.tie_word_embeddings or "lm_head.weight" not in self._where
+        self._sources = hf_sources(config, self.tied)
+        self._check()
+
+    def _check(self) -> None:
+        wanted: dict[str, tuple[int, ...]] = {}
+        for parts in self._sources.values():
+            wanted.update(parts)
+        for name, shape in wanted.items():
+            if name not in self._where:
+                raise ValueError(f"missing tensor {name} (expected shape {tuple(shape)}) in {self.model_dir}")
+            file = self._where[name]
+            got = file.shape(name)
+            if got != tuple(shape):
+                raise ValueError(f"tensor {name} has shape {got} in {file.path.name}, expected {tuple(shape)}")
+            if file.header[name]["dtype"] not in DISK_DTYPES:
+                raise ValueError(f"{file.path}: tensor {name} has dtype {file.header[name]['dtype']}; supported: F32, F16, BF16")
+        allowed = set(wanted) | ({"lm_head.weight"} if self.tied else set())
+        for name, file in self._where.items():
+            if name not in allowed and not name.endswith(IGNORED_SUFFIXES):
+                raise ValueError(
+                    f"unexpected tensor {name} with shape {file.shape(name)} in {file.path.name} "
+                    f"(not part of a {self.config.model_type} model with this config)"
+                )
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        parts = []
+        for hf_name, _ in self._sources[name]:
+            file = self._where[hf_name]
+            parts.append(to_dtype(file.read(hf_name), file.is_bf16(hf_name), self.dtype))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._sources
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(tqdm(self._sources, desc="Loading weights", unit="tensor", disable=not self.progress))
+
+    def __len__(self) -> int:
+        return len(self._sources)
