@@ -133,6 +133,9 @@ SUITES = {"gemm": bench_gemm, "elementwise": bench_elementwise}
 
 
 def commit() -> str:
+    """The commit measured: INFINILM_NB_COMMIT (the GPU machine gets no .git), else git's HEAD."""
+    if os.environ.get("INFINILM_NB_COMMIT"):
+        return os.environ["INFINILM_NB_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:

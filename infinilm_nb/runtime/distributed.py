@@ -27,6 +27,15 @@ def launched_by_mpi() -> bool:
     return any(int(os.environ.get(var, "1") or 1) > 1 for var in _WORLD_SIZE_VARS)
 
 
+# Open MPI refuses root and more ranks than cores unless told; MPICH ignores these.
+MPI_ENV = {
+    "OMPI_ALLOW_RUN_AS_ROOT": "1",
+    "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+    "OMPI_MCA_rmaps_base_oversubscribe": "1",
+    "NCCL_NVLS_ENABLE": "0",
+}
+
+
 def find_mpiexec() -> str | None:
     """The ``mpiexec`` on PATH, else the one beside this Python (the ``mpich`` wheel puts it there)."""
     beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")

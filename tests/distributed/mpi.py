@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from infinilm_nb.runtime.distributed import find_mpiexec
+from infinilm_nb.runtime.distributed import MPI_ENV, find_mpiexec
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -15,17 +15,10 @@ ROOT = Path(__file__).resolve().parents[2]
 def mpiexec(ranks: int, args: list[str], timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
     """``mpiexec -n ranks python ARGS`` from the repo root, CPU backend, output captured."""
     launcher = find_mpiexec()
-    extra = ["--allow-run-as-root", "--oversubscribe"] if "Open MPI" in _version(launcher) else []
-    full_env = {**os.environ, "INFINILM_NB_BACKEND": "cpu", "PYTHONPATH": str(ROOT), **(env or {})}
+    full_env = {**os.environ, **MPI_ENV, "INFINILM_NB_BACKEND": "cpu", "PYTHONPATH": str(ROOT), **(env or {})}
     full_env.pop("NUMBA_ENABLE_CUDASIM", None)
     return subprocess.run(
-        [launcher, *extra, "-n", str(ranks), sys.executable, *args],
+        [launcher, "-n", str(ranks), sys.executable, *args],
         cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout,
     )
 
-
-def _version(launcher: str) -> str:
-    try:
-        return subprocess.run([launcher, "--version"], capture_output=True, text=True, timeout=20).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
