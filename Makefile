@@ -23,14 +23,25 @@ $(VENV)/.bench: $(VENV)/.base
 	$(PY) -m pip install -q -e ".[gpu,bench]"
 	touch $@
 
-demo: $(VENV)/.base
+# On a machine where nvidia-smi sees a GPU the demo runs there, so it gets CuPy too.
+GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+
+$(VENV)/.demo: $(VENV)/.base
+	$(if $(GPU),$(PY) -m pip install -q -e ".[gpu]")
+	touch $@
+
+# RANKS=N overrides the rank count the demo picks (see README, "make demo")
+demo: $(VENV)/.demo
 	$(PY) -m infinilm_nb demo $(if $(RANKS),--ranks $(RANKS))
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q -rs tests
 
+# decode.py and throughput.py share one random Llama-3-8B-shaped checkpoint (16 GB), written once
 bench: $(VENV)/.bench
-	$(PY) bench/kernels.py
+	$(PY) bench/kernels.py --out bench/out
+	$(PY) bench/decode.py --out bench/out --model-dir bench/out/random-llama3-8b
+	$(PY) bench/throughput.py --out bench/out --model-dir bench/out/random-llama3-8b
 
 clean:
 	rm -rf $(VENV)

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from typing import Callable
 
 Subcommand = Callable[["argparse._SubParsersAction"], None]
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="HF model directory (config.json, safetensors, tokenizer.json)")
+    parser.add_argument(
+        "--model", default=None,
+        help="an HF model directory (config.json, safetensors, tokenizer.json) or a .gguf file (converted once "
+        "into the cache); default: the embedded SmolLM2-135M-Instruct, fetched once",
+    )
     parser.add_argument("--backend", default="auto", choices=["auto", "cuda", "cpu", "sim"])
     parser.add_argument("--cache", default="paged", choices=["paged", "static"])
     parser.add_argument(
@@ -109,32 +112,33 @@ def add_chat(subparsers: "argparse._SubParsersAction") -> None:
     parser.set_defaults(run=_chat)
 
 
-def _demo(args: argparse.Namespace) -> int:
-    """Check a Numba kernel against the NumPy reference on this machine's kernel backend (the GPU, or
-    numba's CUDA simulator without one). The demo is to run the embedded model once issue 6 lands."""
-    import numpy as np
-
-    from .backend import cuda_problem, get_backend
-    from .kernels import reference
-
-    backend = get_backend("cuda" if cuda_problem() is None else "sim")
-    x = np.random.default_rng(0).standard_normal((7, 2 * 96)).astype(np.float32)
-    want = reference.silu_mul(x, np.empty((7, 96), np.float32))
-    start = time.perf_counter()
-    got = backend.to_host(backend.ops.silu_mul(backend.asarray(x), backend.xp.empty((7, 96), np.float32)))
-    error = float(np.abs(got - want).max() / np.abs(want).max())
-    ok = error < 1e-5
-    print(f"kernel self-check on {backend.name}: silu_mul float32 max rel err {error:.1e} "
-          f"({time.perf_counter() - start:.2f} s): {'ok' if ok else 'FAILED'}")
-    return 0 if ok else 1
-
-
 def add_demo(subparsers: "argparse._SubParsersAction") -> None:
-    parser = subparsers.add_parser("demo", help="check a kernel on this machine (the model demo comes with issue 6)")
-    parser.set_defaults(run=_demo)
+    from .demo import add_demo_arguments, demo_main
+
+    parser = subparsers.add_parser(
+        "demo", help="fetch the embedded model and answer a question with mpirun-launched inference"
+    )
+    add_demo_arguments(parser)
+    parser.set_defaults(run=demo_main)
 
 
-SUBCOMMANDS: list[Subcommand] = [add_generate, add_chat, add_demo]
+def add_convert(subparsers: "argparse._SubParsersAction") -> None:
+    from .convert.commands import add_convert_arguments, convert_main
+
+    parser = subparsers.add_parser("convert", help="convert a llama-architecture GGUF file into an HF directory")
+    add_convert_arguments(parser)
+    parser.set_defaults(run=convert_main)
+
+
+def add_fetch(subparsers: "argparse._SubParsersAction") -> None:
+    from .convert.commands import add_fetch_arguments, fetch_main
+
+    parser = subparsers.add_parser("fetch", help="download and convert the embedded default model")
+    add_fetch_arguments(parser)
+    parser.set_defaults(run=fetch_main)
+
+
+SUBCOMMANDS: list[Subcommand] = [add_generate, add_chat, add_demo, add_convert, add_fetch]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,10 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
+    from .models import FetchError
+
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, FetchError) as error:
         print(f"infinilm-nb: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

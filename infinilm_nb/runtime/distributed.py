@@ -14,7 +14,7 @@ import shutil
 import sys
 import traceback
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -77,6 +77,27 @@ class RankInfo:
         return cls(world.Get_rank(), world.Get_size(), local_rank, device)
 
 
+def bind_device(info: RankInfo) -> None:
+    """Make this rank's GPU (``info.device``) current for CuPy and numba, before anything is allocated
+    or launched on it (numba launches on its current context, CuPy allocates on its current device)."""
+    import cupy
+    from numba import cuda
+
+    cupy.cuda.Device(info.device).use()
+    cuda.select_device(info.device)
+
+
+def abort_job(rank: int, error: BaseException) -> NoReturn:
+    """Print ``error``'s traceback, prefixed with the rank, and abort every rank of the MPI job."""
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    sys.stderr.write(f"[rank {rank}] {text}")
+    sys.stderr.flush()
+    from mpi4py import MPI
+
+    MPI.COMM_WORLD.Abort(1)
+    raise SystemExit(1)  # not reached: Abort ends the process
+
+
 def install_abort_on_error(info: RankInfo) -> None:
     """Make an uncaught exception on any rank print its traceback and abort the whole MPI job.
 
@@ -84,16 +105,7 @@ def install_abort_on_error(info: RankInfo) -> None:
     """
     if info.world_size == 1:
         return
-
-    def abort(kind, value, tb):
-        text = "".join(traceback.format_exception(kind, value, tb))
-        sys.stderr.write(f"[rank {info.rank}] {text}")
-        sys.stderr.flush()
-        from mpi4py import MPI
-
-        MPI.COMM_WORLD.Abort(1)
-
-    sys.excepthook = abort
+    sys.excepthook = lambda kind, value, tb: abort_job(info.rank, value.with_traceback(tb))
 
 
 _NCCL_TYPES = {"float16": "NCCL_FLOAT16", "float32": "NCCL_FLOAT32", "int32": "NCCL_INT32", "int64": "NCCL_INT64"}
@@ -188,6 +200,12 @@ class CommunicationGroup:
         if self.world_size == 1:
             return obj
         return self._mpi.bcast(obj, root=root)
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's picklable host ``obj``, in rank order, on every rank."""
+        if self.world_size == 1:
+            return [obj]
+        return self._mpi.allgather(obj)
 
     def barrier(self) -> None:
         """Wait until every rank arrives."""

@@ -9,7 +9,10 @@ import numpy as np
 
 from ..outputs import CompletionOutput, RequestOutput
 from ..sampling_params import SamplingParams
+from .batch import SamplingArrays, StepInput
 from .detokenizer import IncrementalDetokenizer
+from .follower import call_on_every_rank
+from .graphs import DecodeGraphs
 from .scheduler import ScheduledStep, Scheduler
 from .sequence import Sequence
 from .tokenizer import Tokenizer
@@ -64,7 +67,9 @@ class LLMEngine:
 
     A step: the scheduler's host :class:`StepInput` -> one copy to the backend -> ``model.forward`` ->
     the backend's ``sample`` op (per-row temperature, top-k, top-p and seed) -> tokens to the host ->
-    append, detokenize incrementally, check the stop conditions.
+    append, detokenize incrementally, check the stop conditions. With ``graphs``, the decode steps
+    that fit them run there instead (:class:`~infinilm_nb.runtime.graphs.DecodeGraphs`: persistent
+    buffers, a CUDA graph per batch bucket on cuda).
     """
 
     def __init__(
@@ -77,6 +82,8 @@ class LLMEngine:
         max_model_len: int,
         eos_token_ids: set[int],
         seed: int = 0,
+        graphs: DecodeGraphs | None = None,
+        group: Any = None,
     ) -> None:
         self.model = model
         self.cache = cache
@@ -86,6 +93,8 @@ class LLMEngine:
         self.max_model_len = max_model_len
         self.eos_token_ids = set(eos_token_ids)
         self.vocab_size = int(model.config.vocab_size)
+        self.graphs = graphs
+        self.group = group  # under tensor parallelism: rank 0's engine runs each step on every rank
         self._rng = np.random.default_rng(seed)
         self._requests: dict[str, _Request] = {}
         self._failed: list[RequestOutput] = []
@@ -152,8 +161,7 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if scheduled is None:
             return outputs
-        logits = self.model.forward(scheduled.step.to(self.backend), self.cache)
-        tokens = self._sample(logits, scheduled)
+        tokens = call_on_every_rank(self.group, self, "execute", scheduled.step, sampling=self._sampling(scheduled))
         for seq in self.scheduler.update(scheduled, tokens):
             request = self._requests[seq.request_id]
             self._check_stop(request, seq.token_ids[-1])
@@ -163,20 +171,33 @@ class LLMEngine:
             outputs.append(request.output())
         return outputs
 
-    def _sample(self, logits: Any, scheduled: ScheduledStep) -> np.ndarray:
-        """One token per row of ``logits`` through the backend's sampler, back on the host."""
+    def execute(self, step: StepInput, sampling: SamplingArrays | None = None) -> np.ndarray | None:
+        """Forward the host ``step`` and sample each sequence with ``sampling`` (host tokens back).
+
+        Under tensor parallelism every rank runs this for every step (follower ranks from
+        :func:`~infinilm_nb.runtime.follower.follow`, without ``sampling``: they only take part in the
+        forward's collectives, and get None, or the graph's unused tokens)."""
+        if self.graphs is not None and self.graphs.fits(step):
+            return self.graphs.decode(step, sampling)
+        logits = self.model.forward(step.to(self.backend), self.cache)
+        return None if sampling is None else self._sample(logits, sampling)
+
+    def _sampling(self, scheduled: ScheduledStep) -> SamplingArrays:
+        """The sampler's host parameters for each sequence of the step."""
         params = [seq.params for seq in scheduled.seqs]
         seeds = [step_seed(self._requests[seq.request_id].seed, seq.num_output_tokens) for seq in scheduled.seqs]
-        backend = self.backend
-        out = backend.xp.empty(len(params), dtype=np.int32)
-        backend.ops.sample(
-            logits,
-            backend.asarray([p.temperature for p in params], dtype=np.float32),
-            backend.asarray([p.top_k for p in params], dtype=np.int32),
-            backend.asarray([p.top_p for p in params], dtype=np.float32),
-            backend.asarray(seeds, dtype=np.uint64),
-            out,
+        return SamplingArrays(
+            np.array([p.temperature for p in params], dtype=np.float32),
+            np.array([p.top_k for p in params], dtype=np.int32),
+            np.array([p.top_p for p in params], dtype=np.float32),
+            np.array(seeds, dtype=np.uint64),
         )
+
+    def _sample(self, logits: Any, sampling: SamplingArrays) -> np.ndarray:
+        """One token per row of ``logits`` through the backend's sampler, back on the host."""
+        backend = self.backend
+        out = backend.xp.empty(logits.shape[0], dtype=np.int32)
+        backend.ops.sample(logits, *sampling.to(backend), out)
         return backend.to_host(out)
 
     def _check_stop(self, request: _Request, token: int) -> None:

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import json
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence as Seq
+from typing import Any, Callable, Iterator, Sequence as Seq
 
 from ..backend import get_backend
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
 from .block_manager import BlockManager
-from .cache import PagedKVCache, StaticKVCache, num_blocks_for_memory
-from .config import ModelConfig, resolve_dtype
+from .cache import PagedKVCache, StaticKVCache, block_bytes, num_blocks_for_memory
+from .config import ModelConfig, ParallelConfig, resolve_dtype
+from .distributed import CommunicationGroup, RankInfo, bind_device, install_abort_on_error
 from .engine import LLMEngine
+from .follower import fatal_on_any_rank, follow, stop_followers
+from .graphs import DecodeGraphs
 from .llama import load_model
 from .scheduler import Scheduler
 from .tokenizer import Message, Tokenizer
@@ -24,6 +28,7 @@ Prompt = str | dict[str, Any]
 MAX_MODEL_LEN_CAP = 8192  # the default max_model_len: the model's context, at most this
 HOST_KV_BYTES = 1 << 30  # off the GPU, the default paged cache holds at most this much K/V
 CACHES = ("paged", "static")
+_tensor_parallel_llm_made = False  # under mpirun a process holds one LLM: the followers serve the first
 
 
 class LLM:
@@ -36,13 +41,24 @@ class LLM:
     are for the paged cache). ``max_model_len``: the longest prompt plus generation (default the
     model's context, at most 8192). Each step runs at most ``max_num_seqs`` sequences and
     ``max_num_batched_tokens`` tokens; longer prompts are prefilled in chunks. ``seed`` seeds the
-    sampling of requests that give none. ``enforce_eager`` is vLLM's switch to never replay CUDA graphs;
-    every step runs eagerly until decode graphs land, so it is only recorded today.
+    sampling of requests that give none. Decode steps of up to ``max_num_seqs`` sequences run on
+    persistent buffers, replaying one CUDA graph per batch bucket on cuda (captured at start-up:
+    :class:`~infinilm_nb.runtime.graphs.DecodeGraphs`); ``enforce_eager`` (vLLM's switch) runs every
+    step eagerly instead.
+
+    ``model``: an HF directory, a ``.gguf`` file (converted once into the cache) or None for the
+    embedded SmolLM2-135M-Instruct (fetched once; see :mod:`infinilm_nb.models`).
+
+    Under ``mpirun -n N`` the model runs with tensor parallelism N, one rank per GPU. Rank 0's
+    ``LLM(...)`` returns and does everything (tokenize, schedule, sample); on ranks > 0 the constructor
+    never returns: it runs rank 0's forward steps (:mod:`infinilm_nb.runtime.follower`) until rank 0
+    calls :meth:`close` (or its interpreter exits), then ends the process with status 0. So a script
+    runs unchanged under mpirun, its code after ``LLM(...)`` on rank 0 alone; one LLM per process.
     """
 
     def __init__(
         self,
-        model: str | Path,
+        model: str | Path | None = None,
         backend: str = "auto",
         dtype: Any = None,
         cache: str = "paged",
@@ -59,25 +75,38 @@ class LLM:
             raise ValueError(f"cache must be one of {', '.join(CACHES)}, got {cache!r}")
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
-        model_dir = Path(model)
-        if not model_dir.is_dir():
-            raise FileNotFoundError(f"model directory {model_dir} does not exist")
+        from ..models import resolve_model
+
+        model_dir = resolve_model(model)
+        self.rank = RankInfo.detect()
         self.backend = get_backend(backend)
         config = ModelConfig.from_pretrained(model_dir)
+        self.parallel = ParallelConfig(self.rank.world_size, self.rank.rank)
+        self.parallel.check(config, f"{model_dir / 'config.json'} with {self.rank.world_size} MPI ranks")
+        self.group = self._start_group()
         self.max_model_len = _max_model_len(config, max_model_len)
         self.tokenizer = Tokenizer.from_pretrained(model_dir)
         self.dtype = resolve_dtype(dtype, self.backend)
-        self.model = load_model(model_dir, self.backend, dtype=self.dtype, max_model_len=self.max_model_len)
-        self.enforce_eager = enforce_eager
-        if cache == "paged":
-            blocks = num_blocks or self._default_num_blocks(config, block_size, max_num_seqs, gpu_memory_utilization)
-            _check_capacity("num_blocks", blocks, block_size, self.max_model_len)
-            self.cache = PagedKVCache(self.backend, config, blocks, block_size, self.dtype)
-        else:
-            slots = min(
-                max_num_seqs, self._default_num_blocks(config, self.max_model_len, max_num_seqs, gpu_memory_utilization)
+        with fatal_on_any_rank(self.group):
+            self.model = load_model(
+                model_dir, self.backend, dtype=self.dtype, max_model_len=self.max_model_len,
+                progress=self.rank.is_driver, group=self.group,
             )
-            self.cache = StaticKVCache(self.backend, config, slots, self.max_model_len, self.dtype)
+        self.enforce_eager = enforce_eager
+        # activations first, so that the KV cache is sized with their memory already taken
+        reach = self.max_model_len if cache == "static" else -(-self.max_model_len // block_size) * block_size
+        self.model.reserve_buffers(max(max_num_batched_tokens, max_num_seqs), max_num_seqs, reach)
+        if cache == "paged":
+            blocks = num_blocks or self._agree(
+                lambda: self._default_num_blocks(config, block_size, max_num_seqs, gpu_memory_utilization)
+            )
+            _check_capacity("num_blocks", blocks, block_size, self.max_model_len)
+            self.cache = PagedKVCache(self.backend, config, blocks, block_size, self.dtype, self.parallel)
+        else:
+            slots = min(max_num_seqs, self._agree(
+                lambda: self._default_num_blocks(config, self.max_model_len, max_num_seqs, gpu_memory_utilization)
+            ))
+            self.cache = StaticKVCache(self.backend, config, slots, self.max_model_len, self.dtype, self.parallel)
             max_num_seqs = min(max_num_seqs, slots)
         allocator = self.cache.allocator if cache == "paged" else self.cache  # a static cache hands out its slots
         manager = BlockManager(allocator, self.cache.block_size)
@@ -91,17 +120,62 @@ class LLM:
             self.max_model_len,
             _eos_token_ids(model_dir, config, self.tokenizer),
             seed=seed,
+            graphs=None if enforce_eager else DecodeGraphs(self.model, self.cache, max_num_seqs, self.max_model_len),
+            group=self.group,
         )
         self._ids = itertools.count()
+        self._closed = False
+        if self.group is not None:
+            if not self.rank.is_driver:
+                follow(self.group, self.engine)
+                raise SystemExit(0)
+            atexit.register(self.close)
+
+    def _start_group(self) -> CommunicationGroup | None:
+        """Under mpirun: this rank's GPU, the abort-on-error hook and the communication group."""
+        global _tensor_parallel_llm_made
+        if self.rank.world_size == 1:
+            return None
+        if _tensor_parallel_llm_made:
+            raise RuntimeError("under mpirun a process holds one LLM (the other ranks serve the first one)")
+        _tensor_parallel_llm_made = True
+        install_abort_on_error(self.rank)
+        if self.backend.on_gpu:
+            bind_device(self.rank)
+        return CommunicationGroup(self.rank, self.backend)
+
+    def _agree(self, count: Callable[[], int]) -> int:
+        """The smallest of every rank's ``count()`` (cache blocks: GPUs may have different free memory)."""
+        with fatal_on_any_rank(self.group):
+            mine = count()
+        return mine if self.group is None else min(self.group.all_gather_object(mine))
+
+    def close(self) -> None:
+        """Under mpirun, let the follower ranks exit (also done at interpreter exit). The LLM cannot
+        generate afterwards."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.group is not None:
+            stop_followers(self.group)
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this LLM is closed")
 
     def _default_num_blocks(self, config: ModelConfig, block_size: int, max_num_seqs: int, utilization: float) -> int:
         """Blocks of ``block_size`` tokens: on a GPU what ``utilization`` of its memory holds; elsewhere
         enough for ``max_num_seqs`` full-length sequences, within :data:`HOST_KV_BYTES` (but one at least)."""
         if self.backend.on_gpu:
-            return num_blocks_for_memory(config, block_size, self.dtype, utilization)
+            return num_blocks_for_memory(config, block_size, self.dtype, utilization, self.parallel)
         per_seq = -(-self.max_model_len // block_size)
-        token_bytes = 2 * config.num_hidden_layers * config.kv_size * self.dtype.itemsize
-        budget = HOST_KV_BYTES // (token_bytes * block_size)
+        budget = HOST_KV_BYTES // block_bytes(config, block_size, self.dtype, self.parallel)
         return max(per_seq, min(per_seq * max_num_seqs, budget))
 
     def generate(
@@ -131,6 +205,7 @@ class LLM:
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None, chat: bool = False) -> "TextStream":
         """Iterate over the text of one completion as its tokens arrive (``chat``: ``prompt`` is a
         conversation). The pieces join to the final text; ``.output`` holds the latest RequestOutput."""
+        self._check_open()
         text, ids = self._chat_prompt(prompt, True) if chat else self.engine.tokenize_prompt(prompt)
         return TextStream(self.engine, str(next(self._ids)), text, ids, sampling_params or SamplingParams())
 
@@ -144,6 +219,7 @@ class LLM:
         self, prompts: list[tuple[str | None, list[int]]], sampling_params: SamplingParams | Seq[SamplingParams] | None
     ) -> list[RequestOutput]:
         """Run tokenized prompts to completion; outputs in prompt order."""
+        self._check_open()
         params = _per_prompt(sampling_params, len(prompts))
         ids = [str(next(self._ids)) for _ in prompts]
         final: dict[str, RequestOutput] = {}

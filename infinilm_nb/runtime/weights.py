@@ -12,7 +12,9 @@ The model asks for weights by *runtime name* (:func:`expected_shapes` lists them
 :class:`ModelWeights` reads them lazily from the files, one tensor in host memory at a time, after
 checking every header first, so that a bad checkpoint fails before anything is loaded. Safetensors
 files are parsed here (an 8-byte header length, a JSON header, raw little-endian data) and memory
-mapped, which reads bfloat16 without torch and lets a tensor-parallel rank read only its rows later.
+mapped, which reads bfloat16 without torch (``safe_open(..., "numpy").get_slice`` cannot: NumPy has no
+bfloat16) and lets a tensor-parallel rank read only its slice (:func:`rank_slices`) of each tensor:
+slicing the mapping touches only the pages that hold the slice, as ``get_slice`` does.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 from tqdm.auto import tqdm
 
-from .config import ModelConfig
+from .config import ModelConfig, ParallelConfig
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -68,6 +70,39 @@ def hf_sources(config: ModelConfig, tied: bool) -> dict[str, list[tuple[str, tup
     if not tied:
         sources["lm_head"] = [("lm_head.weight", (config.vocab_size, h))]
     return sources
+
+
+Slice = tuple[int, slice] | None  # (axis, range) of one HF tensor that a rank reads; None: all of it
+
+
+def rank_slices(name: str, config: ModelConfig, parallel: ParallelConfig) -> list[Slice] | None:
+    """How ``parallel.rank`` cuts each HF part (:func:`hf_sources`) of the runtime tensor ``name``;
+    None when the rank reads every part whole.
+
+    Column-parallel (rows of the HF tensor): q / k / v by heads, gate / up by FFN rows, the embedding
+    and lm_head by vocabulary rows. Row-parallel (columns): o_proj by query heads, down_proj by FFN
+    columns; their biases stay whole (rank 0 adds them). Norms are whole.
+    """
+    if parallel.tp_size == 1:
+        return None
+    local = parallel.shard(config)
+    d = config.head_dim
+    q_head, kv_head = parallel.head_starts(config)
+    q = slice(q_head * d, q_head * d + local.q_size)
+    kv = slice(kv_head * d, kv_head * d + local.kv_size)
+    ffn = slice(parallel.rank * local.intermediate_size, (parallel.rank + 1) * local.intermediate_size)
+    vocab = slice(parallel.rank * local.vocab_size, (parallel.rank + 1) * local.vocab_size)
+    kind = name.split(".")[2] if name.startswith("layers.") else name
+    weight = not name.endswith(".bias")
+    rules: dict[str, list[Slice]] = {
+        "embed_tokens": [(0, vocab)],
+        "lm_head": [(0, vocab)],
+        "qkv_proj": [(0, q), (0, kv), (0, kv)],
+        "o_proj": [(1, q) if weight else None],
+        "gate_up_proj": [(0, ffn), (0, ffn)],
+        "down_proj": [(1, ffn) if weight else None],
+    }
+    return rules.get(kind)
 
 
 class SafetensorsFile:
@@ -137,14 +172,24 @@ class ModelWeights(Mapping):
 
     Construction checks every tensor's presence and shape against the config (``ValueError`` naming
     the tensor and both shapes) and that no unexpected tensor is present. ``weights[name]`` reads,
-    converts to ``dtype`` and packs one runtime tensor (host NumPy). Iterating advances a tqdm bar.
+    converts to ``dtype`` and packs one runtime tensor (host NumPy): with ``parallel``, only this
+    rank's slice of it (shapes of ``parallel.shard(config)``). Iterating advances a tqdm bar.
     """
 
-    def __init__(self, model_dir: str | Path, config: ModelConfig, dtype: Any = np.float32, progress: bool = True) -> None:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        config: ModelConfig,
+        dtype: Any = np.float32,
+        progress: bool = True,
+        parallel: ParallelConfig | None = None,
+    ) -> None:
         self.model_dir = Path(model_dir)
         self.config = config
         self.dtype = np.dtype(dtype)
         self.progress = progress
+        self.parallel = parallel or ParallelConfig()
+        self.parallel.check(config, str(self.model_dir / "config.json"))
         locations = weight_files(self.model_dir)
         self._files = {path: SafetensorsFile(path) for path in sorted(set(locations.values()))}
         self._where = {name: self._files[path] for name, path in locations.items()}
@@ -178,9 +223,14 @@ class ModelWeights(Mapping):
 
     def __getitem__(self, name: str) -> np.ndarray:
         parts = []
-        for hf_name, _ in self._sources[name]:
+        slices = rank_slices(name, self.config, self.parallel) or [None] * len(self._sources[name])
+        for (hf_name, _), cut in zip(self._sources[name], slices):
             file = self._where[hf_name]
-            parts.append(to_dtype(file.read(hf_name), file.is_bf16(hf_name), self.dtype))
+            stored = file.read(hf_name)
+            if cut is not None:  # a view of the mapping: only the slice's pages are read
+                axis, span = cut
+                stored = stored[span] if axis == 0 else stored[:, span]
+            parts.append(to_dtype(stored, file.is_bf16(hf_name), self.dtype))
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
 
     def __contains__(self, name: object) -> bool:

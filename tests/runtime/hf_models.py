@@ -51,6 +51,10 @@ TINY = dict(
     tie_word_embeddings=False,
 )
 
+# overrides of TINY for tensor parallelism over 2 and 3 ranks: 12 q / 6 kv heads of 8 (hidden 96),
+# FFN 96 and vocab 300 all divide
+TP_TINY = dict(hidden_size=96, intermediate_size=96, num_attention_heads=12, num_key_value_heads=6)
+
 # the tiniest model, for the simulator: 1 layer, hidden 16, 2 q heads / 1 kv head of 8, vocab 64
 TINIEST = dict(TINY, hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
                num_key_value_heads=1, vocab_size=64)

@@ -1,4 +1,4 @@
-"""The infinilm-nb command line: generate, chat and demo, through main() and as a real process."""
+"""The infinilm-nb command line: generate and chat, through main() and as a real process."""
 
 from __future__ import annotations
 
@@ -70,11 +70,6 @@ def test_errors_exit_with_a_message(llama_dir: Path, tmp_path: Path, capsys: pyt
     args = ["generate", "--model", str(llama_dir), "--prompt", "x " * 40, "--backend", "cpu", "--max-model-len", "16"]
     assert main(args) == 1
     assert "more than max_model_len=16" in capsys.readouterr().err
-
-
-def test_demo_runs_a_kernel_self_check(capsys: pytest.CaptureFixture):
-    assert main(["demo"]) == 0
-    assert "silu_mul float32" in capsys.readouterr().out
 
 
 def test_generate_as_a_process(llama_dir: Path):

@@ -87,7 +87,7 @@ def test_tied_embeddings_match_transformers(tmp_path, cpu):
     directory = save_tiny_model(tmp_path, "qwen2", tie_word_embeddings=True, tokenizer=False)
     model = load_model(directory, cpu, progress=False)
     assert "lm_head" not in ModelWeights(directory, model.config, progress=False)
-    assert model.lm_head is model.embed_tokens.weight
+    assert model.lm_head.weight is model.embed_tokens.weight
     logits = run_step(model, [(CachedSeq(make_cache(model, "paged")), PROMPT)])[0]
     assert rel_err(logits, hf_logits(load_hf_model(directory), PROMPT)[-1]) < 1e-4
 
