@@ -1,6 +1,6 @@
 """Make numba's CUDA simulator good enough to run our kernels unchanged.
 
-The simulator runs one Python thread per CUDA thread. Two gaps matter to us:
+The simulator runs one Python thread per CUDA thread. Three gaps matter to us:
 
 * it has no warp intrinsics; :func:`install` adds ``shfl_sync``, ``shfl_up/down/xor_sync`` and
   ``syncwarp``, built on the block barrier, so they are valid only when the whole block reaches
@@ -15,8 +15,11 @@ from __future__ import annotations
 import sys
 import threading
 
+import numpy as np
+
 WARP = 32
 _installed = False
+_original_shared_array = None
 
 
 def _exchange(value, source_lane):
@@ -40,9 +43,30 @@ def _exchange(value, source_lane):
     return value
 
 
+_shared_lock = threading.Lock()
+
+
+def _shared_array(self, shape, dtype, alignment=None):
+    """``FakeCUDAShared.array`` with its check-then-allocate under a lock; same key (caller's file and line)."""
+    if shape == 0 or alignment is not None:  # dynamic shared memory: one buffer made at launch
+        return _original_shared_array(self, shape, dtype, alignment)
+    from numba import types
+    from numba.np import numpy_support
+
+    if isinstance(dtype, types.Type):
+        dtype = numpy_support.as_dtype(dtype)
+    frame = sys._getframe(1)
+    caller = (frame.f_code.co_filename, frame.f_lineno)
+    with _shared_lock:
+        array = self._allocations.get(caller)
+        if array is None:
+            array = self._allocations[caller] = np.empty(shape, dtype)
+    return array
+
+
 def install() -> None:
     """Patch the simulator in place; call after ``NUMBA_ENABLE_CUDASIM=1`` took effect. Idempotent."""
-    global _installed
+    global _installed, _original_shared_array
     if _installed:
         return
     from numba import config
@@ -69,6 +93,8 @@ def install() -> None:
             return FakeCUDAArray(self.value)
 
     kernel.InOut = PassThrough
+    _original_shared_array = kernelapi.FakeCUDAShared.array
+    kernelapi.FakeCUDAShared.array = _shared_array
     # Simulated threads meet at every barrier; a short GIL switch interval makes that ~4x faster.
     sys.setswitchinterval(5e-4)
     _installed = True
