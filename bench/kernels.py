@@ -2,8 +2,8 @@
 
 Usage: ``python bench/kernels.py [--out DIR] [--only gemm,norm,...]``. Prints a table (GPU named),
 writes ``kernels.json`` and a roofline chart ``kernels.png`` (when matplotlib is installed) to DIR.
-Peers: cuBLAS through CuPy (eager, weights rotated), torch SDPA; roofline: the measured
-device-to-device copy bandwidth.
+Peers: cuBLAS through CuPy (eager, weights rotated), torch SDPA (decode attention, through a torch
+CUDA graph); roofline: the measured device-to-device copy bandwidth.
 """
 
 from __future__ import annotations
@@ -16,14 +16,16 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cupy  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.timing import copies_needed, copy_bandwidth, gpu_name, time_eager, time_graph  # noqa: E402
+from bench.timing import (  # noqa: E402
+    copies_needed, copy_bandwidth, gpu_name, time_eager, time_graph, time_torch_graph,
+)
 from infinilm_nb.backend import get_backend  # noqa: E402
 from infinilm_nb.kernels import reference  # noqa: E402
 
@@ -73,6 +75,27 @@ def bench_gemm(copy_bw: float) -> list[Row]:
             rows.append(Row(f"linear {name}", f"M={m} {k}->{n}", t * 1e6, nbytes / t / 1e9, "GB/s",
                             100 * nbytes / t / copy_bw, "cuBLAS", tp * 1e6))
             del ws, xs, outs
+    return rows
+
+
+def bench_fusion(copy_bw: float) -> list[Row]:
+    """The gate-up projection with SwiGLU in its epilogue (one kernel, the [M, 2I] product never
+    stored) against our linear then silu_mul; bytes = what the fused kernel must move."""
+    rows = []
+    n, k = GEMM_SHAPES["gate_up"]
+    for m in (1, 8, 16, 32):
+        nbytes = 2 * (n * k + m * k + m * n // 2)
+        copies = copies_needed(nbytes)
+        ws = [rand((n, k), scale=0.02) for _ in range(copies)]
+        xs = [rand((m, k)) for _ in range(copies)]
+        gate_up = cupy.empty((m, n), np.float16)
+        out = cupy.empty((m, n // 2), np.float16)
+        fused = [lambda i=i: OPS.linear_silu_mul(xs[i], ws[i], out) for i in range(copies)]
+        apart = [lambda i=i: (OPS.linear(xs[i], ws[i], gate_up), OPS.silu_mul(gate_up, out)) for i in range(copies)]
+        t, tp = time_graph(fused), time_graph(apart)
+        rows.append(Row("gate_up+silu", f"M={m} {k}->2x{n // 2}", t * 1e6, nbytes / t / 1e9, "GB/s",
+                        100 * nbytes / t / copy_bw, "unfused", tp * 1e6))
+        del ws, xs
     return rows
 
 
@@ -129,7 +152,169 @@ def bench_elementwise(copy_bw: float, tokens: int = 4096) -> list[Row]:
     return rows
 
 
-SUITES = {"gemm": bench_gemm, "elementwise": bench_elementwise}
+ATTENTION_CASES = ((1, 8192), (16, 1024), (16, 8192), (64, 2048))  # (batch, context)
+BLOCK_SIZE = 16
+
+
+def _sdpa_decode(q: Any, k: Any, v: Any) -> Callable[[], None]:
+    """torch SDPA of one query token per sequence over contiguous ``[B, Hk, L, D]`` K and V (GQA)."""
+    import torch
+    import torch.nn.functional as F
+
+    try:
+        F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        return lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    except (TypeError, RuntimeError):  # older torch: repeat the KV heads (more bytes, same answer)
+        group = q.shape[1] // k.shape[1]
+        k, v = (torch.repeat_interleave(a, group, dim=1) for a in (k, v))
+        return lambda: F.scaled_dot_product_attention(q, k, v)
+
+
+def bench_attention(copy_bw: float) -> list[Row]:
+    """Paged decode attention (one query token per sequence, block 16) against torch SDPA on the
+    same K and V laid out contiguously; bytes = the K and V bytes read."""
+    import torch
+
+    from infinilm_nb.kernels.attention import AttentionWorkspace
+
+    rows = []
+    for batch, length in ATTENTION_CASES:
+        nbytes = 2 * 2 * batch * length * KV_HEADS * HEAD_DIM
+        copies = copies_needed(nbytes)
+        blocks = batch * length // BLOCK_SIZE
+        caches = [(rand((blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM)), rand((blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM)))
+                  for _ in range(copies)]
+        tables = cupy.asarray(np.random.permutation(blocks).reshape(batch, -1).astype(np.int32))
+        context_lens = cupy.full(batch, length, np.int32)
+        query_start = cupy.arange(batch + 1, dtype=np.int32)
+        q, out = rand((batch, HEADS, HEAD_DIM)), cupy.empty((batch, HEADS, HEAD_DIM), np.float16)
+        workspace = AttentionWorkspace.allocate(cupy, batch, HEADS, HEAD_DIM, length)
+        # the same keys and values, contiguous per sequence and head: [B, Hk, L, D]
+        contiguous = [
+            tuple(torch.from_dlpack(c[tables].reshape(batch, length, KV_HEADS, HEAD_DIM).transpose(0, 2, 1, 3).copy())
+                  for c in pair)
+            for pair in caches
+        ]
+        q_t = torch.from_dlpack(q).reshape(batch, HEADS, 1, HEAD_DIM)
+        sdpa = [_sdpa_decode(q_t, k, v) for k, v in contiguous]
+        peer = time_torch_graph(sdpa)
+        want = cupy.from_dlpack(sdpa[0]().reshape(batch, HEADS, HEAD_DIM).float())
+        del contiguous, sdpa
+        for label, ws in (("", None), (" split", workspace)):
+            calls = [
+                lambda kc=kc, vc=vc, ws=ws: OPS.paged_attention(
+                    q, kc, vc, tables, context_lens, query_start, HEAD_DIM**-0.5, out, workspace=ws)
+                for kc, vc in caches
+            ]
+            calls[0]()
+            err = float(cupy.linalg.norm(out.astype(np.float32) - want) / cupy.linalg.norm(want))
+            if err > 2e-3:
+                print(f"paged_attn{label} B={batch} L={length}: relative error {err:.2e} against SDPA")
+            t = time_graph(calls)
+            rows.append(Row(f"paged_attn{label}", f"B={batch} L={length}", t * 1e6, nbytes / t / 1e9, "GB/s",
+                            100 * nbytes / t / copy_bw, "SDPA", peer * 1e6))
+        del caches
+    return rows
+
+
+PREFILL_M = (512, 2048, 8192)
+PREFILL_LENGTHS = (2048, 8192)
+
+
+def bench_prefill(copy_bw: float) -> list[Row]:
+    """Prefill on tensor cores, in TFLOP/s against the peer in the same run.
+
+    The linear at M = 512 / 2048 / 8192 on the Llama-3-8B shapes against cuBLAS fp16 (through
+    CuPy), as dispatched by ``linear`` and for each tile variant of ``gemm_tc`` (to tune
+    ``tc_config``); causal attention of one prompt of 2K / 8K tokens (32 q / 8 kv heads, d = 128,
+    paged, block 16) against torch SDPA (``is_causal``, GQA), and against our CUDA-core kernel.
+    Attention FLOPs count the causal half: ``2 * Hq * D * L^2``.
+    """
+    from infinilm_nb.kernels import gemm, gemm_tc
+
+    rows = []
+    for name in ("qkv", "o", "gate_up", "down"):
+        n, k = GEMM_SHAPES[name]
+        for m in PREFILL_M:
+            flops = 2 * m * n * k
+            x, w, out = rand((m, k)), rand((n, k), scale=k**-0.5), cupy.empty((m, n), np.float16)
+            peer = time_eager([lambda: cupy.matmul(x, w.T, out=out)], reps=10)
+            want = out.astype(np.float32)
+            variants = {"": lambda: OPS.linear(x, w, out)}
+            configs = (gemm_tc.tc_config(64), gemm_tc.TcConfig(block_m=64, warps_m=2, warps_n=4, stages=4),
+                       gemm_tc.tc_config(1 << 30))
+            for config in configs:
+                label = f" {config.block_m}x{config.block_n}/{config.warps_m * config.warps_n}w"
+                variants[label] = lambda config=config: gemm.launch_tc(config, x, w, None, None, out)
+            for label, call in variants.items():
+                out.fill(np.nan)
+                call()
+                err = float(cupy.linalg.norm(out.astype(np.float32) - want) / cupy.linalg.norm(want))
+                if err > 2e-3:
+                    print(f"linear {name} M={m}{label}: relative error {err:.2e} against cuBLAS")
+                t = time_graph([call], reps=10)
+                rows.append(Row(f"prefill {name}", f"M={m} {k}->{n}{label}", t * 1e6, flops / t / 1e12, "TFLOP/s",
+                                None, "cuBLAS", peer * 1e6))
+            del x, w, out, want
+    rows += _bench_prefill_attention()
+    return rows
+
+
+def _sdpa_prefill(q: Any, k: Any, v: Any) -> Callable[[], Any]:
+    """torch SDPA, causal, over ``[1, H, L, D]`` q and ``[1, Hk, L, D]`` K and V (GQA)."""
+    import torch
+    import torch.nn.functional as F
+
+    try:
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    except (TypeError, RuntimeError):  # older torch: repeat the KV heads
+        group = q.shape[1] // k.shape[1]
+        k, v = (torch.repeat_interleave(a, group, dim=1) for a in (k, v))
+        return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def _bench_prefill_attention() -> list[Row]:
+    import torch
+
+    rows = []
+    for length in PREFILL_LENGTHS:
+        flops = 2 * HEADS * HEAD_DIM * length * length
+        blocks = length // BLOCK_SIZE
+        k_cache = rand((blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM))
+        v_cache = rand((blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM))
+        tables = cupy.asarray(np.random.permutation(blocks).reshape(1, -1).astype(np.int32))
+        context_lens = cupy.full(1, length, np.int32)
+        query_start = cupy.asarray(np.array([0, length], np.int32))
+        q, out = rand((length, HEADS, HEAD_DIM)), cupy.empty((length, HEADS, HEAD_DIM), np.float16)
+
+        def heads_first(a):  # [L, H, D] -> torch [1, H, L, D], contiguous
+            return torch.from_dlpack(cupy.ascontiguousarray(a.transpose(1, 0, 2))).unsqueeze(0)
+
+        k_rows, v_rows = (c[tables[0]].reshape(length, KV_HEADS, HEAD_DIM) for c in (k_cache, v_cache))
+        sdpa = _sdpa_prefill(heads_first(q), heads_first(k_rows), heads_first(v_rows))
+        peer = time_torch_graph([sdpa], reps=10)
+        want = cupy.from_dlpack(sdpa()[0].transpose(0, 1).float().contiguous())
+        for label, hint in (("", length), (" cuda-core", None)):
+            def call(hint=hint):
+                OPS.paged_attention(q, k_cache, v_cache, tables, context_lens, query_start, HEAD_DIM**-0.5, out,
+                                    max_query_len=hint)
+            out.fill(np.nan)
+            call()
+            err = float(cupy.linalg.norm(out.astype(np.float32) - want) / cupy.linalg.norm(want))
+            if err > 2e-3:
+                print(f"prefill_attn{label} L={length}: relative error {err:.2e} against SDPA")
+            t = time_graph([call], reps=10 if hint else 2, rounds=7 if hint else 3)
+            rows.append(Row(f"prefill_attn{label}", f"L={length} {HEADS}/{KV_HEADS}x{HEAD_DIM}", t * 1e6,
+                            flops / t / 1e12, "TFLOP/s", None, "SDPA", peer * 1e6))
+        del k_cache, v_cache, k_rows, v_rows, sdpa
+    return rows
+
+
+SUITES = {
+    "gemm": bench_gemm, "fusion": bench_fusion, "elementwise": bench_elementwise, "attention": bench_attention,
+    "prefill": bench_prefill,
+}
 
 
 def commit() -> str:

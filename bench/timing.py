@@ -75,6 +75,34 @@ def time_eager(calls: Sequence[Callable[[], None]], reps: int = 50, rounds: int 
     return median(times) / 1e3 / reps
 
 
+def time_torch_graph(calls: Sequence[Callable[[], None]], reps: int = 50, rounds: int = 7) -> float:
+    """Median seconds per call of ``calls`` (cycled ``reps`` times), captured in one torch CUDA graph
+    (for torch peers such as SDPA; the first call of each runs eagerly first, on a side stream)."""
+    import torch
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(reps):
+            calls[i % len(calls)]()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return median(times) / 1e3 / reps
+
+
 def copy_bandwidth(nbytes: int = 1 << 30) -> float:
     """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
     src = cupy.empty(nbytes, dtype=cupy.uint8)

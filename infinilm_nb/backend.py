@@ -30,6 +30,7 @@ OP_MODULES = {
     "rope": "rope",
     "silu_mul": "activation",
     "linear": "gemm",
+    "linear_silu_mul": "gemm",
     "store_kv": "attention",
     "store_kv_static": "attention",
     "paged_attention": "attention",

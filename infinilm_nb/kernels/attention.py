@@ -8,20 +8,24 @@ sync, so the launch geometry comes from shapes only: one block per (query token,
 partition). A block finds its token's sequence by binary search over ``query_start_loc``, so prefill
 tokens (n > 1, causal, with or without a cached prefix) and decode tokens (n = 1) mix freely in one
 launch. The block serves all ``Hq / Hk`` query heads that read its KV head, so each K/V row is
-loaded once per GQA group. It walks its keys in tiles of ``TILE`` keys:
+loaded once per GQA group.
 
-a. scores: groups of a few lanes (8 from head_dim 64) share a key, each lane a strided slice of
-   the head dim, reduced with warp shuffles; written to shared memory with the key's cache row;
-b. softmax: a warp (part of one, for small tiles) per query head folds the tile into its running
-   (max, sum) state and turns the scores into probabilities;
-c. values: each warp takes a share of the tile's keys, its lanes a strided slice of the head dim,
-   and accumulates ``p * V`` for every head of the group in registers; the warps' sums meet in
-   shared memory once, at the end.
+Inside a block, lane groups stream keys independently: a group of ``LPK`` lanes (16 at head_dim
+128 in float16) owns one key at a time, each lane a 16-byte slice of its K and V rows, and walks
+the keys ``g, g + groups, ...`` of the block's range, ``U`` keys per step with all their K and V
+loads issued before any use. For each key it reduces the dot products with the group's query heads
+(held in registers) by warp shuffles and folds the key into the group's own online-softmax state
+(running max, sum and ``p * V`` accumulators, in registers). No barrier is needed until the end,
+when the groups leave their states in shared memory and the block adds them up, rescaled to its max,
+in a fixed order. Caches that are not 16-byte aligned take the same path with one-element slices.
 
 Without a workspace a block covers a token's whole causal range and writes ``out``. With an
-:class:`AttentionWorkspace` the range is cut into partitions processed by separate blocks (so one
-long decode sequence fills the GPU); each writes its unnormalised partial and (max, sum), and a
+:class:`AttentionWorkspace` the range is cut into partitions processed by separate blocks (so that
+few long decode sequences fill the GPU); each writes its unnormalised partial and (max, sum), and a
 second kernel merges them with the online-softmax rule.
+
+A float16 step that the caller marks as holding prefills (``max_query_len``) runs instead on tensor
+cores, FlashAttention-2 style: :mod:`.attention_prefill`.
 """
 
 from __future__ import annotations
@@ -34,14 +38,24 @@ import numba
 import numpy as np
 from numba import cuda
 
+from . import attention_prefill
 from .common import FLOAT_DTYPES, SIMULATOR, cdiv, check_array, check_same_dtype, compiled, launch_stream, numba_type
+from .vector import element_strides, flat_view, loader, row_grid, storer, vector_width
 
 STORE_THREADS = 256
 HEAD_DIM_MULTIPLE = 8
 MAX_HEAD_DIM = 256
-# Keys per tile, a power of two. The simulator uses small tiles so that tiny test contexts span
-# several of them.
-TILE = 16 if SIMULATOR else 64
+# Partition lengths are multiples of this many keys. The simulator's is small so that tiny test
+# contexts span several partitions.
+KEY_GRAIN = 16 if SIMULATOR else 64
+WARP = 32
+# Warps per attention block (the simulator's are fewer: one Python thread per CUDA thread).
+ATTENTION_WARPS = 2 if SIMULATOR else 4
+# A partition's fixed cost in keys' worth of time (setup, the partial's write and merge), for
+# choosing how far to split a context.
+PARTITION_COST = 32
+MAX_REGISTERS = 128  # per thread: 4 blocks of 128 threads per SM
+SHARED_BYTES = 40 * 1024  # static shared memory an attention block may take (the limit is 48 KB)
 # Default partition length of a workspace made by attention_workspace_shapes.
 PARTITION_KEYS = 256
 FULL_MASK = 0xFFFFFFFF
@@ -52,36 +66,47 @@ INT32 = np.dtype(np.int32)
 # ----------------------------------------------------------------------------------- store_kv
 
 
-def _store_kv_kernel(k, v, k_cache, v_cache, slots, positions, static):
-    """One thread per (token, KV head, element); a negative slot skips its token.
+@functools.lru_cache(maxsize=None)
+def _store_kv_kernel(vec: int, dim: int) -> Callable:
+    """The store kernel moving ``vec`` elements per load and store (8 float16 / 4 float32: 16 bytes),
+    for heads of ``dim`` elements (a constant, so that a thread finds its head without a division loop)."""
+    load, store = loader(vec), storer(vec)
+    chunks = dim // vec
 
-    Paged: ``slots[t]`` is ``block * block_size + offset``. Static (``static != 0``): ``slots[t]`` is
-    the cache row and ``positions[t]`` the offset in it.
-    """
-    heads = k.shape[1]
-    dim = k.shape[2]
-    per_token = heads * dim
-    total = k.shape[0] * per_token
-    block_size = k_cache.shape[1]
-    i = cuda.grid(1)
-    stride = cuda.gridsize(1)
-    while i < total:
-        t = i // per_token
-        r = i - t * per_token
-        h = r // dim
-        d = r - h * dim
-        slot = slots[t]
-        if slot >= 0:
+    def kernel(k, v, k_cache, v_cache, slots, positions, static, heads, block_size, strides):
+        """One thread per (KV head, chunk of ``vec`` elements) of a token, blocks' y over tokens; a
+        negative slot skips its token.
+
+        k, v: flat views from their first element, strided by ``strides`` = (k token, k head, v token,
+        v head) elements; caches: flat ``[blocks * block_size * heads * dim]``. Paged: ``slots[t]`` is
+        ``block * block_size + offset``. Static (``static != 0``): ``slots[t]`` is the cache row and
+        ``positions[t]`` the offset in it.
+        """
+        column = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        if column >= heads * chunks:
+            return
+        h = column // chunks
+        d = (column - h * chunks) * vec
+        blocks = k_cache.shape[0] // (block_size * heads * dim)
+        t = cuda.blockIdx.y
+        while t < slots.shape[0]:
+            # K and V first: their loads need not wait for the slot's
+            kv = load(k, t * strides[0] + h * strides[1] + d)
+            vv = load(v, t * strides[2] + h * strides[3] + d)
+            slot = slots[t]
             if static:
                 block = slot
                 offset = positions[t]
             else:
                 block = slot // block_size
                 offset = slot - block * block_size
-            if block < k_cache.shape[0] and 0 <= offset < block_size:
-                k_cache[block, offset, h, d] = k[t, h, d]
-                v_cache[block, offset, h, d] = v[t, h, d]
-        i += stride
+            if slot >= 0 and block < blocks and 0 <= offset < block_size:
+                at = ((numba.int64(block) * block_size + offset) * heads + h) * dim + d
+                store(k_cache, at, kv)
+                store(v_cache, at, vv)
+            t += cuda.gridDim.y
+
+    return kernel
 
 
 def _check_store(op: str, k: Any, v: Any, k_cache: Any, v_cache: Any) -> None:
@@ -93,16 +118,26 @@ def _check_store(op: str, k: Any, v: Any, k_cache: Any, v_cache: Any) -> None:
     check_same_dtype(op, "k", k, v=v, k_cache=k_cache, v_cache=v_cache)
 
 
-def _launch_store(k: Any, v: Any, k_cache: Any, v_cache: Any, slots: Any, positions: Any, static: int) -> None:
+def _launch_store(
+    op: str, k: Any, v: Any, k_cache: Any, v_cache: Any, slots: Any, positions: Any, static: int
+) -> None:
+    k_flat, v_flat = flat_view(op, "k", k), flat_view(op, "v", v)
     if k.size == 0 or k_cache.size == 0:
         return
+    _, heads, dim = k.shape
+    strides = element_strides(k)[:2] + element_strides(v)[:2]
+    vec = vector_width(k.dtype, (k, v, k_cache, v_cache), (dim,) + strides)
     t = numba_type(k.dtype)
     kernel = compiled(
-        _store_kv_kernel,
-        f"void({t}[:, :, :], {t}[:, :, :], {t}[:, :, :, ::1], {t}[:, :, :, ::1], int32[::1], int32[::1], int32)",
+        _store_kv_kernel(vec, dim),
+        f"void({t}[::1], {t}[::1], {t}[::1], {t}[::1], int32[::1], int32[::1], int32, int64, int32, "
+        "UniTuple(int64, 4))",
     )
-    blocks = min(cdiv(k.size, STORE_THREADS), 65535)
-    kernel[blocks, STORE_THREADS, launch_stream()](k, v, k_cache, v_cache, slots, positions, static)
+    grid, threads = row_grid(k.shape[0], heads * dim // vec, STORE_THREADS)
+    kernel[grid, threads, launch_stream()](
+        k_flat, v_flat, k_cache.reshape(-1), v_cache.reshape(-1), slots, positions, static, heads, k_cache.shape[1],
+        strides,
+    )
 
 
 def store_kv(k: Any, v: Any, k_cache: Any, v_cache: Any, slot_mapping: Any) -> None:
@@ -112,7 +147,7 @@ def store_kv(k: Any, v: Any, k_cache: Any, v_cache: Any, slot_mapping: Any) -> N
     """
     _check_store("store_kv", k, v, k_cache, v_cache)
     check_array("store_kv", "slot_mapping", slot_mapping, (k.shape[0],), (INT32,))
-    _launch_store(k, v, k_cache, v_cache, slot_mapping, slot_mapping, 0)
+    _launch_store("store_kv", k, v, k_cache, v_cache, slot_mapping, slot_mapping, 0)
 
 
 def store_kv_static(k: Any, v: Any, k_cache: Any, v_cache: Any, cache_slots: Any, positions: Any) -> None:
@@ -120,7 +155,7 @@ def store_kv_static(k: Any, v: Any, k_cache: Any, v_cache: Any, cache_slots: Any
     _check_store("store_kv_static", k, v, k_cache, v_cache)
     check_array("store_kv_static", "cache_slots", cache_slots, (k.shape[0],), (INT32,))
     check_array("store_kv_static", "positions", positions, (k.shape[0],), (INT32,))
-    _launch_store(k, v, k_cache, v_cache, cache_slots, positions, 1)
+    _launch_store("store_kv_static", k, v, k_cache, v_cache, cache_slots, positions, 1)
 
 
 # ------------------------------------------------------------------------------- attention
@@ -181,192 +216,187 @@ def _locate(t, query_start_loc, context_lens, capacity):
     return lo, min(key_end, capacity)
 
 
-def _lanes_per_key(head_dim: int) -> int:
-    """Lanes sharing one key in the score phase: 8 from head_dim 64 (a 16-byte fp16 slice each at
-    64), fewer for small heads so that every lane keeps a few elements and reductions stay short."""
-    return 8 if head_dim >= 64 else 4 if head_dim >= 16 else 2
-
-
-def _block_threads(head_dim: int) -> int:
-    """Threads per attention block: one per head-dim element, rounded up to whole warps."""
-    return cdiv(head_dim, 32) * 32
+def _geometry(head_dim: int, group: int, vec: int) -> tuple[int, int, int]:
+    """(lanes per key, elements per lane, keys in flight per lane group) for one head dim, GQA group
+    size and load width: the most lanes per key (at most a warp, a power of two dividing the row's
+    chunks), so each lane keeps few accumulators; fewer keys in flight when the group is large, so
+    that the loaded values, query and accumulators stay in registers."""
+    chunks = head_dim // vec
+    lanes = min(WARP, chunks & -chunks)
+    per_lane = head_dim // lanes
+    held = group * per_lane
+    return lanes, per_lane, 4 if held <= 32 else 2 if held <= 64 else 1
 
 
 @functools.lru_cache(maxsize=None)
-def _attention_kernels(head_dim: int, group: int, tile: int) -> tuple[Callable, Callable]:
-    """The (whole-range, partition) kernel functions for one head dim, GQA group size and tile.
+def _attention_kernels(head_dim: int, group: int, vec: int, warps: int, block_size: int) -> tuple[Callable, Callable]:
+    """The (whole-range, partition) kernel functions for one head dim, GQA group size, load width
+    (8 float16 / 4 float32, or 1), warps per block and cache block size.
 
     The sizes are closure constants, so loops unroll and per-thread arrays stay in registers.
+    Compile them with :func:`_compile_options`.
     """
-    D, G, TK = head_dim, group, tile
-    NT = _block_threads(D)
-    LPK = _lanes_per_key(D)
-    EPL = D // LPK  # head-dim elements per lane in the score phase
-    KPP = NT // LPK  # keys per score pass
-    PASSES = cdiv(TK, KPP)
-    NWARPS = NT // 32
-    SPAN = min(32, TK)  # lanes per head in the softmax phase (TK is a power of two)
-    HPW = 32 // SPAN  # heads per warp in the softmax phase
-    SLICES = TK // SPAN
-    HEAD_ROUNDS = cdiv(G, NWARPS * HPW)
-    EPT = cdiv(D, 32)  # head-dim elements per lane in the value phase
-    WHOLE_WARPS = EPT * 32 == D  # no idle lanes in the value phase
-    KPW = cdiv(TK, NWARPS)  # keys per warp per tile in the value phase
-    ACC_SIZE = G * EPT
-    Q_SIZE = G * D
-    S_SIZE = G * TK
-    STAT_SIZE = 3 * G  # max, sum, rescale factor of each head
+    D, G, VEC, BS = head_dim, group, vec, block_size
+    LPK, EPL, U = _geometry(D, G, VEC)
+    CPL = EPL // VEC  # chunks per lane
+    NT = warps * WARP
+    GROUPS = NT // LPK  # lane groups per block
+    STEP = GROUPS * U  # keys per step of the block
+    ACC = G * EPL
+    BUF = U * EPL
+    SCORES = U * G
+    PARTS = GROUPS * G * D  # shared: each group's accumulators
+    FACTORS = 2 * G  # shared state: the block's max and sum per head, then each group's max (then
+    SUMS = FACTORS + GROUPS * G  # its rescale factor) and sum per head
+    STATE = SUMS + GROUPS * G
+    load = loader(VEC)
 
-    @cuda.jit(device=True)
-    def attend(q, k, v, block_tables, b, t, g, key_start, key_stop, block_size, scale, q_s, s_s, slot_s, stat_s):
-        """Online softmax over keys ``key_start .. key_stop - 1``.
+    @cuda.jit(device=True, fastmath=True)
+    def attend(q, k, v, block_tables, b, t, g, kv_heads, key_start, key_stop, scale, part_s, state_s):
+        """Online softmax over keys ``key_start .. key_stop - 1`` (at least one).
 
-        Leaves each head's unnormalised output in ``q_s[h * D + d]`` and its running max and sum in
-        ``stat_s[h]`` and ``stat_s[G + h]``.
+        Leaves each lane group's unnormalised output in ``part_s[(group * G + h) * D + d]``, its rescale
+        factor to the block's max in ``state_s[FACTORS + group * G + h]``, and the block's max and sum
+        in ``state_s[h]`` and ``state_s[G + h]``: see :func:`combined`.
         """
         tid = cuda.threadIdx.x
-        lane = tid & 31
-        warp = tid >> 5
         li = tid % LPK
         gi = tid // LPK
-        for i in range(tid, Q_SIZE, NT):
-            h = i // D
-            q_s[i] = numba.float32(q[t, g * G + h, i - h * D]) * scale
-        if tid < G:
-            stat_s[tid] = NEG_INF
-            stat_s[G + tid] = 0.0
-        acc = cuda.local.array(ACC_SIZE, numba.float32)  # acc[h * EPT + i]: head h, element lane + 32 i
-        for i in range(ACC_SIZE):
+        qreg = cuda.local.array(ACC, numba.float32)  # [h * EPL + c * VEC + e]: element (c * LPK + li) * VEC + e
+        acc = cuda.local.array(ACC, numba.float32)
+        kbuf = cuda.local.array(BUF, numba.float32)
+        vbuf = cuda.local.array(BUF, numba.float32)
+        score = cuda.local.array(SCORES, numba.float32)
+        top = cuda.local.array(G, numba.float32)
+        total = cuda.local.array(G, numba.float32)
+        for h in range(G):
+            for c in range(CPL):
+                for e in range(VEC):
+                    qreg[h * EPL + c * VEC + e] = numba.float32(q[t, g * G + h, (c * LPK + li) * VEC + e]) * scale
+            top[h] = NEG_INF
+            total[h] = 0.0
+        for i in range(ACC):
             acc[i] = 0.0
-        kreg = cuda.local.array(EPL, numba.float32)
-        cuda.syncthreads()
-        for tile_start in range(key_start, key_stop, TK):
-            # a. scores of this tile's keys for every head of the group
-            for ps in range(PASSES):
-                jj = ps * KPP + gi
-                j = tile_start + jj
-                jc = min(j, key_stop - 1)  # keys past the range load a valid row and score -inf
-                logical = jc // block_size
-                slot = block_tables[b, logical] * block_size + (jc - logical * block_size)
-                for e in range(EPL):
-                    kreg[e] = numba.float32(k[slot, g, e * LPK + li])
+        for base in range(key_start, key_stop, STEP):
+            # all the step's K and V loads first; keys past the range load the last valid row
+            for u in range(U):
+                j = min(base + u * GROUPS + gi, key_stop - 1)
+                logical = j // BS
+                slot = block_tables[b, logical] * BS + (j - logical * BS)
+                row = (numba.int64(slot) * kv_heads + g) * D
+                for c in range(CPL):
+                    at = row + (c * LPK + li) * VEC
+                    kv = load(k, at)
+                    vv = load(v, at)
+                    for e in range(VEC):
+                        kbuf[u * EPL + c * VEC + e] = numba.float32(kv[e])
+                        vbuf[u * EPL + c * VEC + e] = numba.float32(vv[e])
+            for u in range(U):
+                live = base + u * GROUPS + gi < key_stop
                 for h in range(G):
                     part = numba.float32(0.0)
-                    for e in range(EPL):
-                        part += q_s[h * D + e * LPK + li] * kreg[e]
+                    for i in range(EPL):
+                        part += qreg[h * EPL + i] * kbuf[u * EPL + i]
                     off = LPK // 2
                     while off > 0:
                         part += cuda.shfl_xor_sync(FULL_MASK, part, off)
                         off //= 2
-                    if li == 0 and jj < TK:
-                        s_s[h * TK + jj] = part if j < key_stop else NEG_INF
-                if li == 0 and jj < TK:
-                    slot_s[jj] = slot
-            cuda.syncthreads()
-            # b. fold the tile into each head's running max and sum; scores become probabilities
-            for r in range(HEAD_ROUNDS):
-                h = (r * NWARPS + warp) * HPW + lane // SPAN
-                sl = lane % SPAN
-                live = h < G
-                tile_max = NEG_INF
-                for c in range(SLICES):
-                    if live:
-                        tile_max = max(tile_max, s_s[h * TK + c * SPAN + sl])
-                off = SPAN // 2
-                while off > 0:
-                    tile_max = max(tile_max, cuda.shfl_xor_sync(FULL_MASK, tile_max, off))
-                    off //= 2
-                old_max = NEG_INF
-                if live:
-                    old_max = stat_s[h]
-                new_max = max(old_max, tile_max)
-                total = numba.float32(0.0)
-                for c in range(SLICES):
-                    if live:
-                        at = h * TK + c * SPAN + sl
-                        p = math.exp(s_s[at] - new_max)
-                        s_s[at] = p
-                        total += p
-                off = SPAN // 2
-                while off > 0:
-                    total += cuda.shfl_xor_sync(FULL_MASK, total, off)
-                    off //= 2
-                if live and sl == 0:
-                    alpha = math.exp(old_max - new_max)
-                    stat_s[h] = new_max
-                    stat_s[G + h] = stat_s[G + h] * alpha + total
-                    stat_s[2 * G + h] = alpha
-            cuda.syncthreads()
-            # c. rescale and accumulate p * V: each warp a share of the keys, lanes over the head dim
+                    score[u * G + h] = part if live else NEG_INF
             for h in range(G):
-                alpha = stat_s[2 * G + h]
-                for i in range(EPT):
-                    acc[h * EPT + i] *= alpha
-            for kk in range(KPW):
-                jj = kk * NWARPS + warp
-                if jj < TK:
-                    slot = slot_s[jj]
-                    for i in range(EPT):
-                        d = lane + 32 * i
-                        if WHOLE_WARPS or d < D:
-                            value = numba.float32(v[slot, g, d])
-                            for h in range(G):
-                                acc[h * EPT + i] += s_s[h * TK + jj] * value
-            cuda.syncthreads()
-        # sum the warps' accumulators into q_s, one warp after the other (a fixed order)
-        for w in range(NWARPS):
-            if warp == w:
-                for h in range(G):
-                    for i in range(EPT):
-                        d = lane + 32 * i
-                        if WHOLE_WARPS or d < D:
-                            if w == 0:
-                                q_s[h * D + d] = acc[h * EPT + i]
-                            else:
-                                q_s[h * D + d] += acc[h * EPT + i]
-            cuda.syncthreads()
+                new_top = top[h]
+                for u in range(U):
+                    new_top = max(new_top, score[u * G + h])
+                if new_top != NEG_INF:  # else the group has seen no key yet: nothing to fold
+                    if new_top != top[h]:  # rescale only when the max moved (rarely, once warmed up)
+                        alpha = math.exp(top[h] - new_top)
+                        total[h] *= alpha
+                        for i in range(EPL):
+                            acc[h * EPL + i] *= alpha
+                    for u in range(U):
+                        p = math.exp(score[u * G + h] - new_top)
+                        total[h] += p
+                        for i in range(EPL):
+                            acc[h * EPL + i] += p * vbuf[u * EPL + i]
+                    top[h] = new_top
+        for h in range(G):
+            if li == 0:
+                state_s[FACTORS + gi * G + h] = top[h]
+                state_s[SUMS + gi * G + h] = total[h]
+            for c in range(CPL):
+                for e in range(VEC):
+                    part_s[(gi * G + h) * D + (c * LPK + li) * VEC + e] = acc[h * EPL + c * VEC + e]
+        cuda.syncthreads()
+        if tid < G:  # one thread per head: the block's max and sum, and each group's rescale factor
+            block_top = NEG_INF
+            for w in range(GROUPS):
+                block_top = max(block_top, state_s[FACTORS + w * G + tid])
+            block_total = numba.float32(0.0)
+            for w in range(GROUPS):
+                factor = numba.float32(0.0)
+                if state_s[FACTORS + w * G + tid] != NEG_INF:
+                    factor = math.exp(state_s[FACTORS + w * G + tid] - block_top)
+                block_total += state_s[SUMS + w * G + tid] * factor
+                state_s[FACTORS + w * G + tid] = factor
+            state_s[tid] = block_top
+            state_s[G + tid] = block_total
+        cuda.syncthreads()
 
-    def whole_range(q, k, v, block_tables, context_lens, query_start_loc, block_size, scale, out):
+    @cuda.jit(device=True)
+    def combined(part_s, state_s, i):
+        """Element ``i = h * D + d`` of the block's unnormalised output: the groups' parts, rescaled
+        and added in a fixed order."""
+        h = i // D
+        value = numba.float32(0.0)
+        for w in range(GROUPS):
+            value += part_s[w * G * D + i] * state_s[FACTORS + w * G + h]
+        return value
+
+    def whole_range(q, k, v, block_tables, context_lens, query_start_loc, kv_heads, scale, out):
         """One block per (token, KV head): the token's whole causal range, normalised into out."""
         t = cuda.blockIdx.x
         g = cuda.blockIdx.y
-        b, key_end = _locate(t, query_start_loc, context_lens, block_tables.shape[1] * block_size)
+        b, key_end = _locate(t, query_start_loc, context_lens, block_tables.shape[1] * BS)
         if key_end <= 0:
             return
-        q_s = cuda.shared.array(Q_SIZE, numba.float32)
-        s_s = cuda.shared.array(S_SIZE, numba.float32)
-        slot_s = cuda.shared.array(TK, numba.int32)
-        stat_s = cuda.shared.array(STAT_SIZE, numba.float32)
-        attend(q, k, v, block_tables, b, t, g, 0, key_end, block_size, scale, q_s, s_s, slot_s, stat_s)
-        tid = cuda.threadIdx.x
-        if tid < D:
-            for h in range(G):
-                out[t, g * G + h, tid] = q_s[h * D + tid] / stat_s[G + h]
+        part_s = cuda.shared.array(PARTS, numba.float32)
+        state_s = cuda.shared.array(STATE, numba.float32)
+        attend(q, k, v, block_tables, b, t, g, kv_heads, 0, key_end, scale, part_s, state_s)
+        for i in range(cuda.threadIdx.x, G * D, NT):
+            h = i // D
+            out[t, g * G + h, i - h * D] = combined(part_s, state_s, i) / state_s[G + h]
 
-    def partition(q, k, v, block_tables, context_lens, query_start_loc, block_size, scale, part_keys, stats, partials):
+    def partition(
+        q, k, v, block_tables, context_lens, query_start_loc, kv_heads, scale, part_keys, stats, partials
+    ):
         """One block per (token, KV head, partition): an unnormalised partial and its (max, sum)."""
         t = cuda.blockIdx.x
         g = cuda.blockIdx.y
         p = cuda.blockIdx.z
-        b, key_end = _locate(t, query_start_loc, context_lens, block_tables.shape[1] * block_size)
+        b, key_end = _locate(t, query_start_loc, context_lens, block_tables.shape[1] * BS)
         key_start = p * part_keys
         if key_start >= key_end:
             return
         key_stop = min(key_end, key_start + part_keys)
-        q_s = cuda.shared.array(Q_SIZE, numba.float32)
-        s_s = cuda.shared.array(S_SIZE, numba.float32)
-        slot_s = cuda.shared.array(TK, numba.int32)
-        stat_s = cuda.shared.array(STAT_SIZE, numba.float32)
-        attend(q, k, v, block_tables, b, t, g, key_start, key_stop, block_size, scale, q_s, s_s, slot_s, stat_s)
+        part_s = cuda.shared.array(PARTS, numba.float32)
+        state_s = cuda.shared.array(STATE, numba.float32)
+        attend(q, k, v, block_tables, b, t, g, kv_heads, key_start, key_stop, scale, part_s, state_s)
         tid = cuda.threadIdx.x
-        if tid < D:
-            for h in range(G):
-                partials[t, g * G + h, p, tid] = q_s[h * D + tid]
+        for i in range(tid, G * D, NT):
+            h = i // D
+            partials[t, g * G + h, p, i - h * D] = combined(part_s, state_s, i)
         if tid < G:
-            stats[0, t, g * G + tid, p] = stat_s[tid]
-            stats[1, t, g * G + tid, p] = stat_s[G + tid]
+            stats[0, t, g * G + tid, p] = state_s[tid]
+            stats[1, t, g * G + tid, p] = state_s[G + tid]
 
     return whole_range, partition
+
+
+def _warps(head_dim: int, group: int, vec: int) -> int:
+    """Warps per attention block: ``ATTENTION_WARPS``, fewer where the groups' parts would not fit
+    in the static shared memory."""
+    lanes, _, _ = _geometry(head_dim, group, vec)
+    per_warp = (WARP // lanes) * group * head_dim * 4
+    return max(1, min(ATTENTION_WARPS, SHARED_BYTES // per_warp))
 
 
 def _merge_kernel(context_lens, query_start_loc, capacity, part_keys, stats, partials, out):
@@ -394,6 +424,7 @@ def _merge_kernel(context_lens, query_start_loc, capacity, part_keys, stats, par
 def _attention(
     op: str, q: Any, k_cache: Any, v_cache: Any, block_tables: Any, context_lens: Any,
     query_start_loc: Any, scale: float, out: Any, workspace: AttentionWorkspace | None,
+    max_query_len: int | None = None,
 ) -> Any:
     """Shared body of paged_attention / static_attention (block_tables already ``[B, blocks]``)."""
     check_array(op, "q", q, (None, None, None), FLOAT_DTYPES, contiguous=False)
@@ -421,26 +452,36 @@ def _attention(
             max_parts = min(parts, 65535)  # the grid's z limit
     if tokens == 0 or num_seqs == 0 or k_cache.size == 0:
         return out
+    static = op == "static_attention"
+    if attention_prefill.usable(q, k_cache, v_cache, block_size, static, max_query_len):
+        attention_prefill.prefill_attention(
+            q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale, out, static
+        )
+        return out
     capacity = block_tables.shape[1] * block_size
-    whole_range, partition = _attention_kernels(dim, q_heads // kv_heads, TILE)
+    vec = vector_width(k_cache.dtype, (k_cache, v_cache))
+    group = q_heads // kv_heads
+    warps = _warps(dim, group, vec)
+    whole_range, partition = _attention_kernels(dim, group, vec, warps, block_size)
     t = numba_type(q.dtype)
-    # flat cache rows (views): the kernels address a key by its slot, block * block_size + offset
-    k_rows = k_cache.reshape(num_blocks * block_size, kv_heads, dim)
-    v_rows = v_cache.reshape(num_blocks * block_size, kv_heads, dim)
-    args = (q, k_rows, v_rows, block_tables, context_lens, query_start_loc, block_size, scale)
-    signature = (
-        f"{t}[:, :, :], {t}[:, :, ::1], {t}[:, :, ::1], int32[:, ::1], int32[::1], int32[::1], int32, float32"
-    )
-    threads = _block_threads(dim)
+    # flat caches: the kernels address a key's row by its slot, block * block_size + offset
+    args = (q, k_cache.reshape(-1), v_cache.reshape(-1), block_tables, context_lens, query_start_loc, kv_heads, scale)
+    signature = f"{t}[:, :, :], {t}[::1], {t}[::1], int32[:, ::1], int32[::1], int32[::1], int64, float32"
+    threads = warps * WARP
     stream = launch_stream()
-    part_keys = TILE * cdiv(cdiv(capacity, TILE), max_parts)
+    options = _compile_options(dim, group, vec)
+    whole = compiled(whole_range, f"void({signature}, {t}[:, :, :])", **options)
+    split = None
+    if max_parts > 1:
+        split_signature = f"void({signature}, int32, float32[:, :, :, ::1], float32[:, :, :, ::1])"
+        split = compiled(partition, split_signature, **options)
+    parts = _partitions(tokens * kv_heads, capacity, max_parts, whole, split, threads)
+    part_keys = KEY_GRAIN * cdiv(cdiv(capacity, KEY_GRAIN), parts)
     if part_keys >= capacity:
-        kernel = compiled(whole_range, f"void({signature}, {t}[:, :, :])")
-        kernel[(tokens, kv_heads), threads, stream](*args, out)
+        whole[(tokens, kv_heads), threads, stream](*args, out)
         return out
     parts = cdiv(capacity, part_keys)
-    kernel = compiled(partition, f"void({signature}, int32, float32[:, :, :, ::1], float32[:, :, :, ::1])")
-    kernel[(tokens, kv_heads, parts), threads, stream](*args, part_keys, workspace.stats, workspace.partials)
+    split[(tokens, kv_heads, parts), threads, stream](*args, part_keys, workspace.stats, workspace.partials)
     merge = compiled(
         _merge_kernel,
         f"void(int32[::1], int32[::1], int64, int32, float32[:, :, :, ::1], float32[:, :, :, ::1], {t}[:, :, :])",
@@ -449,24 +490,73 @@ def _attention(
     return out
 
 
+def _compile_options(head_dim: int, group: int, vec: int) -> dict[str, Any]:
+    """Fast math (``exp`` is one ``ex2.approx``: the softmax needs no more) and, on the GPU, a cap of
+    ``MAX_REGISTERS`` where a lane holds little: NVVM otherwise takes a few registers more than that,
+    which costs a resident block per SM (measured: 145 registers, 3 blocks, against 128 and 4)."""
+    _, per_lane, _ = _geometry(head_dim, group, vec)
+    if SIMULATOR or group * per_lane > 32:
+        return {"fastmath": True}
+    return {"fastmath": True, "max_registers": MAX_REGISTERS}
+
+
+def _partitions(blocks: int, keys: int, most: int, whole: Any, split: Any, threads: int) -> int:
+    """How many partitions to cut each token's ``keys`` into, at most ``most``, for ``blocks``
+    (token, KV head) pairs: the count with the least estimated time, counting whole waves of
+    resident blocks (a last wave a third full costs a whole one) and a partition's fixed cost
+    (``PARTITION_COST`` keys: its setup, its partial's write and merge). The simulator takes every
+    partition, so that tiny test contexts still split."""
+    if SIMULATOR or most <= 1:
+        return most
+
+    def cost(parts: int) -> int:
+        wave = _resident_blocks(whole if parts == 1 else split, threads)
+        return cdiv(blocks * parts, wave) * (cdiv(keys, parts) + (PARTITION_COST if parts > 1 else 0))
+
+    return min(range(1, most + 1), key=cost)
+
+
+_resident: dict[Any, int] = {}
+
+
+def _resident_blocks(kernel: Any, threads: int) -> int:
+    """Blocks of ``kernel`` (compiled for one signature) that the whole GPU holds at once."""
+    if kernel not in _resident:
+        device = cuda.get_current_device()
+        regs, shared = kernel.get_regs_per_thread(), kernel.get_shared_mem_per_block()
+        regs = max(regs.values()) if isinstance(regs, dict) else regs
+        shared = max(shared.values()) if isinstance(shared, dict) else shared
+        per_sm = min(
+            device.MAX_BLOCKS_PER_MULTIPROCESSOR,
+            device.MAX_THREADS_PER_MULTIPROCESSOR // threads,
+            device.MAX_REGISTERS_PER_MULTIPROCESSOR // (cdiv(max(regs, 1), 8) * 8 * threads),
+            device.MAX_SHARED_MEMORY_PER_MULTIPROCESSOR // (shared + 1024),  # 1 KB per block is the runtime's
+        )
+        _resident[kernel] = max(1, per_sm) * device.MULTIPROCESSOR_COUNT
+    return _resident[kernel]
+
+
 def paged_attention(
     q: Any, k_cache: Any, v_cache: Any, block_tables: Any, context_lens: Any, query_start_loc: Any,
-    scale: float, out: Any, workspace: AttentionWorkspace | None = None,
+    scale: float, out: Any, workspace: AttentionWorkspace | None = None, max_query_len: int | None = None,
 ) -> Any:
     """Causal attention of a flattened prefill/decode batch over a paged KV cache.
 
     See :func:`reference.paged_attention`. q and out may be strided views (unit stride along the head
     dim). ``workspace`` (optional, see :class:`AttentionWorkspace`) splits each token's context over
-    several blocks, which a decode step with few sequences needs to fill the GPU.
+    several blocks, which a decode step with few sequences needs to fill the GPU. ``max_query_len``
+    (optional, the host's longest ``n`` of the step): from ``attention_prefill.MIN_QUERIES`` on, a
+    float16 step runs on tensor cores (:mod:`.attention_prefill`); unknown, it never does.
     """
     return _attention(
-        "paged_attention", q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale, out, workspace
+        "paged_attention", q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale, out, workspace,
+        max_query_len,
     )
 
 
 def static_attention(
     q: Any, k_cache: Any, v_cache: Any, cache_slots: Any, context_lens: Any, query_start_loc: Any,
-    scale: float, out: Any, workspace: AttentionWorkspace | None = None,
+    scale: float, out: Any, workspace: AttentionWorkspace | None = None, max_query_len: int | None = None,
 ) -> Any:
     """:func:`paged_attention` over a static cache ``[num_slots, max_len, Hk, D]``.
 
@@ -477,5 +567,5 @@ def static_attention(
     check_array("static_attention", "cache_slots", cache_slots, (context_lens.shape[0],), (INT32,))
     return _attention(
         "static_attention", q, k_cache, v_cache, cache_slots.reshape(-1, 1), context_lens, query_start_loc,
-        scale, out, workspace,
+        scale, out, workspace, max_query_len,
     )

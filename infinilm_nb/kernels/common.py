@@ -7,12 +7,17 @@ argument, the expected and the given shape / dtype. They launch on CuPy's curren
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Sequence
 
 import numpy as np
 from numba import config, cuda
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)
+# The tensor-core paths (the mma decode GEMM, the prefill GEMM and prefill attention) compile and pass
+# in the simulator with stand-in intrinsics but have not yet passed on a GPU: they stay off unless
+# INFINILM_NB_TENSOR_CORES=1. The GPU kernel tests turn them on (tests/kernels/conftest.py).
+TENSOR_CORES = not SIMULATOR and os.environ.get("INFINILM_NB_TENSOR_CORES", "0") == "1"
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
 
 

@@ -1,36 +1,68 @@
 """Embedding gather over a vocab-parallel shard: ``out[t] = weight[ids[t] - vocab_start]`` or zeros.
 
-Threads run along the hidden axis (coalesced row copies); the grid's y axis walks the tokens.
+One thread per 16-byte chunk of two tokens' output rows (8 float16 or 4 float32; the grid's y axis
+walks the token pairs): two 16-byte loads from the weight rows, both in flight before the two
+16-byte stores; a warp copies 512 contiguous bytes a row. When the hidden size or a pointer is not
+16-byte aligned the same kernel is built with ``vec`` = 1 (plain element copies).
 """
 
 from __future__ import annotations
 
+import functools
 import operator
-from typing import Any
+from typing import Any, Callable
 
 import numba
 import numpy as np
 from numba import cuda
 
 from .common import FLOAT_DTYPES, cdiv, check_array, check_same_dtype, compiled, launch_stream, numba_type
+from .vector import inline_device, loader, packer, row_grid, storer, vector_width
 
 THREADS = 256
-MAX_GRID_Y = 65535
 
 
-def _embedding_kernel(ids, weight, vocab_start, out):
-    hidden = out.shape[1]
-    column = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
-    if column >= hidden:
-        return
-    t = cuda.blockIdx.y
-    while t < out.shape[0]:
+@functools.lru_cache(maxsize=None)
+def _embedding_kernel(vec: int) -> Callable:
+    """The kernel ``(ids, weight, vocab_start, out, hidden)`` over flat weight / out, ``vec`` elements a copy."""
+    load, store, pack = loader(vec), storer(vec), packer(vec)
+
+    @inline_device
+    def source(ids, t, vocab_start, rows, hidden, c):
+        """Where token ``t``'s chunk comes from in the flat weight: its row's, or -1 (a zero chunk)."""
         local = numba.int64(ids[t]) - vocab_start
-        if local >= 0 and local < weight.shape[0]:
-            out[t, column] = weight[local, column]
-        else:
-            out[t, column] = 0
-        t += cuda.gridDim.y
+        return local * hidden + c if local >= 0 and local < rows else numba.int64(-1)
+
+    def kernel(ids, weight, vocab_start, out, hidden):
+        """Two tokens a thread (``t`` and ``t + gridDim.y``), both loads in flight before the stores."""
+        c = (cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x) * vec
+        if c >= hidden:
+            return
+        rows = weight.shape[0] // hidden
+        zeros = cuda.local.array(vec, numba.float32)
+        for e in range(vec):
+            zeros[e] = 0.0
+        tokens = ids.shape[0]
+        t = cuda.blockIdx.y
+        while t < tokens:
+            u = t + cuda.gridDim.y
+            first = source(ids, t, vocab_start, rows, hidden, c)
+            second = source(ids, min(u, tokens - 1), vocab_start, rows, hidden, c)
+            # both loads before either store (which the compiler must assume may alias them)
+            a = load(weight, max(first, 0))
+            b = load(weight, max(second, 0))
+            if first >= 0:
+                store(out, t * hidden + c, a)
+            else:
+                store(out, t * hidden + c, pack(zeros, 0))
+            if u < tokens:
+                if second >= 0:
+                    store(out, u * hidden + c, b)
+                else:
+                    store(out, u * hidden + c, pack(zeros, 0))
+            t += 2 * cuda.gridDim.y
+
+    return kernel
 
 
 def embedding(ids: Any, weight: Any, out: Any, vocab_start: int = 0) -> Any:
@@ -48,10 +80,13 @@ def embedding(ids: Any, weight: Any, out: Any, vocab_start: int = 0) -> Any:
         raise ValueError(f"embedding: vocab_start must be an integer, got {type(vocab_start).__name__}") from None
     if out.size == 0:
         return out
+    vec = vector_width(weight.dtype, (weight, out), (weight.shape[1],))
     t = numba_type(weight.dtype)
-    kernel = compiled(_embedding_kernel, f"void(int32[::1], {t}[:, ::1], int64, {t}[:, ::1])")
-    hidden = out.shape[1]
-    threads = min(THREADS, cdiv(hidden, 32) * 32)
-    grid = (cdiv(hidden, threads), min(out.shape[0], MAX_GRID_Y))
-    kernel[grid, threads, launch_stream()](ids, weight, vocab_start, out)
+    kernel = compiled(_embedding_kernel(vec), f"void(int32[::1], {t}[::1], int64, {t}[::1], int64)")
+    hidden = weight.shape[1]
+    if weight.shape[0] == 0:  # an empty shard: every row is another rank's (and the kernel loads row 0)
+        out.fill(0)
+        return out
+    grid, threads = row_grid(cdiv(ids.shape[0], 2), hidden // vec, THREADS)
+    kernel[grid, threads, launch_stream()](ids, weight.reshape(-1), vocab_start, out.reshape(-1), hidden)
     return out

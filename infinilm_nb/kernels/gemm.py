@@ -19,6 +19,13 @@ Both kernels read ``x`` and ``weight`` with 16-byte loads when K is a multiple o
 and both data pointers are 16-byte aligned, and with plain element loads otherwise. Kernels see
 flat 1-D views, so an element is addressed as ``row * K + k``; rows past M or N are clamped to the
 last row for loading and never stored.
+
+On the GPU, float16 operands with K % 8 == 0 and 16-byte aligned x and weight run on tensor cores
+instead (:func:`_launch`): :mod:`.gemm_mma` for decode, :mod:`.gemm_tc` for prefill (M >= 64).
+
+``linear_silu_mul`` is the gate-up projection with SwiGLU in the epilogue: every kernel has a
+``fused`` variant whose block loads gate row n with up row n + N and writes ``silu(gate) * up``, so
+the ``[M, 2I]`` product never goes to memory.
 """
 
 from __future__ import annotations
@@ -29,10 +36,20 @@ from typing import Any, Callable
 import numpy as np
 from numba import cuda, float32
 
-from .common import FLOAT_DTYPES, cdiv, check_array, check_same_dtype, compiled, launch_stream, numba_type
+from .common import FLOAT_DTYPES, TENSOR_CORES, cdiv, check_array, check_same_dtype, compiled, launch_stream, numba_type
+from . import gemm_tc
+from .gemm_mma import MmaConfig, mma_kernel, silu
+from .gemm_tc import TcConfig, tc_config, tc_kernel
 from .intrinsics import VECTOR_WIDTH, aligned16, load_f16x8, load_f32x4
 
 WARP = 32
+
+# float16 decode with K % 8 == 0 and 16-byte aligned operands runs on tensor cores (:mod:`.gemm_mma`)
+# when common.TENSOR_CORES is on; the simulator cannot run inline PTX, so it keeps the kernels below.
+USE_MMA = TENSOR_CORES
+MMA_MAX_M = 32
+WIDE_N = 16384  # weight rows from which the wide-output variants pay (gate-up, lm_head)
+LONG_K = 8192  # K from which fewer, longer K slices pay (down)
 
 DECODE_MAX_M = 32
 DECODE_GROUPS = (1, 2, 4, 8)
@@ -65,9 +82,14 @@ def _loader(vec: int) -> Callable:
 
 
 @lru_cache(maxsize=None)
-def _decode_kernel(group: int, vec: int) -> Callable:
-    """The decode kernel taking rows of x ``group`` at a time, loading ``vec`` elements at a time."""
+def _decode_kernel(group: int, vec: int, fused: bool = False) -> Callable:
+    """The decode kernel taking rows of x ``group`` at a time, loading ``vec`` elements at a time.
+
+    ``fused``: weight is ``[gate | up]`` (2N rows); half of a block's rows are gate rows, the other
+    half the matching up rows, and it writes ``silu(gate) * up``.
+    """
     rows = DECODE_ROWS[group]
+    outs = rows // 2 if fused else rows  # output columns per block
     sums = group * rows
     chunk_values = rows * vec  # numba needs local array sizes as plain constants, not expressions
     load = _loader(vec)
@@ -75,7 +97,7 @@ def _decode_kernel(group: int, vec: int) -> Callable:
     def kernel(x, weight, bias, residual, out, M, N, K, has_bias, has_residual):
         tid = cuda.threadIdx.x
         threads = cuda.blockDim.x
-        n0 = cuda.blockIdx.x * rows
+        n0 = cuda.blockIdx.x * outs
         acc = cuda.local.array(sums, float32)  # acc[g * rows + r]: x row m0 + g, output row n0 + r
         w = cuda.local.array(chunk_values, float32)
         partial = cuda.shared.array((sums, PARTIAL_COLUMNS), float32)
@@ -88,7 +110,8 @@ def _decode_kernel(group: int, vec: int) -> Callable:
                 k = chunk * vec
                 for r in range(rows):
                     # rows past N (last block) re-read row N - 1; their sums are never stored
-                    wv = load(weight, min(n0 + r, N - 1) * K + k)
+                    row = min(n0 + r % outs, N - 1) + (N if r >= outs else 0)
+                    wv = load(weight, row * K + k)
                     for j in range(vec):
                         w[r * vec + j] = float32(wv[j])
                 for g in range(group):
@@ -104,14 +127,20 @@ def _decode_kernel(group: int, vec: int) -> Callable:
             for i in range(sums):
                 partial[i, tid] = acc[i]
             cuda.syncthreads()
-            if tid < ms * rows:
-                g = tid // rows
+            if tid < ms * outs:
+                g = tid // outs
                 m = m0 + g
-                n = n0 + tid - g * rows
+                i = g * rows + tid - g * outs
+                n = n0 + tid - g * outs
                 if n < N:
                     total = float32(0)
                     for t in range(threads):
-                        total += partial[tid, t]
+                        total += partial[i, t]
+                    if fused:
+                        up = float32(0)
+                        for t in range(threads):
+                            up += partial[i + outs, t]
+                        total = silu(total) * up
                     if has_bias:
                         total += float32(bias[n])
                     if has_residual:
@@ -123,9 +152,15 @@ def _decode_kernel(group: int, vec: int) -> Callable:
 
 
 @lru_cache(maxsize=None)
-def _tiled_kernel(vec: int) -> Callable:
-    """The tiled kernel, loading ``vec`` elements of x and weight at a time."""
+def _tiled_kernel(vec: int, fused: bool = False) -> Callable:
+    """The tiled kernel, loading ``vec`` elements of x and weight at a time.
+
+    ``fused``: a block's 64 weight rows are 32 gate rows and their 32 up rows; thread column ``j``
+    (gate) pairs with column ``j + MICRO_N / 2`` (up), 32 columns on.
+    """
     load = _loader(vec)
+    outs = TILE_N // 2 if fused else TILE_N  # output columns per block
+    micro_out = MICRO_N // 2 if fused else MICRO_N
     loads = TILE_M * TILE_K // (TILE_THREADS * vec)  # loads per thread per operand and K step
 
     def kernel(x, weight, bias, residual, out, M, N, K, has_bias, has_residual):
@@ -133,7 +168,7 @@ def _tiled_kernel(vec: int) -> Callable:
         tn = tid % THREADS_N
         tm = tid // THREADS_N
         m0 = cuda.blockIdx.y * TILE_M
-        n0 = cuda.blockIdx.x * TILE_N
+        n0 = cuda.blockIdx.x * outs
         xs = cuda.shared.array(X_TILE, float32)
         ws = cuda.shared.array(W_TILE, float32)
         acc = cuda.local.array(MICRO, float32)
@@ -152,7 +187,8 @@ def _tiled_kernel(vec: int) -> Callable:
                 inside = k0 + kk < K
                 k = min(k0 + kk, K - vec)
                 xv = load(x, min(m0 + row, M - 1) * K + k)
-                wv = load(weight, min(n0 + row, N - 1) * K + k)
+                w_row = min(n0 + row % outs, N - 1) + (N if row >= outs else 0)
+                wv = load(weight, w_row * K + k)
                 for j in range(vec):
                     xs[kk + j, row] = float32(xv[j]) if inside else float32(0)
                     ws[kk + j, row] = float32(wv[j]) if inside else float32(0)
@@ -167,15 +203,17 @@ def _tiled_kernel(vec: int) -> Callable:
                         acc[i * MICRO_N + j] += a[i] * b[j]
             cuda.syncthreads()
 
-        for j in range(MICRO_N):
+        for j in range(micro_out):
             n = n0 + tn + j * THREADS_N
             b[j] = float32(bias[n]) if has_bias and n < N else float32(0)
         for i in range(MICRO_M):
             m = m0 + tm + i * THREADS_M
-            for j in range(MICRO_N):
+            for j in range(micro_out):
                 n = n0 + tn + j * THREADS_N
                 if m < M and n < N:
                     total = acc[i * MICRO_N + j] + b[j]
+                    if fused:
+                        total = silu(total) * acc[i * MICRO_N + j + micro_out]
                     if has_residual:
                         total += float32(residual[m * N + n])
                     out[m * N + n] = total
@@ -194,54 +232,136 @@ def _group(m: int) -> int:
     return next((g for g in DECODE_GROUPS if m <= g), DECODE_GROUPS[-1])
 
 
+def mma_config(M: int, N: int, K: int, fused: bool = False) -> MmaConfig:
+    """The tensor-core variant for an ``[M, K] x [K, N]`` product (N: output columns).
+
+    Chosen by sweeping :mod:`bench.gemm_sweep` over Llama-3-8B shapes on an H200 and an H100 (the
+    same choices won on both). Up to 8 rows of x, one 16-row tile per warp and 16 warps on K keep
+    the most bytes in flight; more rows of x make each weight load feed more mma, so warps take
+    fewer K slices (x traffic) and, for wide outputs, two W tiles or four warps on neighbouring rows
+    that share x through L1. Fused gate-up needs two W tiles per warp (gate and up).
+    """
+    tiles_x = cdiv(M, 8)
+    rows = 2 * N if fused else N
+    if fused or rows >= WIDE_N:
+        shapes = {1: (2, 1, 8, 1), 2: (2, 1, 4, 1)}
+        tiles_w, warps_n, warps_k, unroll = shapes.get(tiles_x, (2, 4, 2, 1))
+    elif tiles_x == 1:
+        tiles_w, warps_n, warps_k, unroll = 1, 1, 16, 1
+    elif tiles_x == 2:
+        tiles_w, warps_n, warps_k, unroll = (1, 1, 16, 2) if N <= 4096 or K >= LONG_K else (1, 1, 8, 2)
+    else:
+        tiles_w, warps_n, warps_k, unroll = (1, 1, 16, 1) if K >= LONG_K else (1, 1, 8, 2)
+    return MmaConfig(tiles_w, tiles_x, warps_n, warps_k, unroll, fused)
+
+
+def _flat_args(x: Any, weight: Any, bias: Any, residual: Any, out: Any) -> tuple:
+    """The kernels' arguments: flat arrays (out standing in for absent ones), M, N, K, flags."""
+    flat_out = out.reshape(-1)
+    return (
+        x.reshape(-1),
+        weight.reshape(-1),
+        flat_out if bias is None else bias,
+        flat_out if residual is None else residual.reshape(-1),
+        flat_out,
+        x.shape[0],
+        out.shape[1],
+        x.shape[1],
+        bias is not None,
+        residual is not None,
+    )
+
+
+def launch_mma(config: MmaConfig, x: Any, weight: Any, bias: Any, residual: Any, out: Any) -> None:
+    """Launch tensor-core variant ``config`` on checked float16 operands (K % 8 == 0, 16-byte aligned)."""
+    kernel = compiled(mma_kernel(config), kernel_signature(np.float16))
+    grid = cdiv(out.shape[1], config.outputs_per_block)
+    kernel[grid, config.threads, launch_stream()](*_flat_args(x, weight, bias, residual, out))
+
+
+def launch_tc(config: TcConfig, x: Any, weight: Any, bias: Any, residual: Any, out: Any) -> None:
+    """Launch tensor-core prefill variant ``config`` on checked float16 operands (K % 8 == 0, 16-byte aligned)."""
+    kernel = compiled(tc_kernel(config), kernel_signature(np.float16))
+    grid = cdiv(out.shape[1], config.outputs_n) * cdiv(x.shape[0], config.block_m)
+    kernel[grid, config.threads, launch_stream()](*_flat_args(x, weight, bias, residual, out))
+
+
+def _launch(x: Any, weight: Any, out: Any, bias: Any, residual: Any, fused: bool, mma: bool | None = None) -> None:
+    """Pick the kernel for checked operands and launch it (``mma=False``: CUDA cores only).
+
+    float16 with K % 8 == 0 and 16-byte aligned x and weight runs on tensor cores: decode
+    (M <= MMA_MAX_M) in :mod:`.gemm_mma`, prefill (M >= gemm_tc.MIN_M) in :mod:`.gemm_tc`, both only
+    while common.TENSOR_CORES is on. Everything else, and the simulator, runs on CUDA
+    cores: the decode kernel for M <= DECODE_MAX_M, the tiled kernel above.
+    """
+    mma = USE_MMA if mma is None else mma
+    M, K = x.shape
+    N = out.shape[1]
+    dtype = np.dtype(x.dtype)
+    vec = VECTOR_WIDTH[dtype]
+    if K % vec or not aligned16(x, weight):
+        vec = 1
+    tensor_cores = mma and dtype == np.float16 and vec > 1
+    if tensor_cores and M <= MMA_MAX_M:
+        launch_mma(mma_config(M, N, K, fused), x, weight, bias, residual, out)
+    elif tensor_cores and M >= gemm_tc.MIN_M and gemm_tc.ENABLED:
+        launch_tc(tc_config(M, fused), x, weight, bias, residual, out)
+    elif M <= DECODE_MAX_M:
+        group = _group(M)
+        kernel = compiled(_decode_kernel(group, vec, fused), kernel_signature(dtype))
+        threads = min(DECODE_THREADS, max(WARP, cdiv(K // vec, WARP) * WARP))
+        outs = DECODE_ROWS[group] // (2 if fused else 1)
+        kernel[cdiv(N, outs), threads, launch_stream()](*_flat_args(x, weight, bias, residual, out))
+    else:
+        kernel = compiled(_tiled_kernel(vec, fused), kernel_signature(dtype))
+        outs = TILE_N // (2 if fused else 1)
+        grid = (cdiv(N, outs), cdiv(M, TILE_M))
+        kernel[grid, TILE_THREADS, launch_stream()](*_flat_args(x, weight, bias, residual, out))
+
+
+def _check_operands(op: str, x: Any, weight: Any) -> tuple[int, int, int]:
+    """Check x ``[M, K]`` and weight ``[rows, K]``; return M, rows, K."""
+    check_array(op, "x", x, (None, None), FLOAT_DTYPES)
+    check_array(op, "weight", weight, (None, None), FLOAT_DTYPES)
+    M, K = x.shape
+    if weight.shape[1] != K:
+        raise ValueError(
+            f"{op}: x {tuple(x.shape)} and weight {tuple(weight.shape)} disagree on K "
+            "(x.shape[1] must equal weight.shape[1])"
+        )
+    return M, weight.shape[0], K
+
+
 def linear(x: Any, weight: Any, out: Any, bias: Any = None, residual: Any = None) -> Any:
     """Launch the fused linear; see :func:`infinilm_nb.kernels.reference.linear`.
 
     x: ``[M, K]``; weight: ``[N, K]``; bias: ``[N]``; residual, out: ``[M, N]`` (out may be
     residual). All C-contiguous and of one dtype (float16 or float32); float32 accumulation.
     """
-    check_array("linear", "x", x, (None, None), FLOAT_DTYPES)
-    check_array("linear", "weight", weight, (None, None), FLOAT_DTYPES)
-    M, K = x.shape
-    N = weight.shape[0]
-    if weight.shape[1] != K:
-        raise ValueError(
-            f"linear: x {tuple(x.shape)} and weight {tuple(weight.shape)} disagree on K "
-            "(x.shape[1] must equal weight.shape[1])"
-        )
+    M, N, _ = _check_operands("linear", x, weight)
     check_array("linear", "out", out, (M, N), FLOAT_DTYPES)
     if bias is not None:
         check_array("linear", "bias", bias, (N,), FLOAT_DTYPES)
     if residual is not None:
         check_array("linear", "residual", residual, (M, N), FLOAT_DTYPES)
     check_same_dtype("linear", "x", x, weight=weight, out=out, bias=bias, residual=residual)
-    if M == 0 or N == 0:
-        return out
+    if M and N:
+        _launch(x, weight, out, bias, residual, fused=False)
+    return out
 
-    dtype = np.dtype(x.dtype)
-    vec = VECTOR_WIDTH[dtype]
-    if K % vec or not aligned16(x, weight):
-        vec = 1
-    flat_out = out.reshape(-1)
-    args = (
-        x.reshape(-1),
-        weight.reshape(-1),
-        flat_out if bias is None else bias,
-        flat_out if residual is None else residual.reshape(-1),
-        flat_out,
-        M,
-        N,
-        K,
-        bias is not None,
-        residual is not None,
-    )
-    signature = kernel_signature(dtype)
-    if M <= DECODE_MAX_M:
-        group = _group(M)
-        kernel = compiled(_decode_kernel(group, vec), signature)
-        threads = min(DECODE_THREADS, max(WARP, cdiv(K // vec, WARP) * WARP))
-        kernel[cdiv(N, DECODE_ROWS[group]), threads, launch_stream()](*args)
-    else:
-        kernel = compiled(_tiled_kernel(vec), signature)
-        kernel[(cdiv(N, TILE_N), cdiv(M, TILE_M)), TILE_THREADS, launch_stream()](*args)
+
+def linear_silu_mul(x: Any, weight: Any, out: Any) -> Any:
+    """Launch the gate-up linear with SiLU-mul in its epilogue; see
+    :func:`infinilm_nb.kernels.reference.linear_silu_mul`.
+
+    x: ``[M, K]``; weight: ``[2I, K]`` (gate rows, then up rows); out: ``[M, I]``. All C-contiguous
+    and of one dtype; the gate and up products stay in float32 until ``silu(gate) * up`` is stored.
+    """
+    M, rows, _ = _check_operands("linear_silu_mul", x, weight)
+    if rows % 2:
+        raise ValueError(f"linear_silu_mul: weight must have an even number of rows [gate | up], got {rows}")
+    check_array("linear_silu_mul", "out", out, (M, rows // 2), FLOAT_DTYPES)
+    check_same_dtype("linear_silu_mul", "x", x, weight=weight, out=out)
+    if M and rows:
+        _launch(x, weight, out, None, None, fused=True)
     return out

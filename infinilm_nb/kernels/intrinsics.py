@@ -1,4 +1,4 @@
-"""16-byte global loads for kernels: ``load_f16x8`` and ``load_f32x4``.
+"""16-byte global loads and stores for kernels: ``load_f16x8`` / ``load_f32x4`` and ``store_*`` likewise.
 
 Numba never vectorises plain indexing, so a kernel that streams weights issues 2- or 4-byte loads
 and leaves most of the memory bandwidth unused. These intrinsics emit one LLVM ``<4 x i32>`` load
@@ -7,7 +7,10 @@ with ``align 16`` (``LDG.E.128`` in SASS) and return its lanes as a tuple::
     w = load_f16x8(weight, row * K + k)   # UniTuple(float16, 8): weight.flat[row*K + k : row*K + k + 8]
     v = load_f32x4(x, i)                  # UniTuple(float32, 4)
 
-Addressing is ``(array, flat element index)`` into a C-contiguous array of any rank.
+Addressing is ``(array, flat element index)`` into a C-contiguous array of any rank. The stores
+mirror the loads; they take a tuple of 8 (4) numbers of any float type, cast to the array's dtype::
+
+    store_f16x8(out, i, (y0, y1, y2, y3, y4, y5, y6, y7))   # out.flat[i : i + 8] = y (one STG.E.128)
 
 Alignment precondition (the caller's job, nothing checks it on the device): the byte address of
 element ``index`` must be a multiple of 16. That is, the array's data pointer is 16-byte aligned
@@ -16,6 +19,9 @@ address faults the kernel ("misaligned address").
 
 In numba's CUDA simulator inline LLVM does not run; there the same names are plain device functions
 that index the flattened array.
+
+The second section holds the data movement of the tensor-core prefill kernels (shared-memory
+addresses, ldmatrix, cp.async, f16x2 packing); those are GPU only.
 """
 
 from __future__ import annotations
@@ -62,6 +68,20 @@ if SIMULATOR:
         """``array.flat[index : index + 4]`` as a tuple (simulator fallback: plain indexing)."""
         flat = array.reshape(-1)
         return (flat[index], flat[index + 1], flat[index + 2], flat[index + 3])
+
+    @cuda.jit(device=True)
+    def store_f16x8(array, index, values):
+        """``array.flat[index : index + 8] = values`` (simulator fallback: plain indexing)."""
+        flat = array.reshape(-1)
+        for j in range(8):
+            flat[index + j] = values[j]
+
+    @cuda.jit(device=True)
+    def store_f32x4(array, index, values):
+        """``array.flat[index : index + 4] = values`` (simulator fallback: plain indexing)."""
+        flat = array.reshape(-1)
+        for j in range(4):
+            flat[index + j] = values[j]
 
 else:
     from llvmlite import ir
@@ -114,3 +134,219 @@ else:
 
     load_f16x8 = _vector_load(types.float16, 8)
     load_f32x4 = _vector_load(types.float32, 4)
+
+    def _word(builder: Any, lanes: list) -> Any:
+        """One 32-bit word from one float32 or two float16 (``i16``) lanes, low half first."""
+        if len(lanes) == 1:
+            return builder.bitcast(lanes[0], _I32)
+        low, high = (builder.zext(builder.bitcast(lane, _I16), _I32) for lane in lanes)
+        return builder.or_(low, builder.shl(high, ir.Constant(_I32, 16)))
+
+    def _vector_store(element: Any, count: int) -> Any:
+        """An intrinsic ``(array, index, values) -> None`` doing one aligned 16-byte store.
+
+        The lanes are packed into a ``<4 x i32>`` word by word, as the loads unpack them, so that
+        NVVM keeps one ``st.global.v4`` rather than splitting an ``<8 x i16>`` store.
+        """
+
+        def store(typingctx, array, index, values):
+            """Type ``store(C-contiguous array of element, integer, UniTuple(float, count))``."""
+            if not (
+                isinstance(array, types.Array)
+                and array.dtype == element
+                and array.layout == "C"
+                and isinstance(index, types.Integer)
+                and isinstance(values, types.UniTuple)
+                and values.count == count
+                and isinstance(values.dtype, types.Float)
+            ):
+                return None
+
+            def codegen(context, builder, sig, args):
+                array_type, index_type, values_type = sig.args
+                array_value, index_value, values_value = args
+                data = context.make_array(array_type)(context, builder, value=array_value).data
+                offset = context.cast(builder, index_value, index_type, types.intp)
+                lanes = [
+                    context.cast(builder, builder.extract_value(values_value, i), values_type.dtype, element)
+                    for i in range(count)
+                ]
+                per_word = count // 4
+                words = ir.Constant(ir.VectorType(_I32, 4), ir.Undefined)
+                for w in range(4):
+                    word = _word(builder, lanes[w * per_word : (w + 1) * per_word])
+                    words = builder.insert_element(words, word, ir.Constant(_I32, w))
+                words_ptr = builder.bitcast(builder.gep(data, [offset]), ir.VectorType(_I32, 4).as_pointer())
+                builder.store(words, words_ptr, align=16)
+                return context.get_dummy_value()
+
+            return types.void(array, index, values), codegen
+
+        store.__name__ = f"store_{element}x{count}"
+        return intrinsic(store)
+
+    store_f16x8 = _vector_store(types.float16, 8)
+    store_f32x4 = _vector_store(types.float32, 4)
+
+
+# ----------------------------------------------------------------------- tensor-core data movement
+#
+# Shared-memory addresses, ldmatrix, cp.async and f16x2 packing for the tensor-core prefill kernels
+# (gemm_tc.py, attention_prefill.py); the mma itself is :func:`.mma.mma_16816`. GPU only: in the
+# simulator these names raise, and nothing reachable there calls them.
+#
+#     base = shared_address(tile, 0)            # uint32: the shared-space byte address of tile.flat[0]
+#     a = ldmatrix_x4(base + offset)            # UniTuple(uint32, 4); _trans variants transpose
+#     cp_async_16(base + offset, x, i, 16)      # 16 bytes x.flat[i : i + 8] -> shared, asynchronously
+#     cp_async_commit(); cp_async_wait_group(1) # close a group; wait until at most 1 group is pending
+#     w = pack_f16x2(lo, hi)                    # two float32 -> one f16x2 word, lo in the low half
+#
+# ldmatrix (m8n8, b16): lane ``8 j + r`` gives the address of row r of matrix j (16 contiguous bytes,
+# 16-byte aligned; for x1 / x2 only lanes 0-7 / 0-15 are read, the others must still execute). Word
+# j of lane l holds elements ``(l // 4, 2 (l % 4))`` and ``(l // 4, 2 (l % 4) + 1)`` of matrix j, the
+# first in the low half; with .trans, elements ``(2 (l % 4), l // 4)`` and ``(2 (l % 4) + 1, l // 4)``.
+# That is exactly an mma.m16n8k16 fragment (see .mma): A row-major and B stored [n][k] ("col") load
+# without .trans, B stored [k][n] loads with .trans.
+#
+# The asm statements that touch memory are volatile with a memory clobber, so that neither LLVM nor
+# NVVM moves them across barriers or each other, or merges two reads of one address in a loop.
+
+if SIMULATOR:
+
+    def _gpu_only(*args: Any) -> Any:
+        raise NotImplementedError("tensor-core intrinsics (ldmatrix, cp.async) run only on a GPU")
+
+    shared_address = ldmatrix_x1 = ldmatrix_x2 = ldmatrix_x4 = _gpu_only
+    ldmatrix_x1_trans = ldmatrix_x2_trans = ldmatrix_x4_trans = _gpu_only
+    cp_async_16 = cp_async_commit = cp_async_wait_group = pack_f16x2 = _gpu_only
+
+else:
+    _VOID = ir.VoidType()
+
+    def _asm(return_type: Any, operand_types: list, text: str, constraints: str, volatile: bool = True) -> Any:
+        """An inline PTX statement; ``volatile`` ones also clobber memory."""
+        if volatile:
+            constraints = constraints + ("," if constraints else "") + "~{memory}"
+        return ir.InlineAsm(ir.FunctionType(return_type, operand_types), text, constraints, side_effect=volatile)
+
+    def _u32(context: Any, builder: Any, value: Any, value_type: Any) -> Any:
+        return context.cast(builder, value, value_type, types.uint32)
+
+    @intrinsic
+    def shared_address(typingctx, array, index):
+        """Type ``shared_address(shared array, integer) -> uint32``: the byte address of
+        ``array.flat[index]`` in the shared state space (what ldmatrix and cp.async take)."""
+        if not (isinstance(array, types.Array) and array.layout == "C" and isinstance(index, types.Integer)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            array_type, index_type = sig.args
+            data = context.make_array(array_type)(context, builder, value=args[0]).data
+            offset = context.cast(builder, args[1], index_type, types.intp)
+            generic = builder.bitcast(builder.gep(data, [offset]), ir.IntType(8).as_pointer())
+            shared = builder.addrspacecast(generic, ir.PointerType(ir.IntType(8), addrspace=3))
+            return builder.trunc(builder.ptrtoint(shared, ir.IntType(64)), _I32)
+
+        return types.uint32(array, index), codegen
+
+    def _ldmatrix(count: int, trans: bool) -> Any:
+        """``ldmatrix.sync.aligned.m8n8.x<count>[.trans].shared.b16`` as ``(address) -> UniTuple(uint32, count)``."""
+        registers = ", ".join(f"${i}" for i in range(count))
+        text = f"ldmatrix.sync.aligned.m8n8.x{count}{'.trans' if trans else ''}.shared.b16 {{{registers}}}, [${count}];"
+        result_type = _I32 if count == 1 else ir.LiteralStructType([_I32] * count)
+
+        def load(typingctx, address):
+            """Type ``(integer shared address) -> UniTuple(uint32, count)``."""
+            if not isinstance(address, types.Integer):
+                return None
+
+            def codegen(context, builder, sig, args):
+                asm = _asm(result_type, [_I32], text, ",".join(["=r"] * count + ["r"]))
+                result = builder.call(asm, [_u32(context, builder, args[0], sig.args[0])])
+                words = [result] if count == 1 else [builder.extract_value(result, i) for i in range(count)]
+                return cgutils.pack_array(builder, words)
+
+            return types.UniTuple(types.uint32, count)(address), codegen
+
+        load.__name__ = f"ldmatrix_x{count}{'_trans' if trans else ''}"
+        return intrinsic(load)
+
+    ldmatrix_x1, ldmatrix_x2, ldmatrix_x4 = (_ldmatrix(n, False) for n in (1, 2, 4))
+    ldmatrix_x1_trans, ldmatrix_x2_trans, ldmatrix_x4_trans = (_ldmatrix(n, True) for n in (1, 2, 4))
+
+    @intrinsic
+    def cp_async_16(typingctx, address, array, index, src_bytes):
+        """Type ``cp_async_16(integer shared address, C-contiguous array, integer, integer)``.
+
+        ``cp.async.cg.shared.global``: copy 16 bytes from ``array.flat[index]`` (16-byte aligned) to
+        the shared address, bypassing L1; only the first ``src_bytes`` are read and the rest are
+        zero-filled, so ``src_bytes = 0`` writes 16 zero bytes (the source address must still be valid).
+        """
+        if not (
+            isinstance(address, types.Integer)
+            and isinstance(array, types.Array)
+            and array.layout == "C"
+            and isinstance(index, types.Integer)
+            and isinstance(src_bytes, types.Integer)
+        ):
+            return None
+
+        def codegen(context, builder, sig, args):
+            address_type, array_type, index_type, bytes_type = sig.args
+            data = context.make_array(array_type)(context, builder, value=args[1]).data
+            offset = context.cast(builder, args[2], index_type, types.intp)
+            source = builder.gep(data, [offset])
+            asm = _asm(_VOID, [_I32, source.type, _I32], "cp.async.cg.shared.global [$0], [$1], 16, $2;", "r,l,r")
+            builder.call(
+                asm,
+                [
+                    _u32(context, builder, args[0], address_type),
+                    source,
+                    _u32(context, builder, args[3], bytes_type),
+                ],
+            )
+            return context.get_dummy_value()
+
+        return types.void(address, array, index, src_bytes), codegen
+
+    @intrinsic
+    def cp_async_commit(typingctx):
+        """``cp.async.commit_group``: the cp.async issued since the last commit form one group."""
+
+        def codegen(context, builder, sig, args):
+            builder.call(_asm(_VOID, [], "cp.async.commit_group;", ""), [])
+            return context.get_dummy_value()
+
+        return types.void(), codegen
+
+    @intrinsic
+    def cp_async_wait_group(typingctx, pending):
+        """``cp.async.wait_group n``: wait until at most ``pending`` (a compile-time constant) of this
+        thread's committed groups are still in flight. Other threads' copies need a barrier after."""
+        if not isinstance(pending, types.IntegerLiteral):
+            return None
+        text = f"cp.async.wait_group {pending.literal_value};"
+
+        def codegen(context, builder, sig, args):
+            builder.call(_asm(_VOID, [], text, ""), [])
+            return context.get_dummy_value()
+
+        return types.void(pending), codegen
+
+    @intrinsic
+    def pack_f16x2(typingctx, lo, hi):
+        """Type ``pack_f16x2(float32, float32) -> uint32``: both rounded to float16, ``lo`` in the low half."""
+        if not (lo == types.float32 and hi == types.float32):
+            return None
+
+        def codegen(context, builder, sig, args):
+            asm = _asm(
+                _I32,
+                [ir.FloatType(), ir.FloatType()],
+                "{ .reg .f16 lo, hi; cvt.rn.f16.f32 lo, $1; cvt.rn.f16.f32 hi, $2; mov.b32 $0, {lo, hi}; }",
+                "=r,f,f",
+                volatile=False,
+            )
+            return builder.call(asm, list(args))
+
+        return types.uint32(lo, hi), codegen

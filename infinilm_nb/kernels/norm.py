@@ -1,22 +1,27 @@
 """RMSNorm and fused residual-add + RMSNorm: one thread block per row, one pass over memory.
 
-Each thread owns the columns ``tid, tid + blockDim, ...`` of its row (coalesced) and keeps its first
-``ITEMS`` of them in registers, so a row of up to ``ITEMS * MAX_THREADS`` (8192) elements is read
-once; wider rows re-read the columns past that on the second pass. The sum of squares is reduced in
-float32 by warp shuffles, then across warps through shared memory.
+Each thread owns the 16-byte chunks ``tid, tid + blockDim, ...`` of its row (8 float16 or 4 float32,
+see :mod:`.vector`; single elements when the row length or a pointer is not 16-byte aligned) and
+keeps its first ``ITEMS`` chunks in float32 registers, so its loads are independent and in flight
+together, and a row of up to ``ITEMS * MAX_THREADS`` chunks is read once; wider rows re-read the
+chunks past that on the second pass. The sum of squares is reduced in float32 by warp shuffles,
+then across warps through shared memory.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any
+from typing import Any, Callable
 
 import numba
+import numpy as np
 from numba import cuda
 
 from .common import FLOAT_DTYPES, cdiv, check_array, check_same_dtype, compiled, launch_stream, numba_type
+from .vector import inline_device, loader, packer, storer, vector_width
 
-ITEMS = 8  # columns per thread kept in registers; 8 float16 are one 16-byte vector
+ITEMS = 4  # chunks per thread kept in registers: 4 (8 with the residual) 16-byte loads in flight
 MAX_THREADS = 1024  # threads per row at most (the hardware's block limit)
 WARP = 32
 MAX_WARPS = 32  # size of the shared scratch of the reduction: 1024 threads, fixed when compiled
@@ -45,72 +50,84 @@ def _inv_rms(sum_squares, hidden, eps, partial):
     return numba.float32(1.0) / math.sqrt(mean + eps)
 
 
-def _rms_norm_kernel(x, weight, eps, out):
-    row = cuda.blockIdx.x
-    tid = cuda.threadIdx.x
-    threads = cuda.blockDim.x
-    hidden = x.shape[1]
-    cache = cuda.local.array(ITEMS, numba.float32)
-    partial = cuda.shared.array(MAX_WARPS, numba.float32)
-    sum_squares = numba.float32(0.0)
-    for j in range(ITEMS):
-        i = tid + j * threads
-        if i < hidden:
-            value = numba.float32(x[row, i])
-            cache[j] = value
-            sum_squares += value * value
-    i = tid + ITEMS * threads
-    while i < hidden:
-        value = numba.float32(x[row, i])
-        sum_squares += value * value
-        i += threads
-    inv = _inv_rms(sum_squares, hidden, eps, partial)
-    for j in range(ITEMS):
-        i = tid + j * threads
-        if i < hidden:
-            out[row, i] = cache[j] * inv * numba.float32(weight[i])
-    i = tid + ITEMS * threads
-    while i < hidden:
-        out[row, i] = numba.float32(x[row, i]) * inv * numba.float32(weight[i])
-        i += threads
+@functools.lru_cache(maxsize=None)
+def _norm_kernel(vec: int, weight_vec: int, add: bool, dtype: str) -> Callable:
+    """The kernel ``(x, residual, weight, eps, out)`` over flat ``[T * H]`` arrays.
+
+    ``vec`` elements of x / residual / out and ``weight_vec`` of weight move per load; with ``add``
+    the residual is updated first (rounded to ``dtype``) and normalised; without, ``residual`` is x.
+    """
+    load, store, pack = loader(vec), storer(vec), packer(vec)
+    weight_load = loader(weight_vec)
+    weight_steps = vec // weight_vec
+    cached = ITEMS * vec
+    to_dtype = numba.types.float16 if dtype == "float16" else numba.float32
+
+    @inline_device
+    def read(x, residual, at, y):
+        """``y`` = the chunk at ``at`` (after ``residual += x`` with add); returns its sum of squares."""
+        xv = load(x, at)
+        if add:
+            rv = load(residual, at)
+            for e in range(vec):
+                y[e] = numba.float32(to_dtype(numba.float32(rv[e]) + numba.float32(xv[e])))
+            store(residual, at, pack(y, 0))
+        else:
+            for e in range(vec):
+                y[e] = numba.float32(xv[e])
+        total = numba.float32(0.0)
+        for e in range(vec):
+            total += y[e] * y[e]
+        return total
+
+    @inline_device
+    def write(values, offset, out, at, chunk, inv, weight, y):
+        """``out[at : at + vec] = values[offset : offset + vec] * inv * weight[chunk * vec : ...]``."""
+        for s in range(weight_steps):
+            w = weight_load(weight, chunk * vec + s * weight_vec)
+            for e in range(weight_vec):
+                y[s * weight_vec + e] = values[offset + s * weight_vec + e] * inv * numba.float32(w[e])
+        store(out, at, pack(y, 0))
+
+    def kernel(x, residual, weight, eps, out):
+        tid = cuda.threadIdx.x
+        threads = cuda.blockDim.x
+        hidden = weight.shape[0]
+        chunks = hidden // vec
+        base = cuda.blockIdx.x * hidden
+        cache = cuda.local.array(cached, numba.float32)
+        y = cuda.local.array(vec, numba.float32)
+        partial = cuda.shared.array(MAX_WARPS, numba.float32)
+        sum_squares = numba.float32(0.0)
+        for j in range(ITEMS):
+            c = tid + j * threads
+            if c < chunks:
+                sum_squares += read(x, residual, base + c * vec, y)
+                for e in range(vec):
+                    cache[j * vec + e] = y[e]
+        c = tid + ITEMS * threads
+        while c < chunks:
+            sum_squares += read(x, residual, base + c * vec, y)
+            c += threads
+        inv = _inv_rms(sum_squares, hidden, eps, partial)
+        for j in range(ITEMS):
+            c = tid + j * threads
+            if c < chunks:
+                write(cache, j * vec, out, base + c * vec, c, inv, weight, y)
+        c = tid + ITEMS * threads
+        while c < chunks:  # rows wider than the registers: re-read (the updated residual, or x)
+            rv = load(residual, base + c * vec)
+            for e in range(vec):
+                cache[e] = numba.float32(rv[e])
+            write(cache, 0, out, base + c * vec, c, inv, weight, y)
+            c += threads
+
+    return kernel
 
 
-def _add_rms_norm_kernel(x, residual, weight, eps, out):
-    row = cuda.blockIdx.x
-    tid = cuda.threadIdx.x
-    threads = cuda.blockDim.x
-    hidden = x.shape[1]
-    cache = cuda.local.array(ITEMS, numba.float32)
-    partial = cuda.shared.array(MAX_WARPS, numba.float32)
-    sum_squares = numba.float32(0.0)
-    for j in range(ITEMS):
-        i = tid + j * threads
-        if i < hidden:
-            residual[row, i] = numba.float32(residual[row, i]) + numba.float32(x[row, i])
-            # read back what was stored, rounded to residual's dtype (the compiler forwards the store)
-            value = numba.float32(residual[row, i])
-            cache[j] = value
-            sum_squares += value * value
-    i = tid + ITEMS * threads
-    while i < hidden:
-        residual[row, i] = numba.float32(residual[row, i]) + numba.float32(x[row, i])
-        value = numba.float32(residual[row, i])
-        sum_squares += value * value
-        i += threads
-    inv = _inv_rms(sum_squares, hidden, eps, partial)
-    for j in range(ITEMS):
-        i = tid + j * threads
-        if i < hidden:
-            out[row, i] = cache[j] * inv * numba.float32(weight[i])
-    i = tid + ITEMS * threads
-    while i < hidden:
-        out[row, i] = numba.float32(residual[row, i]) * inv * numba.float32(weight[i])
-        i += threads
-
-
-def _block_threads(hidden: int) -> int:
-    """Threads per row: enough that each keeps at most ``ITEMS`` columns, a multiple of the warp."""
-    return min(MAX_THREADS, max(WARP, cdiv(cdiv(hidden, ITEMS), WARP) * WARP))
+def _block_threads(chunks: int) -> int:
+    """Threads per row: enough that each keeps at most ``ITEMS`` chunks, a multiple of the warp."""
+    return min(MAX_THREADS, max(WARP, cdiv(cdiv(chunks, ITEMS), WARP) * WARP))
 
 
 def _check(op: str, x: Any, weight: Any, out: Any) -> None:
@@ -120,14 +137,24 @@ def _check(op: str, x: Any, weight: Any, out: Any) -> None:
     check_same_dtype(op, "x", x, out=out)
 
 
+def _launch(x: Any, residual: Any, weight: Any, eps: float, out: Any, add: bool) -> None:
+    hidden = x.shape[1]
+    vec = vector_width(x.dtype, (x, residual, out), (hidden,))
+    weight_vec = vector_width(weight.dtype, (weight,), (vec,))
+    t, w = numba_type(x.dtype), numba_type(weight.dtype)
+    kernel = compiled(
+        _norm_kernel(vec, weight_vec, add, np.dtype(x.dtype).name),
+        f"void({t}[::1], {t}[::1], {w}[::1], float32, {t}[::1])",
+    )
+    flat = [a.reshape(-1) for a in (x, residual, out)]
+    kernel[x.shape[0], _block_threads(hidden // vec), launch_stream()](flat[0], flat[1], weight, eps, flat[2])
+
+
 def rms_norm(x: Any, weight: Any, eps: float, out: Any) -> Any:
     """Launch RMSNorm; see :func:`infinilm_nb.kernels.reference.rms_norm` (out may be x)."""
     _check("rms_norm", x, weight, out)
-    if x.size == 0:
-        return out
-    t, w = numba_type(x.dtype), numba_type(weight.dtype)
-    kernel = compiled(_rms_norm_kernel, f"void({t}[:, ::1], {w}[::1], float32, {t}[:, ::1])")
-    kernel[x.shape[0], _block_threads(x.shape[1]), launch_stream()](x, weight, eps, out)
+    if x.size:
+        _launch(x, x, weight, eps, out, add=False)
     return out
 
 
@@ -139,9 +166,6 @@ def add_rms_norm(x: Any, residual: Any, weight: Any, eps: float, out: Any) -> An
     _check("add_rms_norm", x, weight, out)
     check_array("add_rms_norm", "residual", residual, tuple(x.shape), FLOAT_DTYPES)
     check_same_dtype("add_rms_norm", "x", x, residual=residual)
-    if x.size == 0:
-        return out
-    t, w = numba_type(x.dtype), numba_type(weight.dtype)
-    kernel = compiled(_add_rms_norm_kernel, f"void({t}[:, ::1], {t}[:, ::1], {w}[::1], float32, {t}[:, ::1])")
-    kernel[x.shape[0], _block_threads(x.shape[1]), launch_stream()](x, residual, weight, eps, out)
+    if x.size:
+        _launch(x, residual, weight, eps, out, add=True)
     return out

@@ -136,13 +136,24 @@ def linear(
     x: ``[M, K]``; weight: ``[N, K]`` row-major, as HF stores it; bias: ``[N]``; residual, out:
     ``[M, N]`` (out may be residual: the fused residual add of o_proj and down_proj).
     """
-    acc = x.astype(F32) @ weight.astype(F32).T
+    acc = x.astype(F32, copy=False) @ weight.astype(F32, copy=False).T  # no weight copy on the cpu backend
     if bias is not None:
         acc += bias.astype(F32)
     if residual is not None:
         acc += residual.astype(F32)
     out[...] = acc.astype(out.dtype)
     return out
+
+
+def linear_silu_mul(x: np.ndarray, weight: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """The gate-up projection with SwiGLU fused: ``out = silu_mul(x @ weight.T)``.
+
+    x: ``[M, K]``; weight: ``[2I, K]``, the gate rows then the up rows (the fused gate-up weight);
+    out: ``[M, I]``. The products stay in float32 (never rounded to out's dtype) until
+    ``silu(gate) * up`` is stored.
+    """
+    gate_up = linear(x, weight, np.empty((x.shape[0], weight.shape[0]), F32))
+    return silu_mul(gate_up, out)
 
 
 def store_kv(

@@ -181,8 +181,11 @@ class LlamaMLP:
         )
 
     def __call__(self, buf: StepBuffers) -> None:
-        self.gate_up_proj(buf.hidden, buf.gate_up)
-        self.backend.ops.silu_mul(buf.gate_up, buf.act)
+        if self.gate_up_proj.bias is None:  # SiLU-mul in the GEMM's epilogue: gate_up never hits memory
+            self.backend.ops.linear_silu_mul(buf.hidden, self.gate_up_proj.weight, buf.act)
+        else:
+            self.gate_up_proj(buf.hidden, buf.gate_up)
+            self.backend.ops.silu_mul(buf.gate_up, buf.act)
         self.down_proj(buf.act, buf.residual, residual=buf.residual)
 
 

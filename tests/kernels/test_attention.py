@@ -1,9 +1,10 @@
 import numpy as np
 import pytest
 
-from infinilm_nb.kernels import reference
+from infinilm_nb.kernels import attention, reference
 from infinilm_nb.kernels.attention import AttentionWorkspace, attention_workspace_shapes
 from tests.helpers import pick, poisoned, random, rel_err, tolerance
+from tests.kernels.widths import placed, record_widths
 
 F32, F16 = np.float32, np.float16
 
@@ -64,7 +65,9 @@ def _paged_batch(rng, seqs, block_size):
     return tables, context_lens, qsl, num_blocks
 
 
-def _run_paged(kb, rng, seqs, q_heads, kv_heads, dim, block_size, dtype, workspace=None):
+def _run_paged(kb, rng, seqs, q_heads, kv_heads, dim, block_size, dtype, workspace=None, aligned=True):
+    """Paged attention of ``seqs`` on random data, and the reference's answer; ``aligned=False``
+    places the caches one element off a 16-byte boundary."""
     tables, context_lens, qsl, num_blocks = _paged_batch(rng, seqs, block_size)
     tokens = int(qsl[-1])
     (q, _, _), (q_dev, _, _) = _qkv_views(kb, rng, tokens, q_heads, kv_heads, dim, dtype)
@@ -72,9 +75,10 @@ def _run_paged(kb, rng, seqs, q_heads, kv_heads, dim, block_size, dtype, workspa
     v_cache = random(rng, (num_blocks, block_size, kv_heads, dim), dtype)
     scale = dim**-0.5
     out = poisoned(kb, (tokens, q_heads, dim), dtype)
+    split = {} if workspace is None else {"workspace": workspace}
     kb.ops.paged_attention(
-        q_dev, kb.asarray(k_cache), kb.asarray(v_cache), kb.asarray(tables), kb.asarray(context_lens),
-        kb.asarray(qsl), scale, out, **({} if workspace is None else {"workspace": workspace}),
+        q_dev, placed(kb, k_cache, aligned), placed(kb, v_cache, aligned), kb.asarray(tables),
+        kb.asarray(context_lens), kb.asarray(qsl), scale, out, **split,
     )
     want = reference.paged_attention(
         q, k_cache, v_cache, tables, context_lens, qsl, scale, np.empty((tokens, q_heads, dim), np.float32)
@@ -109,6 +113,15 @@ def test_paged_attention_split_context_matches_reference(kb, rng, q_heads, kv_he
     assert workspace.partials.shape[2] > 1
     got, want = _run_paged(kb, rng, seqs, q_heads, kv_heads, dim, block_size, dtype, workspace)
     assert rel_err(got, want) < tolerance(dtype)
+
+
+@pytest.mark.parametrize("dtype", [F32, F16])
+@pytest.mark.parametrize("aligned", [True, False])
+def test_paged_attention_takes_the_16_byte_path_only_when_aligned(kb, rng, monkeypatch, dtype, aligned):
+    widths = record_widths(monkeypatch, attention)
+    got, want = _run_paged(kb, rng, [(1, 9), (3, 7)], 4, 2, 16, 4, dtype, aligned=aligned)
+    assert rel_err(got, want) < tolerance(dtype)
+    assert widths == [16 // np.dtype(dtype).itemsize if aligned else 1]
 
 
 def test_paged_attention_workspace_too_small_for_step_runs_unsplit(kb, rng):
@@ -187,6 +200,27 @@ def test_store_kv_static_matches_reference(kb, rng, dtype):
     reference.store_kv_static(k, v, k_cache, v_cache, cache_slots, positions)
     assert np.array_equal(kb.to_host(k_dev_cache), k_cache)
     assert np.array_equal(kb.to_host(v_dev_cache), v_cache)
+
+
+@pytest.mark.parametrize("dtype", [F32, F16])
+@pytest.mark.parametrize("aligned", [True, False])
+def test_store_kv_takes_the_16_byte_path_only_when_aligned(kb, rng, monkeypatch, dtype, aligned):
+    widths = record_widths(monkeypatch, attention)
+    tokens, kv_heads, dim, block_size = 4, 2, 8, 4
+    # k and v inside one buffer [T, 2 * Hk * D], as a fused QKV output leaves them
+    kv = random(rng, (tokens, 2 * kv_heads * dim), dtype)
+    kv_d = placed(kb, kv, aligned)
+    k, v = (a.reshape(tokens, kv_heads, dim) for a in (kv[:, : kv_heads * dim], kv[:, kv_heads * dim :]))
+    k_d, v_d = (a.reshape(tokens, kv_heads, dim) for a in (kv_d[:, : kv_heads * dim], kv_d[:, kv_heads * dim :]))
+    slots = np.array([5, -1, 0, 11], np.int32)
+    k_cache = random(rng, (3, block_size, kv_heads, dim), dtype)
+    v_cache = random(rng, (3, block_size, kv_heads, dim), dtype)
+    k_cache_d, v_cache_d = kb.asarray(k_cache), kb.asarray(v_cache)
+    kb.ops.store_kv(k_d, v_d, k_cache_d, v_cache_d, kb.asarray(slots))
+    reference.store_kv(k, v, k_cache, v_cache, slots)
+    assert np.array_equal(kb.to_host(k_cache_d), k_cache)
+    assert np.array_equal(kb.to_host(v_cache_d), v_cache)
+    assert widths == [16 // np.dtype(dtype).itemsize if aligned else 1]
 
 
 # ----------------------------------------------------------------------------------- errors

@@ -3,12 +3,13 @@ import pytest
 
 from infinilm_nb.kernels import embedding, reference
 from tests.helpers import pick, poisoned, random
+from tests.kernels.widths import placed, record_widths
 
 
 # (tokens, vocab, hidden, vocab_start, shard rows): the full table, then a shard in the middle of the
 # vocab; on the GPU Llama-3-8B's vocab split over 4 ranks, and more tokens than the grid's y axis
 CASES = pick(
-    sim=[(7, 50, 37, 0, 50), (9, 60, 70, 20, 15)],
+    sim=[(7, 50, 37, 0, 50), (9, 60, 70, 20, 15), (6, 40, 16, 8, 20)],
     gpu=[(7, 50, 37, 0, 50), (300, 128256, 4096, 64128, 32064), (70000, 1000, 64, 500, 250)],
 )
 
@@ -24,6 +25,18 @@ def test_embedding_matches_reference(kb, rng, dtype, tokens, vocab, hidden, voca
     embedding.embedding(kb.asarray(ids), kb.asarray(weight), out, vocab_start)
     want = reference.embedding(ids, weight, np.empty((tokens, hidden), dtype), vocab_start)
     np.testing.assert_array_equal(kb.to_host(out), want)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("aligned", [True, False])
+def test_embedding_takes_the_16_byte_path_only_when_aligned(kb, rng, monkeypatch, dtype, aligned):
+    widths = record_widths(monkeypatch, embedding)
+    weight = random(rng, (20, 24), dtype)
+    ids = np.array([3, 0, 19, 20, -1, 7], np.int32)
+    out = poisoned(kb, (6, 24), dtype)
+    embedding.embedding(kb.asarray(ids), placed(kb, weight, aligned), out)
+    np.testing.assert_array_equal(kb.to_host(out), reference.embedding(ids, weight, np.empty((6, 24), dtype)))
+    assert widths == [16 // np.dtype(dtype).itemsize if aligned else 1]
 
 
 def test_embedding_rejects_bad_arguments(kb, rng):

@@ -3,11 +3,13 @@ import pytest
 
 from infinilm_nb.kernels import gemm, reference
 from infinilm_nb.kernels.common import compiled
+from infinilm_nb.kernels.gemm_mma import MmaConfig, mma_kernel
 from tests.helpers import pick, poisoned, random, rel_err, tolerance
 
 # (M, N, K). M <= gemm.DECODE_MAX_M takes the decode kernel (17 loops over groups of x rows), larger
 # M the tiled one. K = 40 fits 16-byte loads in both dtypes, K = 13 only plain loads. The GPU list
-# adds Llama-3-8B decode (QKV 4096 -> 6144, down 14336 -> 4096) and prefill shapes.
+# adds Llama-3-8B decode (QKV 4096 -> 6144, down 14336 -> 4096, gate-up 4096 -> 28672) and prefill
+# shapes; there float16 with K % 8 == 0 and M <= 32 runs on tensor cores (gemm.mma_config's variants).
 SHAPES = pick(
     sim=[(1, 37, 40), (3, 37, 40), (17, 37, 40), (70, 37, 40), (3, 37, 13), (70, 37, 13)],
     gpu=[
@@ -20,6 +22,8 @@ SHAPES = pick(
         (8, 6144, 4096),
         (1, 4096, 14336),
         (8, 4096, 14336),
+        (16, 4096, 14336),
+        (24, 28672, 4096),
         (32, 4096, 4096),
         (300, 4096, 4096),
     ],
@@ -129,6 +133,88 @@ def test_linear_rejects_non_contiguous_weight(kb, rng):
 def test_linear_kernels_keep_accumulators_in_registers(dtype):
     # partial sums spill to local memory when NVVM does not fully unroll the loops over them
     vec = 8 if dtype == np.float16 else 4
-    kernels = [gemm._decode_kernel(group, vec) for group in gemm.DECODE_GROUPS] + [gemm._tiled_kernel(vec)]
+    kernels = [gemm._decode_kernel(group, vec, fused) for group in gemm.DECODE_GROUPS for fused in (False, True)]
+    kernels += [gemm._tiled_kernel(vec, fused) for fused in (False, True)]
     for pyfunc in kernels:
         assert compiled(pyfunc, gemm.kernel_signature(dtype)).get_local_mem_per_thread() == 0, pyfunc
+
+
+# (M, I, K) of the gate-up projection with SwiGLU fused: weight [2I, K], out [M, I].
+FUSED_SHAPES = pick(
+    sim=[(1, 21, 40), (17, 21, 40), (70, 21, 40), (3, 21, 13)],
+    gpu=[(1, 21, 40), (3, 37, 13), (70, 37, 40), (1, 14336, 4096), (8, 14336, 4096), (32, 14336, 4096),
+         (300, 1000, 4096)],
+)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("M,inter,K", FUSED_SHAPES)
+def test_linear_silu_mul_matches_reference(kb, rng, dtype, M, inter, K):
+    x = random(rng, (M, K), dtype)
+    weight = random(rng, (2 * inter, K), dtype, scale=0.1)
+    out = poisoned(kb, (M, inter), dtype)
+    assert kb.ops.linear_silu_mul(kb.asarray(x), kb.asarray(weight), out) is out
+    want = reference.linear_silu_mul(x, weight, np.empty((M, inter), np.float32))
+    assert rel_err(kb.to_host(out), want) < tolerance(dtype)
+
+
+# Tensor-core variants run directly (in the simulator too, whose mma gathers fragments through
+# shuffles): several W and x tiles, warps on rows and on K, unrolled steps, fused; M not a multiple
+# of 8, N of 16, K of 32 (the last step is partly past K). Blocks of at most 64 threads for the simulator.
+MMA_CASES = [
+    (MmaConfig(1, 2, 1, 2, 1), 11, 37, 136),
+    (MmaConfig(2, 1, 2, 1, 2), 5, 45, 200),
+    (MmaConfig(2, 4, 1, 2, 1, fused=True), 27, 21, 72),
+    (MmaConfig(2, 1, 1, 1, 1, fused=True), 1, 9, 40),
+]
+
+
+@pytest.mark.parametrize("config,M,N,K", MMA_CASES, ids=[str(i) for i in range(len(MMA_CASES))])
+def test_tensor_core_variants_match_reference(kb, rng, config, M, N, K):
+    rows = 2 * N if config.fused else N
+    x = random(rng, (M, K), np.float16)
+    weight = random(rng, (rows, K), np.float16, scale=0.1)
+    bias = None if config.fused else random(rng, N, np.float16)
+    residual = None if config.fused else random(rng, (M, N), np.float16)
+    out = poisoned(kb, (M, N), np.float16)
+    gemm.launch_mma(
+        config,
+        kb.asarray(x),
+        kb.asarray(weight),
+        None if bias is None else kb.asarray(bias),
+        None if residual is None else kb.asarray(residual),
+        out,
+    )
+    if config.fused:
+        want = reference.linear_silu_mul(x, weight, np.empty((M, N), np.float32))
+    else:
+        want = reference.linear(x, weight, np.empty((M, N), np.float32), bias=bias, residual=residual)
+    assert rel_err(kb.to_host(out), want) < tolerance(np.float16)
+
+
+def test_linear_silu_mul_rejects_odd_weight_rows(kb, rng):
+    x, weight = _operands(kb, rng, N=5)
+    with pytest.raises(ValueError, match=r"linear_silu_mul: weight must have an even number of rows \[gate \| up\], got 5"):
+        kb.ops.linear_silu_mul(x, weight, kb.asarray(np.zeros((4, 2), np.float32)))
+
+
+def test_linear_silu_mul_rejects_wrong_output_shape_and_dtype(kb, rng):
+    x, weight = _operands(kb, rng, N=6)
+    with pytest.raises(ValueError, match=r"linear_silu_mul: out must have shape \(4, 3\), got \(4, 6\)"):
+        kb.ops.linear_silu_mul(x, weight, kb.asarray(np.zeros((4, 6), np.float32)))
+    with pytest.raises(ValueError, match=r"linear_silu_mul: out must have the dtype of x \(float32\), got float16"):
+        kb.ops.linear_silu_mul(x, weight, kb.asarray(np.zeros((4, 3), np.float16)))
+    with pytest.raises(ValueError, match=r"linear_silu_mul: x \(4, 8\) and weight \(6, 7\) disagree on K"):
+        kb.ops.linear_silu_mul(x, kb.asarray(random(rng, (6, 7))), kb.asarray(np.zeros((4, 3), np.float32)))
+
+
+@pytest.mark.gpu
+def test_tensor_core_variants_keep_their_arrays_in_registers():
+    # every variant the launcher picks for the Llama-3-8B decode shapes, M = 1..32, fused gate-up too
+    shapes = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096)]
+    configs = {gemm.mma_config(m, n, k) for m in range(1, 33) for n, k in shapes}
+    configs |= {gemm.mma_config(m, 14336, 4096, fused=True) for m in range(1, 33)}
+    for config in configs:
+        kernel = compiled(mma_kernel(config), gemm.kernel_signature(np.float16))
+        assert kernel.get_local_mem_per_thread() == 0, config
+        assert "HMMA.16816.F32" in kernel.inspect_sass(), config

@@ -2,10 +2,10 @@ import re
 
 import numpy as np
 import pytest
-from numba import cuda
+from numba import cuda, float32
 
 from infinilm_nb.kernels.common import cdiv, launch_stream
-from infinilm_nb.kernels.intrinsics import aligned16, load_f16x8, load_f32x4
+from infinilm_nb.kernels.intrinsics import aligned16, load_f16x8, load_f32x4, store_f16x8, store_f32x4
 
 SIGNATURES = {np.float16: "void(float16[:, ::1], float16[::1])", np.float32: "void(float32[:, ::1], float32[::1])"}
 
@@ -47,6 +47,49 @@ def test_vector_load_is_one_16_byte_load(dtype):
     ptx, _ = cuda.compile_ptx(pyfunc, SIGNATURES[dtype])
     assert re.search(r"ld\.global(\.nc)?\.v4\.(u32|b32|f32)", ptx), "no 16-byte vector load in the PTX"
     assert not re.search(r"ld\.global(\.nc)?\.(v2|v4)\.(u16|b16|f16)", ptx), "the load was split"
+
+
+def _round_trip_f16(src, dst):
+    i = cuda.grid(1) * 8
+    if i < src.size:
+        v = load_f16x8(src, i)
+        f = (float32(v[7]), float32(v[6]), float32(v[5]), float32(v[4]))
+        g = (float32(v[3]), float32(v[2]), float32(v[1]), float32(v[0]))
+        store_f16x8(dst, i, f + g)  # float32 values: the store casts them to float16
+
+
+def _round_trip_f32(src, dst):
+    i = cuda.grid(1) * 4
+    if i < src.size:
+        v = load_f32x4(src, i)
+        store_f32x4(dst, i, (v[3], v[2], v[1], v[0]))
+
+
+ROUND_TRIPS = {
+    np.float16: (_round_trip_f16, 8, "void(float16[:, ::1], float16[:, ::1])"),
+    np.float32: (_round_trip_f32, 4, "void(float32[:, ::1], float32[:, ::1])"),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_vector_store_writes_the_elements_in_order(kb, rng, dtype):
+    # each thread reverses its 16-byte chunk: lanes that landed in the wrong place would show
+    src = (rng.standard_normal((3, 24)) * 100).astype(dtype)
+    dst = kb.asarray(np.full(src.shape, np.nan, dtype))
+    pyfunc, width, signature = ROUND_TRIPS[dtype]
+    kernel = cuda.jit(signature)(pyfunc)
+    kernel[cdiv(src.size // width, 32), 32, launch_stream()](kb.asarray(src), dst)
+    want = src.reshape(-1, width)[:, ::-1].reshape(src.shape)
+    np.testing.assert_array_equal(kb.to_host(dst), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_vector_store_is_one_16_byte_store(dtype):
+    pyfunc, _, signature = ROUND_TRIPS[dtype]
+    ptx, _ = cuda.compile_ptx(pyfunc, signature)
+    assert re.search(r"st\.global\.v4\.(u32|b32|f32)", ptx), "no 16-byte vector store in the PTX"
+    assert not re.search(r"st\.global\.(v2|v4)\.(u16|b16|f16)", ptx), "the store was split"
 
 
 def test_aligned16_accepts_one_offset_in_eight(kb):

@@ -3,11 +3,13 @@ import pytest
 
 from infinilm_nb.kernels import norm, reference
 from tests.helpers import pick, poisoned, random, rel_err, tolerance
+from tests.kernels.widths import placed, record_widths
 
 EPS = 1e-5
-# (tokens, hidden): the GPU list includes Llama-3-8B (4096), SmolLM2 (576), the register limit (8192)
-# and a row wider than the registers hold (10000), which re-reads memory on the second pass
-SHAPES = pick(sim=[(3, 37), (2, 300)], gpu=[(3, 37), (77, 576), (33, 4096), (5, 8192), (3, 10000)])
+# (tokens, hidden): rows of 37 take the element path, 64 the 16-byte path, 300 the 16-byte path in
+# float32 only; the GPU list adds Llama-3-8B (4096), SmolLM2 (576), 8192 and a row wider than the
+# registers hold (40000), which re-reads memory on the second pass
+SHAPES = pick(sim=[(3, 37), (2, 64), (2, 300)], gpu=[(3, 37), (77, 576), (33, 4096), (5, 8192), (3, 40000)])
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
@@ -30,14 +32,43 @@ def test_rms_norm_in_place_with_float32_weight(kb, rng):
     assert rel_err(kb.to_host(xd), want) < tolerance(np.float16)
 
 
-def test_rms_norm_rows_wider_than_registers(kb, rng, monkeypatch):
-    # caps the block so that a small row overflows ITEMS * threads and takes the re-read path
+@pytest.mark.parametrize("dtype,hidden", [(np.float32, 301), (np.float32, 1040), (np.float16, 1040)])
+def test_norms_on_rows_wider_than_registers(kb, rng, monkeypatch, dtype, hidden):
+    # caps the block so that a small row overflows ITEMS chunks per thread and takes the re-read
+    # path: element by element at 301, in 16-byte chunks at 1040
     monkeypatch.setattr(norm, "MAX_THREADS", 32)
-    x = random(rng, (2, 300))
-    weight = random(rng, 300)
-    out = poisoned(kb, x.shape, np.float32)
+    x = random(rng, (2, hidden), dtype)
+    residual = random(rng, (2, hidden), dtype)
+    weight = random(rng, hidden, dtype)
+    out = poisoned(kb, x.shape, dtype)
     norm.rms_norm(kb.asarray(x), kb.asarray(weight), EPS, out)
-    assert rel_err(kb.to_host(out), reference.rms_norm(x, weight, EPS, np.empty_like(x))) < 1e-5
+    want = reference.rms_norm(x, weight, EPS, np.empty(x.shape, np.float32))
+    assert rel_err(kb.to_host(out), want) < tolerance(dtype)
+    residual_d = kb.asarray(residual.copy())
+    norm.add_rms_norm(kb.asarray(x), residual_d, kb.asarray(weight), EPS, out)
+    want = reference.add_rms_norm(x, residual, weight, EPS, np.empty(x.shape, np.float32))
+    assert rel_err(kb.to_host(residual_d), residual) < tolerance(dtype)
+    assert rel_err(kb.to_host(out), want) < tolerance(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("aligned", [True, False])
+def test_norms_take_the_16_byte_path_only_when_aligned(kb, rng, monkeypatch, dtype, aligned):
+    widths = record_widths(monkeypatch, norm)
+    x = random(rng, (3, 64), dtype)
+    residual = random(rng, (3, 64), dtype)
+    weight = random(rng, 64, np.float32)  # float32 weight beside float16 x: 4-wide weight loads
+    out = poisoned(kb, x.shape, dtype)
+    norm.rms_norm(placed(kb, x, aligned), kb.asarray(weight), EPS, out)
+    want = reference.rms_norm(x, weight, EPS, np.empty(x.shape, np.float32))
+    assert rel_err(kb.to_host(out), want) < tolerance(dtype)
+    residual_d = placed(kb, residual, True)
+    norm.add_rms_norm(placed(kb, x, aligned), residual_d, kb.asarray(weight), EPS, out)
+    want = reference.add_rms_norm(x, residual, weight, EPS, np.empty(x.shape, np.float32))
+    assert rel_err(kb.to_host(residual_d), residual) < tolerance(dtype)
+    assert rel_err(kb.to_host(out), want) < tolerance(dtype)
+    vec = 16 // np.dtype(dtype).itemsize
+    assert widths == ([vec, 4] * 2 if aligned else [1, 1] * 2)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])

@@ -280,6 +280,21 @@ def test_linear_matches_per_element_dot_products(rng, dtype, bias, res):
     assert rel_err(out, want) < tolerance(dtype)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_linear_silu_mul_is_silu_of_the_gate_row_times_the_up_row(rng, dtype):
+    m, inter, k = 3, 4, 9
+    x, weight = random(rng, (m, k), dtype), random(rng, (2 * inter, k), dtype)
+    want = np.empty((m, inter))
+    for i in range(m):
+        for j in range(inter):
+            gate = sum(float(x[i, c]) * float(weight[j, c]) for c in range(k))
+            up = sum(float(x[i, c]) * float(weight[inter + j, c]) for c in range(k))
+            want[i, j] = gate / (1.0 + math.exp(-gate)) * up
+    out = np.full((m, inter), np.nan, dtype)
+    assert reference.linear_silu_mul(x, weight, out) is out
+    assert rel_err(out, want) < tolerance(dtype)
+
+
 def test_embedding_shards_give_their_rows_and_zeros_elsewhere_and_sum_to_the_table(rng):
     vocab, hidden = 11, 5
     table = random(rng, (vocab, hidden))

@@ -3,6 +3,7 @@ import pytest
 
 from infinilm_nb.kernels import reference, rope
 from tests.helpers import pick, random, rel_err, tolerance
+from tests.kernels.widths import placed, record_widths
 
 LLAMA3_SCALING = {
     "rope_type": "llama3",
@@ -59,6 +60,24 @@ def test_rope_on_separate_arrays(kb, rng):
     assert rel_err(kb.to_host(k_d), k) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("qkv_aligned,table_aligned", [(True, True), (True, False), (False, True)])
+def test_rope_takes_the_16_byte_paths_only_when_aligned(kb, rng, monkeypatch, dtype, qkv_aligned, table_aligned):
+    widths = record_widths(monkeypatch, rope)
+    tokens, q_heads, kv_heads, head_dim = 3, 2, 1, 32
+    cos_sin = reference.rope_cache(head_dim, 40, 10000.0)
+    positions = rng.integers(0, 40, tokens).astype(np.int32)
+    qkv = random(rng, (tokens, (q_heads + 2 * kv_heads) * head_dim), dtype)
+    qkv_d = placed(kb, qkv, qkv_aligned)
+    table = placed(kb, cos_sin, table_aligned)
+    rope.rope(*fused_views(qkv_d, q_heads, kv_heads, head_dim), kb.asarray(positions), table)
+    want = qkv.astype(np.float32)
+    reference.rope(*fused_views(want, q_heads, kv_heads, head_dim), positions, cos_sin)
+    assert rel_err(kb.to_host(qkv_d), want) < tolerance(dtype)
+    vec = 16 // np.dtype(dtype).itemsize if qkv_aligned else 1
+    assert widths == [vec, 4 if qkv_aligned and table_aligned else 1]
+
+
 def test_rope_rejects_bad_arguments(kb, rng):
     cos_sin = kb.asarray(reference.rope_cache(8, 16, 10000.0))
     positions = kb.asarray(np.arange(3, dtype=np.int32))
@@ -80,3 +99,5 @@ def test_rope_rejects_bad_arguments(kb, rng):
         rope.rope(q, k, positions, kb.asarray(reference.rope_cache(8, 16, 10000.0).astype(np.float16)))
     with pytest.raises(ValueError, match="rope: q must be unit-stride along its last axis"):
         rope.rope(kb.asarray(random(rng, (3, 2, 16)))[:, :, ::2], k, positions, cos_sin)
+    with pytest.raises(ValueError, match=r"rope: k must have non-negative strides, got \(-128, "):
+        rope.rope(q, k[::-1], positions, cos_sin)

@@ -1,0 +1,211 @@
+"""The float16 decode linear on tensor cores: ``out = x @ weight.T``, M <= 32, at the memory roofline.
+
+Decode reads every weight once and uses it for M rows of x; on CUDA cores that costs M float32 FMAs
+per 2-byte weight, which at M = 16..32 outruns the FMA units before the memory. Here each weight
+goes through ``mma.sync`` m16n8k16 (:mod:`.mma`) with W as the A operand (16 weight rows) and x as
+B (8 rows of x), so the arithmetic is free and the kernel only streams W.
+
+* A warp owns ``16 * tiles_w`` weight rows and all ``8 * tiles_x`` rows of x, and walks one
+  slice of K in steps of 32 columns. At each step lane ``(g, t) = (lane // 4, lane % 4)`` loads
+  16 bytes of weight rows ``g`` and ``g + 8`` of each W tile, and 16 bytes of x row ``g`` of each
+  x tile, all at column ``step * 32 + 8 t``. The product sums over K, so K may be permuted as long
+  as A and B agree: those 8 columns feed the lane's four A / two B k-positions of two mma
+  (words 0-1, then 2-3), without shuffles or shared memory.
+* ``unroll`` steps of loads are issued before their mma, so each lane keeps ``unroll * 2 *
+  tiles_w`` 16-byte weight loads in flight. Weight loads skip L1 (read once); x loads go through
+  it (every warp re-reads x).
+* A block is ``warps_k`` warps splitting K (interleaved by ``unroll`` steps, so a block reads each
+  row in long runs) times ``warps_n`` warps on neighbouring rows. Every warp runs the same number
+  of steps, those past K masked to zero, so the block stays in step (the simulator's shuffles need
+  that). The split-K partial sums meet in shared memory and are added in a fixed order (no
+  atomics: results do not depend on timing), then the epilogue adds bias and residual, or (fused)
+  pairs gate row n with up row ``n + N`` and writes ``silu(gate) * up``.
+
+Rows past N and x rows past M are clamped for loading and never stored. K must be a multiple of 8
+and x and weight 16-byte aligned (the launcher checks).
+
+Measured on an H200 (graph-timed, weights rotated, Llama-3-8B shapes, :mod:`bench.gemm_sweep`): the
+wide shapes (gate-up, down, lm_head) reach 83-102% of copy bandwidth up to M = 16; QKV and o stop at
+60-80% because one launch of 34-50 MB is latency-bound (a bare 16-byte read of the same bytes reaches
+81-87%); at M = 32 each warp re-reads x (x traffic is M / rows per block of the weight's), 46-82%.
+The L2 prefetch hint of the weight loads was worth 1.1-1.4x; a cp.async ring in shared memory,
+register double-buffering and an L1-leaning carveout measured no faster.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable
+
+from numba import cuda, float32, int64, uint32
+
+from .common import SIMULATOR
+from .mma import load_words, load_words_stream, mma_16816
+
+WARP = 32
+CHUNK = 8  # float16 per 16-byte load
+STEP_K = 4 * CHUNK  # columns of K per step: 4 lanes of a row, 16 bytes each
+SHARED_BYTES = 48 * 1024
+
+
+@dataclass(frozen=True)
+class MmaConfig:
+    """One compiled variant: tiles per warp, warps per block, loads in flight."""
+
+    tiles_w: int  # 16-row W tiles per warp; even when fused (half gate, half up)
+    tiles_x: int  # 8-row x tiles (covers M)
+    warps_n: int  # warps on different rows
+    warps_k: int  # warps splitting K
+    unroll: int  # steps whose loads are issued together
+    fused: bool = False  # SiLU-mul epilogue over [gate | up] weight rows
+
+    @property
+    def threads(self) -> int:
+        return WARP * self.warps_n * self.warps_k
+
+    @property
+    def outputs_per_warp(self) -> int:
+        """Output columns (n) per warp: 16 per W tile, half of them when gate and up pair up."""
+        return 16 * self.tiles_w // (2 if self.fused else 1)
+
+    @property
+    def outputs_per_block(self) -> int:
+        return self.outputs_per_warp * self.warps_n
+
+    @property
+    def shared_floats(self) -> int:
+        """Shared memory of the split-K reduction: every warp's partial sums."""
+        return self.warps_k * self.warps_n * self.tiles_w * self.tiles_x * 4 * WARP
+
+    @property
+    def words(self) -> int:
+        """32-bit values a lane keeps in registers: the loaded words and the sums. Past about 160,
+        NVVM 12.9 stops unrolling the loops over them and they go to local memory."""
+        return 4 * self.unroll * (2 * self.tiles_w + self.tiles_x) + 4 * self.tiles_w * self.tiles_x
+
+
+@cuda.jit(device=True)
+def silu(value):
+    """``value * sigmoid(value)`` in float32."""
+    return value / (float32(1) + math.exp(-value))
+
+
+@lru_cache(maxsize=None)
+def mma_kernel(config: MmaConfig) -> Callable:
+    """The kernel for ``config``; signature as :func:`.gemm.kernel_signature` (float16)."""
+    tiles_w, tiles_x = config.tiles_w, config.tiles_x
+    warps_n, warps_k, unroll, fused = config.warps_n, config.warps_k, config.unroll, config.fused
+    assert config.shared_floats * 4 <= SHARED_BYTES, config
+    rows_w = 2 * tiles_w  # weight rows a lane loads per step (g and g + 8 of each tile)
+    tiles_out = tiles_w // 2 if fused else tiles_w  # W tiles whose rows are outputs (gate tiles)
+    per_warp = 16 * tiles_out
+    per_block = per_warp * warps_n
+    acc_size = tiles_w * tiles_x * 4
+    w_words = unroll * rows_w * 4
+    x_words = unroll * tiles_x * 4
+    slot = warps_n * acc_size * WARP  # one warp_k's partial sums in shared memory
+    shared_size = config.shared_floats
+    outputs = warps_n * tiles_out * tiles_x * 4 * WARP  # output values per block, as fragments
+    threads = config.threads
+
+    @cuda.jit(device=True, **({} if SIMULATOR else {"forceinline": True}))
+    def load_step(x, weight, K, w_base, x_base, first, w, xw):
+        """Load ``unroll`` steps from this lane's column ``first`` on; columns past K read as zeros."""
+        for u in range(unroll):
+            k = first + u * STEP_K
+            inside = k < K
+            k = min(k, K - CHUNK)
+            for r in range(rows_w):
+                v = load_words_stream(weight, w_base[r] + k)
+                for q in range(4):
+                    w[(u * rows_w + r) * 4 + q] = v[q] if inside else uint32(0)
+            for ib in range(tiles_x):
+                v = load_words(x, x_base[ib] + k)
+                for q in range(4):
+                    xw[(u * tiles_x + ib) * 4 + q] = v[q] if inside else uint32(0)
+
+    @cuda.jit(device=True, **({} if SIMULATOR else {"forceinline": True}))
+    def multiply(w, xw, acc):
+        """``acc += W x`` over the loaded steps: words 0-1 of each 16-byte chunk, then words 2-3."""
+        for u in range(unroll):
+            for half in range(2):
+                for ia in range(tiles_w):
+                    wa = (u * rows_w + 2 * ia) * 4 + 2 * half  # row g; row g + 8 is 4 words on
+                    for ib in range(tiles_x):
+                        xa = (u * tiles_x + ib) * 4 + 2 * half
+                        i = (ia * tiles_x + ib) * 4
+                        d = mma_16816(
+                            w[wa], w[wa + 4], w[wa + 1], w[wa + 5], xw[xa], xw[xa + 1],
+                            acc[i], acc[i + 1], acc[i + 2], acc[i + 3],
+                        )  # fmt: skip
+                        for q in range(4):
+                            acc[i + q] = d[q]
+
+    def kernel(x, weight, bias, residual, out, M, N, K, has_bias, has_residual):
+        tid = cuda.threadIdx.x
+        lane = tid % WARP
+        warp = tid // WARP
+        wn = warp // warps_k
+        wk = warp - wn * warps_k
+        g = lane // 4
+        t = lane % 4
+        n0 = cuda.blockIdx.x * per_block + wn * per_warp
+        stride = 4 * warps_k * unroll * CHUNK  # columns one iteration of the block covers
+        iterations = (K + stride - 1) // stride
+        first = (wk * unroll * 4 + t) * CHUNK  # this lane's column at step 0 of iteration 0
+
+        w_base = cuda.local.array(rows_w, int64)
+        for ia in range(tiles_w):
+            for h in range(2):
+                n = min(n0 + 16 * (ia % tiles_out) + 8 * h + g, N - 1)
+                w_base[2 * ia + h] = (n + (N if ia >= tiles_out else 0)) * K
+        x_base = cuda.local.array(tiles_x, int64)
+        for ib in range(tiles_x):
+            x_base[ib] = min(8 * ib + g, M - 1) * K
+
+        acc = cuda.local.array(acc_size, float32)
+        for i in range(acc_size):
+            acc[i] = 0
+        w = cuda.local.array(w_words, uint32)
+        xw = cuda.local.array(x_words, uint32)
+        for it in range(iterations):
+            load_step(x, weight, K, w_base, x_base, first + it * stride, w, xw)
+            multiply(w, xw, acc)
+
+        # Each warp parks its partial sums in its slot; then each output's thread adds the warps_k
+        # partial sums in order (no atomics: results do not depend on timing). Output e is register c
+        # of tile (ia, ib) in lane e % 32 of the warps wn: W row 16 ia + 8 (c // 2) + g, x row
+        # 8 ib + 2 t + c % 2; when fused, its up partner is tile ia + tiles_out in the same lane.
+        partial = cuda.shared.array(shared_size, float32)
+        for i in range(acc_size):
+            partial[wk * slot + (wn * acc_size + i) * WARP + lane] = acc[i]
+        cuda.syncthreads()
+        for e in range(tid, outputs, threads):
+            src_lane = e % WARP
+            fragment = e // WARP
+            c = fragment % 4
+            ib = (fragment // 4) % tiles_x
+            ia = (fragment // (4 * tiles_x)) % tiles_out
+            src_wn = fragment // (4 * tiles_x * tiles_out)
+            m = 8 * ib + 2 * (src_lane % 4) + c % 2
+            n = cuda.blockIdx.x * per_block + src_wn * per_warp + 16 * ia + 8 * (c // 2) + src_lane // 4
+            if m < M and n < N:
+                at = (src_wn * acc_size + (ia * tiles_x + ib) * 4 + c) * WARP + src_lane
+                total = float32(0)
+                for s in range(warps_k):
+                    total += partial[s * slot + at]
+                if fused:
+                    up = float32(0)
+                    for s in range(warps_k):
+                        up += partial[s * slot + at + tiles_out * tiles_x * 4 * WARP]
+                    total = silu(total) * up
+                else:
+                    if has_bias:
+                        total += float32(bias[n])
+                    if has_residual:
+                        total += float32(residual[m * N + n])
+                out[m * N + n] = total
+
+    return kernel

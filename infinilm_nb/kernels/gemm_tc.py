@@ -1,0 +1,299 @@
+"""The float16 prefill linear on tensor cores: ``out = x @ weight.T (+ bias) (+ residual)``, M >= 64.
+
+``weight`` is ``[N, K]`` row-major, which is exactly the "col" B operand of
+``mma.sync.m16n8k16.row.col`` with x as the row-major A operand, so neither operand is transposed.
+
+* A block computes a ``block_m x block_n`` tile of out with ``warps_m x warps_n`` warps, each owning
+  a ``(block_m / warps_m) x (block_n / warps_n)`` sub-tile as ``16 x 8`` mma tiles, float32
+  accumulators in registers.
+* K is walked ``BLOCK_K = 32`` columns at a time through a ``stages``-deep ring of shared-memory
+  tiles filled by ``cp.async`` (16 bytes per copy, L1 bypassed). One barrier per K tile: after it,
+  tile ``kt`` has landed for every thread and everyone is done with tile ``kt - 1``, whose slot the
+  copies for tile ``kt + stages - 1`` then refill while the warps compute on tile ``kt``.
+* Shared tiles are row-major with 64-byte rows (4 chunks of 16 bytes) and no padding (3 stages of
+  128 + 128 rows fill the 48 KB exactly); chunk ``c`` of row ``r`` is stored at chunk
+  ``c ^ ((r >> 1) & 3)``. ldmatrix reads one chunk column of 8 consecutive rows per phase: unswizzled
+  those would hit the same 4 banks twice over (4-way conflict), swizzled they cover all 32 banks.
+* Fragments come from ``ldmatrix.x4`` (see :mod:`.intrinsics` and :mod:`.mma` for the layouts): for
+  an A tile, lane ``l`` addresses row ``l % 16`` at k-chunk ``l // 16``, giving ``a0..a3``; for a pair
+  of B tiles (16 weight rows), lane ``l`` addresses row ``l % 8 + 8 (l // 16)`` at k-chunk
+  ``(l // 8) % 2``, giving ``b0, b1`` of the first tile then of the second.
+* Ragged edges: rows past M or N and K chunks past K are copied with ``src-size`` 0, which fills
+  the shared chunk with zeros (K % 8 == 0, so a 16-byte chunk is wholly inside K or wholly past it);
+  the epilogue stores only in-range elements.
+* Epilogue: each warp parks its accumulators, one 16-row tile row at a time, in its own slice of
+  the (then idle) shared memory and reads them back along n, so that stores are coalesced; it adds
+  ``bias`` and ``residual`` as in :func:`.gemm.linear`. Fused (``linear_silu_mul``): each warp's B
+  rows are half gate rows, half the matching up rows, so a warp holds both products of an output
+  and writes ``silu(gate) * up``.
+* Blocks are numbered in groups of ``GROUP_M`` tile rows, column by column, so that the blocks
+  resident at once share their x rows and weight rows in L2.
+
+Preconditions (the launcher in :mod:`.gemm` checks them): float16, K % 8 == 0, x and weight
+16-byte aligned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable
+
+from numba import cuda, float32, int32, int64, uint32
+
+from .common import TENSOR_CORES
+from .gemm_mma import silu
+from .intrinsics import cp_async_16, cp_async_commit, cp_async_wait_group, ldmatrix_x4, shared_address
+from .mma import mma_16816
+from .vector import inline_device
+
+# The switch: off (common.TENSOR_CORES, INFINILM_NB_TENSOR_CORES) sends every float16 prefill linear
+# to the CUDA-core tiled kernel.
+ENABLED = TENSOR_CORES
+MIN_M = 64  # smaller M is decode: gemm_mma.py / the CUDA-core decode kernel
+
+WARP = 32
+BLOCK_K = 32
+CHUNK = 8  # float16 per 16-byte copy
+CHUNKS_K = BLOCK_K // CHUNK  # 16-byte chunks per tile row
+ROW_BYTES = 2 * BLOCK_K
+SHARED_BYTES = 48 * 1024
+PARK_PAD = 4  # float32 of padding per row of parked accumulators (fewer bank conflicts)
+GROUP_M = 8  # tile rows per raster group
+
+
+@dataclass(frozen=True)
+class TcConfig:
+    """One compiled variant of the tensor-core GEMM."""
+
+    block_m: int = 128
+    block_n: int = 128  # weight rows per block (fused: half gate, half up)
+    warps_m: int = 2
+    warps_n: int = 4
+    stages: int = 3
+    fused: bool = False
+
+    @property
+    def threads(self) -> int:
+        return WARP * self.warps_m * self.warps_n
+
+    @property
+    def outputs_n(self) -> int:
+        """Output columns per block."""
+        return self.block_n // 2 if self.fused else self.block_n
+
+    @property
+    def shared_bytes(self) -> int:
+        return self.stages * (self.block_m + self.block_n) * ROW_BYTES
+
+    def check(self) -> None:
+        """Raise ``ValueError`` for a geometry the kernel does not support."""
+        wm, wn = self.block_m // self.warps_m, self.block_n // self.warps_n
+        ok = (
+            wm % 16 == 0
+            and wn % 16 == 0
+            and (self.block_m * CHUNKS_K) % self.threads == 0
+            and (self.block_n * CHUNKS_K) % self.threads == 0
+            and self.stages >= 2
+            and self.shared_bytes <= SHARED_BYTES
+            and self.warps_m * self.warps_n * 16 * (wn + PARK_PAD) * 4 <= self.shared_bytes
+            and (not self.fused or (wn // 2) % 8 == 0)
+        )
+        if not ok:
+            raise ValueError(f"unsupported tensor-core GEMM geometry {self}")
+
+
+def tc_config(M: int, fused: bool = False) -> TcConfig:
+    """The variant for M rows: 128 x 128 tiles of 8 warps; 64 x 128 tiles of 4 warps when M is small
+    enough that 128-row tiles would leave SMs idle (threshold to tune on the GPU). Both give each warp
+    a 64 x 32 sub-tile: 6 ldmatrix per 16 mma."""
+    if M <= 1024:
+        return TcConfig(block_m=64, block_n=128, warps_m=1, warps_n=4, stages=4, fused=fused)
+    return TcConfig(fused=fused)
+
+
+@lru_cache(maxsize=None)
+def tc_kernel(config: TcConfig) -> Callable:
+    """The kernel for ``config``; signature :func:`.gemm.kernel_signature` (float16), launched on a
+    1-D grid of ``cdiv(N, config.outputs_n) * cdiv(M, config.block_m)`` blocks of ``config.threads`` threads."""
+    config.check()
+    BM, BN, STAGES, FUSED = config.block_m, config.block_n, config.stages, config.fused
+    WARPS_M, WARPS_N = config.warps_m, config.warps_n
+    THREADS = config.threads
+    WM, WN = BM // WARPS_M, BN // WARPS_N  # warp sub-tile
+    MT, NT = WM // 16, WN // 8  # mma tiles per warp along m and n
+    HALF = WN // 2  # fused: gate rows per warp, then as many up rows
+    OUT_N = config.outputs_n
+    A_LOADS = BM * CHUNKS_K // THREADS  # 16-byte copies per thread per K tile
+    B_LOADS = BN * CHUNKS_K // THREADS
+    ROWS_PER_PASS = THREADS // CHUNKS_K
+    A_STAGE, B_STAGE = BM * ROW_BYTES, BN * ROW_BYTES
+    B_OFFSET = STAGES * A_STAGE
+    SMEM_WORDS = config.shared_bytes // 4
+    PARK_STRIDE = WN + PARK_PAD  # float32 per parked accumulator row
+    PARK_WORDS = 16 * PARK_STRIDE  # one warp's slice: a 16-row tile row
+    OUT_W = HALF if FUSED else WN  # output columns per warp
+    PENDING = STAGES - 2  # groups allowed in flight when a tile must have landed
+    ACC = MT * NT * 4
+    A_FRAGS, B_FRAGS = MT * 4, NT * 2  # fragment words per k-step
+
+    @inline_device
+    def k_step(a_k, b_k, af, bf, acc):
+        """One 16-deep k-step of the warp's sub-tile: ldmatrix its fragments from the shared
+        addresses of A tile 0 and B pair 0 (the others 16 rows apart), then MT x NT mma."""
+        for mi in range(MT):
+            v = ldmatrix_x4(a_k + mi * 16 * ROW_BYTES)
+            for q in range(4):
+                af[4 * mi + q] = v[q]
+        for p in range(NT // 2):
+            v = ldmatrix_x4(b_k + p * 16 * ROW_BYTES)
+            for q in range(4):
+                bf[4 * p + q] = v[q]  # b0, b1 of n tile 2p, then of n tile 2p + 1
+        for mi in range(MT):
+            for ni in range(NT):
+                i = (mi * NT + ni) * 4
+                d = mma_16816(
+                    af[4 * mi], af[4 * mi + 1], af[4 * mi + 2], af[4 * mi + 3], bf[2 * ni], bf[2 * ni + 1],
+                    acc[i], acc[i + 1], acc[i + 2], acc[i + 3],
+                )  # fmt: skip
+                for q in range(4):
+                    acc[i + q] = d[q]
+
+    def kernel(x, weight, bias, residual, out, M, N, K, has_bias, has_residual):
+        tid = cuda.threadIdx.x
+        lane = tid % WARP
+        warp = tid // WARP
+        wm = warp // WARPS_N
+        wn = warp - wm * WARPS_N
+        # Grouped raster: consecutive blocks walk GROUP_M tile rows down one tile column, then the
+        # next column, so that the blocks resident at once share a few rows of x and columns of
+        # weight in L2 instead of sweeping the whole weight for every row of tiles.
+        tiles_n = (N + OUT_N - 1) // OUT_N
+        tiles_m = (M + BM - 1) // BM
+        per_group = GROUP_M * tiles_n
+        first_m = (cuda.blockIdx.x // per_group) * GROUP_M
+        rows_in_group = min(tiles_m - first_m, GROUP_M)
+        in_group = cuda.blockIdx.x % per_group
+        m0 = (first_m + in_group % rows_in_group) * BM
+        n0 = (in_group // rows_in_group) * OUT_N
+        # float16 tiles addressed by byte (ldmatrix / cp.async need 16-byte aligned rows); float32 in the epilogue
+        smem = cuda.shared.array(SMEM_WORDS, float32, alignment=128)
+        base = int32(shared_address(smem, 0))
+        k_tiles = int32((K + BLOCK_K - 1) // BLOCK_K)
+
+        # This thread's copies: chunk column c of rows tid // 4 + i * ROWS_PER_PASS of each tile.
+        # Per copy: the source row's first element (0 past the edge), its byte count (16, or 0 to
+        # zero-fill) and its swizzled shared offset within a stage.
+        c = tid % CHUNKS_K
+        a_src = cuda.local.array(A_LOADS, int64)
+        a_bytes = cuda.local.array(A_LOADS, int32)
+        a_dst = cuda.local.array(A_LOADS, int32)
+        for i in range(A_LOADS):
+            r = tid // CHUNKS_K + i * ROWS_PER_PASS
+            inside = m0 + r < M
+            a_src[i] = (m0 + r) * K if inside else 0
+            a_bytes[i] = 16 if inside else 0
+            a_dst[i] = r * ROW_BYTES + ((c ^ ((r >> 1) & 3)) << 4)
+        b_src = cuda.local.array(B_LOADS, int64)
+        b_bytes = cuda.local.array(B_LOADS, int32)
+        b_dst = cuda.local.array(B_LOADS, int32)
+        for i in range(B_LOADS):
+            r = tid // CHUNKS_K + i * ROWS_PER_PASS
+            if FUSED:
+                j = r % WN  # row j of warp slice r // WN: gate rows first, then the matching up rows
+                n = n0 + (r // WN) * HALF + j % HALF
+                row = n + N if j >= HALF else n
+            else:
+                n = n0 + r
+                row = n
+            b_src[i] = row * K if n < N else 0
+            b_bytes[i] = 16 if n < N else 0
+            b_dst[i] = r * ROW_BYTES + ((c ^ ((r >> 1) & 3)) << 4)
+
+        # This lane's ldmatrix offsets (bytes within a stage) at k-step 0 of a tile, for A tile 0 and
+        # B tile pair 0. The swizzle only depends on the row mod 8, so the next A tile (B pair) is
+        # 16 rows on at the same swizzle, and k-step 1 flips chunk bit 1 (offset ^ 32).
+        r = wm * WM + lane % 16
+        a_frag = r * ROW_BYTES + (((lane // 16) ^ ((r >> 1) & 3)) << 4)
+        r = wn * WN + lane % 8 + 8 * (lane // 16)
+        b_frag = r * ROW_BYTES + ((((lane // 8) % 2) ^ ((r >> 1) & 3)) << 4)
+
+        acc = cuda.local.array(ACC, float32)
+        for i in range(ACC):
+            acc[i] = 0
+
+        # Prologue: tiles 0 .. STAGES - 2 in flight, one commit group each (empty past K).
+        k = c * CHUNK  # this thread's column in the next tile to copy
+        for s in range(STAGES - 1):
+            if s < k_tiles:
+                inside = k < K
+                kk = k if inside else 0
+                a_stage = base + s * A_STAGE
+                b_stage = base + B_OFFSET + s * B_STAGE
+                for i in range(A_LOADS):
+                    cp_async_16(a_stage + a_dst[i], x, a_src[i] + kk, a_bytes[i] if inside else 0)
+                for i in range(B_LOADS):
+                    cp_async_16(b_stage + b_dst[i], weight, b_src[i] + kk, b_bytes[i] if inside else 0)
+            cp_async_commit()
+            k += BLOCK_K
+
+        af = cuda.local.array(A_FRAGS, uint32)
+        bf = cuda.local.array(B_FRAGS, uint32)
+        read = int32(0)  # the stage computed on
+        write = int32(STAGES - 1)  # the stage refilled
+        for kt in range(k_tiles):
+            cp_async_wait_group(PENDING)
+            cuda.syncthreads()  # tile kt landed for all; all are done with tile kt - 1 (stage `write`)
+            if kt + STAGES - 1 < k_tiles:
+                inside = k < K
+                kk = k if inside else 0
+                a_stage = base + write * A_STAGE
+                b_stage = base + B_OFFSET + write * B_STAGE
+                for i in range(A_LOADS):
+                    cp_async_16(a_stage + a_dst[i], x, a_src[i] + kk, a_bytes[i] if inside else 0)
+                for i in range(B_LOADS):
+                    cp_async_16(b_stage + b_dst[i], weight, b_src[i] + kk, b_bytes[i] if inside else 0)
+            cp_async_commit()
+            k += BLOCK_K
+
+            a_stage = base + read * A_STAGE
+            b_stage = base + B_OFFSET + read * B_STAGE
+            k_step(a_stage + a_frag, b_stage + b_frag, af, bf, acc)
+            k_step(a_stage + (a_frag ^ 32), b_stage + (b_frag ^ 32), af, bf, acc)
+            read = read + 1 if read < STAGES - 1 else 0
+            write = write + 1 if write < STAGES - 1 else 0
+
+        # Epilogue, one 16-row mma tile row at a time, each warp on its own: the warp parks its
+        # accumulators of tile row mi in its own slice of shared memory (fragment layout: lane
+        # (g, t) holds rows g, g + 8 and columns 2t, 2t + 1 of each mma tile), then reads them back
+        # a row at a time, lanes along n, so that stores are coalesced and accumulators die early.
+        cp_async_wait_group(0)
+        cuda.syncthreads()  # every warp is done reading the pipeline's tiles
+        park = warp * PARK_WORDS
+        g = lane // 4
+        t = lane % 4
+        n_warp = n0 + wn * OUT_W
+        for mi in range(MT):
+            for ni in range(NT):
+                for q in range(4):
+                    smem[park + (g + 8 * (q // 2)) * PARK_STRIDE + ni * 8 + 2 * t + q % 2] = acc[(mi * NT + ni) * 4 + q]
+            cuda.syncwarp()
+            m_tile = m0 + wm * WM + mi * 16
+            for e in range(lane, 16 * OUT_W, WARP):
+                row = e // OUT_W
+                j = e - row * OUT_W
+                m = m_tile + row
+                n = n_warp + j
+                if m < M and n < N:
+                    if FUSED:
+                        value = silu(smem[park + row * PARK_STRIDE + j]) * smem[park + row * PARK_STRIDE + j + HALF]
+                    else:
+                        value = smem[park + row * PARK_STRIDE + j]
+                        if has_bias:
+                            value += float32(bias[n])
+                        if has_residual:
+                            value += float32(residual[m * N + n])
+                    out[m * N + n] = value
+            cuda.syncwarp()  # the slice is read before the next tile row overwrites it
+
+    return kernel
