@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: install what it lacks, run the GPU tests, run the benchmarks,
-# print a short table last. Usage (from the repo root there): bash scripts/gpu_session.sh [tests|bench|all] [pytest args...]
+# print a short table last. Usage (from the repo root there):
+#   bash scripts/gpu_session.sh tests [pytest args and paths]   # default paths: tests/kernels tests/runtime
+#   bash scripts/gpu_session.sh bench [bench/kernels.py args]   # e.g. --only gemm,elementwise
+#   bash scripts/gpu_session.sh e2e [--layers N] [--no-hf]      # bench/decode.py then bench/throughput.py
+#   bash scripts/gpu_session.sh all                             # tests, kernels bench, e2e
+# The machine has no network: tests/convert (model downloads) stays out by default. Carry .whl
+# (NumPy 2.4, gguf) with the call.
 set -uo pipefail
 what=${1:-all}; shift || true
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -15,11 +21,23 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import numpy, numba, numba_cuda, cupy; print('numpy', numpy.__version__, 'numba', numba.__version__, 'numba-cuda', numba_cuda.__version__, 'cupy', cupy.__version__)"
 status=0
-if [[ $what == tests || $what == all ]]; then
-  python3 -m pytest -q -rs -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" "$@" tests 2>&1 | tee "$OUT/gpu-tests.log" | tail -40
+run_tests() {
+  local args=("$@") paths=0
+  for a in "${args[@]}"; do [[ $a == tests* ]] && paths=1; done
+  (( paths )) || args+=(tests/kernels tests/runtime)
+  python3 -m pytest -q -rs -p no:cacheprovider -m "not slow" --junitxml="$OUT/gpu-tests.xml" "${args[@]}" \
+    2>&1 | tee "$OUT/gpu-tests.log" | tail -40
   status=${PIPESTATUS[0]}
-fi
-if [[ $what == bench || $what == all ]]; then
-  python3 bench/kernels.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -60
-fi
+}
+run_e2e() {
+  python3 bench/decode.py --out "$OUT" --model-dir /tmp/rl8b "$@" 2>&1 | tee "$OUT/decode.log" | tail -25
+  python3 bench/throughput.py --out "$OUT" --model-dir /tmp/rl8b "$@" 2>&1 | tee "$OUT/throughput.log" | tail -15
+}
+case $what in
+  tests) run_tests "$@" ;;
+  bench) python3 bench/kernels.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" | tail -60 ;;
+  e2e) run_e2e "$@" ;;
+  all) run_tests; python3 bench/kernels.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -60; run_e2e ;;
+  *) echo "usage: $0 tests|bench|e2e|all [args]"; exit 2 ;;
+esac
 exit $status
