@@ -13,6 +13,7 @@ import pytest
 from infinilm_nb.kernels import attention_prefill, reference
 from infinilm_nb.kernels.common import compiled
 from tests.helpers import pick, poisoned, random, rel_err, tolerance
+from tests.kernels.test_attention import _paged_batch
 
 F16 = np.float16
 # (q heads, kv heads, head_dim, block_size): GQA 4, 3 and 1
@@ -23,23 +24,6 @@ BATCHES = {  # (queries n, context length L) per sequence
     "tile_edges": [(64, 64), (65, 130), (63, 63), (1, 1)],
     "mixed": [(200, 200), (1, 77), (0, 9), (70, 300), (1, 1000), (33, 33), (129, 140)],
 }
-
-
-def _paged_batch(rng, seqs, block_size):
-    """Random non-contiguous block tables (spare entries point at valid blocks), context lengths and
-    query offsets for ``seqs``; returns them and the number of blocks."""
-    need = [-(-length // block_size) for _, length in seqs]
-    width = max(need) + 1
-    num_blocks = sum(need) + 3
-    order = rng.permutation(num_blocks).astype(np.int32)
-    tables = rng.integers(0, num_blocks, size=(len(seqs), width), dtype=np.int32)
-    used = 0
-    for b, count in enumerate(need):
-        tables[b, :count] = order[used : used + count]
-        used += count
-    context_lens = np.array([length for _, length in seqs], np.int32)
-    qsl = np.concatenate([[0], np.cumsum([n for n, _ in seqs])]).astype(np.int32)
-    return tables, context_lens, qsl, num_blocks
 
 
 def _q_view(kb, rng, tokens, q_heads, kv_heads, dim):
