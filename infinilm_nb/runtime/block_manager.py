@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Protocol
 
-import numpy as np
-
 from .sequence import Sequence
 
 
@@ -55,8 +53,3 @@ class BlockManager:
     @property
     def num_free_blocks(self) -> int:
         return self.allocator.num_free
-
-    def slots(self, seq: Sequence, positions: np.ndarray) -> np.ndarray:
-        """int32 flat cache slots (``block * block_size + offset``) of ``seq``'s tokens at ``positions``."""
-        table = np.asarray(seq.block_table, dtype=np.int64)
-        return (table[positions // self.block_size] * self.block_size + positions % self.block_size).astype(np.int32)

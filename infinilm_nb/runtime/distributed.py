@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -87,6 +88,9 @@ def bind_device(info: RankInfo) -> None:
     cuda.select_device(info.device)
 
 
+ABORT_GRACE_S = 0.5
+
+
 def abort_job(rank: int, error: BaseException) -> NoReturn:
     """Print ``error``'s traceback, prefixed with the rank, and abort every rank of the MPI job."""
     text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
@@ -94,6 +98,9 @@ def abort_job(rank: int, error: BaseException) -> NoReturn:
     sys.stderr.flush()
     from mpi4py import MPI
 
+    # The launcher forwards each rank's output asynchronously and drops what is in flight when it
+    # tears the job down: give it a moment to pass the message on before the abort.
+    time.sleep(ABORT_GRACE_S)
     MPI.COMM_WORLD.Abort(1)
     raise SystemExit(1)  # not reached: Abort ends the process
 

@@ -17,22 +17,24 @@ from .scheduler import ScheduledStep, Scheduler
 from .sequence import Sequence
 from .tokenizer import Tokenizer
 
-_MASK64 = (1 << 64) - 1
-_GOLDEN = 0x9E3779B97F4A7C15
+_GOLDEN, _MIX1, _MIX2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_U1, _U27, _U30, _U31 = np.uint64(1), np.uint64(27), np.uint64(30), np.uint64(31)
 
 
-def splitmix64(value: int) -> int:
-    """The splitmix64 finaliser of ``value`` (a 64-bit integer)."""
-    z = value & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
-
-
-def step_seed(request_seed: int, num_generated: int) -> int:
-    """The sampler's uint64 seed for a request's next token: a pure function of its seed and of how
-    many tokens it has generated, so a seeded request gives the same tokens in any batch, preempted or not."""
-    return splitmix64(request_seed + (num_generated + 1) * _GOLDEN)
+def step_seeds(request_seeds: np.ndarray, num_generated: np.ndarray) -> np.ndarray:
+    """The sampler's uint64 seed for each request's next token: ``splitmix64(seed + (generated + 1) *
+    golden)``, a pure function of the request's seed and of how many tokens it has generated, so a
+    seeded request gives the same tokens in any batch, preempted or not. uint64 arrays in and out;
+    the arithmetic wraps mod 2**64."""
+    z = num_generated + _U1
+    z *= _GOLDEN
+    z += request_seeds
+    z ^= z >> _U30
+    z *= _MIX1
+    z ^= z >> _U27
+    z *= _MIX2
+    z ^= z >> _U31
+    return z
 
 
 @dataclass(eq=False)
@@ -140,7 +142,7 @@ class LLMEngine:
         self._requests[request_id] = _Request(
             seq=Sequence(request_id, prompt_token_ids, params),
             prompt=prompt,
-            seed=seed & _MASK64,
+            seed=seed % (1 << 64),  # a uint64: negative or wide seeds wrap
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_token_ids),
             holdback=max((len(s) for s in params.stop_strings), default=1) - 1,
         )
@@ -155,8 +157,10 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return bool(self._requests or self._failed)
 
-    def step(self) -> list[RequestOutput]:
-        """Run one step; the outputs of the requests that got a token or finished in it."""
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
+        """Run one step; the outputs of the requests that got a token or finished in it (with
+        ``finished_only``, of those that finished: no output is built per token for callers that do
+        not stream)."""
         outputs, self._failed = self._failed, []
         scheduled = self.scheduler.schedule()
         if scheduled is None:
@@ -165,10 +169,12 @@ class LLMEngine:
         for seq in self.scheduler.update(scheduled, tokens):
             request = self._requests[seq.request_id]
             self._check_stop(request, seq.token_ids[-1])
-            if request.finish_reason is not None:
+            finished = request.finish_reason is not None
+            if finished:
                 self.scheduler.finish(seq)
                 del self._requests[seq.request_id]
-            outputs.append(request.output())
+            if finished or not finished_only:
+                outputs.append(request.output())
         return outputs
 
     def execute(self, step: StepInput, sampling: SamplingArrays | None = None) -> np.ndarray | None:
@@ -184,13 +190,19 @@ class LLMEngine:
 
     def _sampling(self, scheduled: ScheduledStep) -> SamplingArrays:
         """The sampler's host parameters for each sequence of the step."""
-        params = [seq.params for seq in scheduled.seqs]
-        seeds = [step_seed(self._requests[seq.request_id].seed, seq.num_output_tokens) for seq in scheduled.seqs]
+        seqs = scheduled.seqs
+        n = len(seqs)
+        params = [seq.params for seq in seqs]
+        requests = self._requests
+        seeds = step_seeds(
+            np.fromiter((requests[seq.request_id].seed for seq in seqs), dtype=np.uint64, count=n),
+            np.fromiter((seq.num_output_tokens for seq in seqs), dtype=np.uint64, count=n),
+        )
         return SamplingArrays(
-            np.array([p.temperature for p in params], dtype=np.float32),
-            np.array([p.top_k for p in params], dtype=np.int32),
-            np.array([p.top_p for p in params], dtype=np.float32),
-            np.array(seeds, dtype=np.uint64),
+            np.fromiter((p.temperature for p in params), dtype=np.float32, count=n),
+            np.fromiter((p.top_k for p in params), dtype=np.int32, count=n),
+            np.fromiter((p.top_p for p in params), dtype=np.float32, count=n),
+            seeds,
         )
 
     def _sample(self, logits: Any, sampling: SamplingArrays) -> np.ndarray:

@@ -227,9 +227,8 @@ class LLM:
             for request_id, (text, token_ids), p in zip(ids, prompts, params):
                 self.engine.add_request(request_id, text, token_ids, p)
             while len(final) < len(ids):
-                for output in self.engine.step():
-                    if output.finished:
-                        final[output.request_id] = output
+                for output in self.engine.step(finished_only=True):
+                    final[output.request_id] = output
         finally:
             for request_id in ids:
                 if request_id not in final:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass
 
@@ -128,30 +129,36 @@ class Scheduler:
         self.num_preemptions += 1
 
     def _build(self, picked: list[tuple[Sequence, int]]) -> ScheduledStep:
-        """The host StepInput of the picked (sequence, new token count) pairs."""
-        token_ids, positions, slots = [], [], []
-        lengths = np.zeros(len(picked), dtype=np.int32)
-        widths = max(len(seq.block_table) for seq, _ in picked)
-        tables = np.zeros((len(picked), widths), dtype=np.int32)
-        for b, (seq, count) in enumerate(picked):
-            start = seq.num_computed_tokens
-            pos = np.arange(start, start + count, dtype=np.int32)
-            token_ids.append(np.asarray(seq.token_ids[start : start + count], dtype=np.int32))
-            positions.append(pos)
-            slots.append(self.blocks.slots(seq, pos))
-            lengths[b] = start + count
-            tables[b, : len(seq.block_table)] = seq.block_table
+        """The host StepInput of the picked (sequence, new token count) pairs, built with a few
+        whole-batch NumPy operations (no per-sequence arrays: this runs every decode step)."""
+        seqs = [seq for seq, _ in picked]
         counts = [count for _, count in picked]
-        query_start_loc = np.zeros(len(picked) + 1, dtype=np.int32)
+        num_seqs = len(picked)
+        starts = np.fromiter((seq.num_computed_tokens for seq in seqs), dtype=np.int32, count=num_seqs)
+        query_start_loc = np.zeros(num_seqs + 1, dtype=np.int32)
         np.cumsum(counts, out=query_start_loc[1:])
+        lengths = starts + query_start_loc[1:] - query_start_loc[:-1]
+        num_tokens = int(query_start_loc[-1])
+        if num_tokens == num_seqs:  # all decodes (or one-token chunks): one token per sequence
+            token_ids = np.fromiter((seq.token_ids[seq.num_computed_tokens] for seq in seqs), np.int32, num_seqs)
+            positions = starts
+            rows = np.arange(num_seqs)
+        else:
+            chunks = (seq.token_ids[seq.num_computed_tokens : seq.num_computed_tokens + n] for seq, n in picked)
+            token_ids = np.fromiter(itertools.chain.from_iterable(chunks), dtype=np.int32, count=num_tokens)
+            rows = np.repeat(np.arange(num_seqs), counts)
+            positions = np.arange(num_tokens, dtype=np.int32) + np.repeat(starts - query_start_loc[:-1], counts)
+        width = max(len(seq.block_table) for seq in seqs)
+        tables = np.array([seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs], dtype=np.int32)
+        block_size = self.blocks.block_size
+        slots = tables[rows, positions // block_size].astype(np.int64) * block_size + positions % block_size
         step = StepInput(
-            token_ids=np.concatenate(token_ids),
-            positions=np.concatenate(positions),
-            slot_mapping=np.concatenate(slots),
+            token_ids=token_ids,
+            positions=positions,
+            slot_mapping=slots.astype(np.int32),
             query_start_loc=query_start_loc,
             context_lens=lengths,
             block_tables=tables,
         )
-        seqs = [seq for seq, _ in picked]
         samples = [seq.num_computed_tokens + count == seq.num_tokens for seq, count in picked]
         return ScheduledStep(seqs=seqs, num_new_tokens=counts, samples=samples, step=step)
