@@ -255,19 +255,26 @@ _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
 
 
+def splitmix_stream(seeds: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``splitmix64(seed + (index + 1) * 0x9E3779B97F4A7C15)``: the ``index``-th number of the stream
+    ``seed`` starts, elementwise over uint64 arrays (broadcast), wrapping mod 2**64. The sampler's
+    noise and the engine's per-step seeds both come from it."""
+    with np.errstate(over="ignore"):
+        z = np.asarray(seeds, dtype=np.uint64) + (np.asarray(index, dtype=np.uint64) + np.uint64(1)) * _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * _MIX1
+        z = (z ^ (z >> np.uint64(27))) * _MIX2
+        return z ^ (z >> np.uint64(31))
+
+
 def gumbel_noise(seed: np.uint64, count: int) -> np.ndarray:
     """Float32 Gumbel(0, 1) noise for indices ``0 .. count - 1``, a pure function of (seed, index).
 
-    ``z = splitmix64(seed + (i + 1) * 0x9E3779B97F4A7C15)``; ``u = ((z >> 41) + 0.5) / 2**23``;
+    ``z = splitmix_stream(seed, i)``; ``u = ((z >> 41) + 0.5) / 2**23``;
     ``g = -log(-log(u))``, all in float32 after ``u``. The sampling kernel computes the same numbers.
     23 bits, so that ``u`` is exact in float32 and inside (0, 1): with 24, ``(2**24 - 1) + 0.5`` rounds
     to ``2**24``, ``u`` to 1 and ``g`` to +inf, once in 2**24 draws.
     """
-    with np.errstate(over="ignore"):
-        z = np.uint64(seed) + (np.arange(count, dtype=np.uint64) + np.uint64(1)) * _GOLDEN
-        z = (z ^ (z >> np.uint64(30))) * _MIX1
-        z = (z ^ (z >> np.uint64(27))) * _MIX2
-        z = z ^ (z >> np.uint64(31))
+    z = splitmix_stream(np.uint64(seed), np.arange(count, dtype=np.uint64))
     u = ((z >> np.uint64(41)).astype(F32) + F32(0.5)) * F32(1.0 / (1 << 23))
     return -np.log(-np.log(u))
 

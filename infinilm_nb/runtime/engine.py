@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from ..kernels import reference
 from ..outputs import CompletionOutput, RequestOutput
 from ..sampling_params import SamplingParams
 from .batch import SamplingArrays, StepInput
@@ -17,24 +18,11 @@ from .scheduler import ScheduledStep, Scheduler
 from .sequence import Sequence
 from .tokenizer import Tokenizer
 
-_GOLDEN, _MIX1, _MIX2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
-_U1, _U27, _U30, _U31 = np.uint64(1), np.uint64(27), np.uint64(30), np.uint64(31)
-
-
 def step_seeds(request_seeds: np.ndarray, num_generated: np.ndarray) -> np.ndarray:
-    """The sampler's uint64 seed for each request's next token: ``splitmix64(seed + (generated + 1) *
-    golden)``, a pure function of the request's seed and of how many tokens it has generated, so a
-    seeded request gives the same tokens in any batch, preempted or not. uint64 arrays in and out;
-    the arithmetic wraps mod 2**64."""
-    z = num_generated + _U1
-    z *= _GOLDEN
-    z += request_seeds
-    z ^= z >> _U30
-    z *= _MIX1
-    z ^= z >> _U27
-    z *= _MIX2
-    z ^= z >> _U31
-    return z
+    """The sampler's uint64 seed for each request's next token: the ``num_generated``-th number of
+    the request seed's splitmix stream, so a seeded request gives the same tokens in any batch,
+    preempted or not."""
+    return reference.splitmix_stream(request_seeds, num_generated)
 
 
 @dataclass(eq=False)
