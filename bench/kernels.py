@@ -1,7 +1,8 @@
 """Kernel microbenchmarks on the GPU: time, GB/s or TFLOP/s, % of roofline, ratio to the peer.
 
 Usage: ``python bench/kernels.py [--out DIR] [--only gemm,norm,...]``. Prints a table (GPU named),
-writes ``kernels.json`` and a roofline chart ``kernels.png`` (when matplotlib is installed) to DIR.
+writes ``kernels.json`` and a roofline chart ``kernels.png`` (when matplotlib is installed) to DIR,
+then lists every kernel the run compiled with its registers, local memory (spills) and shared memory.
 Peers: cuBLAS through CuPy (eager, weights rotated), torch SDPA (decode attention, through a torch
 CUDA graph); roofline: the measured device-to-device copy bandwidth.
 """
@@ -27,7 +28,7 @@ from bench.timing import (  # noqa: E402
     copies_needed, copy_bandwidth, gpu_name, time_eager, time_graph, time_torch_graph,
 )
 from infinilm_nb.backend import get_backend  # noqa: E402
-from infinilm_nb.kernels import reference  # noqa: E402
+from infinilm_nb.kernels import common, reference  # noqa: E402
 
 OPS = get_backend("cuda").ops
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN, VOCAB = 4096, 32, 8, 128, 14336, 128256
@@ -142,6 +143,13 @@ def bench_elementwise(copy_bw: float, tokens: int = 4096) -> list[Row]:
         out = cupy.empty((tokens, h), np.float16)
         return lambda: OPS.embedding(ids, w, out)
 
+    def sampler(temperature: float, top_p: float, rows: int = 32):
+        logits = rand((rows, VOCAB), np.float32)
+        params = (cupy.full(rows, temperature, np.float32), cupy.zeros(rows, np.int32),
+                  cupy.full(rows, top_p, np.float32), cupy.arange(rows, dtype=np.uint64))
+        out = cupy.empty(rows, np.int32)
+        return lambda: OPS.sample(logits, *params, out)
+
     act = tokens * h * 2
     add("rms_norm", f"{tokens}x{h}", 2 * act, norm)
     add("add_rms_norm", f"{tokens}x{h}", 4 * act, add_norm)
@@ -149,6 +157,8 @@ def bench_elementwise(copy_bw: float, tokens: int = 4096) -> list[Row]:
     add("silu_mul", f"{tokens}x{h}", 3 * act, silu)
     add("store_kv", f"{tokens}x8x128", 2 * 2 * 2 * tokens * KV_HEADS * HEAD_DIM, store)
     add("embedding", f"{tokens}x{h}", 2 * act, embed)
+    add("sample greedy", f"32x{VOCAB} f32", 32 * VOCAB * 4, lambda: sampler(0.0, 1.0))
+    add("sample top_p=0.9", f"32x{VOCAB} f32", 32 * VOCAB * 4, lambda: sampler(0.8, 0.9))
     return rows
 
 
@@ -358,6 +368,27 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def kernel_resources() -> list[dict[str, Any]]:
+    """Registers per thread, local memory per thread (non-zero means spills or a local array) and
+    static shared memory of every kernel compiled so far, one row per (kernel, signature)."""
+    rows = []
+    for (pyfunc, signature), kernel in sorted(common._compiled.items(), key=lambda item: item[0][0].__qualname__):
+        rows.append({
+            "kernel": f"{pyfunc.__module__.rsplit('.', 1)[-1]}.{pyfunc.__qualname__}",
+            "dtype": "float16" if "float16" in signature else "float32",
+            "registers": kernel.get_regs_per_thread(),
+            "local_bytes": kernel.get_local_mem_per_thread(),
+            "shared_bytes": kernel.get_shared_mem_per_block(),
+        })
+    return rows
+
+
+def print_resources(rows: list[dict[str, Any]]) -> None:
+    print(f"\n{'kernel':<48} {'dtype':<8} {'regs':>4} {'local B':>7} {'shared B':>8}")
+    for r in rows:
+        print(f"{r['kernel']:<48} {r['dtype']:<8} {r['registers']:>4} {r['local_bytes']:>7} {r['shared_bytes']:>8}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench/out"))
@@ -369,10 +400,12 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     for name in args.only.split(","):
         rows += SUITES[name](bw)
+    resources = kernel_resources()
     (args.out / "kernels.json").write_text(json.dumps(
         {"gpu": gpu_name(), "date": str(datetime.date.today()), "commit": commit(), "copy_gbps": bw / 1e9,
-         "rows": [asdict(r) | {"ratio": r.ratio} for r in rows]}, indent=1))
+         "rows": [asdict(r) | {"ratio": r.ratio} for r in rows], "resources": resources}, indent=1))
     plot(rows, args.out / "kernels.png", title)
+    print_resources(resources)
     print_table(rows, title)
     return 0
 

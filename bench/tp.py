@@ -58,6 +58,7 @@ def step_input(token_ids: list[int], start: int, num_blocks: int) -> Any:
         query_start_loc=np.array([0, len(token_ids)], dtype=np.int32),
         context_lens=np.array([start + len(token_ids)], dtype=np.int32),
         block_tables=np.arange(num_blocks, dtype=np.int32)[None, :],
+        max_query_len=len(token_ids),
     )
 
 

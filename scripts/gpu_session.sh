@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: install what it lacks, run the GPU tests, run the benchmarks,
 # print a short table last. Usage (from the repo root there):
-#   bash scripts/gpu_session.sh tests [pytest args and paths]   # default paths: tests/kernels tests/runtime
+#   bash scripts/gpu_session.sh tests [pytest args and paths]   # default: tests/kernels tests/runtime, then
+#                                                               # tests/runtime again with tensor cores on
 #   bash scripts/gpu_session.sh bench [bench/kernels.py args]   # e.g. --only gemm,elementwise
 #   bash scripts/gpu_session.sh e2e [--layers N] [--no-hf]      # bench/decode.py then bench/throughput.py
 #   bash scripts/gpu_session.sh all                             # tests, kernels bench, e2e
@@ -28,6 +29,11 @@ run_tests() {
   python3 -m pytest -q -rs -p no:cacheprovider -m "not slow" --junitxml="$OUT/gpu-tests.xml" "${args[@]}" \
     2>&1 | tee "$OUT/gpu-tests.log" | tail -40
   status=${PIPESTATUS[0]}
+  (( paths )) && return
+  # The kernel tests force the tensor-core paths on; the runtime's run above used the default.
+  INFINILM_NB_TENSOR_CORES=1 python3 -m pytest -q -rs -p no:cacheprovider -m "not slow" \
+    --junitxml="$OUT/gpu-tests-tc.xml" tests/runtime 2>&1 | tee "$OUT/gpu-tests-tc.log" | tail -15
+  (( status )) || status=${PIPESTATUS[0]}
 }
 run_e2e() {
   python3 bench/decode.py --out "$OUT" --model-dir /tmp/rl8b "$@" 2>&1 | tee "$OUT/decode.log" | tail -25

@@ -199,6 +199,7 @@ def paged_attention(
     query_start_loc: np.ndarray,
     scale: float,
     out: np.ndarray,
+    max_query_len: int | None = None,
 ) -> np.ndarray:
     """Causal attention of a flattened batch over a paged KV cache (prefill, decode or both).
 
@@ -209,6 +210,8 @@ def paged_attention(
     int32 ``[B + 1]``. Sequence b's ``n = qsl[b+1] - qsl[b]`` queries are its last n positions
     ``L - n .. L - 1`` (``L = context_lens[b]``), so a prefill with a cached prefix and a decode step
     (n = 1) are the same case. Query i attends to keys ``0 .. L - n + i``; softmax in float32.
+    ``max_query_len`` (the largest n, when the caller knows it) lets a kernel choose its prefill path;
+    the result does not depend on it.
     """
     block_size = k_cache.shape[1]
     group = q.shape[1] // k_cache.shape[2]
@@ -239,6 +242,7 @@ def static_attention(
     query_start_loc: np.ndarray,
     scale: float,
     out: np.ndarray,
+    max_query_len: int | None = None,
 ) -> np.ndarray:
     """:func:`paged_attention` over a static cache ``[num_slots, max_len, Hk, D]``.
 

@@ -3,8 +3,8 @@ SamplingArrays: the sampler's per-sequence parameters of a step."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
@@ -24,6 +24,11 @@ class StepInput:
     query_start_loc: np.ndarray  # int32 [B + 1]
     context_lens: np.ndarray  # int32 [B]
     block_tables: np.ndarray  # int32 [B, max_blocks]
+    max_query_len: int | None = None  # host int: the most tokens one sequence brings (None: not known)
+
+    ARRAY_FIELDS: ClassVar[tuple[str, ...]] = (
+        "token_ids", "positions", "slot_mapping", "query_start_loc", "context_lens", "block_tables",
+    )
 
     @property
     def num_tokens(self) -> int:
@@ -39,8 +44,9 @@ class StepInput:
         return (self.query_start_loc[1:] - 1).astype(np.int32)
 
     def to(self, backend: Any) -> "StepInput":
-        """A copy whose arrays live on ``backend`` (one host-to-device copy per field)."""
-        return StepInput(**{f.name: backend.asarray(getattr(self, f.name)) for f in fields(self)})
+        """A copy whose arrays live on ``backend`` (one host-to-device copy per array field)."""
+        arrays = {name: backend.asarray(getattr(self, name)) for name in self.ARRAY_FIELDS}
+        return StepInput(**arrays, max_query_len=self.max_query_len)
 
 
 class SamplingArrays(NamedTuple):

@@ -22,7 +22,7 @@ slot -1 (nothing is stored), context length 1 read through block 0 (a valid bloc
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -197,7 +197,7 @@ class DecodeGraphs:
         host_tokens = _host_buffer(self.backend, 4 * size).view(np.int32)
         return _Bucket(
             inputs=inputs,
-            step=StepInput(**{f.name: device[f.name] for f in fields(StepInput)}),
+            step=StepInput(**{name: device[name] for name in StepInput.ARRAY_FIELDS}, max_query_len=1),
             sampling=SamplingArrays(**{name: device[name] for name in SamplingArrays._fields}),
             buffers=self.model.activations.view(size, size, self.max_blocks * self.cache.block_size),
             tokens=tokens,

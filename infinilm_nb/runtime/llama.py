@@ -162,7 +162,7 @@ class LlamaAttention:
         extra = {} if buf.workspace is None else {"workspace": buf.workspace}
         ops.paged_attention(
             q, k_cache, v_cache, step.block_tables, step.context_lens, step.query_start_loc, self.scale, buf.context,
-            **extra,
+            max_query_len=step.max_query_len, **extra,
         )
         context = buf.context.reshape(buf.context.shape[0], -1)
         self.o_proj(context, buf.residual, residual=buf.residual)

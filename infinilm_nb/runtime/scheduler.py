@@ -159,6 +159,7 @@ class Scheduler:
             query_start_loc=query_start_loc,
             context_lens=lengths,
             block_tables=tables,
+            max_query_len=max(counts),
         )
         samples = [seq.num_computed_tokens + count == seq.num_tokens for seq, count in picked]
         return ScheduledStep(seqs=seqs, num_new_tokens=counts, samples=samples, step=step)

@@ -51,7 +51,8 @@ def make_step(batch: list[tuple[CachedSeq, list[int]]]) -> StepInput:
     for b, (seq, _) in enumerate(batch):
         tables[b, : len(seq.blocks)] = seq.blocks
     as32 = lambda values: np.asarray(values, dtype=np.int32)  # noqa: E731
-    return StepInput(as32(tokens), as32(positions), as32(slots), as32(starts), as32(lengths), tables)
+    longest = int(np.diff(starts).max())
+    return StepInput(as32(tokens), as32(positions), as32(slots), as32(starts), as32(lengths), tables, longest)
 
 
 def run_step(model, batch: list[tuple[CachedSeq, list[int]]]) -> np.ndarray:
