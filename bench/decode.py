@@ -1,12 +1,12 @@
 """End-to-end decode of a Llama-3-8B-shaped random-weight float16 model, beside HF transformers.
 
 Usage: ``python bench/decode.py [--out DIR] [--layers 32] [--prompt 128] [--tokens 256]
-[--batches 8,32,64] [--hf-tokens 64] [--no-hf] [--model-dir DIR]``.
+[--batches 8,32,64] [--long-prompt 2048] [--hf-tokens 64] [--no-hf] [--model-dir DIR]``.
 
 Batch 1: tokens/s and ms/token of the decode phase, time to first token, and the weight-read roofline
 (every weight byte once per step at the measured device-to-device copy bandwidth) with the share
 reached; the host time per decode step (the step's wall time minus the GPU time of its CUDA graph,
-replayed alone). Then tokens/s at larger batches, how many 4K-token sequences the KV cache holds at
+replayed alone). Then tokens/s at larger batches, the time to first token of one long prompt, how many 4K-token sequences the KV cache holds at
 ``gpu_memory_utilization=0.9``, and HF transformers (PyTorch eager, its default attention, float16,
 greedy ``generate``) on the same GPU in the same run, with fewer new tokens. Prints a table naming the
 GPU; writes ``decode.json`` to DIR.
@@ -107,8 +107,9 @@ def kv_capacity(llm: Any) -> dict[str, float]:
     }
 
 
-def hf_decode(directory: Path, prompt_len: int, new_tokens: int, seed: int = 0) -> dict[str, float]:
-    """transformers at batch 1: time to first token and decode tokens/s of greedy ``generate``."""
+def hf_decode(directory: Path, prompt_len: int, new_tokens: int, long_prompt: int, seed: int = 0) -> dict[str, float]:
+    """transformers at batch 1: time to first token (also of a ``long_prompt``-token prompt) and
+    decode tokens/s of greedy ``generate``."""
     import torch
 
     model = load_hf(directory)
@@ -118,9 +119,12 @@ def hf_decode(directory: Path, prompt_len: int, new_tokens: int, seed: int = 0) 
     hf_generate(model, ids, mask, 4)  # warm-up
     first = median(hf_generate(model, ids, mask, 1) for _ in range(3))
     total = hf_generate(model, ids, mask, new_tokens)
+    long_ids = torch.randint(0, model.config.vocab_size, (1, long_prompt), generator=generator).to("cuda")
+    hf_generate(model, long_ids, torch.ones_like(long_ids), 1)  # warm-up
+    long_first = median(hf_generate(model, long_ids, torch.ones_like(long_ids), 1) for _ in range(3))
     del model
     torch.cuda.empty_cache()
-    return {"tokens": new_tokens, "ttft_ms": 1e3 * first, "decode_tok_s": (new_tokens - 1) / (total - first),
+    return {"tokens": new_tokens, "ttft_ms": 1e3 * first, "long_ttft_ms": 1e3 * long_first, "decode_tok_s": (new_tokens - 1) / (total - first),
             "ms_per_token": 1e3 * (total - first) / (new_tokens - 1)}
 
 
@@ -140,6 +144,8 @@ def measure(args: argparse.Namespace, directory: Path, config: dict[str, Any]) -
     single["gpu_ms_per_step"] = 1e3 * gpu
     single["host_us_per_step"] = 1e6 * (single["ms_per_step"] / 1e3 - gpu)
     single["host_pct"] = 100 * (1 - gpu / (single["ms_per_step"] / 1e3))
+    run_batch(llm, 1, args.long_prompt, 2, seed=98)  # warm-up at the long prompt's shapes
+    long_ttft = median(run_batch(llm, 1, args.long_prompt, 2, seed=seed)["ttft_ms"] for seed in range(3))
     batches = []
     for batch in args.batches:
         row = run_batch(llm, batch, args.prompt, args.tokens, seed=batch)
@@ -150,7 +156,7 @@ def measure(args: argparse.Namespace, directory: Path, config: dict[str, Any]) -
     del llm
     free_gpu_memory()
     return {"copy_gbps": bandwidth / 1e9, "weight_gb": weight_bytes(config) / 1e9, "batch1": single,
-            "batches": batches, "memory": memory}
+            "batches": batches, "memory": memory, "long_prompt_ttft_ms": long_ttft}
 
 
 def print_report(result: dict[str, Any]) -> None:
@@ -169,6 +175,10 @@ def print_report(result: dict[str, Any]) -> None:
         print(f"{'HF transformers eager':<22} {1:>5} {hf['decode_tok_s']:>9.1f} {hf['ms_per_token']:>9.2f} "
               f"{hf['ttft_ms']:>8.1f}   ({hf['tokens']} new tokens)")
         print(f"speed-up at batch 1: {s['decode_tok_s'] / hf['decode_tok_s']:.1f}x HF transformers")
+    long = f"time to first token, {result['long_prompt']}-token prompt: {result['long_prompt_ttft_ms']:.1f} ms"
+    if hf is not None and "long_ttft_ms" in hf:
+        long += f"; HF transformers {hf['long_ttft_ms']:.1f} ms"
+    print(long)
     else:
         print(f"HF transformers: skipped ({result.get('hf_skipped')})")
     print(f"roofline: {s['roofline_tok_s']:.0f} tok/s (weights / copy bandwidth {result['copy_gbps']:.0f} GB/s); "
@@ -186,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=256, help="new tokens per sequence")
     parser.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",") if b], default=[8, 32, 64],
                         help="comma-separated batch sizes measured after batch 1")
+    parser.add_argument("--long-prompt", type=int, default=2048, help="prompt tokens of the time-to-first-token run")
     parser.add_argument("--hf-tokens", type=int, default=64, help="new tokens for HF transformers (it is slow)")
     parser.add_argument("--no-hf", action="store_true", help="skip HF transformers")
     parser.add_argument("--model-dir", type=Path, help="keep the random checkpoint here (reused if its config matches)")
@@ -202,11 +213,11 @@ def main(argv: list[str] | None = None) -> int:
             result["hf_skipped"] = "--no-hf"
         else:
             try:
-                result["hf"] = hf_decode(directory, args.prompt, args.hf_tokens)
+                result["hf"] = hf_decode(directory, args.prompt, args.hf_tokens, args.long_prompt)
             except Exception as error:  # the peer failing (no CUDA torch, no transformers) keeps our figures
                 result["hf_skipped"] = f"{type(error).__name__}: {error}"
     result.update(gpu=gpu_name(), date=str(datetime.date.today()), commit=commit(), layers=args.layers,
-                  prompt=args.prompt, tokens=args.tokens)
+                  prompt=args.prompt, tokens=args.tokens, long_prompt=args.long_prompt)
     result["title"] = f"{result['gpu']}  {result['date']}  commit {result['commit']}"
     (args.out / "decode.json").write_text(json.dumps(result, indent=1))
     print_report(result)

@@ -97,7 +97,7 @@ def resources() -> None:
             seen.add(config)
             kernel = compiled(mma_kernel(config), gemm.kernel_signature(np.float16))
             try:
-                sass = kernel.inspect_sass()
+                sass = "".join(kernel.inspect_sass().values())  # one entry per signature
             except Exception as error:  # nvdisasm missing: the counts read 0
                 print(f"no SASS ({type(error).__name__}: {error})"[:120])
                 sass = ""

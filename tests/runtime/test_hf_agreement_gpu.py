@@ -1,4 +1,11 @@
-"""Issue 4's GPU check: float16 on cuda against transformers float16 on the same GPU, teacher-forced."""
+"""Issue 4's GPU check: float16 on cuda against transformers on the same GPU, teacher-forced.
+
+The random model is initialised variance-preserving (weights ``N(0, 1/hidden)``, as a trained model's
+layers roughly are), so that its top-1 token is well defined: with the suite's usual gain of 2.4 per
+layer, transformers' own float16 run already disagrees with its float32 run on a few percent of
+positions, and no float16 engine could be measured against it. Agreement with transformers' float32
+run is checked too, and every figure goes to the JUnit XML (``record_property``).
+"""
 
 from __future__ import annotations
 
@@ -18,22 +25,34 @@ SIZE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_att
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_float16_top1_agrees_with_transformers_over_512_tokens(tmp_path, family):
+def test_float16_top1_agrees_with_transformers_over_512_tokens(tmp_path, family, record_property):
     import torch
 
     from tests.runtime.hf_models import load_hf_model
 
-    directory = save_tiny_model(tmp_path / family, family, dtype="float16", **SIZE)
+    scale = SIZE["hidden_size"] ** -0.5
+    directory = save_tiny_model(tmp_path / family, family, dtype="float16", scale=scale, **SIZE)
     tokens = np.random.default_rng(7).integers(3, 300, TOKENS).tolist()
-    hf = load_hf_model(directory).to(device="cuda", dtype=torch.float16)
+    ids = torch.tensor([tokens], device="cuda")
+    top1 = {}
     with torch.no_grad():
-        want = hf(torch.tensor([tokens], device="cuda")).logits[0].float().argmax(-1).cpu().numpy()
+        for dtype in (torch.float16, torch.float32):
+            hf = load_hf_model(directory).to(device="cuda", dtype=dtype)
+            top1[dtype] = hf(ids).logits[0].float().argmax(-1).cpu().numpy()
+            del hf
 
     backend = get_backend("cuda")
     model = load_model(directory, backend, dtype="float16", progress=False)
     cache = PagedKVCache(backend, model.config, num_blocks=TOKENS // 16 + 2, block_size=16, dtype=np.float16)
     seq = CachedSeq(cache)
-    got = [int(np.argmax(run_step(model, [(seq, [token])])[0])) for token in tokens]  # one decode step each
-    agreement = float(np.mean(np.array(got) == want))
-    print(f"{family}: teacher-forced top-1 agreement with transformers fp16 over {TOKENS} tokens: {agreement:.4f}")
-    assert agreement >= 0.99
+    got = np.array([int(np.argmax(run_step(model, [(seq, [token])])[0])) for token in tokens])  # one decode step each
+    figures = {
+        "ours_fp16_vs_hf_fp16": float(np.mean(got == top1[torch.float16])),
+        "ours_fp16_vs_hf_fp32": float(np.mean(got == top1[torch.float32])),
+        "hf_fp16_vs_hf_fp32": float(np.mean(top1[torch.float16] == top1[torch.float32])),
+    }
+    for name, value in figures.items():
+        record_property(name, value)
+    print(f"{family}: teacher-forced top-1 agreement over {TOKENS} tokens: {figures}")
+    assert figures["ours_fp16_vs_hf_fp16"] >= 0.99, figures
+    assert figures["ours_fp16_vs_hf_fp32"] >= 0.99, figures
