@@ -175,12 +175,12 @@ def print_report(result: dict[str, Any]) -> None:
         print(f"{'HF transformers eager':<22} {1:>5} {hf['decode_tok_s']:>9.1f} {hf['ms_per_token']:>9.2f} "
               f"{hf['ttft_ms']:>8.1f}   ({hf['tokens']} new tokens)")
         print(f"speed-up at batch 1: {s['decode_tok_s'] / hf['decode_tok_s']:.1f}x HF transformers")
+    else:
+        print(f"HF transformers: skipped ({result.get('hf_skipped')})")
     long = f"time to first token, {result['long_prompt']}-token prompt: {result['long_prompt_ttft_ms']:.1f} ms"
     if hf is not None and "long_ttft_ms" in hf:
         long += f"; HF transformers {hf['long_ttft_ms']:.1f} ms"
     print(long)
-    else:
-        print(f"HF transformers: skipped ({result.get('hf_skipped')})")
     print(f"roofline: {s['roofline_tok_s']:.0f} tok/s (weights / copy bandwidth {result['copy_gbps']:.0f} GB/s); "
           f"host per decode step {s['host_us_per_step']:.0f} us of {s['ms_per_step']:.2f} ms "
           f"(GPU {s['gpu_ms_per_step']:.2f} ms)")
