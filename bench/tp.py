@@ -151,6 +151,9 @@ def worker(args: argparse.Namespace) -> int:
         result["agreement"] = float(np.mean(np.array(result["tokens"]) == np.array(reference)))
     if group is not None:
         result.update(time_step_messages(group, backend, model.config, model.dtype))
+    if info.rank == 0:  # the figures so far, in case the LLM phase does not finish
+        print(f"tp={info.world_size}: " + json.dumps({k: v for k, v in result.items() if k != "tokens"}),
+              file=sys.stderr, flush=True)
     del model
     if backend.on_gpu:
         import cupy
@@ -226,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
             from bench.model import free_gpu_memory
 
             free_gpu_memory()  # the weights were drawn on GPU 0: give its memory back to the jobs
-        env = {**os.environ, **MPI_ENV, "PYTHONPATH": str(REPO)}
+        path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)  # keep the caller's
+        env = {**os.environ, **MPI_ENV, "PYTHONPATH": path}
         job = [sys.executable, str(Path(__file__).resolve()), "--worker", "--model-dir", str(directory),
                "--backend", args.backend, "--prompt", str(args.prompt), "--tokens", str(args.tokens)]
         one, many = Path(tmp) / "tp1.json", Path(tmp) / "tpn.json"
