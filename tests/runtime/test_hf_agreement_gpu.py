@@ -3,8 +3,11 @@
 The random model is initialised variance-preserving (weights ``N(0, 1/hidden)``, as a trained model's
 layers roughly are), so that its top-1 token is well defined: with the suite's usual gain of 2.4 per
 layer, transformers' own float16 run already disagrees with its float32 run on a few percent of
-positions, and no float16 engine could be measured against it. Agreement with transformers' float32
-run is checked too, and every figure goes to the JUnit XML (``record_property``).
+positions, and no float16 engine could be measured against it. Even so transformers' float16 run
+flips a few near-ties (on an H100: 99.4% agreement with its own float32 run for llama, 98.8% for
+qwen2). So the checks are: at least 99% agreement with transformers' float32 run (the exact answer),
+and agreement with its float16 run of at least 99% or of at least what its float32 run reaches,
+whichever is lower. Every figure goes to the JUnit XML (``record_property``).
 """
 
 from __future__ import annotations
@@ -54,5 +57,5 @@ def test_float16_top1_agrees_with_transformers_over_512_tokens(tmp_path, family,
     for name, value in figures.items():
         record_property(name, value)
     print(f"{family}: teacher-forced top-1 agreement over {TOKENS} tokens: {figures}")
-    assert figures["ours_fp16_vs_hf_fp16"] >= 0.99, figures
     assert figures["ours_fp16_vs_hf_fp32"] >= 0.99, figures
+    assert figures["ours_fp16_vs_hf_fp16"] >= min(0.99, figures["hf_fp16_vs_hf_fp32"]), figures
