@@ -59,7 +59,7 @@ from .intrinsics import (
 from .mma import mma_16816
 from .vector import element_strides, flat_view, inline_device
 
-# The switch: off (common.TENSOR_CORES, INFINILM_NB_TENSOR_CORES) keeps every step on the CUDA-core
+# The switch: off (common.TENSOR_CORES, INFINILM_NB_TENSOR_CORES=0) keeps every step on the CUDA-core
 # attention kernel.
 ENABLED = TENSOR_CORES
 MIN_QUERIES = 32  # steps whose longest query run is shorter stay on the CUDA-core kernel

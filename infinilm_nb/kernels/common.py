@@ -14,10 +14,10 @@ import numpy as np
 from numba import config, cuda
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)
-# The tensor-core paths (the mma decode GEMM, the prefill GEMM and prefill attention) compile and pass
-# in the simulator with stand-in intrinsics but have not yet passed on a GPU: they stay off unless
-# INFINILM_NB_TENSOR_CORES=1. The GPU kernel tests turn them on (tests/kernels/conftest.py).
-TENSOR_CORES = not SIMULATOR and os.environ.get("INFINILM_NB_TENSOR_CORES", "0") == "1"
+# The tensor-core paths (the mma decode GEMM, the prefill GEMM and prefill attention) run on a GPU
+# unless INFINILM_NB_TENSOR_CORES=0, which keeps every op on the CUDA-core kernels. The simulator
+# cannot run inline PTX, so there they are always off.
+TENSOR_CORES = not SIMULATOR and os.environ.get("INFINILM_NB_TENSOR_CORES", "1") != "0"
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
 
 

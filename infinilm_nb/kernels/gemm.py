@@ -45,7 +45,8 @@ from .intrinsics import VECTOR_WIDTH, aligned16, load_f16x8, load_f32x4
 WARP = 32
 
 # float16 decode with K % 8 == 0 and 16-byte aligned operands runs on tensor cores (:mod:`.gemm_mma`)
-# when common.TENSOR_CORES is on; the simulator cannot run inline PTX, so it keeps the kernels below.
+# while common.TENSOR_CORES is on (the default on a GPU); the simulator cannot run inline PTX, so it
+# keeps the kernels below.
 USE_MMA = TENSOR_CORES
 MMA_MAX_M = 32
 WIDE_N = 16384  # weight rows from which the wide-output variants pay (gate-up, lm_head)

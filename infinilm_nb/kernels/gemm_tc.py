@@ -47,7 +47,7 @@ from .intrinsics import cp_async_16, cp_async_commit, cp_async_wait_group, ldmat
 from .mma import mma_16816
 from .vector import inline_device
 
-# The switch: off (common.TENSOR_CORES, INFINILM_NB_TENSOR_CORES) sends every float16 prefill linear
+# The switch: off (common.TENSOR_CORES, INFINILM_NB_TENSOR_CORES=0) sends every float16 prefill linear
 # to the CUDA-core tiled kernel.
 ENABLED = TENSOR_CORES
 MIN_M = 64  # smaller M is decode: gemm_mma.py / the CUDA-core decode kernel

@@ -1,6 +1,5 @@
-"""Kernel tests on a GPU exercise the tensor-core paths, which the library keeps off by default
-until they have passed there (common.TENSOR_CORES); tests that want the CUDA-core fallback switch
-them off themselves."""
+"""Kernel tests on a GPU exercise the tensor-core paths even where INFINILM_NB_TENSOR_CORES=0 turned
+them off (common.TENSOR_CORES); tests that want the CUDA-core fallback switch them off themselves."""
 
 import pytest
 
