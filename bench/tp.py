@@ -112,6 +112,14 @@ def time_step_messages(group: Any, backend: Any, config: Any, dtype: Any, reps: 
     return result
 
 
+def progress(message: str) -> None:
+    """A line on stderr with the seconds since the job started, so a cut-off run shows where it was."""
+    print(f"[{time.perf_counter() - STARTED:7.1f} s] {message}", file=sys.stderr, flush=True)
+
+
+STARTED = time.perf_counter()
+
+
 def llm_decode(model_dir: str, backend: str, prompt: list[int], tokens: int) -> dict[str, float]:
     """Batch-1 greedy decode through LLM: seconds to the first token and decode tokens/s (rank 0;
     under mpiexec the other ranks end inside ``LLM(...)`` once rank 0 closes it)."""
@@ -119,12 +127,15 @@ def llm_decode(model_dir: str, backend: str, prompt: list[int], tokens: int) -> 
 
     llm = LLM(model_dir, backend=backend, max_num_seqs=1, max_model_len=len(prompt) + tokens + BLOCK,
               gpu_memory_utilization=0.5)
+    progress("LLM ready (weights loaded, decode graphs captured)")
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
     llm.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))  # warm-up
+    progress("LLM warm-up generated")
     stream = llm.stream({"prompt_token_ids": prompt}, params)
     for _ in stream:
         pass
     llm.close()
+    progress("LLM decode done")
     generated = len(stream.output.outputs[0].token_ids)
     return {"ttft_s": stream.time_to_first_token,
             "decode_tok_s": (generated - 1) / (stream.elapsed - stream.time_to_first_token)}
@@ -152,8 +163,7 @@ def worker(args: argparse.Namespace) -> int:
     if group is not None:
         result.update(time_step_messages(group, backend, model.config, model.dtype))
     if info.rank == 0:  # the figures so far, in case the LLM phase does not finish
-        print(f"tp={info.world_size}: " + json.dumps({k: v for k, v in result.items() if k != "tokens"}),
-              file=sys.stderr, flush=True)
+        progress(f"tp={info.world_size}: " + json.dumps({k: v for k, v in result.items() if k != "tokens"}))
     del model
     if backend.on_gpu:
         import cupy
