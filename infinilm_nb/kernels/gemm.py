@@ -21,7 +21,8 @@ flat 1-D views, so an element is addressed as ``row * K + k``; rows past M or N 
 last row for loading and never stored.
 
 On the GPU, float16 operands with K % 8 == 0 and 16-byte aligned x and weight run on tensor cores
-instead (:func:`_launch`): :mod:`.gemm_mma` for decode, :mod:`.gemm_tc` for prefill (M >= 64).
+instead (:func:`_launch`): :mod:`.gemm_mma` up to ``MMA_MAX_M`` rows (decode), :mod:`.gemm_tc` above
+(prefill).
 
 ``linear_silu_mul`` is the gate-up projection with SwiGLU in the epilogue: every kernel has a
 ``fused`` variant whose block loads gate row n with up row n + N and writes ``silu(gate) * up``, so
@@ -30,6 +31,7 @@ the ``[M, 2I]`` product never goes to memory.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import lru_cache
 from typing import Any, Callable
 
@@ -38,7 +40,7 @@ from numba import cuda, float32
 
 from .common import FLOAT_DTYPES, TENSOR_CORES, cdiv, check_array, check_same_dtype, compiled, launch_stream, numba_type
 from . import gemm_tc
-from .gemm_mma import MmaConfig, mma_kernel, silu
+from .gemm_mma import SHARED_BYTES as MMA_SHARED_BYTES, MmaConfig, mma_kernel, silu
 from .gemm_tc import TcConfig, tc_config, tc_kernel
 from .intrinsics import VECTOR_WIDTH, aligned16, load_f16x8, load_f32x4
 
@@ -48,7 +50,7 @@ WARP = 32
 # while common.TENSOR_CORES is on (the default on a GPU); the simulator cannot run inline PTX, so it
 # keeps the kernels below.
 USE_MMA = TENSOR_CORES
-MMA_MAX_M = 32
+MMA_MAX_M = 64  # batch-64 decode: gemm_tc's 64-row tiles leave o_proj and down 32 blocks
 WIDE_N = 16384  # weight rows from which the wide-output variants pay (gate-up, lm_head)
 LONG_K = 8192  # K from which fewer, longer K slices pay (down)
 
@@ -253,7 +255,11 @@ def mma_config(M: int, N: int, K: int, fused: bool = False) -> MmaConfig:
         tiles_w, warps_n, warps_k, unroll = (1, 1, 16, 2) if N <= 4096 or K >= LONG_K else (1, 1, 8, 2)
     else:
         tiles_w, warps_n, warps_k, unroll = (1, 1, 16, 1) if K >= LONG_K else (1, 1, 8, 2)
-    return MmaConfig(tiles_w, tiles_x, warps_n, warps_k, unroll, fused)
+    config = MmaConfig(tiles_w, tiles_x, warps_n, warps_k, unroll, fused)
+    while config.shared_floats * 4 > MMA_SHARED_BYTES:  # past M = 32 (not swept): fewer warps' partials
+        fewer = {"warps_n": config.warps_n // 2} if config.warps_n > 1 else {"warps_k": config.warps_k // 2}
+        config = replace(config, **fewer)
+    return config
 
 
 def _flat_args(x: Any, weight: Any, bias: Any, residual: Any, out: Any) -> tuple:

@@ -9,7 +9,8 @@ from tests.helpers import pick, poisoned, random, rel_err, tolerance
 # (M, N, K). M <= gemm.DECODE_MAX_M takes the decode kernel (17 loops over groups of x rows), larger
 # M the tiled one. K = 40 fits 16-byte loads in both dtypes, K = 13 only plain loads. The GPU list
 # adds Llama-3-8B decode (QKV 4096 -> 6144, down 14336 -> 4096, gate-up 4096 -> 28672) and prefill
-# shapes; there float16 with K % 8 == 0 and M <= 32 runs on tensor cores (gemm.mma_config's variants).
+# shapes; there float16 with K % 8 == 0 and M <= gemm.MMA_MAX_M runs on tensor cores (gemm.mma_config's
+# variants), larger M on the tensor-core prefill GEMM.
 SHAPES = pick(
     sim=[(1, 37, 40), (3, 37, 40), (17, 37, 40), (70, 37, 40), (3, 37, 13), (70, 37, 13)],
     gpu=[
@@ -25,6 +26,8 @@ SHAPES = pick(
         (16, 4096, 14336),
         (24, 28672, 4096),
         (32, 4096, 4096),
+        (61, 4096, 14336),
+        (64, 128256, 4096),
         (300, 4096, 4096),
     ],
 )
@@ -143,7 +146,7 @@ def test_linear_kernels_keep_accumulators_in_registers(dtype):
 FUSED_SHAPES = pick(
     sim=[(1, 21, 40), (17, 21, 40), (70, 21, 40), (3, 21, 13)],
     gpu=[(1, 21, 40), (3, 37, 13), (70, 37, 40), (1, 14336, 4096), (8, 14336, 4096), (32, 14336, 4096),
-         (300, 1000, 4096)],
+         (57, 14336, 4096), (300, 1000, 4096)],
 )
 
 
@@ -166,6 +169,7 @@ MMA_CASES = [
     (MmaConfig(2, 1, 2, 1, 2), 5, 45, 200),
     (MmaConfig(2, 4, 1, 2, 1, fused=True), 27, 21, 72),
     (MmaConfig(2, 1, 1, 1, 1, fused=True), 1, 9, 40),
+    (MmaConfig(1, 8, 1, 2, 1), 61, 19, 72),
 ]
 
 
@@ -210,10 +214,11 @@ def test_linear_silu_mul_rejects_wrong_output_shape_and_dtype(kb, rng):
 
 @pytest.mark.gpu
 def test_tensor_core_variants_keep_their_arrays_in_registers():
-    # every variant the launcher picks for the Llama-3-8B decode shapes, M = 1..32, fused gate-up too
+    # every variant the launcher picks for the Llama-3-8B decode shapes, M = 1..MMA_MAX_M, fused gate-up too
     shapes = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096)]
-    configs = {gemm.mma_config(m, n, k) for m in range(1, 33) for n, k in shapes}
-    configs |= {gemm.mma_config(m, 14336, 4096, fused=True) for m in range(1, 33)}
+    rows = range(1, gemm.MMA_MAX_M + 1)
+    configs = {gemm.mma_config(m, n, k) for m in rows for n, k in shapes}
+    configs |= {gemm.mma_config(m, 14336, 4096, fused=True) for m in rows}
     for config in configs:
         kernel = compiled(mma_kernel(config), gemm.kernel_signature(np.float16))
         assert kernel.get_local_mem_per_thread() == 0, config
