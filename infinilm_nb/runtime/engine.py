@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,6 +89,14 @@ class LLMEngine:
         self._rng = np.random.default_rng(seed)
         self._requests: dict[str, _Request] = {}
         self._failed: list[RequestOutput] = []
+        self._stream: Any = nullcontext()
+        if backend.on_gpu:
+            # Every step runs on the engine's own non-blocking stream, never on the legacy default
+            # stream, whose implicit synchronisation with other streams does not mix with NCCL's own
+            # streams under CUDA graphs. The weights and the cache were written on the default
+            # stream: wait for them once.
+            backend.xp.cuda.Device().synchronize()
+            self._stream = backend.xp.cuda.Stream(non_blocking=True)
 
     def tokenize_prompt(self, prompt: str | dict[str, Any]) -> tuple[str | None, list[int]]:
         """``(text, token ids)`` of a prompt: a string, or ``{"prompt_token_ids": [...]}``.
@@ -171,10 +180,11 @@ class LLMEngine:
         Under tensor parallelism every rank runs this for every step (follower ranks from
         :func:`~infinilm_nb.runtime.follower.follow`, without ``sampling``: they only take part in the
         forward's collectives, and get None, or the graph's unused tokens)."""
-        if self.graphs is not None and self.graphs.fits(step):
-            return self.graphs.decode(step, sampling)
-        logits = self.model.forward(step.to(self.backend), self.cache)
-        return None if sampling is None else self._sample(logits, sampling)
+        with self._stream:
+            if self.graphs is not None and self.graphs.fits(step):
+                return self.graphs.decode(step, sampling)
+            logits = self.model.forward(step.to(self.backend), self.cache)
+            return None if sampling is None else self._sample(logits, sampling)
 
     def _sampling(self, scheduled: ScheduledStep) -> SamplingArrays:
         """The sampler's host parameters for each sequence of the step."""
