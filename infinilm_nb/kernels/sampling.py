@@ -9,7 +9,8 @@ tests ``PIVOTS`` candidates at once, cutting the interval ``PIVOTS + 1`` ways, s
 the 2**32 patterns. Both definitions keep boundary ties, as the reference does: top-k keeps
 ``x >= kth``; top-p keeps ``p >= p(v)``, since the largest ``t`` with ``mass(p >= t) >= top_p`` is the
 probability of that ``v`` (p is monotone in x). Counts and masses are float32 block sums in a fixed
-order, so a seed gives the same token on every run.
+order, so a seed gives the same token on every run. The top-p search starts above the tokens too light
+to matter (``NARROW_TOP_P``), which spares most of the row its ``exp`` in every pass.
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ ONE = np.float32(1.0)
 ZERO = np.float32(0.0)
 HALF = np.float32(0.5)
 INV_2_23 = np.float32(1.0 / (1 << 23))
+# The top-p search starts at the value whose weight exp((x - max) / T) is (1 - top_p) / 2 of the mean
+# weight: all the tokens below it weigh less than (1 - top_p) / 2 of the mass, so the cut-off (whose
+# tail holds top_p of it) lies above, and the search passes skip their exp. From top_p 0.999 up the
+# margin left (5e-4 of the mass) would near float32 rounding, so those rows search the whole row.
+NARROW_TOP_P = np.float32(0.999)
 GUMBEL_BOUND = np.float32(17.0)  # above every noise value: u <= 1 - 2**-24 gives g <= 16.64
 # splitmix64 of reference.gumbel_noise; uint64 constants keep the arithmetic in uint64 (an int64
 # operand would promote it to float64)
@@ -234,9 +240,15 @@ def _sample_kernel(logits, temperatures, top_ks, top_ps, seeds, out):
             for j in range(PIVOTS):
                 pivots[j] = floor
             _tails(row, floor, row_max, temperature, True, pivots, sums, partial)
+            total = sums[0]
+            search_floor = floor
+            if top_p <= NARROW_TOP_P:
+                bound = row_max + temperature * math.log(HALF * (ONE - top_p) * total / numba.float32(n))
+                if bound > floor:
+                    search_floor = bound
             p_cut = _key_value(
-                _cutoff(row, _key(floor), max_key + 1, top_p * sums[0], floor, row_max, temperature, True,
-                        pivots, sums, partial)
+                _cutoff(row, _key(search_floor), max_key + 1, top_p * total, search_floor, row_max, temperature,
+                        True, pivots, sums, partial)
             )
             p_floor = math.exp((p_cut - row_max) / temperature)
 

@@ -23,6 +23,8 @@ KINDS = {
     "top-k and top-p": (0.7, 20, 0.9),
     "top-k 1": (1.0, 1, 1.0),
     "top-p 0": (1.0, 0, 0.0),
+    "top-p 0.999, cold": (0.3, 0, 0.999),  # the last top-p that starts its search above the light tokens
+    "top-p 0.9999": (1.0, 0, 0.9999),  # the whole row is searched
     "top-k past vocab": (1.0, 1 << 30, 1.0),
 }
 
@@ -109,7 +111,7 @@ def edge_seeds(rng, logits, temperature, top_k, top_p):
 
 @pytest.mark.parametrize("vocab", pick(sim=[60], gpu=[1000, 5000]))
 def test_sample_matches_reference_at_the_mask_edges(kb, rng, vocab):
-    settings_per_row = [(2.0, 7, 1.0), (2.0, 0, 0.6), (1.5, 12, 0.7), (2.0, 5, 1.0)]  # top-k, top-p, both
+    settings_per_row = [(2.0, 7, 1.0), (2.0, 0, 0.6), (1.5, 12, 0.7), (0.5, 0, 0.95), (2.0, 5, 1.0)]
     logits = tied_logits(rng, len(settings_per_row), vocab)
     logits[-1] = rng.standard_normal(vocab)  # top-k without ties: exactly k tokens
     rows, temperatures, top_ks, top_ps, seeds = [], [], [], [], []
