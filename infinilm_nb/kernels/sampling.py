@@ -29,6 +29,8 @@ WARP = 32
 MAX_WARPS = 32
 FULL_MASK = 0xFFFFFFFF
 PIVOTS = 8  # _block_sums is written for 8
+UNROLL = 8  # row elements a thread loads before it uses any: one block per row is latency-bound otherwise
+MAX_REGISTERS = 128  # 512 threads of a block fit an SM's 64K registers (NVVM takes 130; ptxas: no spill at 128)
 
 NEG_INF = np.float32(-np.inf)
 POS_INF = np.float32(np.inf)
@@ -90,6 +92,16 @@ def _key_value(key):
     if key < 0:
         key = key ^ SIGN_FLIP
     return _bits_float(numba.int32(key))
+
+
+@cuda.jit(device=True)
+def _load(row, start, buf):
+    """``buf[u] = row[start + u * blockDim]`` as float32 for the indices inside the row: ``UNROLL``
+    independent loads in flight before any is used (the rest of ``buf`` is left as it was)."""
+    for u in range(UNROLL):
+        i = start + u * cuda.blockDim.x
+        if i < row.shape[0]:
+            buf[u] = numba.float32(row[i])
 
 
 @cuda.jit(device=True)
@@ -164,17 +176,20 @@ def _tails(row, floor, row_max, temperature, mass, pivots, sums, partial):
     """``sums[j]`` = count (or softmax mass) of the row's ``x >= pivots[j]`` among ``x >= floor``."""
     for j in range(PIVOTS):
         sums[j] = ZERO
+    buf = cuda.local.array(UNROLL, numba.float32)
     i = cuda.threadIdx.x
     while i < row.shape[0]:
-        x = numba.float32(row[i])
-        if x >= floor:
-            w = ONE
-            if mass:
-                w = math.exp((x - row_max) / temperature)
-            for j in range(PIVOTS):
-                if x >= pivots[j]:
-                    sums[j] += w
-        i += cuda.blockDim.x
+        _load(row, i, buf)
+        for u in range(UNROLL):
+            x = buf[u]
+            if i + u * cuda.blockDim.x < row.shape[0] and x >= floor:
+                w = ONE
+                if mass:
+                    w = math.exp((x - row_max) / temperature)
+                for j in range(PIVOTS):
+                    if x >= pivots[j]:
+                        sums[j] += w
+        i += UNROLL * cuda.blockDim.x
     _block_sums(sums, partial)
 
 
@@ -207,6 +222,7 @@ def _sample_kernel(logits, temperatures, top_ks, top_ps, seeds, out):
     n = row.shape[0]
     pivots = cuda.local.array(PIVOTS, numba.float32)
     sums = cuda.local.array(PIVOTS, numba.float32)
+    buf = cuda.local.array(UNROLL, numba.float32)
     partial = cuda.shared.array((PIVOTS, MAX_WARPS), numba.float32)
     partial_max = cuda.shared.array(MAX_WARPS, numba.int64)
 
@@ -224,10 +240,12 @@ def _sample_kernel(logits, temperatures, top_ks, top_ps, seeds, out):
         high = NEG_INF
         i = cuda.threadIdx.x
         while i < n:
-            x = numba.float32(row[i])
-            low = min(low, x)
-            high = max(high, x)
-            i += cuda.blockDim.x
+            _load(row, i, buf)
+            for u in range(UNROLL):
+                if i + u * cuda.blockDim.x < n:
+                    low = min(low, buf[u])
+                    high = max(high, buf[u])
+            i += UNROLL * cuda.blockDim.x
         min_key = -_block_max(-_key(low), partial_max)
         max_key = _block_max(_key(high), partial_max)
         row_max = _key_value(max_key)
@@ -259,19 +277,24 @@ def _sample_kernel(logits, temperatures, top_ks, top_ps, seeds, out):
     best_index = cuda.threadIdx.x
     i = cuda.threadIdx.x
     while i < n:
-        x = numba.float32(row[i])
-        if greedy:
-            if x > best:
-                best = x
-                best_index = i
-        elif x >= floor:
-            scaled = x / temperature
-            if scaled + GUMBEL_BOUND >= best and (not use_p or math.exp((x - row_max) / temperature) >= p_floor):
-                score = scaled + _gumbel(seed, i)
-                if score > best:
-                    best = score
-                    best_index = i
-        i += cuda.blockDim.x
+        _load(row, i, buf)
+        for u in range(UNROLL):
+            index = i + u * cuda.blockDim.x
+            x = buf[u]
+            if index >= n:
+                pass
+            elif greedy:
+                if x > best:
+                    best = x
+                    best_index = index
+            elif x >= floor:
+                scaled = x / temperature
+                if scaled + GUMBEL_BOUND >= best and (not use_p or math.exp((x - row_max) / temperature) >= p_floor):
+                    score = scaled + _gumbel(seed, index)
+                    if score > best:
+                        best = score
+                        best_index = index
+        i += UNROLL * cuda.blockDim.x
     # one int64 orders (score, -index): the max is the argmax with the lowest index among equals
     # (+ 0 turns -0.0 into +0.0, which compare equal but have different keys)
     packed = (_key(best + ZERO) << 32) | (LOW32 - numba.int64(best_index))
@@ -295,7 +318,8 @@ def sample(logits: Any, temperatures: Any, top_ks: Any, top_ps: Any, seeds: Any,
         return out
     t = numba_type(logits.dtype)
     kernel = compiled(
-        _sample_kernel, f"void({t}[:, ::1], float32[::1], int32[::1], float32[::1], uint64[::1], int32[::1])"
+        _sample_kernel, f"void({t}[:, ::1], float32[::1], int32[::1], float32[::1], uint64[::1], int32[::1])",
+        **({} if SIMULATOR else {"max_registers": MAX_REGISTERS}),
     )
     threads = min(THREADS, WARP * cdiv(vocab, WARP))  # no idle warps for a tiny vocabulary
     kernel[rows, threads, launch_stream()](logits, temperatures, top_ks, top_ps, seeds, out)

@@ -228,6 +228,19 @@ def test_kernel_noise_equals_reference_gumbel_noise():
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)  # float32 logs may differ by an ulp
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_sampler_fits_a_full_block_without_spilling(kb, rng, dtype):
+    from infinilm_nb.kernels import common, sampling
+
+    logits = rng.standard_normal((2, 1000)).astype(dtype)
+    kernel_sample(kb, logits, *settings(["greedy", "top-k and top-p"], rng))  # compiles it
+    kernel = next(k for (f, sig), k in common._compiled.items() if f is sampling._sample_kernel and
+                  np.dtype(dtype).name in sig)
+    assert kernel.get_local_mem_per_thread() == 0
+    assert kernel.get_regs_per_thread() * sampling.THREADS <= 65536  # a launch of THREADS threads fits an SM
+
+
 def _good_args(kb, rows=2, vocab=9):
     host = (np.ones((rows, vocab), np.float32), np.ones(rows, np.float32), np.zeros(rows, np.int32),
             np.ones(rows, np.float32), np.arange(rows, dtype=np.uint64), np.zeros(rows, np.int32))
