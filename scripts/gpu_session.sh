@@ -7,7 +7,7 @@
 #   bash scripts/gpu_session.sh e2e [--layers N] [--no-hf]      # bench/decode.py then bench/throughput.py
 #   bash scripts/gpu_session.sh all                             # tests, kernels bench, e2e
 # The machine has no network: tests/convert (model downloads) stays out by default. Carry .whl
-# (NumPy 2.4, gguf) with the call.
+# (NumPy 2.4, gguf, pytest-xdist + execnet) with the call.
 set -uo pipefail
 what=${1:-all}; shift || true
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -26,12 +26,16 @@ run_tests() {
   local args=("$@") paths=0
   for a in "${args[@]}"; do [[ $a == tests* ]] && paths=1; done
   (( paths )) || args+=(tests/kernels tests/runtime)
-  python3 -m pytest -q -rs -p no:cacheprovider -m "not slow" --junitxml="$OUT/gpu-tests.xml" "${args[@]}" \
-    2>&1 | tee "$OUT/gpu-tests.log" | tail -40
+  # numba compiles every kernel variant in each process: with pytest-xdist (carried in .whl) the
+  # compiles run side by side (in one process the suite took over 5 minutes on an H100).
+  local workers=()
+  python3 -c "import xdist" 2>/dev/null && workers=(-n "${TEST_WORKERS:-6}")
+  python3 -m pytest -q -rs -p no:cacheprovider -m "not slow" --durations=10 "${workers[@]}" \
+    --junitxml="$OUT/gpu-tests.xml" "${args[@]}" 2>&1 | tee "$OUT/gpu-tests.log" | tail -40
   status=${PIPESTATUS[0]}
   (( paths )) && return
   # The runtime's run above used the tensor-core paths (the default); the fallback must be right too.
-  INFINILM_NB_TENSOR_CORES=0 python3 -m pytest -q -rs -p no:cacheprovider -m "not slow" \
+  INFINILM_NB_TENSOR_CORES=0 python3 -m pytest -q -rs -p no:cacheprovider -m "not slow" "${workers[@]}" \
     --junitxml="$OUT/gpu-tests-cuda-cores.xml" tests/runtime 2>&1 | tee "$OUT/gpu-tests-cuda-cores.log" | tail -15
   (( status )) || status=${PIPESTATUS[0]}
 }
