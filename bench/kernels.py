@@ -186,6 +186,7 @@ def bench_attention(copy_bw: float) -> list[Row]:
     import torch
 
     from infinilm_nb.kernels.attention import AttentionWorkspace
+    from infinilm_nb.runtime.llama import SPLIT_ATTENTION_TOKENS
 
     rows = []
     for batch, length in ATTENTION_CASES:
@@ -198,7 +199,8 @@ def bench_attention(copy_bw: float) -> list[Row]:
         context_lens = cupy.full(batch, length, np.int32)
         query_start = cupy.arange(batch + 1, dtype=np.int32)
         q, out = rand((batch, HEADS, HEAD_DIM)), cupy.empty((batch, HEADS, HEAD_DIM), np.float16)
-        workspace = AttentionWorkspace.allocate(cupy, batch, HEADS, HEAD_DIM, length)
+        # sized as the runtime sizes it: fewer tokens than that may split finer in the same memory
+        workspace = AttentionWorkspace.allocate(cupy, max(batch, SPLIT_ATTENTION_TOKENS), HEADS, HEAD_DIM, length)
         # the same keys and values, contiguous per sequence and head: [B, Hk, L, D]
         contiguous = [
             tuple(torch.from_dlpack(c[tables].reshape(batch, length, KV_HEADS, HEAD_DIM).transpose(0, 2, 1, 3).copy())

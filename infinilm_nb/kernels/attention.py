@@ -166,8 +166,10 @@ class AttentionWorkspace(NamedTuple):
 
     stats: float32 ``[2, tokens, Hq, partitions]``, the running max and sum of each partition;
     partials: float32 ``[tokens, Hq, partitions, head_dim]``, its unnormalised output. A step with
-    more tokens than the workspace was sized for runs unsplit (it fills the GPU by itself); a
-    context longer than ``partitions * PARTITION_KEYS`` gets longer partitions.
+    more tokens than the workspace was sized for runs unsplit (it fills the GPU by itself); a step
+    with fewer may cut its contexts into up to ``tokens * partitions / its tokens`` partitions in the
+    same memory (a batch-1 decode step then spreads over the whole GPU); a context longer than
+    ``partitions * PARTITION_KEYS`` gets longer partitions.
     """
 
     stats: Any
@@ -448,8 +450,9 @@ def _attention(
         room, parts = (shape[0], shape[2]) if len(shape) == 4 else (None, None)
         check_array(op, "workspace.partials", workspace.partials, (room, q_heads, parts, dim), (np.float32,))
         check_array(op, "workspace.stats", workspace.stats, (2, room, q_heads, parts), (np.float32,))
-        if tokens <= room:
-            max_parts = min(parts, 65535)  # the grid's z limit
+        if 0 < tokens <= room:
+            # a step with fewer tokens than the workspace was sized for splits finer in the same memory
+            max_parts = min(room * parts // tokens, 65535)  # the grid's z limit
     if tokens == 0 or num_seqs == 0 or k_cache.size == 0:
         return out
     static = op == "static_attention"
@@ -481,13 +484,22 @@ def _attention(
         whole[(tokens, kv_heads), threads, stream](*args, out)
         return out
     parts = cdiv(capacity, part_keys)
-    split[(tokens, kv_heads, parts), threads, stream](*args, part_keys, workspace.stats, workspace.partials)
+    stats, partials = _workspace_views(workspace, tokens, q_heads, parts, dim)
+    split[(tokens, kv_heads, parts), threads, stream](*args, part_keys, stats, partials)
     merge = compiled(
         _merge_kernel,
         f"void(int32[::1], int32[::1], int64, int32, float32[:, :, :, ::1], float32[:, :, :, ::1], {t}[:, :, :])",
     )
-    merge[(tokens, q_heads), threads, stream](context_lens, query_start_loc, capacity, part_keys, *workspace, out)
+    merge[(tokens, q_heads), threads, stream](context_lens, query_start_loc, capacity, part_keys, stats, partials, out)
     return out
+
+
+def _workspace_views(workspace: AttentionWorkspace, tokens: int, heads: int, parts: int, dim: int) -> tuple[Any, Any]:
+    """The leading memory of the workspace as C-contiguous ``[2, tokens, heads, parts]`` stats and
+    ``[tokens, heads, parts, dim]`` partials (``tokens * parts`` at most what it was sized for)."""
+    stats = workspace.stats.reshape(-1)[: 2 * tokens * heads * parts].reshape(2, tokens, heads, parts)
+    partials = workspace.partials.reshape(-1)[: tokens * heads * parts * dim].reshape(tokens, heads, parts, dim)
+    return stats, partials
 
 
 def _compile_options(head_dim: int, group: int, vec: int) -> dict[str, Any]:

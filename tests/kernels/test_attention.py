@@ -132,6 +132,26 @@ def test_paged_attention_workspace_too_small_for_step_runs_unsplit(kb, rng):
     assert rel_err(got, want) < tolerance(np.float32)
 
 
+def test_paged_attention_few_tokens_split_finer_than_the_workspace_shape(kb, rng, monkeypatch):
+    # sized for 8 tokens of 2 partitions; one sequence decoding may use 16 partitions of that memory
+    q_heads, kv_heads, dim, block_size, _ = CONFIGS[0]
+    seqs = [(1, pick(sim=100, gpu=3000))]
+    max_context = (-(-seqs[0][1] // block_size) + 1) * block_size
+    workspace = AttentionWorkspace.allocate(kb.xp, 8, q_heads, dim, max_context, partition_keys=-(-max_context // 2))
+    assert workspace.partials.shape[:3] == (8, q_heads, 2)
+    launched = []
+    original = attention._partitions
+
+    def record(blocks, keys, most, *rest):
+        launched.append(most)
+        return original(blocks, keys, most, *rest)
+
+    monkeypatch.setattr(attention, "_partitions", record)
+    got, want = _run_paged(kb, rng, seqs, q_heads, kv_heads, dim, block_size, np.float32, workspace)
+    assert rel_err(got, want) < tolerance(np.float32)
+    assert launched == [16]
+
+
 def test_attention_workspace_shapes():
     shapes = attention_workspace_shapes(8, 32, 128, 4097, partition_keys=256)
     assert shapes == {"stats": (2, 8, 32, 17), "partials": (8, 32, 17, 128)}
