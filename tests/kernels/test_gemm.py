@@ -212,6 +212,12 @@ def test_linear_silu_mul_rejects_wrong_output_shape_and_dtype(kb, rng):
         kb.ops.linear_silu_mul(x, kb.asarray(random(rng, (6, 7))), kb.asarray(np.zeros((4, 3), np.float32)))
 
 
+def test_tensor_core_rows_round_up_to_the_decode_buckets():
+    assert [gemm.bucket_rows(m) for m in (1, 8, 9, 16, 17, 24, 32, 33, 40, 64)] == [8, 8, 16, 16, 32, 32, 32, 64, 64, 64]
+    variants = {gemm.mma_config(gemm.bucket_rows(m), 4096, 4096) for m in range(1, gemm.MMA_MAX_M + 1)}
+    assert {config.tiles_x for config in variants} == {1, 2, 4, 8}
+
+
 @pytest.mark.gpu
 def test_tensor_core_variants_keep_their_arrays_in_registers():
     # every variant the launcher picks for the Llama-3-8B decode shapes, M = 1..MMA_MAX_M, fused gate-up too
