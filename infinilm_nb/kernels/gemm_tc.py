@@ -159,6 +159,17 @@ def tc_kernel(config: TcConfig) -> Callable:
                 for q in range(4):
                     acc[i + q] = d[q]
 
+    @inline_device
+    def copy_tile(x, weight, a_stage, b_stage, k, K, a_src, a_bytes, a_dst, b_src, b_bytes, b_dst):
+        """Start this thread's cp.async copies of the K tile at column ``k`` into the stages at shared
+        addresses ``a_stage`` / ``b_stage`` (zero-filled past K)."""
+        inside = k < K
+        kk = k if inside else 0
+        for i in range(A_LOADS):
+            cp_async_16(a_stage + a_dst[i], x, a_src[i] + kk, a_bytes[i] if inside else 0)
+        for i in range(B_LOADS):
+            cp_async_16(b_stage + b_dst[i], weight, b_src[i] + kk, b_bytes[i] if inside else 0)
+
     def kernel(x, weight, bias, residual, out, M, N, K, has_bias, has_residual):
         tid = cuda.threadIdx.x
         lane = tid % WARP
@@ -226,14 +237,8 @@ def tc_kernel(config: TcConfig) -> Callable:
         k = c * CHUNK  # this thread's column in the next tile to copy
         for s in range(STAGES - 1):
             if s < k_tiles:
-                inside = k < K
-                kk = k if inside else 0
-                a_stage = base + s * A_STAGE
-                b_stage = base + B_OFFSET + s * B_STAGE
-                for i in range(A_LOADS):
-                    cp_async_16(a_stage + a_dst[i], x, a_src[i] + kk, a_bytes[i] if inside else 0)
-                for i in range(B_LOADS):
-                    cp_async_16(b_stage + b_dst[i], weight, b_src[i] + kk, b_bytes[i] if inside else 0)
+                copy_tile(x, weight, base + s * A_STAGE, base + B_OFFSET + s * B_STAGE, k, K,
+                          a_src, a_bytes, a_dst, b_src, b_bytes, b_dst)
             cp_async_commit()
             k += BLOCK_K
 
@@ -245,14 +250,8 @@ def tc_kernel(config: TcConfig) -> Callable:
             cp_async_wait_group(PENDING)
             cuda.syncthreads()  # tile kt landed for all; all are done with tile kt - 1 (stage `write`)
             if kt + STAGES - 1 < k_tiles:
-                inside = k < K
-                kk = k if inside else 0
-                a_stage = base + write * A_STAGE
-                b_stage = base + B_OFFSET + write * B_STAGE
-                for i in range(A_LOADS):
-                    cp_async_16(a_stage + a_dst[i], x, a_src[i] + kk, a_bytes[i] if inside else 0)
-                for i in range(B_LOADS):
-                    cp_async_16(b_stage + b_dst[i], weight, b_src[i] + kk, b_bytes[i] if inside else 0)
+                copy_tile(x, weight, base + write * A_STAGE, base + B_OFFSET + write * B_STAGE, k, K,
+                          a_src, a_bytes, a_dst, b_src, b_bytes, b_dst)
             cp_async_commit()
             k += BLOCK_K
 
