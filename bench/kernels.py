@@ -97,6 +97,32 @@ def bench_fusion(copy_bw: float) -> list[Row]:
         rows.append(Row("gate_up+silu", f"M={m} {k}->2x{n // 2}", t * 1e6, nbytes / t / 1e9, "GB/s",
                         100 * nbytes / t / copy_bw, "unfused", tp * 1e6))
         del ws, xs
+    rows += bench_rope_store_kv(copy_bw)
+    return rows
+
+
+def bench_rope_store_kv(copy_bw: float) -> list[Row]:
+    """RoPE and the K/V cache store in one kernel against rope then store_kv, at a decode step's
+    token counts and a prefill's; bytes = q and k read and written, v read, k and v stored."""
+    rows = []
+    width = (HEADS + 2 * KV_HEADS) * HEAD_DIM
+    cos_sin = cupy.asarray(reference.rope_cache(HEAD_DIM, 8192, 500000.0))
+    for tokens in (1, 64, 4096):
+        qkv = rand((tokens, width))
+        q = qkv[:, : HEADS * HEAD_DIM].reshape(tokens, HEADS, HEAD_DIM)
+        k = qkv[:, HEADS * HEAD_DIM : (HEADS + KV_HEADS) * HEAD_DIM].reshape(tokens, KV_HEADS, HEAD_DIM)
+        v = qkv[:, (HEADS + KV_HEADS) * HEAD_DIM :].reshape(tokens, KV_HEADS, HEAD_DIM)
+        blocks = tokens // BLOCK_SIZE + 1
+        kc = cupy.empty((blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM), np.float16)
+        vc = cupy.empty_like(kc)
+        pos = cupy.arange(tokens, dtype=np.int32)
+        slots = cupy.asarray(np.random.permutation(blocks * BLOCK_SIZE)[:tokens].astype(np.int32))
+        fused = [lambda: OPS.rope_store_kv(q, k, v, pos, cos_sin, kc, vc, slots)]
+        apart = [lambda: (OPS.rope(q, k, pos, cos_sin), OPS.store_kv(k, v, kc, vc, slots))]
+        nbytes = 2 * tokens * HEAD_DIM * (2 * (HEADS + KV_HEADS) + KV_HEADS + 2 * KV_HEADS)
+        t, tp = time_graph(fused), time_graph(apart)
+        rows.append(Row("rope+store_kv", f"T={tokens} (32+8+8)x128", t * 1e6, nbytes / t / 1e9, "GB/s",
+                        100 * nbytes / t / copy_bw, "unfused", tp * 1e6))
     return rows
 
 

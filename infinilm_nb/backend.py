@@ -28,6 +28,7 @@ OP_MODULES = {
     "rms_norm": "norm",
     "add_rms_norm": "norm",
     "rope": "rope",
+    "rope_store_kv": "rope",
     "silu_mul": "activation",
     "linear": "gemm",
     "linear_silu_mul": "gemm",

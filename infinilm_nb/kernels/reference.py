@@ -172,6 +172,22 @@ def store_kv(
         v_cache[block, offset] = v[t]
 
 
+def rope_store_kv(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    positions: np.ndarray,
+    cos_sin: np.ndarray,
+    k_cache: np.ndarray,
+    v_cache: np.ndarray,
+    slot_mapping: np.ndarray,
+) -> None:
+    """:func:`rope` on q and k in place, then :func:`store_kv` of the rotated k and of v: the two
+    steps between a layer's QKV projection and its attention, as one op."""
+    rope(q, k, positions, cos_sin)
+    store_kv(k, v, k_cache, v_cache, slot_mapping)
+
+
 def store_kv_static(
     k: np.ndarray,
     v: np.ndarray,

@@ -6,6 +6,10 @@ vectors, and stores both halves back with 16-byte stores. Consecutive threads ta
 groups of a head, then the next head (q's heads, then k's); the grid's y axis walks the tokens. A
 warp's accesses are contiguous. When the head dim, the row strides or a pointer are not 16-byte aligned the
 same kernel is built with ``vec`` = 1 (plain element access).
+
+:func:`rope_store_kv` is RoPE and :func:`~.attention.store_kv` in one kernel: the threads of a K head
+also write their rotated K and the matching V into the paged cache, which saves a launch and a
+pass over K in every layer of every step.
 """
 
 from __future__ import annotations
@@ -24,9 +28,10 @@ THREADS = 256
 
 
 @functools.lru_cache(maxsize=None)
-def _rope_kernel(vec: int, table_vec: int, half: int) -> Callable:
-    """The kernel moving ``vec`` elements of q / k and ``table_vec`` of cos_sin per load, for heads
-    of ``2 * half`` elements (a constant, so that a thread finds its head without a division loop)."""
+def _rope_kernels(vec: int, table_vec: int, half: int) -> tuple[Callable, Callable]:
+    """RoPE alone and RoPE with the cache store, moving ``vec`` elements of q / k and ``table_vec``
+    of cos_sin per load, for heads of ``2 * half`` elements (a constant, so that a thread finds its
+    head without a division loop)."""
     load, store, pack = loader(vec), storer(vec), packer(vec)
     table_load = loader(table_vec)
     table_steps = vec // table_vec
@@ -35,7 +40,7 @@ def _rope_kernel(vec: int, table_vec: int, half: int) -> Callable:
     @inline_device
     def rotate(x, at, cos_sin, position, p):
         """Rotate the ``vec`` pairs ``(x[at + e], x[at + half + e])`` in place by the angles of row
-        ``position`` of the table, columns ``p ..``."""
+        ``position`` of the table, columns ``p ..``; return the two rotated halves (packed)."""
         x1 = load(x, at)  # first: these loads need not wait for the position's
         x2 = load(x, at + half)
         row = numba.int64(position) * (2 * half) + p
@@ -54,8 +59,10 @@ def _rope_kernel(vec: int, table_vec: int, half: int) -> Callable:
             b = numba.float32(x2[e])
             y1[e] = a * cos[e] - b * sin[e]
             y2[e] = b * cos[e] + a * sin[e]
-        store(x, at, pack(y1, 0))
-        store(x, at + half, pack(y2, 0))
+        first, second = pack(y1, 0), pack(y2, 0)
+        store(x, at, first)
+        store(x, at + half, second)
+        return first, second
 
     def kernel(q, k, positions, cos_sin, q_heads, k_heads, q_token, q_head, k_token, k_head):
         """q, k: flat views from their first element, strided by (``*_token``, ``*_head``) elements;
@@ -74,7 +81,34 @@ def _rope_kernel(vec: int, table_vec: int, half: int) -> Callable:
                 rotate(k, t * k_token + (head - q_heads) * k_head + p, cos_sin, positions[t], p)
             t += cuda.gridDim.y
 
-    return kernel
+    def kernel_store(q, k, v, positions, cos_sin, k_cache, v_cache, slots, q_heads, k_heads, strides):
+        """:func:`kernel`, and then a K head's threads write their rotated K and the V at the same
+        place into the caches (flat ``[slots * Hk * 2 half]``) at ``slots[t]`` (negative: skipped).
+        strides: (q token, q head, k token, k head, v token, v head) in elements."""
+        column = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        if column >= (q_heads + k_heads) * groups:
+            return
+        head = column // groups
+        p = (column - head * groups) * vec
+        num_slots = k_cache.shape[0] // (k_heads * 2 * half)
+        t = cuda.blockIdx.y
+        while t < positions.shape[0]:
+            if head < q_heads:
+                rotate(q, t * strides[0] + head * strides[1] + p, cos_sin, positions[t], p)
+            else:
+                h = head - q_heads
+                first, second = rotate(k, t * strides[2] + h * strides[3] + p, cos_sin, positions[t], p)
+                slot = slots[t]
+                if 0 <= slot < num_slots:
+                    at = (numba.int64(slot) * k_heads + h) * (2 * half) + p
+                    v_at = t * strides[4] + h * strides[5] + p
+                    store(k_cache, at, first)
+                    store(k_cache, at + half, second)
+                    store(v_cache, at, load(v, v_at))
+                    store(v_cache, at + half, load(v, v_at + half))
+            t += cuda.gridDim.y
+
+    return kernel, kernel_store
 
 
 def rope(q: Any, k: Any, positions: Any, cos_sin: Any) -> None:
@@ -102,10 +136,51 @@ def rope(q: Any, k: Any, positions: Any, cos_sin: Any) -> None:
     table_vec = vector_width(np.float32, (cos_sin,), (vec, half))
     t = numba_type(q.dtype)
     kernel = compiled(
-        _rope_kernel(vec, table_vec, half),
+        _rope_kernels(vec, table_vec, half)[0],
         f"void({t}[::1], {t}[::1], int32[::1], float32[::1], int64, int64, int64, int64, int64, int64)",
     )
     grid, threads = row_grid(tokens, heads * half // vec, THREADS)
     kernel[grid, threads, launch_stream()](
         q_flat, k_flat, positions, cos_sin.reshape(-1), q_heads, k.shape[1], *strides
+    )
+
+
+def rope_store_kv(
+    q: Any, k: Any, v: Any, positions: Any, cos_sin: Any, k_cache: Any, v_cache: Any, slot_mapping: Any
+) -> None:
+    """:func:`rope` on q and k in place, then the rotated k and v into the paged cache at
+    ``slot_mapping``, in one launch; see :func:`infinilm_nb.kernels.reference.rope_store_kv`.
+
+    q, k, v may be strided views into a fused QKV output (unit stride along the head dim).
+    """
+    check_array("rope_store_kv", "q", q, (None, None, None), FLOAT_DTYPES, contiguous=False)
+    tokens, q_heads, head_dim = q.shape
+    if head_dim % 2:
+        raise ValueError(f"rope_store_kv: head_dim (q's last axis) must be even, got {head_dim}")
+    check_array("rope_store_kv", "k", k, (tokens, None, head_dim), FLOAT_DTYPES, contiguous=False)
+    k_heads = k.shape[1]
+    check_array("rope_store_kv", "v", v, (tokens, k_heads, head_dim), FLOAT_DTYPES, contiguous=False)
+    check_array("rope_store_kv", "k_cache", k_cache, (None, None, k_heads, head_dim), FLOAT_DTYPES)
+    check_array("rope_store_kv", "v_cache", v_cache, tuple(k_cache.shape), FLOAT_DTYPES)
+    check_same_dtype("rope_store_kv", "q", q, k=k, v=v, k_cache=k_cache, v_cache=v_cache)
+    check_array("rope_store_kv", "positions", positions, (tokens,), (np.int32,))
+    check_array("rope_store_kv", "cos_sin", cos_sin, (None, head_dim), (np.float32,))
+    check_array("rope_store_kv", "slot_mapping", slot_mapping, (tokens,), (np.int32,))
+    flats = [flat_view("rope_store_kv", name, x) for name, x in (("q", q), ("k", k), ("v", v))]
+    half = head_dim // 2
+    if tokens == 0 or k_heads * half == 0:
+        return
+    strides = element_strides(q)[:2] + element_strides(k)[:2] + element_strides(v)[:2]
+    vec = vector_width(q.dtype, (q, k, v, k_cache, v_cache), (half,) + strides)
+    table_vec = vector_width(np.float32, (cos_sin,), (vec, half))
+    t = numba_type(q.dtype)
+    kernel = compiled(
+        _rope_kernels(vec, table_vec, half)[1],
+        f"void({t}[::1], {t}[::1], {t}[::1], int32[::1], float32[::1], {t}[::1], {t}[::1], int32[::1], "
+        "int64, int64, UniTuple(int64, 6))",
+    )
+    grid, threads = row_grid(tokens, (q_heads + k_heads) * half // vec, THREADS)
+    kernel[grid, threads, launch_stream()](
+        *flats, positions, cos_sin.reshape(-1), k_cache.reshape(-1), v_cache.reshape(-1), slot_mapping,
+        q_heads, k_heads, strides,
     )

@@ -157,8 +157,7 @@ class LlamaAttention:
         ops = self.backend.ops
         self.qkv_proj(buf.hidden, buf.qkv)
         q, k, v = self.qkv_proj.split(buf.qkv)
-        ops.rope(q, k, step.positions, self.cos_sin)
-        ops.store_kv(k, v, k_cache, v_cache, step.slot_mapping)
+        ops.rope_store_kv(q, k, v, step.positions, self.cos_sin, k_cache, v_cache, step.slot_mapping)
         extra = {} if buf.workspace is None else {"workspace": buf.workspace}
         ops.paged_attention(
             q, k_cache, v_cache, step.block_tables, step.context_lens, step.query_start_loc, self.scale, buf.context,

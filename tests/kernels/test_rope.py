@@ -101,3 +101,69 @@ def test_rope_rejects_bad_arguments(kb, rng):
         rope.rope(kb.asarray(random(rng, (3, 2, 16)))[:, :, ::2], k, positions, cos_sin)
     with pytest.raises(ValueError, match=r"rope: k must have non-negative strides, got \(-128, "):
         rope.rope(q, k[::-1], positions, cos_sin)
+
+
+def qkv_views(qkv, q_heads, kv_heads, head_dim):
+    """q, k and v as strided views into a fused QKV output."""
+    q, k = fused_views(qkv, q_heads, kv_heads, head_dim)
+    v = qkv[:, (q_heads + kv_heads) * head_dim :].reshape(qkv.shape[0], kv_heads, head_dim)
+    return q, k, v
+
+
+def _fused_case(kb, rng, dtype, tokens, q_heads, kv_heads, head_dim, block_size=16, aligned=True):
+    """Run rope_store_kv on fresh data into NaN-poisoned caches; return (got, want) of the QKV buffer
+    and of both caches. Slots are scattered over the blocks; every third token is padding (-1)."""
+    cos_sin = reference.rope_cache(head_dim, MAX_POSITIONS, 500000.0, LLAMA3_SCALING if head_dim == 128 else None)
+    positions = rng.integers(0, MAX_POSITIONS, tokens).astype(np.int32)
+    qkv = random(rng, (tokens, (q_heads + 2 * kv_heads) * head_dim), dtype, scale=2.0)
+    blocks = tokens // block_size + 3
+    slots = rng.permutation(blocks * block_size)[:tokens].astype(np.int32)
+    slots[::3] = -1
+    shape = (blocks, block_size, kv_heads, head_dim)
+    caches = [np.full(shape, np.nan, dtype) for _ in range(2)]
+    qkv_d = placed(kb, qkv, aligned)
+    caches_d = [placed(kb, c, aligned) for c in caches]
+    assert rope.rope_store_kv(*qkv_views(qkv_d, q_heads, kv_heads, head_dim), kb.asarray(positions),
+                              kb.asarray(cos_sin), *caches_d, kb.asarray(slots)) is None
+    want = qkv.copy()
+    reference.rope_store_kv(*qkv_views(want, q_heads, kv_heads, head_dim), positions, cos_sin, *caches, slots)
+    return [(kb.to_host(qkv_d), want)] + [(kb.to_host(g), w) for g, w in zip(caches_d, caches)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("tokens,q_heads,kv_heads", SHAPES[:3])
+def test_rope_store_kv_equals_rope_then_store_kv(kb, rng, dtype, head_dim, tokens, q_heads, kv_heads):
+    for got, want in _fused_case(kb, rng, dtype, tokens, q_heads, kv_heads, head_dim):
+        written = ~np.isnan(want)
+        np.testing.assert_array_equal(np.isnan(got), ~written)  # untouched slots keep their NaN
+        assert rel_err(got[written], want[written]) < tolerance(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("aligned", [True, False])
+def test_rope_store_kv_takes_the_16_byte_path_only_when_aligned(kb, rng, monkeypatch, dtype, aligned):
+    widths = record_widths(monkeypatch, rope)
+    for got, want in _fused_case(kb, rng, dtype, 5, 2, 1, 32, block_size=4, aligned=aligned):
+        written = ~np.isnan(want)
+        assert rel_err(got[written], want[written]) < tolerance(dtype)
+    assert widths[0] == (16 // np.dtype(dtype).itemsize if aligned else 1)
+
+
+def test_rope_store_kv_rejects_bad_arguments(kb, rng):
+    cos_sin = kb.asarray(reference.rope_cache(8, 16, 10000.0))
+    positions, slots = kb.asarray(np.arange(3, dtype=np.int32)), kb.asarray(np.arange(3, dtype=np.int32))
+    q, k, v = qkv_views(kb.asarray(random(rng, (3, 32))), 2, 1, 8)
+    cache = kb.asarray(random(rng, (2, 4, 1, 8)))
+    with pytest.raises(ValueError, match=r"rope_store_kv: v must have shape \(3, 1, 8\), got \(3, 2, 8\)"):
+        rope.rope_store_kv(q, k, kb.asarray(random(rng, (3, 2, 8))), positions, cos_sin, cache, cache, slots)
+    with pytest.raises(ValueError, match=r"rope_store_kv: k_cache must have shape \(\*, \*, 1, 8\), got \(2, 4, 2, 8\)"):
+        wide = kb.asarray(random(rng, (2, 4, 2, 8)))
+        rope.rope_store_kv(q, k, v, positions, cos_sin, wide, wide, slots)
+    with pytest.raises(ValueError, match=r"rope_store_kv: v_cache must have shape \(2, 4, 1, 8\), got \(3, 4, 1, 8\)"):
+        rope.rope_store_kv(q, k, v, positions, cos_sin, cache, kb.asarray(random(rng, (3, 4, 1, 8))), slots)
+    with pytest.raises(ValueError, match=r"rope_store_kv: k_cache must have the dtype of q \(float32\), got float16"):
+        half = kb.asarray(random(rng, (2, 4, 1, 8), np.float16))
+        rope.rope_store_kv(q, k, v, positions, cos_sin, half, half, slots)
+    with pytest.raises(ValueError, match="rope_store_kv: slot_mapping must be int32, got int64"):
+        rope.rope_store_kv(q, k, v, positions, cos_sin, cache, cache, kb.asarray(np.arange(3)))
