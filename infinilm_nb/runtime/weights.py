@@ -141,11 +141,24 @@ class SafetensorsFile:
         return self.header[name]["dtype"] == "BF16"
 
 
-def to_dtype(array: np.ndarray, bf16: bool, dtype: np.dtype) -> np.ndarray:
-    """Convert a stored tensor to ``dtype``; bfloat16 bits go to the high half of a float32."""
+def to_dtype(array: np.ndarray, bf16: bool, dtype: np.dtype, name: str = "tensor") -> np.ndarray:
+    """Convert a stored tensor to ``dtype``; bfloat16 bits go to the high half of a float32.
+
+    Narrowing bfloat16 or float32 to float16 raises ``ValueError`` naming the tensor when a finite
+    value falls outside float16's range (it would silently become infinite)."""
     if bf16:
         array = (array.astype(np.uint32) << np.uint32(16)).view(np.float32)
-    return np.array(array, dtype=dtype, order="C")  # always a copy: never hand out the file mapping
+    out = np.array(array, dtype=dtype, order="C")  # always a copy: never hand out the file mapping
+    if out.dtype == np.float16 and array.dtype != np.float16 and np.isinf(out).any():
+        wide = np.asarray(array, dtype=np.float32)
+        overflow = np.isfinite(wide) & np.isinf(out)
+        if overflow.any():
+            values = wide[overflow]
+            biggest = float(values[np.argmax(np.abs(values))])
+            raise ValueError(
+                f"{name} holds {biggest:.6g}, beyond float16's range (65504): load it with dtype='float32'"
+            )
+    return out
 
 
 def weight_files(model_dir: Path) -> dict[str, Path]:
@@ -230,7 +243,7 @@ class ModelWeights(Mapping):
             if cut is not None:  # a view of the mapping: only the slice's pages are read
                 axis, span = cut
                 stored = stored[span] if axis == 0 else stored[:, span]
-            parts.append(to_dtype(stored, file.is_bf16(hf_name), self.dtype))
+            parts.append(to_dtype(stored, file.is_bf16(hf_name), self.dtype, f"tensor {hf_name}"))
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
 
     def __contains__(self, name: object) -> bool:

@@ -71,6 +71,21 @@ def test_converts_on_disk_dtypes(tmp_path, disk, runtime):
     assert ModelConfig.from_pretrained(directory).torch_dtype == disk
 
 
+@pytest.mark.parametrize("disk", ["bfloat16", "float32"])
+def test_a_weight_beyond_float16_range_is_an_error_in_float16_only(tmp_path, disk):
+    directory = save_tiny_model(tmp_path, "llama", dtype=disk, tokenizer=False)
+    name = "model.layers.0.mlp.down_proj.weight"
+
+    def enlarge(tensors):
+        tensors[name][3, 5] = -2.0**20  # exact in bfloat16 too
+
+    rewrite(directory, enlarge)
+    with pytest.raises(ValueError, match=rf"tensor {name} holds -1.04858e\+06, beyond float16's range \(65504\): "
+                                         r"load it with dtype='float32'"):
+        load(directory, np.float16)
+    assert load(directory, np.float32)["layers.0.down_proj.weight"][3, 5] == -2.0**20
+
+
 def test_tied_when_lm_head_is_absent(tmp_path):
     directory = save_tiny_model(tmp_path, "llama", tie_word_embeddings=True, tokenizer=False)
     assert "lm_head.weight" not in load_file(directory / "model.safetensors")
