@@ -1,13 +1,14 @@
 """End-to-end decode of a Llama-3-8B-shaped random-weight float16 model, beside HF transformers.
 
 Usage: ``python bench/decode.py [--out DIR] [--layers 32] [--prompt 128] [--tokens 256]
-[--batches 8,32,64] [--long-prompt 2048] [--hf-tokens 64] [--no-hf] [--model-dir DIR]``.
+[--batches 8,32,64] [--long-prompt 2048] [--ablate] [--hf-tokens 64] [--no-hf] [--model-dir DIR]``.
 
 Batch 1: tokens/s and ms/token of the decode phase, time to first token, and the weight-read roofline
 (every weight byte once per step at the measured device-to-device copy bandwidth) with the share
 reached; the host time per decode step (the step's wall time minus the GPU time of its CUDA graph,
 replayed alone). Then tokens/s at larger batches, the time to first token of one long prompt, how many 4K-token sequences the KV cache holds at
-``gpu_memory_utilization=0.9``, and HF transformers (PyTorch eager, its default attention, float16,
+``gpu_memory_utilization=0.9``, with ``--ablate`` the GPU time of a batch-1 step with each fusion
+undone (:mod:`bench.ablation`), and HF transformers (PyTorch eager, its default attention, float16,
 greedy ``generate``) on the same GPU in the same run, with fewer new tokens. Prints a table naming the
 GPU; writes ``decode.json`` to DIR.
 """
@@ -155,8 +156,29 @@ def measure(args: argparse.Namespace, directory: Path, config: dict[str, Any]) -
     memory = kv_capacity(llm)
     del llm
     free_gpu_memory()
-    return {"copy_gbps": bandwidth / 1e9, "weight_gb": weight_bytes(config) / 1e9, "batch1": single,
-            "batches": batches, "memory": memory, "long_prompt_ttft_ms": long_ttft}
+    result = {"copy_gbps": bandwidth / 1e9, "weight_gb": weight_bytes(config) / 1e9, "batch1": single,
+              "batches": batches, "memory": memory, "long_prompt_ttft_ms": long_ttft}
+    if args.ablate:
+        result["ablation_gpu_ms"] = ablation_ms(args, directory)
+    return result
+
+
+def ablation_ms(args: argparse.Namespace, directory: Path) -> dict[str, float]:
+    """GPU milliseconds of a batch-1 decode step (its graph replayed) with every fusion, then with
+    each undone (:func:`bench.ablation.ablate`)."""
+    from bench.ablation import ablate
+    from infinilm_nb import LLM
+
+    def make_llm() -> Any:
+        free_gpu_memory()
+        return LLM(directory, backend="cuda", dtype="float16", max_num_seqs=1, max_model_len=CONTEXT,
+                   gpu_memory_utilization=0.5)
+
+    def step_ms(llm: Any) -> float:
+        run_batch(llm, 1, args.prompt, 8, seed=99)  # real inputs in the batch-1 graph's buffers
+        return 1e3 * graph_step_seconds(llm, 1)
+
+    return ablate(step_ms, make_llm)
 
 
 def print_report(result: dict[str, Any]) -> None:
@@ -181,6 +203,12 @@ def print_report(result: dict[str, Any]) -> None:
     if hf is not None and "long_ttft_ms" in hf:
         long += f"; HF transformers {hf['long_ttft_ms']:.1f} ms"
     print(long)
+    ablation = result.get("ablation_gpu_ms")
+    if ablation:
+        fused = ablation["fused"]
+        saved = ", ".join(f"{name} {ms - fused:+.3f} ms ({100 * (ms - fused) / fused:+.1f}%)"
+                          for name, ms in ablation.items() if name != "fused")
+        print(f"batch-1 step GPU time {fused:.3f} ms with every fusion; undone one at a time: {saved}")
     print(f"roofline: {s['roofline_tok_s']:.0f} tok/s (weights / copy bandwidth {result['copy_gbps']:.0f} GB/s); "
           f"host per decode step {s['host_us_per_step']:.0f} us of {s['ms_per_step']:.2f} ms "
           f"(GPU {s['gpu_ms_per_step']:.2f} ms)")
@@ -197,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",") if b], default=[8, 32, 64],
                         help="comma-separated batch sizes measured after batch 1")
     parser.add_argument("--long-prompt", type=int, default=2048, help="prompt tokens of the time-to-first-token run")
+    parser.add_argument("--ablate", action="store_true", help="time a batch-1 step with each fusion undone")
     parser.add_argument("--hf-tokens", type=int, default=64, help="new tokens for HF transformers (it is slow)")
     parser.add_argument("--no-hf", action="store_true", help="skip HF transformers")
     parser.add_argument("--model-dir", type=Path, help="keep the random checkpoint here (reused if its config matches)")

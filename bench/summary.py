@@ -56,6 +56,11 @@ def decode_lines(data: dict[str, Any]) -> list[str]:
     if hf:
         lines.append(f"  HF transformers batch 1: {hf['decode_tok_s']:.1f} tok/s "
                      f"({one['decode_tok_s'] / hf['decode_tok_s']:.1f}x)")
+    ablation = data.get("ablation_gpu_ms")
+    if ablation:
+        fused = ablation["fused"]
+        lines.append("  fusions, step GPU time undone: " + ", ".join(
+            f"{name} {ms - fused:+.3f} ms" for name, ms in ablation.items() if name != "fused"))
     if "long_prompt_ttft_ms" in data:
         peer = f", HF {hf['long_ttft_ms']:.1f} ms" if hf and "long_ttft_ms" in hf else ""
         lines.append(f"  TTFT of {data.get('long_prompt', '?')} tokens: {data['long_prompt_ttft_ms']:.1f} ms{peer}")

@@ -42,7 +42,7 @@ run_tests() {
   (( status )) || status=${PIPESTATUS[0]}
 }
 run_e2e() {
-  python3 bench/decode.py --out "$OUT" --model-dir /tmp/rl8b "$@" 2>&1 | tee "$OUT/decode.log" | tail -25
+  python3 bench/decode.py --out "$OUT" --model-dir /tmp/rl8b --ablate "$@" 2>&1 | tee "$OUT/decode.log" | tail -25
   python3 bench/throughput.py --out "$OUT" --model-dir /tmp/rl8b "$@" 2>&1 | tee "$OUT/throughput.log" | tail -15
 }
 case $what in

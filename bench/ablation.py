@@ -1,0 +1,89 @@
+"""What each fusion of a decoder layer saves in a decode step: the step timed with it undone.
+
+The fusions the runtime relies on, each undone by an op table that serves the fused op with the
+unfused kernels (same op names, so the model and its CUDA graphs are unchanged):
+
+- ``silu``: the gate-up GEMM with SiLU-mul in its epilogue -> the GEMM into ``[M, 2I]``, then silu_mul;
+- ``residual``: o_proj and down adding the residual in their epilogue -> the GEMM, then an add;
+- ``rope``: RoPE with the K/V cache store -> rope, then store_kv.
+
+:func:`ablate` runs batch-1 decode on a checkpoint once per fusion undone (``bench/decode.py
+--ablate``); :class:`UnfusedOps` is the op table.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+FUSIONS = ("silu", "residual", "rope")
+
+
+class UnfusedOps:
+    """``ops`` with the fusions named in ``undo`` served by their unfused kernels. Intermediates
+    live in buffers kept per shape, made on first use (the decode graphs run each step eagerly once
+    before capturing it, so no allocation happens inside a capture)."""
+
+    def __init__(self, ops: Any, xp: Any, undo: tuple[str, ...]) -> None:
+        unknown = set(undo) - set(FUSIONS)
+        if unknown:
+            raise ValueError(f"unknown fusion(s) {sorted(unknown)}: choose from {', '.join(FUSIONS)}")
+        self._ops, self._xp, self._undo = ops, xp, set(undo)
+        self._buffers: dict[tuple, Any] = {}
+
+    def __getattr__(self, op: str) -> Any:
+        return getattr(self._ops, op)
+
+    def _buffer(self, shape: tuple[int, ...], dtype: Any) -> Any:
+        key = (shape, str(dtype))
+        if key not in self._buffers:
+            self._buffers[key] = self._xp.empty(shape, dtype=dtype)
+        return self._buffers[key]
+
+    def linear_silu_mul(self, x: Any, weight: Any, out: Any) -> Any:
+        if "silu" not in self._undo:
+            return self._ops.linear_silu_mul(x, weight, out)
+        gate_up = self._buffer((x.shape[0], weight.shape[0]), out.dtype)
+        self.linear(x, weight, gate_up)
+        return self._ops.silu_mul(gate_up, out)
+
+    def linear(self, x: Any, weight: Any, out: Any, bias: Any = None, residual: Any = None) -> Any:
+        if residual is None or "residual" not in self._undo:
+            return self._ops.linear(x, weight, out, bias=bias, residual=residual)
+        product = self._buffer(tuple(out.shape), out.dtype)
+        self._ops.linear(x, weight, product, bias=bias)
+        return self._xp.add(product, residual, out=out)
+
+    def rope_store_kv(self, q: Any, k: Any, v: Any, positions: Any, cos_sin: Any, k_cache: Any, v_cache: Any,
+                      slot_mapping: Any) -> None:
+        if "rope" not in self._undo:
+            return self._ops.rope_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping)
+        self._ops.rope(q, k, positions, cos_sin)
+        self._ops.store_kv(k, v, k_cache, v_cache, slot_mapping)
+
+
+@contextmanager
+def undone(backend: Any, fusions: tuple[str, ...]) -> Iterator[None]:
+    """Within the block, ``backend.ops`` serves ``fusions`` unfused (for models built inside it)."""
+    fused = backend.ops
+    backend.ops = UnfusedOps(fused, backend.xp, fusions)
+    try:
+        yield
+    finally:
+        backend.ops = fused
+
+
+def ablate(decode_step: Callable[[Any], float], make_llm: Callable[[], Any]) -> dict[str, float]:
+    """Milliseconds of a batch-1 decode step (``decode_step(llm)``) with all fusions, then with each
+    undone, each on a fresh ``make_llm()`` whose model and graphs are built with that op table."""
+    from infinilm_nb.backend import get_backend
+
+    backend = get_backend("cuda")
+    times = {}
+    for fusions in ((), *((fusion,) for fusion in FUSIONS)):
+        with undone(backend, fusions):
+            llm = make_llm()
+            times[fusions[0] if fusions else "fused"] = decode_step(llm)
+            llm.close()
+            del llm
+    return times
