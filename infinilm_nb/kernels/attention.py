@@ -109,7 +109,9 @@ def _store_kv_kernel(vec: int, dim: int) -> Callable:
     return kernel
 
 
-def _check_store(op: str, k: Any, v: Any, k_cache: Any, v_cache: Any) -> None:
+def check_store(op: str, k: Any, v: Any, k_cache: Any, v_cache: Any) -> None:
+    """Raise ``ValueError`` unless k, v ``[T, Hk, D]`` and the caches ``[*, *, Hk, D]`` fit each other
+    and share a float dtype (the arguments of a K/V cache store)."""
     check_array(op, "k", k, (None, None, None), FLOAT_DTYPES, contiguous=False)
     tokens, heads, dim = k.shape
     check_array(op, "v", v, (tokens, heads, dim), FLOAT_DTYPES, contiguous=False)
@@ -145,14 +147,14 @@ def store_kv(k: Any, v: Any, k_cache: Any, v_cache: Any, slot_mapping: Any) -> N
 
     k and v may be strided views into a fused QKV buffer (unit stride along the head dim).
     """
-    _check_store("store_kv", k, v, k_cache, v_cache)
+    check_store("store_kv", k, v, k_cache, v_cache)
     check_array("store_kv", "slot_mapping", slot_mapping, (k.shape[0],), (INT32,))
     _launch_store("store_kv", k, v, k_cache, v_cache, slot_mapping, slot_mapping, 0)
 
 
 def store_kv_static(k: Any, v: Any, k_cache: Any, v_cache: Any, cache_slots: Any, positions: Any) -> None:
     """Write each token's K and V into a static cache; see :func:`reference.store_kv_static`."""
-    _check_store("store_kv_static", k, v, k_cache, v_cache)
+    check_store("store_kv_static", k, v, k_cache, v_cache)
     check_array("store_kv_static", "cache_slots", cache_slots, (k.shape[0],), (INT32,))
     check_array("store_kv_static", "positions", positions, (k.shape[0],), (INT32,))
     _launch_store("store_kv_static", k, v, k_cache, v_cache, cache_slots, positions, 1)

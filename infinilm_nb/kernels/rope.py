@@ -21,6 +21,7 @@ import numba
 import numpy as np
 from numba import cuda
 
+from .attention import check_store
 from .common import FLOAT_DTYPES, check_array, check_same_dtype, compiled, launch_stream, numba_type
 from .vector import element_strides, flat_view, inline_device, loader, packer, row_grid, storer, vector_width
 
@@ -111,6 +112,19 @@ def _rope_kernels(vec: int, table_vec: int, half: int) -> tuple[Callable, Callab
     return kernel, kernel_store
 
 
+def _check_rope(op: str, q: Any, k: Any, positions: Any, cos_sin: Any) -> tuple[int, int, int]:
+    """Check RoPE's arguments (raising ``ValueError`` naming the wrong one); return T, Hq and D."""
+    check_array(op, "q", q, (None, None, None), FLOAT_DTYPES, contiguous=False)
+    tokens, q_heads, head_dim = q.shape
+    if head_dim % 2:
+        raise ValueError(f"{op}: head_dim (q's last axis) must be even, got {head_dim}")
+    check_array(op, "k", k, (tokens, None, head_dim), FLOAT_DTYPES, contiguous=False)
+    check_same_dtype(op, "q", q, k=k)
+    check_array(op, "positions", positions, (tokens,), (np.int32,))
+    check_array(op, "cos_sin", cos_sin, (None, head_dim), (np.float32,))
+    return tokens, q_heads, head_dim
+
+
 def rope(q: Any, k: Any, positions: Any, cos_sin: Any) -> None:
     """Launch RoPE on q and k in place; see :func:`infinilm_nb.kernels.reference.rope`.
 
@@ -118,14 +132,7 @@ def rope(q: Any, k: Any, positions: Any, cos_sin: Any) -> None:
     fused QKV output. Positions must lie in ``[0, P)`` of ``cos_sin [P, D]``: they are device data, so
     checking them here would cost a synchronisation, and an out-of-range position reads outside the table.
     """
-    check_array("rope", "q", q, (None, None, None), FLOAT_DTYPES, contiguous=False)
-    tokens, q_heads, head_dim = q.shape
-    if head_dim % 2:
-        raise ValueError(f"rope: head_dim (q's last axis) must be even, got {head_dim}")
-    check_array("rope", "k", k, (tokens, None, head_dim), FLOAT_DTYPES, contiguous=False)
-    check_same_dtype("rope", "q", q, k=k)
-    check_array("rope", "positions", positions, (tokens,), (np.int32,))
-    check_array("rope", "cos_sin", cos_sin, (None, head_dim), (np.float32,))
+    tokens, q_heads, head_dim = _check_rope("rope", q, k, positions, cos_sin)
     q_flat, k_flat = flat_view("rope", "q", q), flat_view("rope", "k", k)
     half = head_dim // 2
     heads = q_heads + k.shape[1]
@@ -153,19 +160,10 @@ def rope_store_kv(
 
     q, k, v may be strided views into a fused QKV output (unit stride along the head dim).
     """
-    check_array("rope_store_kv", "q", q, (None, None, None), FLOAT_DTYPES, contiguous=False)
-    tokens, q_heads, head_dim = q.shape
-    if head_dim % 2:
-        raise ValueError(f"rope_store_kv: head_dim (q's last axis) must be even, got {head_dim}")
-    check_array("rope_store_kv", "k", k, (tokens, None, head_dim), FLOAT_DTYPES, contiguous=False)
-    k_heads = k.shape[1]
-    check_array("rope_store_kv", "v", v, (tokens, k_heads, head_dim), FLOAT_DTYPES, contiguous=False)
-    check_array("rope_store_kv", "k_cache", k_cache, (None, None, k_heads, head_dim), FLOAT_DTYPES)
-    check_array("rope_store_kv", "v_cache", v_cache, tuple(k_cache.shape), FLOAT_DTYPES)
-    check_same_dtype("rope_store_kv", "q", q, k=k, v=v, k_cache=k_cache, v_cache=v_cache)
-    check_array("rope_store_kv", "positions", positions, (tokens,), (np.int32,))
-    check_array("rope_store_kv", "cos_sin", cos_sin, (None, head_dim), (np.float32,))
+    tokens, q_heads, head_dim = _check_rope("rope_store_kv", q, k, positions, cos_sin)
+    check_store("rope_store_kv", k, v, k_cache, v_cache)
     check_array("rope_store_kv", "slot_mapping", slot_mapping, (tokens,), (np.int32,))
+    k_heads = k.shape[1]
     flats = [flat_view("rope_store_kv", name, x) for name, x in (("q", q), ("k", k), ("v", v))]
     half = head_dim // 2
     if tokens == 0 or k_heads * half == 0:

@@ -162,7 +162,7 @@ def test_rope_store_kv_rejects_bad_arguments(kb, rng):
         rope.rope_store_kv(q, k, v, positions, cos_sin, wide, wide, slots)
     with pytest.raises(ValueError, match=r"rope_store_kv: v_cache must have shape \(2, 4, 1, 8\), got \(3, 4, 1, 8\)"):
         rope.rope_store_kv(q, k, v, positions, cos_sin, cache, kb.asarray(random(rng, (3, 4, 1, 8))), slots)
-    with pytest.raises(ValueError, match=r"rope_store_kv: k_cache must have the dtype of q \(float32\), got float16"):
+    with pytest.raises(ValueError, match=r"rope_store_kv: k_cache must have the dtype of k \(float32\), got float16"):
         half = kb.asarray(random(rng, (2, 4, 1, 8), np.float16))
         rope.rope_store_kv(q, k, v, positions, cos_sin, half, half, slots)
     with pytest.raises(ValueError, match="rope_store_kv: slot_mapping must be int32, got int64"):
