@@ -59,7 +59,7 @@ def kernels() -> list[tuple[str, Callable, str, dict[str, Any]]]:
 
     f16 = gemm.kernel_signature(np.float16)
     rows = [
-        (f"decode GEMM {name} M={m}", mma_kernel(gemm.mma_config(gemm.bucket_rows(m), n, k, fused)), f16, {})
+        (f"decode GEMM {name} M={m}", mma_kernel(gemm.mma_config(m, n, k, fused)), f16, {})
         for name, m, n, k, fused in (("o", 1, 4096, 4096, False), ("qkv", 32, 6144, 4096, False),
                                      ("gate_up+silu", 32, 14336, 4096, True), ("down", 32, 4096, 14336, False))
     ]

@@ -235,14 +235,6 @@ def _group(m: int) -> int:
     return next((g for g in DECODE_GROUPS if m <= g), DECODE_GROUPS[-1])
 
 
-def bucket_rows(M: int) -> int:
-    """The rows whose tensor-core variant serves M rows: M rounded up to 8 times a power of two. The
-    decode graphs compile those variants at start-up, so an odd M of an eager step (the lm_head of a
-    step that ends 24 prompts) reuses one instead of compiling another mid-serving (~1.5 s)."""
-    tiles = cdiv(M, 8)
-    return 8 * (1 << (tiles - 1).bit_length())
-
-
 def mma_config(M: int, N: int, K: int, fused: bool = False) -> MmaConfig:
     """The tensor-core variant for an ``[M, K] x [K, N]`` product (N: output columns).
 
@@ -251,8 +243,12 @@ def mma_config(M: int, N: int, K: int, fused: bool = False) -> MmaConfig:
     the most bytes in flight; more rows of x make each weight load feed more mma, so warps take
     fewer K slices (x traffic) and, for wide outputs, two W tiles or four warps on neighbouring rows
     that share x through L1. Fused gate-up needs two W tiles per warp (gate and up).
+
+    M's 8-row tiles are rounded up to a power of two: the decode graphs compile those variants at
+    start-up, so an odd M of an eager step (the lm_head of a step that ends 24 prompts) reuses one
+    instead of compiling another mid-serving (~1.5 s).
     """
-    tiles_x = cdiv(M, 8)
+    tiles_x = 1 << (cdiv(M, 8) - 1).bit_length()
     rows = 2 * N if fused else N
     if fused or rows >= WIDE_N:
         shapes = {1: (2, 1, 8, 1), 2: (2, 1, 4, 1)}
@@ -318,7 +314,7 @@ def _launch(x: Any, weight: Any, out: Any, bias: Any, residual: Any, fused: bool
         vec = 1
     tensor_cores = mma and dtype == np.float16 and vec > 1
     if tensor_cores and M <= MMA_MAX_M:
-        launch_mma(mma_config(bucket_rows(M), N, K, fused), x, weight, bias, residual, out)
+        launch_mma(mma_config(M, N, K, fused), x, weight, bias, residual, out)
     elif tensor_cores and M >= gemm_tc.MIN_M and gemm_tc.ENABLED:
         launch_tc(tc_config(M, fused), x, weight, bias, residual, out)
     elif M <= DECODE_MAX_M:

@@ -213,8 +213,9 @@ def test_linear_silu_mul_rejects_wrong_output_shape_and_dtype(kb, rng):
 
 
 def test_tensor_core_rows_round_up_to_the_decode_buckets():
-    assert [gemm.bucket_rows(m) for m in (1, 8, 9, 16, 17, 24, 32, 33, 40, 64)] == [8, 8, 16, 16, 32, 32, 32, 64, 64, 64]
-    variants = {gemm.mma_config(gemm.bucket_rows(m), 4096, 4096) for m in range(1, gemm.MMA_MAX_M + 1)}
+    rows = (1, 8, 9, 16, 17, 24, 32, 33, 40, 64)
+    assert [gemm.mma_config(m, 4096, 4096).tiles_x for m in rows] == [1, 1, 2, 2, 4, 4, 4, 8, 8, 8]
+    variants = {gemm.mma_config(m, 4096, 4096) for m in range(1, gemm.MMA_MAX_M + 1)}
     assert {config.tiles_x for config in variants} == {1, 2, 4, 8}
 
 
