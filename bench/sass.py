@@ -66,17 +66,14 @@ def kernels() -> list[tuple[str, Callable, str, dict[str, Any]]]:
     dim, group, vec, block = 128, 4, 8, 16
     warps = attention._warps(dim, group, vec)
     _, partition = attention._attention_kernels(dim, group, vec, warps, block)
-    base = "float16[:, :, :], float16[::1], float16[::1], int32[:, ::1], int32[::1], int32[::1], int64, float32"
-    rows.append(("decode attention (split)", partition,
-                 f"void({base}, int32, float32[:, :, :, ::1], float32[:, :, :, ::1])",
+    rows.append(("decode attention (split)", partition, attention.kernel_signatures("float16")[1],
                  attention._compile_options(dim, group, vec)))
     for m in (512, 2048):
         config = gemm_tc.tc_config(m)
         rows.append((f"prefill GEMM {config.block_m}x{config.block_n}/{config.threads // 32}w", gemm_tc.tc_kernel(config),
                      f16, {}))
     rows.append(("prefill attention d=128", attention_prefill.prefill_kernel(dim), attention_prefill.SIGNATURE, {}))
-    rows.append(("sampler (float32 logits)", sampling._sample_kernel,
-                 "void(float32[:, ::1], float32[::1], int32[::1], float32[::1], uint64[::1], int32[::1])",
+    rows.append(("sampler (float32 logits)", sampling._sample_kernel, sampling.kernel_signature("float32"),
                  {"max_registers": sampling.MAX_REGISTERS}))
     return rows
 

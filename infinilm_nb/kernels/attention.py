@@ -471,14 +471,13 @@ def _attention(
     t = numba_type(q.dtype)
     # flat caches: the kernels address a key's row by its slot, block * block_size + offset
     args = (q, k_cache.reshape(-1), v_cache.reshape(-1), block_tables, context_lens, query_start_loc, kv_heads, scale)
-    signature = f"{t}[:, :, :], {t}[::1], {t}[::1], int32[:, ::1], int32[::1], int32[::1], int64, float32"
     threads = warps * WARP
     stream = launch_stream()
     options = _compile_options(dim, group, vec)
-    whole = compiled(whole_range, f"void({signature}, {t}[:, :, :])", **options)
+    whole_signature, split_signature = kernel_signatures(t)
+    whole = compiled(whole_range, whole_signature, **options)
     split = None
     if max_parts > 1:
-        split_signature = f"void({signature}, int32, float32[:, :, :, ::1], float32[:, :, :, ::1])"
         split = compiled(partition, split_signature, **options)
     parts = _partitions(tokens * kv_heads, capacity, max_parts, whole, split, threads)
     part_keys = KEY_GRAIN * cdiv(cdiv(capacity, KEY_GRAIN), parts)
@@ -494,6 +493,13 @@ def _attention(
     )
     merge[(tokens, q_heads), threads, stream](context_lens, query_start_loc, capacity, part_keys, stats, partials, out)
     return out
+
+
+def kernel_signatures(t: str) -> tuple[str, str]:
+    """The signatures of the whole-range and the split (partition) attention kernels for numba type
+    name ``t`` of q, the caches and out."""
+    common = f"{t}[:, :, :], {t}[::1], {t}[::1], int32[:, ::1], int32[::1], int32[::1], int64, float32"
+    return f"void({common}, {t}[:, :, :])", f"void({common}, int32, float32[:, :, :, ::1], float32[:, :, :, ::1])"
 
 
 def _workspace_views(workspace: AttentionWorkspace, tokens: int, heads: int, parts: int, dim: int) -> tuple[Any, Any]:

@@ -303,6 +303,11 @@ def _sample_kernel(logits, temperatures, top_ks, top_ps, seeds, out):
         out[b] = LOW32 - (packed & LOW32)
 
 
+def kernel_signature(t: str) -> str:
+    """The sampler kernel's signature for logits of numba type name ``t``."""
+    return f"void({t}[:, ::1], float32[::1], int32[::1], float32[::1], uint64[::1], int32[::1])"
+
+
 def sample(logits: Any, temperatures: Any, top_ks: Any, top_ps: Any, seeds: Any, out: Any) -> Any:
     """Launch the sampler; see :func:`infinilm_nb.kernels.reference.sample`."""
     check_array("sample", "logits", logits, (None, None), FLOAT_DTYPES)
@@ -316,9 +321,8 @@ def sample(logits: Any, temperatures: Any, top_ks: Any, top_ps: Any, seeds: Any,
         raise ValueError(f"sample: logits must have 1 to 2**31 - 1 columns, got {vocab}")
     if rows == 0:
         return out
-    t = numba_type(logits.dtype)
     kernel = compiled(
-        _sample_kernel, f"void({t}[:, ::1], float32[::1], int32[::1], float32[::1], uint64[::1], int32[::1])",
+        _sample_kernel, kernel_signature(numba_type(logits.dtype)),
         **({} if SIMULATOR else {"max_registers": MAX_REGISTERS}),
     )
     threads = min(THREADS, WARP * cdiv(vocab, WARP))  # no idle warps for a tiny vocabulary

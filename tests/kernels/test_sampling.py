@@ -235,8 +235,7 @@ def test_sampler_fits_a_full_block_without_spilling(kb, rng, dtype):
 
     logits = rng.standard_normal((2, 1000)).astype(dtype)
     kernel_sample(kb, logits, *settings(["greedy", "top-k and top-p"], rng))  # compiles it
-    kernel = next(k for (f, sig), k in common._compiled.items() if f is sampling._sample_kernel and
-                  sig.startswith(f"void({np.dtype(dtype).name}["))
+    kernel = common._compiled[(sampling._sample_kernel, sampling.kernel_signature(np.dtype(dtype).name))]
     assert kernel.get_local_mem_per_thread() == 0
     assert kernel.get_regs_per_thread() * sampling.THREADS <= 65536  # a launch of THREADS threads fits an SM
 
