@@ -56,7 +56,7 @@ from .intrinsics import (
     pack_f16x2,
     shared_address,
 )
-from .mma import mma_16816
+from .mma import mma_accumulate
 from .vector import element_strides, flat_view, inline_device
 
 # The switch: off (common.TENSOR_CORES, INFINILM_NB_TENSOR_CORES=0) keeps every step on the CUDA-core
@@ -217,12 +217,8 @@ def prefill_kernel(head_dim: int) -> Callable:
                     v = ldmatrix_x4(base + K_OFFSET + (k_frag ^ (kk << 5)) + p * 16 * ROW)
                     for half in range(2):
                         i = (2 * p + half) * 4
-                        d = mma_16816(
-                            qf[4 * kk], qf[4 * kk + 1], qf[4 * kk + 2], qf[4 * kk + 3], v[2 * half], v[2 * half + 1],
-                            s[i], s[i + 1], s[i + 2], s[i + 3],
-                        )  # fmt: skip
-                        for j in range(4):
-                            s[i + j] = d[j]
+                        a = 4 * kk
+                        mma_accumulate(s, i, qf[a], qf[a + 1], qf[a + 2], qf[a + 3], v[2 * half], v[2 * half + 1])
             cuda.syncthreads()  # all are done with the K tile
             if kv0 + BKV < kv_end:
                 fill_rows(kv_row, table, kv0 + BKV, kv_end, key0, block_size, block_shift, block_mask, kv_heads, kvh)
@@ -272,9 +268,7 @@ def prefill_kernel(head_dim: int) -> Callable:
                     v = ldmatrix_x4_trans(base + V_OFFSET + (v_frag ^ (dp << 5)) + kk * 16 * ROW)
                     for half in range(2):
                         i = (2 * dp + half) * 4
-                        d = mma_16816(a0, a1, a2, a3, v[2 * half], v[2 * half + 1], o[i], o[i + 1], o[i + 2], o[i + 3])
-                        for j in range(4):
-                            o[i + j] = d[j]
+                        mma_accumulate(o, i, a0, a1, a2, a3, v[2 * half], v[2 * half + 1])
 
         for r in range(2):
             total = row_sum[r]

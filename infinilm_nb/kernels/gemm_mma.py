@@ -136,6 +136,8 @@ def mma_kernel(config: MmaConfig) -> Callable:
                     for ib in range(tiles_x):
                         xa = (u * tiles_x + ib) * 4 + 2 * half
                         i = (ia * tiles_x + ib) * 4
+                        # written out rather than mma.mma_accumulate: through it NVVM schedules this
+                        # tuned loop differently (ptxas: 2-8 more instructions a trip)
                         d = mma_16816(
                             w[wa], w[wa + 4], w[wa + 1], w[wa + 5], xw[xa], xw[xa + 1],
                             acc[i], acc[i + 1], acc[i + 2], acc[i + 3],

@@ -44,7 +44,7 @@ from numba import cuda, float32, int32, int64, uint32
 from .common import TENSOR_CORES
 from .gemm_mma import silu
 from .intrinsics import cp_async_16, cp_async_commit, cp_async_wait_group, ldmatrix_x4, shared_address
-from .mma import mma_16816
+from .mma import mma_accumulate
 from .vector import inline_device
 
 # The switch: off (common.TENSOR_CORES, INFINILM_NB_TENSOR_CORES=0) sends every float16 prefill linear
@@ -152,12 +152,8 @@ def tc_kernel(config: TcConfig) -> Callable:
         for mi in range(MT):
             for ni in range(NT):
                 i = (mi * NT + ni) * 4
-                d = mma_16816(
-                    af[4 * mi], af[4 * mi + 1], af[4 * mi + 2], af[4 * mi + 3], bf[2 * ni], bf[2 * ni + 1],
-                    acc[i], acc[i + 1], acc[i + 2], acc[i + 3],
-                )  # fmt: skip
-                for q in range(4):
-                    acc[i + q] = d[q]
+                a = 4 * mi
+                mma_accumulate(acc, i, af[a], af[a + 1], af[a + 2], af[a + 3], bf[2 * ni], bf[2 * ni + 1])
 
     @inline_device
     def copy_tile(x, weight, a_stage, b_stage, k, K, a_src, a_bytes, a_dst, b_src, b_bytes, b_dst):

@@ -7,6 +7,7 @@ Numba has no tensor-core API; these emit the PTX through ``llvmlite`` inline ass
                                        # for x; L2 fetches whole 256-byte runs of the row
     v = load_words(x, i)               # the same through L1 (x is re-read by every warp)
     d = mma_16816(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3)   # UniTuple(float32, 4)
+    mma_accumulate(acc, i, a0, a1, a2, a3, b0, b1)          # the same into acc[i : i + 4] in place
 
 ``mma_16816`` is ``mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32`` (``HMMA.16816.F32`` in SASS):
 ``D[16 x 8] = A[16 x 16] @ B[16 x 8] + C`` over one warp, float32 accumulation. With ``g = lane // 4``
@@ -31,6 +32,7 @@ from typing import Any
 from numba import cuda
 
 from .common import SIMULATOR
+from .vector import inline_device
 
 FULL_MASK = 0xFFFFFFFF
 
@@ -155,3 +157,12 @@ else:
             return cgutils.pack_array(builder, [builder.extract_value(result, i) for i in range(4)])
 
         return types.UniTuple(types.float32, 4)(*words, *accumulators), codegen
+
+
+@inline_device
+def mma_accumulate(acc, i, a0, a1, a2, a3, b0, b1):
+    """``acc[i : i + 4] += A @ B`` for one m16n8k16 tile: :func:`mma_16816` with accumulators
+    ``acc[i], .., acc[i + 3]`` (a local array), written back in place."""
+    d = mma_16816(a0, a1, a2, a3, b0, b1, acc[i], acc[i + 1], acc[i + 2], acc[i + 3])
+    for q in range(4):
+        acc[i + q] = d[q]
