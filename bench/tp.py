@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import faulthandler
 import json
 import os
 import subprocess
@@ -162,8 +163,12 @@ def worker(args: argparse.Namespace) -> int:
         result["agreement"] = float(np.mean(np.array(result["tokens"]) == np.array(reference)))
     if group is not None:
         result.update(time_step_messages(group, backend, model.config, model.dtype))
-    if info.rank == 0:  # the figures so far, in case the LLM phase does not finish
+    if info.rank == 0:  # the figures so far, kept in case the LLM phase does not finish
         progress(f"tp={info.world_size}: " + json.dumps({k: v for k, v in result.items() if k != "tokens"}))
+        Path(args.json).write_text(json.dumps(result))
+    # A phase (or an exit) that hangs prints every rank's Python stack and ends the job, instead of
+    # using up the run.
+    faulthandler.dump_traceback_later(args.llm_timeout, exit=True)
     del model
     if backend.on_gpu:
         import cupy
@@ -192,18 +197,25 @@ def commit() -> str:
 
 def print_report(one: dict[str, Any], many: dict[str, Any], args: argparse.Namespace, title: str) -> None:
     ranks = many["tp"]
-    step_s = 1 / many["decode_tok_s"]
     comm_s = many.get("step_comm_graph_s", many["step_comm_s"])
     print(title)
     print(f"{'':<40} {'tp=1':>10} {f'tp={ranks}':>10}")
-    print(f"{'decode tokens/s (batch 1, LLM)':<40} {one['decode_tok_s']:>10.1f} {many['decode_tok_s']:>10.1f}")
-    print(f"{'time to first token (ms)':<40} {1e3 * one['ttft_s']:>10.1f} {1e3 * many['ttft_s']:>10.1f}")
+    if "decode_tok_s" in one and "decode_tok_s" in many:
+        print(f"{'decode tokens/s (batch 1, LLM)':<40} {one['decode_tok_s']:>10.1f} {many['decode_tok_s']:>10.1f}")
+        print(f"{'time to first token (ms)':<40} {1e3 * one['ttft_s']:>10.1f} {1e3 * many['ttft_s']:>10.1f}")
+    else:
+        print(f"{'decode through LLM':<40} {'ok' if 'decode_tok_s' in one else 'FAILED':>10} "
+              f"{'ok' if 'decode_tok_s' in many else 'FAILED':>10}  (stacks above)")
     print(f"{'teacher-forced top-1 agreement':<40} {'':>10} {100 * many['agreement']:>9.1f}%")
     print(f"{'collectives of one decode step (ms)':<40} {'':>10} {1e3 * many['step_comm_s']:>10.3f}  eager")
     if "step_comm_graph_s" in many:
         print(f"{'':<40} {'':>10} {1e3 * many['step_comm_graph_s']:>10.3f}  in a CUDA graph")
-    print(f"  {many['messages']} messages, {1e6 * comm_s / many['messages']:.1f} us each; "
-          f"{100 * comm_s / step_s:.0f}% of the tp={ranks} decode step ({1e3 * step_s:.2f} ms)")
+    print(f"  {many['messages']} messages, {1e6 * comm_s / many['messages']:.1f} us each", end="")
+    if "decode_tok_s" not in one or "decode_tok_s" not in many:
+        print()
+        return
+    step_s = 1 / many["decode_tok_s"]
+    print(f"; {100 * comm_s / step_s:.0f}% of the tp={ranks} decode step ({1e3 * step_s:.2f} ms)")
     print(f"speed-up tp={ranks} / tp=1: {many['decode_tok_s'] / one['decode_tok_s']:.2f}x; "
           f"{args.tokens} tokens after a {args.prompt}-token prompt")
 
@@ -216,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--backend", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--llm-timeout", type=float, default=240,
+                        help="seconds for the LLM phase of a job before every rank prints its stack and the job ends")
     parser.add_argument("--model-dir", default=None, help="where the checkpoint is written once and reused")
     parser.add_argument("--out", default=None, help="directory for tp.json")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -242,11 +256,16 @@ def main(argv: list[str] | None = None) -> int:
         path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)  # keep the caller's
         env = {**os.environ, **MPI_ENV, "PYTHONPATH": path}
         job = [sys.executable, str(Path(__file__).resolve()), "--worker", "--model-dir", str(directory),
-               "--backend", args.backend, "--prompt", str(args.prompt), "--tokens", str(args.tokens)]
+               "--backend", args.backend, "--prompt", str(args.prompt), "--tokens", str(args.tokens),
+               "--llm-timeout", str(args.llm_timeout)]
         one, many = Path(tmp) / "tp1.json", Path(tmp) / "tpn.json"
-        subprocess.run([*job, "--json", str(one)], env=env, check=True)
-        subprocess.run([launcher, "-n", str(args.ranks), *job, "--json", str(many), "--reference", str(one)],
-                       env=env, check=True)
+        # A job that fails in its LLM phase has written its earlier figures: report them, then fail.
+        codes = [subprocess.run([*job, "--json", str(one)], env=env).returncode,
+                 subprocess.run([launcher, "-n", str(args.ranks), *job, "--json", str(many), "--reference", str(one)],
+                                env=env).returncode]
+        if not one.exists() or not many.exists():
+            print(f"tensor parallelism: a job failed before its first figures (exit codes {codes})", file=sys.stderr)
+            return 1
         results = json.loads(one.read_text()), json.loads(many.read_text())
     title = (f"tensor parallelism, {device_name(args.backend)}  {datetime.date.today()}  commit {commit()}  "
              f"{args.layers}-layer {size} model, float16" if args.backend == "cuda" else
@@ -256,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         record = {"title": title, "tp1": results[0], f"tp{args.ranks}": results[1]}
         (Path(args.out) / "tp.json").write_text(json.dumps(record, indent=1))
-    return 0
+    return max(codes)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ def run_bench(tmp_path: Path, backend: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("NUMBA_ENABLE_CUDASIM", None)
     args = [sys.executable, "bench/tp.py", "--backend", backend, "--size", "tiny", "--layers", "2", "--prompt", "16",
-            "--tokens", "24", "--model-dir", str(tmp_path / "model"), "--out", str(tmp_path)]
+            "--tokens", "24", "--model-dir", str(tmp_path / "model"), "--out", str(tmp_path), "--llm-timeout", "120"]
     done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
     assert "teacher-forced top-1 agreement" in done.stdout and "collectives of one decode step" in done.stdout
