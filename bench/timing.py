@@ -4,6 +4,9 @@
   launches in a CUDA graph and time its replays with events.
 * The L2 holds 50-60 MB: each launch in the loop reads its own copy of the inputs, rotating over
   enough copies that the whole set is several times the L2.
+* The timed calls run on a non-blocking stream, which does not wait for the default stream: each
+  timer first waits for the device, so inputs made there (random data, positions) are written
+  before a kernel reads them (a position read unwritten sent RoPE outside its table).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ def time_graph(calls: Sequence[Callable[[], None]], reps: int = 50, rounds: int 
     Each call launches on CuPy's current stream; the first call of each is run eagerly first, so
     compilation and module loading stay out of the capture.
     """
+    cupy.cuda.runtime.deviceSynchronize()  # the inputs, made on the default stream, must be written
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
         for call in calls:
@@ -61,6 +65,7 @@ def time_graph(calls: Sequence[Callable[[], None]], reps: int = 50, rounds: int 
 
 def time_eager(calls: Sequence[Callable[[], None]], reps: int = 50, rounds: int = 7) -> float:
     """Median seconds per call launched eagerly (for cuBLAS, which CuPy will not capture)."""
+    cupy.cuda.runtime.deviceSynchronize()
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
         for call in calls:
@@ -80,6 +85,7 @@ def time_torch_graph(calls: Sequence[Callable[[], None]], reps: int = 50, rounds
     (for torch peers such as SDPA; the first call of each runs eagerly first, on a side stream)."""
     import torch
 
+    torch.cuda.synchronize()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
