@@ -163,6 +163,7 @@ def worker(args: argparse.Namespace) -> int:
         result["agreement"] = float(np.mean(np.array(result["tokens"]) == np.array(reference)))
     if group is not None:
         result.update(time_step_messages(group, backend, model.config, model.dtype))
+        group.close()  # before LLM makes its own: ranks must free communicators in the same order
     if info.rank == 0:  # the figures so far, kept in case the LLM phase does not finish
         progress(f"tp={info.world_size}: " + json.dumps({k: v for k, v in result.items() if k != "tokens"}))
         Path(args.json).write_text(json.dumps(result))

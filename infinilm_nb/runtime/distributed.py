@@ -131,6 +131,7 @@ class CommunicationGroup:
         self.backend = backend
         self._mpi = None
         self._nccl = None
+        self._closed = False
         if info.world_size == 1:
             return
         from mpi4py import MPI
@@ -147,6 +148,12 @@ class CommunicationGroup:
     def world_size(self) -> int:
         return self.info.world_size
 
+    def _on_nccl(self) -> bool:
+        """True when collectives go through NCCL (a GPU group); an error once it is closed."""
+        if self._closed:
+            raise RuntimeError("CommunicationGroup: the NCCL communicator was closed")
+        return self._nccl is not None
+
     def _nccl_args(self, array: Any) -> tuple[int, int]:
         from cupy.cuda import nccl
 
@@ -159,7 +166,7 @@ class CommunicationGroup:
         """Sum ``array`` over ranks, in place; returns it."""
         if self.world_size == 1:
             return array
-        if self._nccl is not None:
+        if self._on_nccl():
             from cupy.cuda import nccl
 
             dtype, stream = self._nccl_args(array)
@@ -184,7 +191,7 @@ class CommunicationGroup:
         if self.world_size == 1:
             out[0] = array
             return out
-        if self._nccl is not None:
+        if self._on_nccl():
             dtype, stream = self._nccl_args(array)
             self._nccl.allGather(array.data.ptr, out.data.ptr, array.size, dtype, stream)
             return out
@@ -195,7 +202,7 @@ class CommunicationGroup:
         """Copy ``root``'s ``array`` into every rank's ``array``, in place."""
         if self.world_size == 1:
             return array
-        if self._nccl is not None:
+        if self._on_nccl():
             dtype, stream = self._nccl_args(array)
             self._nccl.bcast(array.data.ptr, array.size, dtype, root, stream)
             return array
@@ -218,3 +225,16 @@ class CommunicationGroup:
         """Wait until every rank arrives."""
         if self._mpi is not None:
             self._mpi.Barrier()
+
+    def close(self) -> None:
+        """Free the NCCL communicator; every rank calls this at the same point of its program.
+
+        NCCL finalizes a communicator together with its peers. Left to the garbage collector, a
+        process holding two communicators may free them in another order than its peer, and both
+        wait for each other forever at exit (seen on 2 H200s). Collectives after ``close`` on a GPU
+        are errors.
+        """
+        if self._nccl is not None:
+            self._nccl.destroy()
+            self._nccl = None
+            self._closed = True

@@ -128,6 +128,7 @@ class LLM:
         if self.group is not None:
             if not self.rank.is_driver:
                 follow(self.group, self.engine)
+                self.group.close()  # where rank 0's close() frees it: NCCL frees a communicator jointly
                 raise SystemExit(0)
             atexit.register(self.close)
 
@@ -158,6 +159,7 @@ class LLM:
         self._closed = True
         if self.group is not None:
             stop_followers(self.group)
+            self.group.close()
 
     def __enter__(self) -> "LLM":
         return self
