@@ -163,6 +163,15 @@ class DecodeGraphs:
         self.last_logits = bucket.logits[:n]
         return self._download(bucket, n)
 
+    def release(self) -> None:
+        """Free every captured graph once the device is idle; steps then run eagerly. Under tensor
+        parallelism this comes before the NCCL communicator is freed: NCCL waits, forever, for the
+        graphs that hold its collectives to go first."""
+        if self.backend.on_gpu:
+            self.backend.synchronize()
+        for bucket in self._buckets.values():
+            bucket.graph = None
+
     def bucket_size(self, num_seqs: int) -> int:
         """The rows of the bucket that runs ``num_seqs`` sequences."""
         return next(size for size in self.buckets if size >= num_seqs)

@@ -128,7 +128,7 @@ class LLM:
         if self.group is not None:
             if not self.rank.is_driver:
                 follow(self.group, self.engine)
-                self.group.close()  # where rank 0's close() frees it: NCCL frees a communicator jointly
+                self._leave_group()  # where rank 0's close() does
                 raise SystemExit(0)
             atexit.register(self.close)
 
@@ -159,7 +159,14 @@ class LLM:
         self._closed = True
         if self.group is not None:
             stop_followers(self.group)
-            self.group.close()
+            self._leave_group()
+
+    def _leave_group(self) -> None:
+        """Free the NCCL communicator, at the same point on every rank (NCCL frees it jointly), after
+        the decode graphs that hold its collectives."""
+        if self.engine.graphs is not None:
+            self.engine.graphs.release()
+        self.group.close()
 
     def __enter__(self) -> "LLM":
         return self

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.mpi
 
 
 def run_bench(tmp_path: Path, backend: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     env.pop("NUMBA_ENABLE_CUDASIM", None)
     args = [sys.executable, "bench/tp.py", "--backend", backend, "--size", "tiny", "--layers", "2", "--prompt", "16",
             "--tokens", "24", "--model-dir", str(tmp_path / "model"), "--out", str(tmp_path), "--llm-timeout", "120"]

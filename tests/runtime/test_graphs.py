@@ -152,6 +152,22 @@ def test_a_smaller_step_resets_what_a_larger_one_left(graph_model_dir):
     assert not host["block_tables"][:, 1:].any() and host["block_tables"][3, 0] == 0
 
 
+def test_released_graphs_decode_eagerly_with_the_same_tokens(kb, graph_model_dir):
+    """release() (before a tensor-parallel LLM frees its NCCL communicator) drops every graph; later
+    steps run the same body eagerly."""
+    model = load_model(graph_model_dir, kb, progress=False)
+    cache = make_cache(model, "paged")
+    graphs = DecodeGraphs(model, cache, max_num_seqs=2, max_model_len=16)
+    assert graphs.captured == kb.on_gpu
+    seqs = [CachedSeq(cache) for _ in range(2)]
+    model.forward(make_step([(seq, [3 + i, 4]) for i, seq in enumerate(seqs)]).to(kb), cache)
+    step = make_step([(seq, [5 + i]) for i, seq in enumerate(seqs)])
+    want = kb.to_host(model.forward(step.to(kb), cache)).argmax(axis=-1)
+    graphs.release()
+    assert not graphs.captured
+    assert graphs.decode(step).tolist() == want.tolist()
+
+
 def test_enforce_eager_turns_graphs_off(llama_dir: Path):
     eager = LLM(llama_dir, backend="cpu", max_model_len=64, max_num_seqs=4, enforce_eager=True)
     assert eager.engine.graphs is None
