@@ -1,7 +1,7 @@
 """Tune the tensor-core decode linear: time every MmaConfig candidate on the Llama-3-8B shapes.
 
 Usage: ``python bench/gemm_sweep.py [--out DIR] [--shapes qkv,o] [--m 1,8,16,32] [--fused] [--probes]
-[--budget S]``. For each shape and M prints cuBLAS (CuPy, eager), the launcher's choice, the CUDA-core
+[--budget S]``. For each shape and M prints cuBLAS (torch.matmul in a CUDA graph), the launcher's choice, the CUDA-core
 kernel and each candidate (graph-timed, weights rotated), best first; writes ``gemm_sweep.jsonl`` as it
 goes so a cut-off run keeps what it measured. ``--probes`` first times an empty kernel and a pure read
 of each weight (the floor a single launch of that size can reach); ``--resources`` prints registers,
@@ -23,7 +23,7 @@ import cupy  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.kernels import GEMM_SHAPES, OPS, rand  # noqa: E402
-from bench.timing import copies_needed, copy_bandwidth, gpu_name, time_eager, time_graph  # noqa: E402
+from bench.timing import copies_needed, copy_bandwidth, gpu_name, time_cublas, time_graph  # noqa: E402
 from numba import cuda, uint32  # noqa: E402
 
 from infinilm_nb.kernels import gemm  # noqa: E402
@@ -145,16 +145,15 @@ def main() -> int:
         ws = [rand((n, k), scale=0.02) for _ in range(copies)]
         xs = [rand((m, k)) for _ in range(copies)]
         outs = [cupy.empty((m, n_out), np.float16) for _ in range(copies)]
-        if args.fused:
+        if args.fused:  # cuBLAS's product, then our silu_mul: the two are captured in different graphs
             inter = [cupy.empty((m, n), np.float16) for _ in range(copies)]
-            peer = [lambda i=i: (cupy.matmul(xs[i], ws[i].T, out=inter[i]), OPS.silu_mul(inter[i], outs[i]))
-                    for i in range(copies)]
+            t_peer = time_cublas(list(zip(xs, ws, inter))) + time_graph(
+                [lambda i=i: OPS.silu_mul(inter[i], outs[i]) for i in range(copies)])
         else:
-            peer = [lambda i=i: cupy.matmul(xs[i], ws[i].T, out=outs[i]) for i in range(copies)]
+            t_peer = time_cublas(list(zip(xs, ws, outs)))
         chosen = [lambda i=i: gemm._launch(xs[i], ws[i], outs[i], None, None, args.fused) for i in range(copies)]
         cores = [lambda i=i: gemm._launch(xs[i], ws[i], outs[i], None, None, args.fused, mma=False)
                  for i in range(copies)]
-        t_peer = time_eager(peer)
         rows = [("cuBLAS", t_peer), ("launcher", time_graph(chosen)), ("cuda cores", time_graph(cores))]
         for config in candidates(m, n_out, args.fused):
             calls = [

@@ -3,8 +3,8 @@
 Usage: ``python bench/kernels.py [--out DIR] [--only gemm,norm,...]``. Prints a table (GPU named),
 writes ``kernels.json`` and a roofline chart ``kernels.png`` (when matplotlib is installed) to DIR,
 then lists every kernel the run compiled with its registers, local memory (spills) and shared memory.
-Peers: cuBLAS through CuPy (eager, weights rotated), torch SDPA (decode attention, through a torch
-CUDA graph); roofline: the measured device-to-device copy bandwidth.
+Peers: cuBLAS (torch.matmul on the same arrays, through a torch CUDA graph, weights rotated), torch
+SDPA (through a torch CUDA graph); roofline: the measured device-to-device copy bandwidth.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import cupy  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.timing import (  # noqa: E402
-    copies_needed, copy_bandwidth, gpu_name, time_eager, time_graph, time_torch_graph,
+    copies_needed, copy_bandwidth, gpu_name, time_cublas, time_graph, time_torch_graph,
 )
 from infinilm_nb.backend import get_backend  # noqa: E402
 from infinilm_nb.kernels import common, reference  # noqa: E402
@@ -71,8 +71,7 @@ def bench_gemm(copy_bw: float) -> list[Row]:
             xs = [rand((m, k)) for _ in range(copies)]
             outs = [cupy.empty((m, n), np.float16) for _ in range(copies)]
             ours = [lambda i=i: OPS.linear(xs[i], ws[i], outs[i]) for i in range(copies)]
-            peer = [lambda i=i: cupy.matmul(xs[i], ws[i].T, out=outs[i]) for i in range(copies)]
-            t, tp = time_graph(ours), time_eager(peer)
+            t, tp = time_graph(ours), time_cublas(list(zip(xs, ws, outs)))
             rows.append(Row(f"linear {name}", f"M={m} {k}->{n}", t * 1e6, nbytes / t / 1e9, "GB/s",
                             100 * nbytes / t / copy_bw, "cuBLAS", tp * 1e6))
             del ws, xs, outs
@@ -270,7 +269,7 @@ def bench_prefill(copy_bw: float) -> list[Row]:
     """Prefill on tensor cores, in TFLOP/s against the peer in the same run.
 
     The linear at M = 512 / 2048 / 8192 on the Llama-3-8B shapes against cuBLAS fp16 (through
-    CuPy), as dispatched by ``linear`` and for each tile variant of ``gemm_tc`` (to tune
+    torch.matmul in a CUDA graph), as dispatched by ``linear`` and for each tile variant of ``gemm_tc`` (to tune
     ``tc_config``); causal attention of one prompt of 2K / 8K tokens (32 q / 8 kv heads, d = 128,
     paged, block 16) against torch SDPA (``is_causal``, GQA), and against our CUDA-core kernel.
     Attention FLOPs count the causal half: ``2 * Hq * D * L^2``.
@@ -283,7 +282,7 @@ def bench_prefill(copy_bw: float) -> list[Row]:
         for m in PREFILL_M:
             flops = 2 * m * n * k
             x, w, out = rand((m, k)), rand((n, k), scale=k**-0.5), cupy.empty((m, n), np.float16)
-            peer = time_eager([lambda: cupy.matmul(x, w.T, out=out)], reps=10)
+            peer = time_cublas([(x, w, out)], reps=10)
             want = out.astype(np.float32)
             variants = {"": lambda: OPS.linear(x, w, out)}
             configs = (gemm_tc.tc_config(64), gemm_tc.TcConfig(block_m=64, warps_m=2, warps_n=4, stages=4),

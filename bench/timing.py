@@ -64,7 +64,8 @@ def time_graph(calls: Sequence[Callable[[], None]], reps: int = 50, rounds: int 
 
 
 def time_eager(calls: Sequence[Callable[[], None]], reps: int = 50, rounds: int = 7) -> float:
-    """Median seconds per call launched eagerly (for cuBLAS, which CuPy will not capture)."""
+    """Median seconds per call launched eagerly (for work that CuPy will not capture and that is long
+    enough for the launch not to matter, such as the 1 GB copy)."""
     cupy.cuda.runtime.deviceSynchronize()
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
@@ -107,6 +108,18 @@ def time_torch_graph(calls: Sequence[Callable[[], None]], reps: int = 50, rounds
         end.synchronize()
         times.append(start.elapsed_time(end))
     return median(times) / 1e3 / reps
+
+
+def time_cublas(operands: Sequence[tuple[Any, Any, Any]], reps: int = 50, rounds: int = 7) -> float:
+    """Median seconds of cuBLAS's ``out = x @ w.T`` over the CuPy arrays ``(x, w, out)`` of each
+    entry (cycled), through torch.matmul on the same memory (DLPack) replayed from a torch CUDA graph:
+    the GPU's time alone. Launched eagerly, a decode-sized GEMM times the host instead (CuPy's matmul
+    costs the host 20-30 us, more than the kernel, and the figure moved 40% between two H100s)."""
+    import torch
+
+    tensors = [tuple(torch.from_dlpack(array) for array in entry) for entry in operands]
+    calls = [lambda x=x, w=w, out=out: torch.matmul(x, w.t(), out=out) for x, w, out in tensors]
+    return time_torch_graph(calls, reps, rounds)
 
 
 def copy_bandwidth(nbytes: int = 1 << 30) -> float:
