@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -39,6 +39,11 @@ class _Request:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     error: str | None = None
+    # the outputs' copy of the prompt, made once and shared by every output of the request
+    prompt_token_ids: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.prompt_token_ids = list(self.seq.prompt_token_ids)
 
     def output(self) -> RequestOutput:
         finished = self.finish_reason is not None
@@ -50,7 +55,7 @@ class _Request:
             stop_reason=self.stop_reason,
             error=self.error,
         )
-        return RequestOutput(self.seq.request_id, self.prompt, list(self.seq.prompt_token_ids), [completion], finished)
+        return RequestOutput(self.seq.request_id, self.prompt, self.prompt_token_ids, [completion], finished)
 
 
 class LLMEngine:

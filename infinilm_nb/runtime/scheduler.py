@@ -76,14 +76,14 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             count = min(seq.num_uncomputed_tokens, budget)
-            while seq.status is SequenceStatus.RUNNING and not self.blocks.can_allocate(
-                seq, seq.num_computed_tokens + count
-            ):
-                self._preempt(self.running.pop())  # the newest; seq itself when it is the newest left
-                preempted = True
-            if seq.status is SequenceStatus.WAITING:
-                break
-            self.blocks.allocate(seq, seq.num_computed_tokens + count)
+            target = seq.num_computed_tokens + count
+            if self.blocks.blocks_needed(seq, target):  # most decode steps stay inside the last block
+                while seq.status is SequenceStatus.RUNNING and not self.blocks.can_allocate(seq, target):
+                    self._preempt(self.running.pop())  # the newest; seq itself when it is the newest left
+                    preempted = True
+                if seq.status is SequenceStatus.WAITING:
+                    break
+                self.blocks.allocate(seq, target)
             picked.append((seq, count))
             budget -= count
             i += 1
