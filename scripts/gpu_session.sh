@@ -6,7 +6,7 @@
 #   bash scripts/gpu_session.sh bench [bench/kernels.py args]   # e.g. --only gemm,elementwise
 #   bash scripts/gpu_session.sh e2e [--layers N] [--no-hf]      # bench/decode.py then bench/throughput.py
 #   bash scripts/gpu_session.sh all                             # tests, kernels bench, e2e
-#   bash scripts/gpu_session.sh tp [bench/tp.py args]           # 2 GPUs: tp=2 against tp=1
+#   bash scripts/gpu_session.sh tp [bench/tp.py args]           # 2 GPUs: tests/distributed, then tp=2 against tp=1
 # Each ends with bench/summary.py: one short table of what the run produced.
 # The machine has no network: tests/convert (model downloads) stays out by default. Carry .whl
 # (NumPy 2.4, gguf, pytest-xdist + execnet) with the call.
@@ -49,7 +49,8 @@ case $what in
   tests) run_tests "$@" ;;
   bench) python3 bench/kernels.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" | tail -60 ;;
   e2e) run_e2e "$@" ;;
-  tp) python3 bench/tp.py --out "$OUT" "$@" 2>&1 | grep -v "Loading weights" | tee "$OUT/tp.log" | tail -20 ;;
+  tp) run_tests tests/distributed
+      python3 bench/tp.py --out "$OUT" "$@" 2>&1 | grep -v "Loading weights" | tee "$OUT/tp.log" | tail -20 ;;
   all) run_tests; python3 bench/kernels.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -60; run_e2e ;;
   *) echo "usage: $0 tests|bench|e2e|all|tp [args]"; exit 2 ;;
 esac
