@@ -19,6 +19,14 @@ SIMULATOR = bool(config.ENABLE_CUDASIM)
 # cannot run inline PTX, so there they are always off.
 TENSOR_CORES = not SIMULATOR and os.environ.get("INFINILM_NB_TENSOR_CORES", "1") != "0"
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
+# bfloat16 travels as uint16 bit patterns (NumPy and CuPy have no bfloat16); see reference.BF16
+BFLOAT16 = np.dtype(np.uint16)
+WITH_BFLOAT16 = FLOAT_DTYPES + (BFLOAT16,)  # the launchers whose kernels take bfloat16 too
+
+
+def dtype_name(dtype: Any) -> str:
+    """The name of a dtype in messages: ``bfloat16`` for the uint16 bit patterns."""
+    return "bfloat16" if np.dtype(dtype) == BFLOAT16 else np.dtype(dtype).name
 
 
 def _describe(shape: Sequence[int]) -> str:
@@ -50,8 +58,8 @@ def check_array(
             expected = "(" + ", ".join("*" if e is None else str(e) for e in shape) + ("," if len(shape) == 1 else "") + ")"
             raise ValueError(f"{op}: {name} must have shape {expected}, got {_describe(given)}")
     if dtypes is not None and np.dtype(array.dtype) not in [np.dtype(d) for d in dtypes]:
-        names = " or ".join(np.dtype(d).name for d in dtypes)
-        raise ValueError(f"{op}: {name} must be {names}, got {np.dtype(array.dtype).name}")
+        names = " or ".join(dtype_name(d) for d in dtypes)
+        raise ValueError(f"{op}: {name} must be {names}, got {dtype_name(array.dtype)}")
     itemsize = np.dtype(array.dtype).itemsize
     strides = array.strides
     if array.size == 0:
@@ -74,7 +82,7 @@ def check_same_dtype(op: str, reference_name: str, reference: Any, **others: Any
     for name, array in others.items():
         if array is not None and np.dtype(array.dtype) != want:
             raise ValueError(
-                f"{op}: {name} must have the dtype of {reference_name} ({want.name}), got {np.dtype(array.dtype).name}"
+                f"{op}: {name} must have the dtype of {reference_name} ({dtype_name(want)}), got {dtype_name(array.dtype)}"
             )
 
 
@@ -112,7 +120,8 @@ def launch_stream() -> Any:
 
 def numba_type(dtype: Any) -> str:
     """The numba type name of a NumPy dtype, for signature strings."""
-    return {"float16": "float16", "float32": "float32", "int32": "int32", "uint64": "uint64", "int64": "int64"}[
+    return {"float16": "float16", "float32": "float32", "uint16": "uint16", "int32": "int32", "uint64": "uint64",
+            "int64": "int64"}[
         np.dtype(dtype).name
     ]
 

@@ -1,4 +1,5 @@
-"""16-byte global loads and stores for kernels: ``load_f16x8`` / ``load_f32x4`` and ``store_*`` likewise.
+"""16-byte global loads and stores for kernels: ``load_f16x8`` / ``load_f32x4`` / ``load_bf16x8`` and
+``store_*`` likewise; ``bf16_to_f32`` / ``f32_to_bf16`` for single bfloat16 values.
 
 Numba never vectorises plain indexing, so a kernel that streams weights issues 2- or 4-byte loads
 and leaves most of the memory bandwidth unused. These intrinsics emit one LLVM ``<4 x i32>`` load
@@ -33,8 +34,9 @@ from numba import cuda
 
 from .common import SIMULATOR
 
-# Elements in one 16-byte vector, by dtype: the K granularity a kernel needs to use these loads.
-VECTOR_WIDTH = {np.dtype(np.float16): 8, np.dtype(np.float32): 4}
+# Elements in one 16-byte vector, by dtype: the K granularity a kernel needs to use these loads
+# (uint16: bfloat16 bit patterns).
+VECTOR_WIDTH = {np.dtype(np.float16): 8, np.dtype(np.float32): 4, np.dtype(np.uint16): 8}
 
 
 def aligned16(*arrays: Any) -> bool:
@@ -82,6 +84,42 @@ if SIMULATOR:
         flat = array.reshape(-1)
         for j in range(4):
             flat[index + j] = values[j]
+
+    @cuda.jit(device=True)
+    def bf16_to_f32(bits):
+        """The float32 value of bfloat16 bit pattern ``bits`` (simulator: a NumPy view)."""
+        return (np.uint32(bits) << np.uint32(16)).view(np.float32)
+
+    @cuda.jit(device=True)
+    def f32_to_bf16(value):
+        """``value`` rounded to the nearest even bfloat16, as its uint16 bit pattern (NaN stays a NaN)."""
+        x = np.float32(value)
+        if x != x:
+            return np.uint16(0x7FC0)
+        bits = x.view(np.uint32)
+        return np.uint16((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+    @cuda.jit(device=True)
+    def load_bf16x8(array, index):
+        """``array.flat[index : index + 8]`` (bfloat16 bit patterns) as 8 float32 (simulator fallback)."""
+        flat = array.reshape(-1)
+        return (
+            bf16_to_f32(flat[index]),
+            bf16_to_f32(flat[index + 1]),
+            bf16_to_f32(flat[index + 2]),
+            bf16_to_f32(flat[index + 3]),
+            bf16_to_f32(flat[index + 4]),
+            bf16_to_f32(flat[index + 5]),
+            bf16_to_f32(flat[index + 6]),
+            bf16_to_f32(flat[index + 7]),
+        )
+
+    @cuda.jit(device=True)
+    def store_bf16x8(array, index, values):
+        """``array.flat[index : index + 8] = values`` rounded to bfloat16 (simulator fallback)."""
+        flat = array.reshape(-1)
+        for j in range(8):
+            flat[index + j] = f32_to_bf16(values[j])
 
 else:
     from llvmlite import ir
@@ -187,6 +225,106 @@ else:
 
     store_f16x8 = _vector_store(types.float16, 8)
     store_f32x4 = _vector_store(types.float32, 4)
+
+    # bfloat16: uint16 bit patterns in memory, float32 in registers. Widening puts the pattern in
+    # the high half of a float32; narrowing rounds to nearest even (NaN becomes the canonical NaN).
+    _F32 = ir.FloatType()
+
+    def _widen(builder: Any, high_half: Any) -> Any:
+        """The float32 whose bit pattern is the i32 ``high_half`` (low 16 bits zero)."""
+        return builder.bitcast(high_half, _F32)
+
+    def _narrow(builder: Any, value: Any) -> Any:
+        """The bfloat16 pattern of float32 ``value``, rounded to nearest even, in the low half of an i32."""
+        bits = builder.bitcast(value, _I32)
+        odd = builder.and_(builder.lshr(bits, ir.Constant(_I32, 16)), ir.Constant(_I32, 1))
+        rounded = builder.lshr(builder.add(builder.add(bits, ir.Constant(_I32, 0x7FFF)), odd), ir.Constant(_I32, 16))
+        is_nan = builder.fcmp_unordered("uno", value, value)
+        return builder.select(is_nan, ir.Constant(_I32, 0x7FC0), rounded)
+
+    @intrinsic
+    def bf16_to_f32(typingctx, bits):
+        """Type ``bf16_to_f32(integer bfloat16 bit pattern) -> float32``."""
+        if not isinstance(bits, types.Integer):
+            return None
+
+        def codegen(context, builder, sig, args):
+            word = context.cast(builder, args[0], sig.args[0], types.uint32)
+            return _widen(builder, builder.shl(word, ir.Constant(_I32, 16)))
+
+        return types.float32(bits), codegen
+
+    @intrinsic
+    def f32_to_bf16(typingctx, value):
+        """Type ``f32_to_bf16(float) -> uint16``: rounded to nearest even."""
+        if not isinstance(value, types.Float):
+            return None
+
+        def codegen(context, builder, sig, args):
+            f = context.cast(builder, args[0], sig.args[0], types.float32)
+            return builder.trunc(_narrow(builder, f), _I16)
+
+        return types.uint16(value), codegen
+
+    @intrinsic
+    def load_bf16x8(typingctx, array, index):
+        """Type ``load_bf16x8(C-contiguous uint16 array, integer) -> UniTuple(float32, 8)``: one aligned
+        16-byte load of 8 bfloat16, widened."""
+        if not (
+            isinstance(array, types.Array)
+            and array.dtype == types.uint16
+            and array.layout == "C"
+            and isinstance(index, types.Integer)
+        ):
+            return None
+
+        def codegen(context, builder, sig, args):
+            array_type, index_type = sig.args
+            data = context.make_array(array_type)(context, builder, value=args[0]).data
+            offset = context.cast(builder, args[1], index_type, types.intp)
+            words_ptr = builder.bitcast(builder.gep(data, [offset]), ir.VectorType(_I32, 4).as_pointer())
+            words = builder.load(words_ptr, align=16)
+            values = []
+            for w in range(4):
+                word = builder.extract_element(words, ir.Constant(_I32, w))
+                values.append(_widen(builder, builder.shl(word, ir.Constant(_I32, 16))))
+                values.append(_widen(builder, builder.and_(word, ir.Constant(_I32, 0xFFFF0000))))
+            return cgutils.pack_array(builder, values)
+
+        return types.UniTuple(types.float32, 8)(array, index), codegen
+
+    @intrinsic
+    def store_bf16x8(typingctx, array, index, values):
+        """Type ``store_bf16x8(C-contiguous uint16 array, integer, UniTuple(float, 8))``: 8 values
+        rounded to bfloat16, one aligned 16-byte store."""
+        if not (
+            isinstance(array, types.Array)
+            and array.dtype == types.uint16
+            and array.layout == "C"
+            and isinstance(index, types.Integer)
+            and isinstance(values, types.UniTuple)
+            and values.count == 8
+            and isinstance(values.dtype, types.Float)
+        ):
+            return None
+
+        def codegen(context, builder, sig, args):
+            array_type, index_type, values_type = sig.args
+            data = context.make_array(array_type)(context, builder, value=args[0]).data
+            offset = context.cast(builder, args[1], index_type, types.intp)
+            lanes = [
+                _narrow(builder, context.cast(builder, builder.extract_value(args[2], i), values_type.dtype, types.float32))
+                for i in range(8)
+            ]
+            words = ir.Constant(ir.VectorType(_I32, 4), ir.Undefined)
+            for w in range(4):
+                word = builder.or_(lanes[2 * w], builder.shl(lanes[2 * w + 1], ir.Constant(_I32, 16)))
+                words = builder.insert_element(words, word, ir.Constant(_I32, w))
+            words_ptr = builder.bitcast(builder.gep(data, [offset]), ir.VectorType(_I32, 4).as_pointer())
+            builder.store(words, words_ptr, align=16)
+            return context.get_dummy_value()
+
+        return types.void(array, index, values), codegen
 
 
 # ----------------------------------------------------------------------- tensor-core data movement

@@ -3,7 +3,9 @@
 Conventions shared by every op (and by the Numba launchers, which have the same signatures):
 
 * Arrays are NumPy arrays (CuPy arrays for the launchers on ``cuda``). Activations and weights are
-  float16 or float32 (bfloat16 on the GPU); integer metadata is int32; seeds are uint64.
+  float16, float32 or bfloat16; integer metadata is int32; seeds are uint64. NumPy and CuPy have no
+  bfloat16 dtype, so a bfloat16 array is a ``uint16`` array of its bit patterns (:data:`BF16`):
+  :func:`to_f32` reads any of the three as float32 and :func:`cast` rounds float32 to one.
 * Arithmetic accumulates in float32 and rounds once, to the output's dtype, when it is stored.
 * Outputs are passed in (``out=``) and returned; an op never allocates its result. Ops documented
   as "in place" write into their inputs.
@@ -18,6 +20,24 @@ import math
 import numpy as np
 
 F32 = np.float32
+BF16 = np.dtype(np.uint16)  # bfloat16, as its bit patterns
+
+
+def to_f32(x: np.ndarray) -> np.ndarray:
+    """``x`` as float32: a bfloat16 (uint16) array's bit patterns widened, other dtypes converted."""
+    if x.dtype == BF16:
+        return (x.astype(np.uint32) << np.uint32(16)).view(F32)
+    return x.astype(F32)
+
+
+def cast(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """float32 ``values`` rounded to ``dtype``; bfloat16 (uint16) to nearest even, NaN kept a NaN."""
+    if np.dtype(dtype) != BF16:
+        return values.astype(dtype)
+    bits = np.ascontiguousarray(values, dtype=F32).view(np.uint32)
+    with np.errstate(over="ignore"):
+        rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    return np.where(np.isnan(values), np.uint32(0x7FC0), rounded).astype(np.uint16)
 
 
 def embedding(ids: np.ndarray, weight: np.ndarray, out: np.ndarray, vocab_start: int = 0) -> np.ndarray:
@@ -39,9 +59,9 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, out: np.ndarray) -> 
 
     x, out: ``[T, H]`` (out may be x); weight: ``[H]``.
     """
-    xf = x.astype(F32)
+    xf = to_f32(x)
     inv = 1.0 / np.sqrt((xf * xf).mean(axis=-1, keepdims=True, dtype=F32) + F32(eps))
-    out[...] = (xf * inv.astype(F32) * weight.astype(F32)).astype(out.dtype)
+    out[...] = cast(xf * inv.astype(F32) * to_f32(weight), out.dtype)
     return out
 
 
@@ -54,7 +74,7 @@ def add_rms_norm(
     x, residual, out: ``[T, H]`` (out may be x); weight: ``[H]``. The norm reads the rounded residual,
     so every backend normalises exactly what it stores.
     """
-    residual[...] = (residual.astype(F32) + x.astype(F32)).astype(residual.dtype)
+    residual[...] = cast(to_f32(residual) + to_f32(x), residual.dtype)
     return rms_norm(residual, weight, eps, out)
 
 
@@ -106,10 +126,10 @@ def rope(q: np.ndarray, k: np.ndarray, positions: np.ndarray, cos_sin: np.ndarra
     cos = cos_sin[positions, :half][:, None, :]
     sin = cos_sin[positions, half:][:, None, :]
     for x in (q, k):
-        x1 = x[..., :half].astype(F32)
-        x2 = x[..., half:].astype(F32)
-        x[..., :half] = (x1 * cos - x2 * sin).astype(x.dtype)
-        x[..., half:] = (x2 * cos + x1 * sin).astype(x.dtype)
+        x1 = to_f32(x[..., :half])
+        x2 = to_f32(x[..., half:])
+        x[..., :half] = cast(x1 * cos - x2 * sin, x.dtype)
+        x[..., half:] = cast(x2 * cos + x1 * sin, x.dtype)
 
 
 def silu_mul(x: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -118,9 +138,9 @@ def silu_mul(x: np.ndarray, out: np.ndarray) -> np.ndarray:
     x: ``[T, 2I]`` (gate in the first I columns); out: ``[T, I]``.
     """
     inter = out.shape[-1]
-    gate = x[..., :inter].astype(F32)
-    up = x[..., inter:].astype(F32)
-    out[...] = (gate / (1 + np.exp(-gate)) * up).astype(out.dtype)
+    gate = to_f32(x[..., :inter])
+    up = to_f32(x[..., inter:])
+    out[...] = cast(gate / (1 + np.exp(-gate)) * up, out.dtype)
     return out
 
 
@@ -136,13 +156,18 @@ def linear(
     x: ``[M, K]``; weight: ``[N, K]`` row-major, as HF stores it; bias: ``[N]``; residual, out:
     ``[M, N]`` (out may be residual: the fused residual add of o_proj and down_proj).
     """
-    acc = x.astype(F32, copy=False) @ weight.astype(F32, copy=False).T  # no weight copy on the cpu backend
+    acc = _f32_view(x) @ _f32_view(weight).T
     if bias is not None:
-        acc += bias.astype(F32)
+        acc += to_f32(bias)
     if residual is not None:
-        acc += residual.astype(F32)
-    out[...] = acc.astype(out.dtype)
+        acc += to_f32(residual)
+    out[...] = cast(acc, out.dtype)
     return out
+
+
+def _f32_view(x: np.ndarray) -> np.ndarray:
+    """``x`` as float32 without a copy when it is float32 already (the cpu backend's weights)."""
+    return x if x.dtype == F32 else to_f32(x)
 
 
 def linear_silu_mul(x: np.ndarray, weight: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -238,14 +263,14 @@ def paged_attention(
             continue
         pos = np.arange(length)
         blocks = block_tables[b, pos // block_size]
-        keys = np.repeat(k_cache[blocks, pos % block_size].astype(F32), group, axis=1)  # [L, Hq, D]
-        vals = np.repeat(v_cache[blocks, pos % block_size].astype(F32), group, axis=1)
-        scores = np.einsum("qhd,khd->hqk", q[start:end].astype(F32), keys) * F32(scale)
+        keys = np.repeat(to_f32(k_cache[blocks, pos % block_size]), group, axis=1)  # [L, Hq, D]
+        vals = np.repeat(to_f32(v_cache[blocks, pos % block_size]), group, axis=1)
+        scores = np.einsum("qhd,khd->hqk", to_f32(q[start:end]), keys) * F32(scale)
         allowed = pos[None, :] <= (length - n + np.arange(n))[:, None]  # [n, L]
         scores = np.where(allowed[None], scores, -np.inf)
         probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
         probs /= probs.sum(axis=-1, keepdims=True)
-        out[start:end] = np.einsum("hqk,khd->qhd", probs, vals).astype(out.dtype)
+        out[start:end] = cast(np.einsum("hqk,khd->qhd", probs, vals), out.dtype)
     return out
 
 
@@ -308,7 +333,7 @@ def sampling_mask(logits: np.ndarray, temperature: float, top_k: int, top_p: flo
     below ``top_p``: the smallest set whose mass reaches p (ties stay). ``top_p >= 1`` keeps all;
     the most likely tokens always stay, so ``top_p <= 0`` keeps just them.
     """
-    x = logits.astype(F32)
+    x = to_f32(logits)
     keep = np.ones(x.shape, dtype=bool)
     if 0 < top_k < x.size:
         keep &= x >= np.partition(x, x.size - top_k)[x.size - top_k]
@@ -342,7 +367,7 @@ def sample(
     which draws exactly from the renormalised softmax and needs only one pass over the row.
     """
     for b in range(logits.shape[0]):
-        row = logits[b].astype(F32)
+        row = to_f32(logits[b])
         temperature = float(temperatures[b])
         if temperature <= 0:
             out[b] = int(np.argmax(row))

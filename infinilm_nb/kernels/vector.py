@@ -3,7 +3,9 @@
 A kernel is written once against ``load(array, index)`` / ``store(array, index, values)`` moving
 ``vec`` consecutive elements as a tuple, and built twice: ``vec`` = 8 (float16) or 4 (float32) uses
 the 16-byte intrinsics of :mod:`.intrinsics`; ``vec`` = 1 uses plain indexing, for rows whose length
-or pointer is not 16-byte aligned. :func:`vector_width` picks between them on the host.
+or pointer is not 16-byte aligned. :func:`vector_width` picks between them on the host. A bfloat16
+build (uint16 bit patterns) loads float32 values and rounds what it stores, so the kernel's
+arithmetic is the same; :func:`to_float` / :func:`to_stored` do it for single elements.
 
 Kernels see flat 1-D arrays (:func:`flat_view`): a strided view (q and k inside a fused QKV buffer)
 is addressed as ``first element + token * stride0 + head * stride1 + d``, with element strides passed
@@ -14,11 +16,15 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import numba
 import numpy as np
 from numba import cuda
 
-from .common import SIMULATOR
-from .intrinsics import VECTOR_WIDTH, aligned16, load_f16x8, load_f32x4, store_f16x8, store_f32x4
+from .common import BFLOAT16, SIMULATOR
+from .intrinsics import (
+    VECTOR_WIDTH, aligned16, bf16_to_f32, f32_to_bf16, load_bf16x8, load_f16x8, load_f32x4, store_bf16x8,
+    store_f16x8, store_f32x4,
+)
 
 
 def inline_device(pyfunc: Callable) -> Any:
@@ -37,6 +43,30 @@ def _load1(array, index):
 def _store1(array, index, values):
     """``array[index] = values[0]``: the plain-store counterpart of the 16-byte stores."""
     array[index] = values[0]
+
+
+@inline_device
+def _load1_bf16(array, index):
+    """``(array[index],)`` of bfloat16 bits, widened to float32."""
+    return (bf16_to_f32(array[index]),)
+
+
+@inline_device
+def _store1_bf16(array, index, values):
+    """``array[index] = values[0]`` rounded to bfloat16 bits."""
+    array[index] = f32_to_bf16(values[0])
+
+
+@inline_device
+def _to_float(value):
+    """A float16 or float32 element as float32."""
+    return numba.float32(value)
+
+
+@inline_device
+def _as_stored(value):
+    """A float32 for a float16 or float32 array: the store converts it."""
+    return value
 
 
 @inline_device
@@ -75,17 +105,37 @@ def row_grid(rows: int, columns: int, threads: int) -> tuple[tuple[int, int], in
 
 _LOADS = {1: _load1, 4: load_f32x4, 8: load_f16x8}
 _STORES = {1: _store1, 4: store_f32x4, 8: store_f16x8}
+_BF16_LOADS = {1: _load1_bf16, 8: load_bf16x8}
+_BF16_STORES = {1: _store1_bf16, 8: store_bf16x8}
 _PACKS = {1: _pack1, 4: _pack4, 8: _pack8}
 
 
-def loader(vec: int) -> Callable:
-    """The device function ``(array, index) -> tuple`` of ``vec`` elements (8: float16, 4: float32)."""
-    return _LOADS[vec]
+def loader(vec: int, bf16: bool = False) -> Callable:
+    """The device function ``(array, index) -> tuple`` of ``vec`` elements (8: float16, 4: float32;
+    ``bf16``: bfloat16 bits, 8 or 1, widened to float32)."""
+    return _BF16_LOADS[vec] if bf16 else _LOADS[vec]
 
 
-def storer(vec: int) -> Callable:
-    """The device function ``(array, index, tuple)`` storing ``vec`` elements."""
-    return _STORES[vec]
+def to_float(bf16: bool = False) -> Callable:
+    """The device function ``(element) -> float32`` for one element read by plain indexing."""
+    return bf16_to_f32 if bf16 else _to_float
+
+
+def to_stored(bf16: bool = False) -> Callable:
+    """The device function ``(float32) -> value to assign`` to one element of an array (``bf16``:
+    rounded bits; else the value itself, which the assignment converts)."""
+    return f32_to_bf16 if bf16 else _as_stored
+
+
+def is_bf16(dtype: Any) -> bool:
+    """Whether ``dtype`` is bfloat16 (its uint16 bit patterns)."""
+    return np.dtype(dtype) == BFLOAT16
+
+
+def storer(vec: int, bf16: bool = False) -> Callable:
+    """The device function ``(array, index, tuple)`` storing ``vec`` elements (``bf16``: float
+    values rounded to bfloat16 bits)."""
+    return _BF16_STORES[vec] if bf16 else _STORES[vec]
 
 
 def packer(vec: int) -> Callable:

@@ -5,7 +5,10 @@ import pytest
 from numba import cuda, float32
 
 from infinilm_nb.kernels.common import cdiv, launch_stream
-from infinilm_nb.kernels.intrinsics import aligned16, load_f16x8, load_f32x4, store_f16x8, store_f32x4
+from infinilm_nb.kernels import reference
+from infinilm_nb.kernels.intrinsics import (
+    aligned16, bf16_to_f32, f32_to_bf16, load_bf16x8, load_f16x8, load_f32x4, store_bf16x8, store_f16x8, store_f32x4,
+)
 
 SIGNATURES = {np.float16: "void(float16[:, ::1], float16[::1])", np.float32: "void(float32[:, ::1], float32[::1])"}
 
@@ -99,3 +102,41 @@ def test_aligned16_accepts_one_offset_in_eight(kb):
     start = offsets[0]
     assert aligned16(base[start:], base[start + 8 :])
     assert not aligned16(base[start:], base[start + 1 :])
+
+
+def _bf16_round_trip(src, widened, doubled):
+    """8 bfloat16 at a time through the 16-byte load (widened), and twice each through the store; the
+    scalar conversions on element 0."""
+    i = cuda.grid(1) * 8
+    if i < src.size:
+        v = load_bf16x8(src, i)
+        for j in range(8):
+            widened[i + j] = v[j]
+        two = float32(2)
+        store_bf16x8(doubled, i, (v[0] * two, v[1] * two, v[2] * two, v[3] * two, v[4] * two, v[5] * two,
+                                  v[6] * two, v[7] * two))
+        if i == 0:
+            widened[0] = bf16_to_f32(src[0])
+            doubled[0] = f32_to_bf16(bf16_to_f32(src[0]) * two)
+
+
+def test_bfloat16_loads_widen_and_stores_round_to_nearest_even(kb, rng):
+    values = (rng.standard_normal(48) * 100).astype(np.float32)
+    values[[3, 11]] = np.nan, np.inf
+    src = reference.cast(values, reference.BF16)
+    widened = kb.asarray(np.full(48, np.nan, np.float32))
+    doubled = kb.asarray(np.zeros(48, np.uint16))
+    kernel = cuda.jit("void(uint16[::1], float32[::1], uint16[::1])")(_bf16_round_trip)
+    kernel[1, 32, launch_stream()](kb.asarray(src), widened, doubled)
+    np.testing.assert_array_equal(kb.to_host(widened), reference.to_f32(src))
+    np.testing.assert_array_equal(kb.to_host(doubled), reference.cast(reference.to_f32(src) * 2, reference.BF16))
+
+
+def test_reference_bfloat16_rounds_to_nearest_even():
+    # 1 + 2^-8 is halfway between bfloat16 1 and 1 + 2^-7: to the even one, 1; 1 + 3 * 2^-8 goes up
+    halfway = np.array([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 3.0e38, np.nan], np.float32)
+    bits = reference.cast(halfway, reference.BF16)
+    assert bits.dtype == np.uint16
+    assert bits[:3].tolist() == [0x3F80, 0x3F82, 0xBF80]
+    assert bits[3] == 0x7F62 and np.isnan(reference.to_f32(bits)[4])
+    np.testing.assert_array_equal(reference.to_f32(np.array([0x3F80, 0xC020], np.uint16)), [1.0, -2.5])
