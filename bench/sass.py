@@ -65,7 +65,7 @@ def kernels() -> list[tuple[str, Callable, str, dict[str, Any]]]:
     ]
     dim, group, vec, block = 128, 4, 8, 16
     warps = attention._warps(dim, group, vec)
-    _, partition = attention._attention_kernels(dim, group, vec, warps, block)
+    _, partition = attention._attention_kernels(dim, group, vec, warps, block, False)
     rows.append(("decode attention (split)", partition, attention.kernel_signatures("float16")[1],
                  attention._compile_options(dim, group, vec)))
     for m in (512, 2048):

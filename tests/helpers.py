@@ -23,12 +23,16 @@ def random(rng: np.random.Generator, shape, dtype=np.float32, scale: float = 1.0
     return reference.cast(values.astype(np.float32), BF16) if np.dtype(dtype) == BF16 else values.astype(dtype)
 
 
-def poisoned(kb, shape, dtype):
-    """A device array of NaN (or -7777 for integers), so that any element a kernel skips shows."""
+def nans(shape, dtype) -> np.ndarray:
+    """A host array of NaN (bfloat16: its NaN bit pattern; integers: -7777)."""
     if np.dtype(dtype) == BF16:
-        return kb.asarray(np.full(shape, 0x7FC0, dtype=np.uint16))
-    fill = np.nan if np.dtype(dtype).kind == "f" else -7777
-    return kb.asarray(np.full(shape, fill, dtype=dtype))
+        return np.full(shape, 0x7FC0, dtype=np.uint16)
+    return np.full(shape, np.nan if np.dtype(dtype).kind == "f" else -7777, dtype=dtype)
+
+
+def poisoned(kb, shape, dtype):
+    """A device array of :func:`nans`, so that any element a kernel skips shows."""
+    return kb.asarray(nans(shape, dtype))
 
 
 def as_float(array) -> np.ndarray:

@@ -26,6 +26,10 @@ second kernel merges them with the online-softmax rule.
 
 A float16 step that the caller marks as holding prefills (``max_query_len``) runs instead on tensor
 cores, FlashAttention-2 style: :mod:`.attention_prefill`.
+
+bfloat16 (uint16 bit patterns, see :data:`.common.BFLOAT16`) takes the CUDA-core kernels: they widen
+q, K and V to float32 as they load them and round what they write to ``out``; the workspace stays
+float32. The cache stores copy bits and never convert.
 """
 
 from __future__ import annotations
@@ -39,8 +43,8 @@ import numpy as np
 from numba import cuda
 
 from . import attention_prefill
-from .common import FLOAT_DTYPES, SIMULATOR, cdiv, check_array, check_same_dtype, compiled, launch_stream, numba_type
-from .vector import element_strides, flat_view, loader, row_grid, storer, vector_width
+from .common import SIMULATOR, WITH_BFLOAT16, cdiv, check_array, check_same_dtype, compiled, launch_stream, numba_type
+from .vector import element_strides, flat_view, is_bf16, loader, row_grid, storer, to_float, to_stored, vector_width
 
 STORE_THREADS = 256
 HEAD_DIM_MULTIPLE = 8
@@ -111,25 +115,32 @@ def _store_kv_kernel(vec: int, dim: int) -> Callable:
 
 def check_store(op: str, k: Any, v: Any, k_cache: Any, v_cache: Any) -> None:
     """Raise ``ValueError`` unless k, v ``[T, Hk, D]`` and the caches ``[*, *, Hk, D]`` fit each other
-    and share a float dtype (the arguments of a K/V cache store)."""
-    check_array(op, "k", k, (None, None, None), FLOAT_DTYPES, contiguous=False)
+    and share a float dtype, bfloat16 included (the arguments of a K/V cache store)."""
+    check_array(op, "k", k, (None, None, None), WITH_BFLOAT16, contiguous=False)
     tokens, heads, dim = k.shape
-    check_array(op, "v", v, (tokens, heads, dim), FLOAT_DTYPES, contiguous=False)
-    check_array(op, "k_cache", k_cache, (None, None, heads, dim), FLOAT_DTYPES)
-    check_array(op, "v_cache", v_cache, tuple(k_cache.shape), FLOAT_DTYPES)
+    check_array(op, "v", v, (tokens, heads, dim), WITH_BFLOAT16, contiguous=False)
+    check_array(op, "k_cache", k_cache, (None, None, heads, dim), WITH_BFLOAT16)
+    check_array(op, "v_cache", v_cache, tuple(k_cache.shape), WITH_BFLOAT16)
     check_same_dtype(op, "k", k, v=v, k_cache=k_cache, v_cache=v_cache)
+
+
+def _copied_bits(array: Any) -> Any:
+    """``array`` as float16 if it holds bfloat16: the store kernel only moves elements, and float16
+    moves bits unchanged (through the 16-byte intrinsics, which take float16 only) where a bfloat16
+    build would widen and round them."""
+    return array.view(np.float16) if is_bf16(array.dtype) else array
 
 
 def _launch_store(
     op: str, k: Any, v: Any, k_cache: Any, v_cache: Any, slots: Any, positions: Any, static: int
 ) -> None:
-    k_flat, v_flat = flat_view(op, "k", k), flat_view(op, "v", v)
+    k_flat, v_flat = _copied_bits(flat_view(op, "k", k)), _copied_bits(flat_view(op, "v", v))
     if k.size == 0 or k_cache.size == 0:
         return
     _, heads, dim = k.shape
     strides = element_strides(k)[:2] + element_strides(v)[:2]
     vec = vector_width(k.dtype, (k, v, k_cache, v_cache), (dim,) + strides)
-    t = numba_type(k.dtype)
+    t = numba_type(k_flat.dtype)
     kernel = compiled(
         _store_kv_kernel(vec, dim),
         f"void({t}[::1], {t}[::1], {t}[::1], {t}[::1], int32[::1], int32[::1], int32, int64, int32, "
@@ -137,8 +148,8 @@ def _launch_store(
     )
     grid, threads = row_grid(k.shape[0], heads * dim // vec, STORE_THREADS)
     kernel[grid, threads, launch_stream()](
-        k_flat, v_flat, k_cache.reshape(-1), v_cache.reshape(-1), slots, positions, static, heads, k_cache.shape[1],
-        strides,
+        k_flat, v_flat, _copied_bits(k_cache.reshape(-1)), _copied_bits(v_cache.reshape(-1)), slots, positions,
+        static, heads, k_cache.shape[1], strides,
     )
 
 
@@ -233,9 +244,12 @@ def _geometry(head_dim: int, group: int, vec: int) -> tuple[int, int, int]:
 
 
 @functools.lru_cache(maxsize=None)
-def _attention_kernels(head_dim: int, group: int, vec: int, warps: int, block_size: int) -> tuple[Callable, Callable]:
+def _attention_kernels(
+    head_dim: int, group: int, vec: int, warps: int, block_size: int, bf16: bool
+) -> tuple[Callable, Callable]:
     """The (whole-range, partition) kernel functions for one head dim, GQA group size, load width
-    (8 float16 / 4 float32, or 1), warps per block and cache block size.
+    (8 float16 or bfloat16 / 4 float32, or 1), warps per block and cache block size; ``bf16``: q,
+    the caches and out hold bfloat16 bits.
 
     The sizes are closure constants, so loops unroll and per-thread arrays stay in registers.
     Compile them with :func:`_compile_options`.
@@ -253,7 +267,7 @@ def _attention_kernels(head_dim: int, group: int, vec: int, warps: int, block_si
     FACTORS = 2 * G  # shared state: the block's max and sum per head, then each group's max (then
     SUMS = FACTORS + GROUPS * G  # its rescale factor) and sum per head
     STATE = SUMS + GROUPS * G
-    load = loader(VEC)
+    load, as_float, as_stored = loader(VEC, bf16), to_float(bf16), to_stored(bf16)
 
     @cuda.jit(device=True, fastmath=True)
     def attend(q, k, v, block_tables, b, t, g, kv_heads, key_start, key_stop, scale, part_s, state_s):
@@ -276,7 +290,7 @@ def _attention_kernels(head_dim: int, group: int, vec: int, warps: int, block_si
         for h in range(G):
             for c in range(CPL):
                 for e in range(VEC):
-                    qreg[h * EPL + c * VEC + e] = numba.float32(q[t, g * G + h, (c * LPK + li) * VEC + e]) * scale
+                    qreg[h * EPL + c * VEC + e] = as_float(q[t, g * G + h, (c * LPK + li) * VEC + e]) * scale
             top[h] = NEG_INF
             total[h] = 0.0
         for i in range(ACC):
@@ -367,7 +381,7 @@ def _attention_kernels(head_dim: int, group: int, vec: int, warps: int, block_si
         attend(q, k, v, block_tables, b, t, g, kv_heads, 0, key_end, scale, part_s, state_s)
         for i in range(cuda.threadIdx.x, G * D, NT):
             h = i // D
-            out[t, g * G + h, i - h * D] = combined(part_s, state_s, i) / state_s[G + h]
+            out[t, g * G + h, i - h * D] = as_stored(combined(part_s, state_s, i) / state_s[G + h])
 
     def partition(
         q, k, v, block_tables, context_lens, query_start_loc, kv_heads, scale, part_keys, stats, partials
@@ -403,26 +417,33 @@ def _warps(head_dim: int, group: int, vec: int) -> int:
     return max(1, min(ATTENTION_WARPS, SHARED_BYTES // per_warp))
 
 
-def _merge_kernel(context_lens, query_start_loc, capacity, part_keys, stats, partials, out):
-    """One block per (token, query head): combine the token's partitions by the online-softmax rule."""
-    t = cuda.blockIdx.x
-    hq = cuda.blockIdx.y
-    b, key_end = _locate(t, query_start_loc, context_lens, capacity)
-    if key_end <= 0:
-        return
-    parts = (key_end + part_keys - 1) // part_keys
-    top = NEG_INF
-    for p in range(parts):
-        top = max(top, stats[0, t, hq, p])
-    total = numba.float32(0.0)
-    for p in range(parts):
-        total += math.exp(stats[0, t, hq, p] - top) * stats[1, t, hq, p]
-    inv = numba.float32(1.0) / total
-    for d in range(cuda.threadIdx.x, out.shape[2], cuda.blockDim.x):
-        acc = numba.float32(0.0)
+@functools.lru_cache(maxsize=None)
+def _merge_kernel(bf16: bool) -> Callable:
+    """The kernel function merging the partitions' partials into out (``bf16``: out holds bfloat16 bits)."""
+    as_stored = to_stored(bf16)
+
+    def merge(context_lens, query_start_loc, capacity, part_keys, stats, partials, out):
+        """One block per (token, query head): combine the token's partitions by the online-softmax rule."""
+        t = cuda.blockIdx.x
+        hq = cuda.blockIdx.y
+        b, key_end = _locate(t, query_start_loc, context_lens, capacity)
+        if key_end <= 0:
+            return
+        parts = (key_end + part_keys - 1) // part_keys
+        top = NEG_INF
         for p in range(parts):
-            acc += math.exp(stats[0, t, hq, p] - top) * partials[t, hq, p, d]
-        out[t, hq, d] = acc * inv
+            top = max(top, stats[0, t, hq, p])
+        total = numba.float32(0.0)
+        for p in range(parts):
+            total += math.exp(stats[0, t, hq, p] - top) * stats[1, t, hq, p]
+        inv = numba.float32(1.0) / total
+        for d in range(cuda.threadIdx.x, out.shape[2], cuda.blockDim.x):
+            acc = numba.float32(0.0)
+            for p in range(parts):
+                acc += math.exp(stats[0, t, hq, p] - top) * partials[t, hq, p, d]
+            out[t, hq, d] = as_stored(acc * inv)
+
+    return merge
 
 
 def _attention(
@@ -431,11 +452,11 @@ def _attention(
     max_query_len: int | None = None,
 ) -> Any:
     """Shared body of paged_attention / static_attention (block_tables already ``[B, blocks]``)."""
-    check_array(op, "q", q, (None, None, None), FLOAT_DTYPES, contiguous=False)
+    check_array(op, "q", q, (None, None, None), WITH_BFLOAT16, contiguous=False)
     tokens, q_heads, dim = q.shape
-    check_array(op, "k_cache", k_cache, (None, None, None, dim), FLOAT_DTYPES)
-    check_array(op, "v_cache", v_cache, tuple(k_cache.shape), FLOAT_DTYPES)
-    check_array(op, "out", out, (tokens, q_heads, dim), FLOAT_DTYPES, contiguous=False)
+    check_array(op, "k_cache", k_cache, (None, None, None, dim), WITH_BFLOAT16)
+    check_array(op, "v_cache", v_cache, tuple(k_cache.shape), WITH_BFLOAT16)
+    check_array(op, "out", out, (tokens, q_heads, dim), WITH_BFLOAT16, contiguous=False)
     check_same_dtype(op, "q", q, k_cache=k_cache, v_cache=v_cache, out=out)
     num_blocks, block_size, kv_heads, _ = k_cache.shape
     if kv_heads == 0 or q_heads % kv_heads:
@@ -458,6 +479,7 @@ def _attention(
     if tokens == 0 or num_seqs == 0 or k_cache.size == 0:
         return out
     static = op == "static_attention"
+    # float16 only (bfloat16 and float32 stay on the CUDA-core kernels below)
     if attention_prefill.usable(q, k_cache, v_cache, block_size, static, max_query_len):
         attention_prefill.prefill_attention(
             q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale, out, static
@@ -467,7 +489,8 @@ def _attention(
     vec = vector_width(k_cache.dtype, (k_cache, v_cache))
     group = q_heads // kv_heads
     warps = _warps(dim, group, vec)
-    whole_range, partition = _attention_kernels(dim, group, vec, warps, block_size)
+    bf16 = is_bf16(q.dtype)
+    whole_range, partition = _attention_kernels(dim, group, vec, warps, block_size, bf16)
     t = numba_type(q.dtype)
     # flat caches: the kernels address a key's row by its slot, block * block_size + offset
     args = (q, k_cache.reshape(-1), v_cache.reshape(-1), block_tables, context_lens, query_start_loc, kv_heads, scale)
@@ -488,7 +511,7 @@ def _attention(
     stats, partials = _workspace_views(workspace, tokens, q_heads, parts, dim)
     split[(tokens, kv_heads, parts), threads, stream](*args, part_keys, stats, partials)
     merge = compiled(
-        _merge_kernel,
+        _merge_kernel(bf16),
         f"void(int32[::1], int32[::1], int64, int32, float32[:, :, :, ::1], float32[:, :, :, ::1], {t}[:, :, :])",
     )
     merge[(tokens, q_heads), threads, stream](context_lens, query_start_loc, capacity, part_keys, stats, partials, out)
@@ -497,7 +520,7 @@ def _attention(
 
 def kernel_signatures(t: str) -> tuple[str, str]:
     """The signatures of the whole-range and the split (partition) attention kernels for numba type
-    name ``t`` of q, the caches and out."""
+    name ``t`` of q, the caches and out (``uint16``: bfloat16)."""
     common = f"{t}[:, :, :], {t}[::1], {t}[::1], int32[:, ::1], int32[::1], int32[::1], int64, float32"
     return f"void({common}, {t}[:, :, :])", f"void({common}, int32, float32[:, :, :, ::1], float32[:, :, :, ::1])"
 
@@ -566,7 +589,8 @@ def paged_attention(
     dim). ``workspace`` (optional, see :class:`AttentionWorkspace`) splits each token's context over
     several blocks, which a decode step with few sequences needs to fill the GPU. ``max_query_len``
     (optional, the host's longest ``n`` of the step): from ``attention_prefill.MIN_QUERIES`` on, a
-    float16 step runs on tensor cores (:mod:`.attention_prefill`); unknown, it never does.
+    float16 step runs on tensor cores (:mod:`.attention_prefill`); unknown, it never does. q, the
+    caches and out are float16, float32 or bfloat16 (uint16 bits), all the same.
     """
     return _attention(
         "paged_attention", q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale, out, workspace,

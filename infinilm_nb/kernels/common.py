@@ -58,7 +58,8 @@ def check_array(
             expected = "(" + ", ".join("*" if e is None else str(e) for e in shape) + ("," if len(shape) == 1 else "") + ")"
             raise ValueError(f"{op}: {name} must have shape {expected}, got {_describe(given)}")
     if dtypes is not None and np.dtype(array.dtype) not in [np.dtype(d) for d in dtypes]:
-        names = " or ".join(dtype_name(d) for d in dtypes)
+        names = [dtype_name(d) for d in dtypes]
+        names = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
         raise ValueError(f"{op}: {name} must be {names}, got {dtype_name(array.dtype)}")
     itemsize = np.dtype(array.dtype).itemsize
     strides = array.strides

@@ -1,7 +1,7 @@
 """Embedding gather over a vocab-parallel shard: ``out[t] = weight[ids[t] - vocab_start]`` or zeros.
 
-One thread per 16-byte chunk of two tokens' output rows (8 float16 or 4 float32; the grid's y axis
-walks the token pairs): two 16-byte loads from the weight rows, both in flight before the two
+One thread per 16-byte chunk of two tokens' output rows (8 float16 or bfloat16, or 4 float32; the
+grid's y axis walks the token pairs): two 16-byte loads from the weight rows, both in flight before the two
 16-byte stores; a warp copies 512 contiguous bytes a row. When the hidden size or a pointer is not
 16-byte aligned the same kernel is built with ``vec`` = 1 (plain element copies).
 """
@@ -16,16 +16,16 @@ import numba
 import numpy as np
 from numba import cuda
 
-from .common import FLOAT_DTYPES, cdiv, check_array, check_same_dtype, compiled, launch_stream, numba_type
-from .vector import inline_device, loader, packer, row_grid, storer, vector_width
+from .common import WITH_BFLOAT16, cdiv, check_array, check_same_dtype, compiled, launch_stream, numba_type
+from .vector import inline_device, is_bf16, loader, packer, row_grid, storer, vector_width
 
 THREADS = 256
 
 
 @functools.lru_cache(maxsize=None)
-def _embedding_kernel(vec: int) -> Callable:
+def _embedding_kernel(vec: int, bf16: bool) -> Callable:
     """The kernel ``(ids, weight, vocab_start, out, hidden)`` over flat weight / out, ``vec`` elements a copy."""
-    load, store, pack = loader(vec), storer(vec), packer(vec)
+    load, store, pack = loader(vec, bf16), storer(vec, bf16), packer(vec)
 
     @inline_device
     def source(ids, t, vocab_start, rows, hidden, c):
@@ -71,8 +71,8 @@ def embedding(ids: Any, weight: Any, out: Any, vocab_start: int = 0) -> Any:
     Ids outside ``[vocab_start, vocab_start + V_shard)`` give zero rows (other ranks own them).
     """
     check_array("embedding", "ids", ids, (None,), (np.int32,))
-    check_array("embedding", "weight", weight, (None, None), FLOAT_DTYPES)
-    check_array("embedding", "out", out, (ids.shape[0], weight.shape[1]), FLOAT_DTYPES)
+    check_array("embedding", "weight", weight, (None, None), WITH_BFLOAT16)
+    check_array("embedding", "out", out, (ids.shape[0], weight.shape[1]), WITH_BFLOAT16)
     check_same_dtype("embedding", "weight", weight, out=out)
     try:
         vocab_start = operator.index(vocab_start)
@@ -82,7 +82,7 @@ def embedding(ids: Any, weight: Any, out: Any, vocab_start: int = 0) -> Any:
         return out
     vec = vector_width(weight.dtype, (weight, out), (weight.shape[1],))
     t = numba_type(weight.dtype)
-    kernel = compiled(_embedding_kernel(vec), f"void(int32[::1], {t}[::1], int64, {t}[::1], int64)")
+    kernel = compiled(_embedding_kernel(vec, is_bf16(weight.dtype)), f"void(int32[::1], {t}[::1], int64, {t}[::1], int64)")
     hidden = weight.shape[1]
     if weight.shape[0] == 0:  # an empty shard: every row is another rank's (and the kernel loads row 0)
         out.fill(0)

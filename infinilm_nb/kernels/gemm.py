@@ -20,9 +20,13 @@ and both data pointers are 16-byte aligned, and with plain element loads otherwi
 flat 1-D views, so an element is addressed as ``row * K + k``; rows past M or N are clamped to the
 last row for loading and never stored.
 
+bfloat16 (uint16 bit patterns, see :mod:`.vector`) builds the same kernels with loads that widen
+to float32 (8 per 16-byte load, like float16) and stores that round, so the float32 arithmetic is
+unchanged.
+
 On the GPU, float16 operands with K % 8 == 0 and 16-byte aligned x and weight run on tensor cores
 instead (:func:`_launch`): :mod:`.gemm_mma` up to ``MMA_MAX_M`` rows (decode), :mod:`.gemm_tc` above
-(prefill).
+(prefill). Those are float16 only; bfloat16 stays on the CUDA-core kernels.
 
 ``linear_silu_mul`` is the gate-up projection with SwiGLU in the epilogue: every kernel has a
 ``fused`` variant whose block loads gate row n with up row n + N and writes ``silu(gate) * up``, so
@@ -38,11 +42,12 @@ from typing import Any, Callable
 import numpy as np
 from numba import cuda, float32
 
-from .common import FLOAT_DTYPES, TENSOR_CORES, cdiv, check_array, check_same_dtype, compiled, launch_stream, numba_type
+from .common import TENSOR_CORES, WITH_BFLOAT16, cdiv, check_array, check_same_dtype, compiled, launch_stream, numba_type
 from . import gemm_tc
 from .gemm_mma import SHARED_BYTES as MMA_SHARED_BYTES, MmaConfig, mma_kernel, silu
 from .gemm_tc import TcConfig, tc_config, tc_kernel
 from .intrinsics import VECTOR_WIDTH, aligned16, load_f16x8, load_f32x4
+from .vector import is_bf16, loader, to_float, to_stored
 
 WARP = 32
 
@@ -79,23 +84,27 @@ def _load1(array, index):
     return (array[index],)
 
 
-def _loader(vec: int) -> Callable:
-    """The device function loading ``vec`` consecutive elements as a tuple."""
-    return {1: _load1, 4: load_f32x4, 8: load_f16x8}[vec]
+def _loader(vec: int, bf16: bool) -> Callable:
+    """The device function loading ``vec`` consecutive elements as a tuple (``bf16``: bfloat16 bits
+    widened to float32)."""
+    return loader(vec, bf16=True) if bf16 else {1: _load1, 4: load_f32x4, 8: load_f16x8}[vec]
 
 
 @lru_cache(maxsize=None)
-def _decode_kernel(group: int, vec: int, fused: bool = False) -> Callable:
+def _decode_kernel(group: int, vec: int, fused: bool = False, bf16: bool = False) -> Callable:
     """The decode kernel taking rows of x ``group`` at a time, loading ``vec`` elements at a time.
 
     ``fused``: weight is ``[gate | up]`` (2N rows); half of a block's rows are gate rows, the other
-    half the matching up rows, and it writes ``silu(gate) * up``.
+    half the matching up rows, and it writes ``silu(gate) * up``. ``bf16``: the arrays hold
+    bfloat16 bits.
     """
     rows = DECODE_ROWS[group]
     outs = rows // 2 if fused else rows  # output columns per block
     sums = group * rows
     chunk_values = rows * vec  # numba needs local array sizes as plain constants, not expressions
-    load = _loader(vec)
+    load = _loader(vec, bf16)
+    widen = to_float(bf16)
+    stored = to_stored(bf16)
 
     def kernel(x, weight, bias, residual, out, M, N, K, has_bias, has_residual):
         tid = cuda.threadIdx.x
@@ -145,23 +154,26 @@ def _decode_kernel(group: int, vec: int, fused: bool = False) -> Callable:
                             up += partial[i + outs, t]
                         total = silu(total) * up
                     if has_bias:
-                        total += float32(bias[n])
+                        total += widen(bias[n])
                     if has_residual:
-                        total += float32(residual[m * N + n])
-                    out[m * N + n] = total
+                        total += widen(residual[m * N + n])
+                    out[m * N + n] = stored(total)
             cuda.syncthreads()  # before the next group overwrites partial
 
     return kernel
 
 
 @lru_cache(maxsize=None)
-def _tiled_kernel(vec: int, fused: bool = False) -> Callable:
+def _tiled_kernel(vec: int, fused: bool = False, bf16: bool = False) -> Callable:
     """The tiled kernel, loading ``vec`` elements of x and weight at a time.
 
     ``fused``: a block's 64 weight rows are 32 gate rows and their 32 up rows; thread column ``j``
-    (gate) pairs with column ``j + MICRO_N / 2`` (up), 32 columns on.
+    (gate) pairs with column ``j + MICRO_N / 2`` (up), 32 columns on. ``bf16``: the arrays hold
+    bfloat16 bits.
     """
-    load = _loader(vec)
+    load = _loader(vec, bf16)
+    widen = to_float(bf16)
+    stored = to_stored(bf16)
     outs = TILE_N // 2 if fused else TILE_N  # output columns per block
     micro_out = MICRO_N // 2 if fused else MICRO_N
     loads = TILE_M * TILE_K // (TILE_THREADS * vec)  # loads per thread per operand and K step
@@ -208,7 +220,7 @@ def _tiled_kernel(vec: int, fused: bool = False) -> Callable:
 
         for j in range(micro_out):
             n = n0 + tn + j * THREADS_N
-            b[j] = float32(bias[n]) if has_bias and n < N else float32(0)
+            b[j] = widen(bias[n]) if has_bias and n < N else float32(0)
         for i in range(MICRO_M):
             m = m0 + tm + i * THREADS_M
             for j in range(micro_out):
@@ -218,8 +230,8 @@ def _tiled_kernel(vec: int, fused: bool = False) -> Callable:
                     if fused:
                         total = silu(total) * acc[i * MICRO_N + j + micro_out]
                     if has_residual:
-                        total += float32(residual[m * N + n])
-                    out[m * N + n] = total
+                        total += widen(residual[m * N + n])
+                    out[m * N + n] = stored(total)
 
     return kernel
 
@@ -302,8 +314,8 @@ def _launch(x: Any, weight: Any, out: Any, bias: Any, residual: Any, fused: bool
 
     float16 with K % 8 == 0 and 16-byte aligned x and weight runs on tensor cores: decode
     (M <= MMA_MAX_M) in :mod:`.gemm_mma`, prefill (M >= gemm_tc.MIN_M) in :mod:`.gemm_tc`, both only
-    while common.TENSOR_CORES is on. Everything else, and the simulator, runs on CUDA
-    cores: the decode kernel for M <= DECODE_MAX_M, the tiled kernel above.
+    while common.TENSOR_CORES is on. Everything else (float32, bfloat16), and the simulator, runs on
+    CUDA cores: the decode kernel for M <= DECODE_MAX_M, the tiled kernel above.
     """
     mma = USE_MMA if mma is None else mma
     M, K = x.shape
@@ -312,19 +324,20 @@ def _launch(x: Any, weight: Any, out: Any, bias: Any, residual: Any, fused: bool
     vec = VECTOR_WIDTH[dtype]
     if K % vec or not aligned16(x, weight):
         vec = 1
-    tensor_cores = mma and dtype == np.float16 and vec > 1
+    bf16 = is_bf16(dtype)
+    tensor_cores = mma and dtype == np.float16 and vec > 1  # the tensor-core kernels are float16 only
     if tensor_cores and M <= MMA_MAX_M:
         launch_mma(mma_config(M, N, K, fused), x, weight, bias, residual, out)
     elif tensor_cores and M >= gemm_tc.MIN_M and gemm_tc.ENABLED:
         launch_tc(tc_config(M, fused), x, weight, bias, residual, out)
     elif M <= DECODE_MAX_M:
         group = _group(M)
-        kernel = compiled(_decode_kernel(group, vec, fused), kernel_signature(dtype))
+        kernel = compiled(_decode_kernel(group, vec, fused, bf16), kernel_signature(dtype))
         threads = min(DECODE_THREADS, max(WARP, cdiv(K // vec, WARP) * WARP))
         outs = DECODE_ROWS[group] // (2 if fused else 1)
         kernel[cdiv(N, outs), threads, launch_stream()](*_flat_args(x, weight, bias, residual, out))
     else:
-        kernel = compiled(_tiled_kernel(vec, fused), kernel_signature(dtype))
+        kernel = compiled(_tiled_kernel(vec, fused, bf16), kernel_signature(dtype))
         outs = TILE_N // (2 if fused else 1)
         grid = (cdiv(N, outs), cdiv(M, TILE_M))
         kernel[grid, TILE_THREADS, launch_stream()](*_flat_args(x, weight, bias, residual, out))
@@ -332,8 +345,8 @@ def _launch(x: Any, weight: Any, out: Any, bias: Any, residual: Any, fused: bool
 
 def _check_operands(op: str, x: Any, weight: Any) -> tuple[int, int, int]:
     """Check x ``[M, K]`` and weight ``[rows, K]``; return M, rows, K."""
-    check_array(op, "x", x, (None, None), FLOAT_DTYPES)
-    check_array(op, "weight", weight, (None, None), FLOAT_DTYPES)
+    check_array(op, "x", x, (None, None), WITH_BFLOAT16)
+    check_array(op, "weight", weight, (None, None), WITH_BFLOAT16)
     M, K = x.shape
     if weight.shape[1] != K:
         raise ValueError(
@@ -347,14 +360,15 @@ def linear(x: Any, weight: Any, out: Any, bias: Any = None, residual: Any = None
     """Launch the fused linear; see :func:`infinilm_nb.kernels.reference.linear`.
 
     x: ``[M, K]``; weight: ``[N, K]``; bias: ``[N]``; residual, out: ``[M, N]`` (out may be
-    residual). All C-contiguous and of one dtype (float16 or float32); float32 accumulation.
+    residual). All C-contiguous and of one dtype (float16, float32 or bfloat16 as uint16 bits);
+    float32 accumulation.
     """
     M, N, _ = _check_operands("linear", x, weight)
-    check_array("linear", "out", out, (M, N), FLOAT_DTYPES)
+    check_array("linear", "out", out, (M, N), WITH_BFLOAT16)
     if bias is not None:
-        check_array("linear", "bias", bias, (N,), FLOAT_DTYPES)
+        check_array("linear", "bias", bias, (N,), WITH_BFLOAT16)
     if residual is not None:
-        check_array("linear", "residual", residual, (M, N), FLOAT_DTYPES)
+        check_array("linear", "residual", residual, (M, N), WITH_BFLOAT16)
     check_same_dtype("linear", "x", x, weight=weight, out=out, bias=bias, residual=residual)
     if M and N:
         _launch(x, weight, out, bias, residual, fused=False)
@@ -371,7 +385,7 @@ def linear_silu_mul(x: Any, weight: Any, out: Any) -> Any:
     M, rows, _ = _check_operands("linear_silu_mul", x, weight)
     if rows % 2:
         raise ValueError(f"linear_silu_mul: weight must have an even number of rows [gate | up], got {rows}")
-    check_array("linear_silu_mul", "out", out, (M, rows // 2), FLOAT_DTYPES)
+    check_array("linear_silu_mul", "out", out, (M, rows // 2), WITH_BFLOAT16)
     check_same_dtype("linear_silu_mul", "x", x, weight=weight, out=out)
     if M and rows:
         _launch(x, weight, out, None, None, fused=True)

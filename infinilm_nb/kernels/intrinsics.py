@@ -1,5 +1,6 @@
 """16-byte global loads and stores for kernels: ``load_f16x8`` / ``load_f32x4`` / ``load_bf16x8`` and
-``store_*`` likewise; ``bf16_to_f32`` / ``f32_to_bf16`` for single bfloat16 values.
+``store_*`` likewise; ``bf16_to_f32`` / ``f32_to_bf16`` for single bfloat16 values, and ``as_f32`` for
+an element of any of the three activation dtypes.
 
 Numba never vectorises plain indexing, so a kernel that streams weights issues 2- or 4-byte loads
 and leaves most of the memory bandwidth unused. These intrinsics emit one LLVM ``<4 x i32>`` load
@@ -98,6 +99,13 @@ if SIMULATOR:
             return np.uint16(0x7FC0)
         bits = x.view(np.uint32)
         return np.uint16((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+    @cuda.jit(device=True)
+    def as_f32(value):
+        """An element as float32: a uint16 is a bfloat16 bit pattern, a float is converted."""
+        if isinstance(value, np.uint16):
+            return bf16_to_f32(value)
+        return np.float32(value)
 
     @cuda.jit(device=True)
     def load_bf16x8(array, index):
@@ -265,6 +273,25 @@ else:
             return builder.trunc(_narrow(builder, f), _I16)
 
         return types.uint16(value), codegen
+
+    @intrinsic
+    def as_f32(typingctx, value):
+        """Type ``as_f32(uint16 bfloat16 bit pattern or float) -> float32``: one element of an array of
+        any activation dtype as float32, so that one kernel body serves all three."""
+        if value == types.uint16:
+
+            def codegen(context, builder, sig, args):
+                word = builder.zext(args[0], _I32)
+                return _widen(builder, builder.shl(word, ir.Constant(_I32, 16)))
+
+        elif isinstance(value, types.Float):
+
+            def codegen(context, builder, sig, args):
+                return context.cast(builder, args[0], sig.args[0], types.float32)
+
+        else:
+            return None
+        return types.float32(value), codegen
 
     @intrinsic
     def load_bf16x8(typingctx, array, index):

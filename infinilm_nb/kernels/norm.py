@@ -1,7 +1,7 @@
 """RMSNorm and fused residual-add + RMSNorm: one thread block per row, one pass over memory.
 
-Each thread owns the 16-byte chunks ``tid, tid + blockDim, ...`` of its row (8 float16 or 4 float32,
-see :mod:`.vector`; single elements when the row length or a pointer is not 16-byte aligned) and
+Each thread owns the 16-byte chunks ``tid, tid + blockDim, ...`` of its row (8 float16 or bfloat16,
+or 4 float32, see :mod:`.vector`; single elements when the row length or a pointer is not 16-byte aligned) and
 keeps its first ``ITEMS`` chunks in float32 registers, so its loads are independent and in flight
 together, and a row of up to ``ITEMS * MAX_THREADS`` chunks is read once; wider rows re-read the
 chunks past that on the second pass. The sum of squares is reduced in float32 by warp shuffles,
@@ -18,8 +18,9 @@ import numba
 import numpy as np
 from numba import cuda
 
-from .common import FLOAT_DTYPES, cdiv, check_array, check_same_dtype, compiled, launch_stream, numba_type
-from .vector import inline_device, loader, packer, storer, vector_width
+from .common import WITH_BFLOAT16, cdiv, check_array, check_same_dtype, compiled, launch_stream, numba_type
+from .intrinsics import bf16_to_f32, f32_to_bf16
+from .vector import inline_device, is_bf16, loader, packer, storer, vector_width
 
 ITEMS = 4  # chunks per thread kept in registers: 4 (8 with the residual) 16-byte loads in flight
 MAX_THREADS = 1024  # threads per row at most (the hardware's block limit)
@@ -50,18 +51,25 @@ def _inv_rms(sum_squares, hidden, eps, partial):
     return numba.float32(1.0) / math.sqrt(mean + eps)
 
 
+@inline_device
+def _round_to_bf16(value):
+    """``value`` rounded to bfloat16, as float32."""
+    return bf16_to_f32(f32_to_bf16(value))
+
+
 @functools.lru_cache(maxsize=None)
-def _norm_kernel(vec: int, weight_vec: int, add: bool, dtype: str) -> Callable:
+def _norm_kernel(vec: int, weight_vec: int, add: bool, dtype: str, weight_dtype: str) -> Callable:
     """The kernel ``(x, residual, weight, eps, out)`` over flat ``[T * H]`` arrays.
 
     ``vec`` elements of x / residual / out and ``weight_vec`` of weight move per load; with ``add``
     the residual is updated first (rounded to ``dtype``) and normalised; without, ``residual`` is x.
     """
-    load, store, pack = loader(vec), storer(vec), packer(vec)
-    weight_load = loader(weight_vec)
+    bf16 = is_bf16(dtype)
+    load, store, pack = loader(vec, bf16), storer(vec, bf16), packer(vec)
+    weight_load = loader(weight_vec, is_bf16(weight_dtype))
     weight_steps = vec // weight_vec
     cached = ITEMS * vec
-    to_dtype = numba.types.float16 if dtype == "float16" else numba.float32
+    to_dtype = _round_to_bf16 if bf16 else numba.types.float16 if dtype == "float16" else numba.float32
 
     @inline_device
     def read(x, residual, at, y):
@@ -131,9 +139,9 @@ def _block_threads(chunks: int) -> int:
 
 
 def _check(op: str, x: Any, weight: Any, out: Any) -> None:
-    check_array(op, "x", x, (None, None), FLOAT_DTYPES)
-    check_array(op, "weight", weight, (x.shape[1],), FLOAT_DTYPES)
-    check_array(op, "out", out, tuple(x.shape), FLOAT_DTYPES)
+    check_array(op, "x", x, (None, None), WITH_BFLOAT16)
+    check_array(op, "weight", weight, (x.shape[1],), WITH_BFLOAT16)
+    check_array(op, "out", out, tuple(x.shape), WITH_BFLOAT16)
     check_same_dtype(op, "x", x, out=out)
 
 
@@ -143,7 +151,7 @@ def _launch(x: Any, residual: Any, weight: Any, eps: float, out: Any, add: bool)
     weight_vec = vector_width(weight.dtype, (weight,), (vec,))
     t, w = numba_type(x.dtype), numba_type(weight.dtype)
     kernel = compiled(
-        _norm_kernel(vec, weight_vec, add, np.dtype(x.dtype).name),
+        _norm_kernel(vec, weight_vec, add, np.dtype(x.dtype).name, np.dtype(weight.dtype).name),
         f"void({t}[::1], {t}[::1], {w}[::1], float32, {t}[::1])",
     )
     flat = [a.reshape(-1) for a in (x, residual, out)]
@@ -164,7 +172,7 @@ def add_rms_norm(x: Any, residual: Any, weight: Any, eps: float, out: Any) -> An
     ``residual`` is updated in place; out may be x.
     """
     _check("add_rms_norm", x, weight, out)
-    check_array("add_rms_norm", "residual", residual, tuple(x.shape), FLOAT_DTYPES)
+    check_array("add_rms_norm", "residual", residual, tuple(x.shape), WITH_BFLOAT16)
     check_same_dtype("add_rms_norm", "x", x, residual=residual)
     if x.size:
         _launch(x, residual, weight, eps, out, add=True)

@@ -1,7 +1,7 @@
 """Rotary position embedding (GPT-NeoX ``rotate_half``), applied to q and k in place.
 
 One thread per (token, head, group of ``vec`` pairs): it loads ``vec`` elements of each half of its
-head (one 16-byte load each: 8 float16 or 4 float32) and the matching cos and sin as float32x4
+head (one 16-byte load each: 8 float16 or bfloat16, or 4 float32) and the matching cos and sin as float32x4
 vectors, and stores both halves back with 16-byte stores. Consecutive threads take consecutive
 groups of a head, then the next head (q's heads, then k's); the grid's y axis walks the tokens. A
 warp's accesses are contiguous. When the head dim, the row strides or a pointer are not 16-byte aligned the
@@ -22,18 +22,20 @@ import numpy as np
 from numba import cuda
 
 from .attention import check_store
-from .common import FLOAT_DTYPES, check_array, check_same_dtype, compiled, launch_stream, numba_type
-from .vector import element_strides, flat_view, inline_device, loader, packer, row_grid, storer, vector_width
+from .common import WITH_BFLOAT16, check_array, check_same_dtype, compiled, launch_stream, numba_type
+from .vector import (
+    element_strides, flat_view, inline_device, is_bf16, loader, packer, row_grid, storer, vector_width,
+)
 
 THREADS = 256
 
 
 @functools.lru_cache(maxsize=None)
-def _rope_kernels(vec: int, table_vec: int, half: int) -> tuple[Callable, Callable]:
+def _rope_kernels(vec: int, table_vec: int, half: int, bf16: bool) -> tuple[Callable, Callable]:
     """RoPE alone and RoPE with the cache store, moving ``vec`` elements of q / k and ``table_vec``
     of cos_sin per load, for heads of ``2 * half`` elements (a constant, so that a thread finds its
-    head without a division loop)."""
-    load, store, pack = loader(vec), storer(vec), packer(vec)
+    head without a division loop); ``bf16``: q, k, v and the caches hold bfloat16 bits."""
+    load, store, pack = loader(vec, bf16), storer(vec, bf16), packer(vec)
     table_load = loader(table_vec)
     table_steps = vec // table_vec
     groups = half // vec
@@ -114,11 +116,11 @@ def _rope_kernels(vec: int, table_vec: int, half: int) -> tuple[Callable, Callab
 
 def _check_rope(op: str, q: Any, k: Any, positions: Any, cos_sin: Any) -> tuple[int, int, int]:
     """Check RoPE's arguments (raising ``ValueError`` naming the wrong one); return T, Hq and D."""
-    check_array(op, "q", q, (None, None, None), FLOAT_DTYPES, contiguous=False)
+    check_array(op, "q", q, (None, None, None), WITH_BFLOAT16, contiguous=False)
     tokens, q_heads, head_dim = q.shape
     if head_dim % 2:
         raise ValueError(f"{op}: head_dim (q's last axis) must be even, got {head_dim}")
-    check_array(op, "k", k, (tokens, None, head_dim), FLOAT_DTYPES, contiguous=False)
+    check_array(op, "k", k, (tokens, None, head_dim), WITH_BFLOAT16, contiguous=False)
     check_same_dtype(op, "q", q, k=k)
     check_array(op, "positions", positions, (tokens,), (np.int32,))
     check_array(op, "cos_sin", cos_sin, (None, head_dim), (np.float32,))
@@ -143,7 +145,7 @@ def rope(q: Any, k: Any, positions: Any, cos_sin: Any) -> None:
     table_vec = vector_width(np.float32, (cos_sin,), (vec, half))
     t = numba_type(q.dtype)
     kernel = compiled(
-        _rope_kernels(vec, table_vec, half)[0],
+        _rope_kernels(vec, table_vec, half, is_bf16(q.dtype))[0],
         f"void({t}[::1], {t}[::1], int32[::1], float32[::1], int64, int64, int64, int64, int64, int64)",
     )
     grid, threads = row_grid(tokens, heads * half // vec, THREADS)
@@ -173,7 +175,7 @@ def rope_store_kv(
     table_vec = vector_width(np.float32, (cos_sin,), (vec, half))
     t = numba_type(q.dtype)
     kernel = compiled(
-        _rope_kernels(vec, table_vec, half)[1],
+        _rope_kernels(vec, table_vec, half, is_bf16(q.dtype))[1],
         f"void({t}[::1], {t}[::1], {t}[::1], int32[::1], float32[::1], {t}[::1], {t}[::1], int32[::1], "
         "int64, int64, UniTuple(int64, 6))",
     )

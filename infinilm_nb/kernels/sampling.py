@@ -22,7 +22,8 @@ import numba
 import numpy as np
 from numba import cuda
 
-from .common import FLOAT_DTYPES, SIMULATOR, cdiv, check_array, compiled, launch_stream, numba_type
+from .common import SIMULATOR, WITH_BFLOAT16, cdiv, check_array, compiled, launch_stream, numba_type
+from .intrinsics import as_f32
 
 THREADS = 64 if SIMULATOR else 512  # a multiple of WARP, at most WARP * MAX_WARPS
 WARP = 32
@@ -101,7 +102,7 @@ def _load(row, start, buf):
     for u in range(UNROLL):
         i = start + u * cuda.blockDim.x
         if i < row.shape[0]:
-            buf[u] = numba.float32(row[i])
+            buf[u] = as_f32(row[i])
 
 
 @cuda.jit(device=True)
@@ -310,7 +311,7 @@ def kernel_signature(t: str) -> str:
 
 def sample(logits: Any, temperatures: Any, top_ks: Any, top_ps: Any, seeds: Any, out: Any) -> Any:
     """Launch the sampler; see :func:`infinilm_nb.kernels.reference.sample`."""
-    check_array("sample", "logits", logits, (None, None), FLOAT_DTYPES)
+    check_array("sample", "logits", logits, (None, None), WITH_BFLOAT16)
     rows, vocab = logits.shape
     check_array("sample", "temperatures", temperatures, (rows,), (np.float32,))
     check_array("sample", "top_ks", top_ks, (rows,), (np.int32,))

@@ -6,7 +6,7 @@ from infinilm_nb.kernels.attention import AttentionWorkspace, attention_workspac
 from tests.helpers import pick, poisoned, random, rel_err, tolerance
 from tests.kernels.widths import placed, record_widths
 
-F32, F16 = np.float32, np.float16
+F32, F16, BF16 = np.float32, np.float16, np.uint16  # uint16: bfloat16 bit patterns
 
 # (q heads, kv heads, head_dim, block_size, dtype): GQA ratios 4, 3 and 1
 CONFIGS = pick(
@@ -93,6 +93,16 @@ def test_paged_attention_matches_reference(kb, rng, q_heads, kv_heads, dim, bloc
     assert rel_err(got, want) < tolerance(dtype)
 
 
+@pytest.mark.parametrize("case,aligned", [("decode", False), ("mixed", True)])
+def test_paged_attention_bfloat16_matches_reference(kb, rng, case, aligned):
+    # unaligned caches take the one-element loads, aligned ones the 16-byte loads; mixed has cached prefixes
+    q_heads, kv_heads, dim, block_size = pick(sim=CONFIGS[1][:4], gpu=(32, 8, 128, 16))
+    got, want = _run_paged(
+        kb, rng, _cases(block_size)[case], q_heads, kv_heads, dim, block_size, BF16, aligned=aligned
+    )
+    assert rel_err(got, want) < tolerance(BF16)
+
+
 @pytest.mark.parametrize("dtype", [F32, F16])
 def test_paged_attention_head_dim_64(kb, rng, dtype):
     seqs = pick(sim=[(1, 20), (2, 33)], gpu=_cases(16)["mixed"])
@@ -158,7 +168,7 @@ def test_attention_workspace_shapes():
 
 
 @pytest.mark.parametrize("split", [False, True])
-@pytest.mark.parametrize("dtype", [F32, F16])
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
 def test_static_attention_matches_reference(kb, rng, dtype, split):
     q_heads, kv_heads, dim, _, _ = CONFIGS[1]
     max_len = pick(sim=20, gpu=2048)
@@ -187,7 +197,7 @@ def test_static_attention_matches_reference(kb, rng, dtype, split):
     assert rel_err(kb.to_host(out), want) < tolerance(dtype)
 
 
-@pytest.mark.parametrize("dtype", [F32, F16])
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
 @pytest.mark.parametrize("block_size", pick(sim=[4], gpu=[16, 32]))
 def test_store_kv_matches_reference(kb, rng, dtype, block_size):
     tokens, q_heads, kv_heads, dim = pick(sim=(5, 2, 2, 8), gpu=(300, 32, 8, 128))
@@ -290,6 +300,12 @@ def test_paged_attention_rejects_heads_not_multiple_of_kv_heads(kb):
 def test_paged_attention_rejects_mixed_dtypes(kb):
     with pytest.raises(ValueError, match=r"paged_attention: k_cache must have the dtype of q \(float32\), got float16"):
         kb.ops.paged_attention(**_attention_args(kb, cache_dtype=np.float16))
+
+
+def test_paged_attention_rejects_bfloat16_q_with_float16_caches(kb):
+    message = r"paged_attention: k_cache must have the dtype of q \(bfloat16\), got float16"
+    with pytest.raises(ValueError, match=message):
+        kb.ops.paged_attention(**_attention_args(kb, dtype=BF16, cache_dtype=np.float16))
 
 
 def test_paged_attention_rejects_strided_head_dim(kb):

@@ -14,7 +14,7 @@ CASES = pick(
 )
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint16])  # uint16: bfloat16
 @pytest.mark.parametrize("tokens,vocab,hidden,vocab_start,rows", CASES)
 def test_embedding_matches_reference(kb, rng, dtype, tokens, vocab, hidden, vocab_start, rows):
     weight = random(rng, (rows, hidden), dtype)
@@ -27,7 +27,7 @@ def test_embedding_matches_reference(kb, rng, dtype, tokens, vocab, hidden, voca
     np.testing.assert_array_equal(kb.to_host(out), want)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint16])  # uint16: bfloat16
 @pytest.mark.parametrize("aligned", [True, False])
 def test_embedding_takes_the_16_byte_path_only_when_aligned(kb, rng, monkeypatch, dtype, aligned):
     widths = record_widths(monkeypatch, embedding)
@@ -51,7 +51,7 @@ def test_embedding_rejects_bad_arguments(kb, rng):
         embedding.embedding(ids, weight, kb.asarray(random(rng, (3, 6), np.float16)))
     with pytest.raises(ValueError, match="embedding: weight must be C-contiguous"):
         embedding.embedding(ids, kb.asarray(random(rng, (6, 10))).T, out)
-    with pytest.raises(ValueError, match="embedding: weight must be float16 or float32, got int32"):
+    with pytest.raises(ValueError, match="embedding: weight must be float16, float32 or bfloat16, got int32"):
         embedding.embedding(ids, kb.asarray(np.ones((10, 6), np.int32)), out)
     with pytest.raises(ValueError, match="embedding: vocab_start must be an integer, got float"):
         embedding.embedding(ids, weight, out, 2.0)

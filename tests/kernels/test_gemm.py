@@ -1,16 +1,17 @@
 import numpy as np
 import pytest
 
-from infinilm_nb.kernels import gemm, reference
+from infinilm_nb.kernels import gemm, gemm_tc, reference
 from infinilm_nb.kernels.common import compiled
 from infinilm_nb.kernels.gemm_mma import MmaConfig, mma_kernel
+from infinilm_nb.kernels.intrinsics import VECTOR_WIDTH
 from tests.helpers import pick, poisoned, random, rel_err, tolerance
 
 # (M, N, K). M <= gemm.DECODE_MAX_M takes the decode kernel (17 loops over groups of x rows), larger
-# M the tiled one. K = 40 fits 16-byte loads in both dtypes, K = 13 only plain loads. The GPU list
+# M the tiled one. K = 40 fits 16-byte loads in every dtype, K = 13 only plain loads. The GPU list
 # adds Llama-3-8B decode (QKV 4096 -> 6144, down 14336 -> 4096, gate-up 4096 -> 28672) and prefill
 # shapes; there float16 with K % 8 == 0 and M <= gemm.MMA_MAX_M runs on tensor cores (gemm.mma_config's
-# variants), larger M on the tensor-core prefill GEMM.
+# variants), larger M on the tensor-core prefill GEMM. bfloat16 (np.uint16 bits) always runs on CUDA cores.
 SHAPES = pick(
     sim=[(1, 37, 40), (3, 37, 40), (17, 37, 40), (70, 37, 40), (3, 37, 13), (70, 37, 13)],
     gpu=[
@@ -51,14 +52,14 @@ def _run(kb, rng, dtype, M, N, K, with_bias, with_residual):
     return kb.to_host(out), want
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint16])
 @pytest.mark.parametrize("M,N,K", SHAPES)
 def test_linear_with_bias_and_residual_matches_reference(kb, rng, dtype, M, N, K):
     got, want = _run(kb, rng, dtype, M, N, K, with_bias=True, with_residual=True)
     assert rel_err(got, want) < tolerance(dtype)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint16])
 @pytest.mark.parametrize("M", [2, 70])
 @pytest.mark.parametrize("with_bias,with_residual", [(False, False), (True, False), (False, True)])
 def test_linear_epilogues_match_reference(kb, rng, dtype, M, with_bias, with_residual):
@@ -76,6 +77,16 @@ def test_linear_out_is_residual(kb, rng, dtype, M):
     kb.ops.linear(kb.asarray(x), kb.asarray(weight), residual_d, residual=residual_d)
     want = reference.linear(x, weight, np.empty((M, 37), np.float32), residual=residual)
     assert rel_err(kb.to_host(residual_d), want) < tolerance(dtype)
+
+
+@pytest.mark.parametrize("M", [3, 70])
+def test_linear_bfloat16_stays_on_cuda_cores(kb, rng, monkeypatch, M):
+    # with the tensor-core paths switched on (the simulator has them off), bfloat16 must not reach
+    # the float16-only mma / prefill kernels, which would read its bits as float16
+    monkeypatch.setattr(gemm, "USE_MMA", True)
+    monkeypatch.setattr(gemm_tc, "ENABLED", True)
+    got, want = _run(kb, rng, np.uint16, M, 37, 40, with_bias=True, with_residual=False)
+    assert rel_err(got, want) < tolerance(np.uint16)
 
 
 @pytest.mark.parametrize("M", [3, 70])
@@ -122,6 +133,9 @@ def test_linear_rejects_mixed_dtypes(kb, rng):
     weight16 = kb.asarray(random(rng, (5, 8), np.float16))
     with pytest.raises(ValueError, match=r"linear: weight must have the dtype of x \(float32\), got float16"):
         kb.ops.linear(x, weight16, kb.asarray(np.zeros((4, 5), np.float32)))
+    x_bf16 = kb.asarray(random(rng, (4, 8), np.uint16))
+    with pytest.raises(ValueError, match=r"linear: weight must have the dtype of x \(bfloat16\), got float16"):
+        kb.ops.linear(x_bf16, weight16, kb.asarray(np.zeros((4, 5), np.uint16)))
 
 
 def test_linear_rejects_non_contiguous_weight(kb, rng):
@@ -132,12 +146,15 @@ def test_linear_rejects_non_contiguous_weight(kb, rng):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.uint16])
 def test_linear_kernels_keep_accumulators_in_registers(dtype):
     # partial sums spill to local memory when NVVM does not fully unroll the loops over them
-    vec = 8 if dtype == np.float16 else 4
-    kernels = [gemm._decode_kernel(group, vec, fused) for group in gemm.DECODE_GROUPS for fused in (False, True)]
-    kernels += [gemm._tiled_kernel(vec, fused) for fused in (False, True)]
+    vec = VECTOR_WIDTH[np.dtype(dtype)]
+    bf16 = dtype == np.uint16
+    kernels = [
+        gemm._decode_kernel(group, vec, fused, bf16) for group in gemm.DECODE_GROUPS for fused in (False, True)
+    ]
+    kernels += [gemm._tiled_kernel(vec, fused, bf16) for fused in (False, True)]
     for pyfunc in kernels:
         assert compiled(pyfunc, gemm.kernel_signature(dtype)).get_local_mem_per_thread() == 0, pyfunc
 
@@ -150,7 +167,7 @@ FUSED_SHAPES = pick(
 )
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint16])
 @pytest.mark.parametrize("M,inter,K", FUSED_SHAPES)
 def test_linear_silu_mul_matches_reference(kb, rng, dtype, M, inter, K):
     x = random(rng, (M, K), dtype)

@@ -7,7 +7,7 @@ from numba import cuda, float32
 from infinilm_nb.kernels.common import cdiv, launch_stream
 from infinilm_nb.kernels import reference
 from infinilm_nb.kernels.intrinsics import (
-    aligned16, bf16_to_f32, f32_to_bf16, load_bf16x8, load_f16x8, load_f32x4, store_bf16x8, store_f16x8, store_f32x4,
+    aligned16, as_f32, bf16_to_f32, f32_to_bf16, load_bf16x8, load_f16x8, load_f32x4, store_bf16x8, store_f16x8, store_f32x4,
 )
 
 SIGNATURES = {np.float16: "void(float16[:, ::1], float16[::1])", np.float32: "void(float32[:, ::1], float32[::1])"}
@@ -140,3 +140,23 @@ def test_reference_bfloat16_rounds_to_nearest_even():
     assert bits[:3].tolist() == [0x3F80, 0x3F82, 0xBF80]
     assert bits[3] == 0x7F62 and np.isnan(reference.to_f32(bits)[4])
     np.testing.assert_array_equal(reference.to_f32(np.array([0x3F80, 0xC020], np.uint16)), [1.0, -2.5])
+
+
+def _widen_each(half, single, bits, out):
+    i = cuda.grid(1)
+    if i < out.shape[1]:
+        out[0, i] = as_f32(half[i])
+        out[1, i] = as_f32(single[i])
+        out[2, i] = as_f32(bits[i])
+
+
+def test_as_f32_reads_an_element_of_each_activation_dtype(kb, rng):
+    values = rng.standard_normal(40).astype(np.float32)
+    bits = reference.cast(values, reference.BF16)
+    out = kb.asarray(np.full((3, 40), np.nan, np.float32))
+    kernel = cuda.jit("void(float16[::1], float32[::1], uint16[::1], float32[:, ::1])")(_widen_each)
+    kernel[2, 32, launch_stream()](kb.asarray(values.astype(np.float16)), kb.asarray(values), kb.asarray(bits), out)
+    got = kb.to_host(out)
+    np.testing.assert_array_equal(got[0], values.astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(got[1], values)
+    np.testing.assert_array_equal(got[2], reference.to_f32(bits))

@@ -12,7 +12,7 @@ EPS = 1e-5
 SHAPES = pick(sim=[(3, 37), (2, 64), (2, 300)], gpu=[(3, 37), (77, 576), (33, 4096), (5, 8192), (3, 40000)])
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint16])  # uint16: bfloat16
 @pytest.mark.parametrize("tokens,hidden", SHAPES)
 def test_rms_norm_matches_reference(kb, rng, dtype, tokens, hidden):
     x = random(rng, (tokens, hidden), dtype, scale=3.0)
@@ -32,7 +32,7 @@ def test_rms_norm_in_place_with_float32_weight(kb, rng):
     assert rel_err(kb.to_host(xd), want) < tolerance(np.float16)
 
 
-@pytest.mark.parametrize("dtype,hidden", [(np.float32, 301), (np.float32, 1040), (np.float16, 1040)])
+@pytest.mark.parametrize("dtype,hidden", [(np.float32, 301), (np.float32, 1040), (np.float16, 1040), (np.uint16, 1040)])
 def test_norms_on_rows_wider_than_registers(kb, rng, monkeypatch, dtype, hidden):
     # caps the block so that a small row overflows ITEMS chunks per thread and takes the re-read
     # path: element by element at 301, in 16-byte chunks at 1040
@@ -51,7 +51,7 @@ def test_norms_on_rows_wider_than_registers(kb, rng, monkeypatch, dtype, hidden)
     assert rel_err(kb.to_host(out), want) < tolerance(dtype)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint16])
 @pytest.mark.parametrize("aligned", [True, False])
 def test_norms_take_the_16_byte_path_only_when_aligned(kb, rng, monkeypatch, dtype, aligned):
     widths = record_widths(monkeypatch, norm)
@@ -71,7 +71,7 @@ def test_norms_take_the_16_byte_path_only_when_aligned(kb, rng, monkeypatch, dty
     assert widths == ([vec, 4] * 2 if aligned else [1, 1] * 2)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint16])
 @pytest.mark.parametrize("tokens,hidden", SHAPES)
 def test_add_rms_norm_matches_reference(kb, rng, dtype, tokens, hidden):
     x = random(rng, (tokens, hidden), dtype)
@@ -110,7 +110,7 @@ def test_norms_reject_bad_arguments(kb, rng):
         norm.rms_norm(x, weight, EPS, kb.asarray(random(rng, (6, 4))))
     with pytest.raises(ValueError, match=r"rms_norm: out must have the dtype of x \(float32\), got float16"):
         norm.rms_norm(x, weight, EPS, kb.asarray(random(rng, (4, 6), np.float16)))
-    with pytest.raises(ValueError, match="rms_norm: x must be float16 or float32, got int32"):
+    with pytest.raises(ValueError, match="rms_norm: x must be float16, float32 or bfloat16, got int32"):
         norm.rms_norm(kb.asarray(np.ones((4, 6), np.int32)), weight, EPS, x)
     with pytest.raises(ValueError, match="rms_norm: x must be C-contiguous"):
         norm.rms_norm(kb.asarray(random(rng, (4, 12)))[:, ::2], weight, EPS, x)

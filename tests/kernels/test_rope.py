@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from infinilm_nb.kernels import reference, rope
-from tests.helpers import pick, random, rel_err, tolerance
+from tests.helpers import as_float, nans, pick, random, rel_err, tolerance
 from tests.kernels.widths import placed, record_widths
 
 LLAMA3_SCALING = {
@@ -27,7 +27,7 @@ def fused_views(qkv, q_heads, kv_heads, head_dim):
 SHAPES = pick(sim=[(3, 2, 2), (2, 3, 1), (1, 4, 1)], gpu=[(5, 8, 8), (77, 9, 3), (300, 32, 8), (70000, 1, 1)])
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint16])  # uint16: bfloat16
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("tokens,q_heads,kv_heads", SHAPES)
 def test_rope_on_fused_qkv_views(kb, rng, dtype, head_dim, tokens, q_heads, kv_heads):
@@ -39,7 +39,7 @@ def test_rope_on_fused_qkv_views(kb, rng, dtype, head_dim, tokens, q_heads, kv_h
     q_d, k_d = fused_views(qkv_d, q_heads, kv_heads, head_dim)
     assert rope.rope(q_d, k_d, kb.asarray(positions), kb.asarray(cos_sin)) is None
 
-    want = qkv.astype(np.float32)
+    want = as_float(qkv).astype(np.float32)
     reference.rope(*fused_views(want, q_heads, kv_heads, head_dim), positions, cos_sin)
     got = kb.to_host(qkv_d)
     qk = (q_heads + kv_heads) * head_dim
@@ -60,7 +60,7 @@ def test_rope_on_separate_arrays(kb, rng):
     assert rel_err(kb.to_host(k_d), k) < 1e-5
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint16])
 @pytest.mark.parametrize("qkv_aligned,table_aligned", [(True, True), (True, False), (False, True)])
 def test_rope_takes_the_16_byte_paths_only_when_aligned(kb, rng, monkeypatch, dtype, qkv_aligned, table_aligned):
     widths = record_widths(monkeypatch, rope)
@@ -71,7 +71,7 @@ def test_rope_takes_the_16_byte_paths_only_when_aligned(kb, rng, monkeypatch, dt
     qkv_d = placed(kb, qkv, qkv_aligned)
     table = placed(kb, cos_sin, table_aligned)
     rope.rope(*fused_views(qkv_d, q_heads, kv_heads, head_dim), kb.asarray(positions), table)
-    want = qkv.astype(np.float32)
+    want = as_float(qkv).astype(np.float32)
     reference.rope(*fused_views(want, q_heads, kv_heads, head_dim), positions, cos_sin)
     assert rel_err(kb.to_host(qkv_d), want) < tolerance(dtype)
     vec = 16 // np.dtype(dtype).itemsize if qkv_aligned else 1
@@ -120,7 +120,7 @@ def _fused_case(kb, rng, dtype, tokens, q_heads, kv_heads, head_dim, block_size=
     slots = rng.permutation(blocks * block_size)[:tokens].astype(np.int32)
     slots[::3] = -1
     shape = (blocks, block_size, kv_heads, head_dim)
-    caches = [np.full(shape, np.nan, dtype) for _ in range(2)]
+    caches = [nans(shape, dtype) for _ in range(2)]
     qkv_d = placed(kb, qkv, aligned)
     caches_d = [placed(kb, c, aligned) for c in caches]
     assert rope.rope_store_kv(*qkv_views(qkv_d, q_heads, kv_heads, head_dim), kb.asarray(positions),
@@ -130,22 +130,22 @@ def _fused_case(kb, rng, dtype, tokens, q_heads, kv_heads, head_dim, block_size=
     return [(kb.to_host(qkv_d), want)] + [(kb.to_host(g), w) for g, w in zip(caches_d, caches)]
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint16])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("tokens,q_heads,kv_heads", SHAPES[:3])
 def test_rope_store_kv_equals_rope_then_store_kv(kb, rng, dtype, head_dim, tokens, q_heads, kv_heads):
     for got, want in _fused_case(kb, rng, dtype, tokens, q_heads, kv_heads, head_dim):
-        written = ~np.isnan(want)
-        np.testing.assert_array_equal(np.isnan(got), ~written)  # untouched slots keep their NaN
+        written = ~np.isnan(as_float(want))
+        np.testing.assert_array_equal(np.isnan(as_float(got)), ~written)  # untouched slots keep their NaN
         assert rel_err(got[written], want[written]) < tolerance(dtype)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint16])
 @pytest.mark.parametrize("aligned", [True, False])
 def test_rope_store_kv_takes_the_16_byte_path_only_when_aligned(kb, rng, monkeypatch, dtype, aligned):
     widths = record_widths(monkeypatch, rope)
     for got, want in _fused_case(kb, rng, dtype, 5, 2, 1, 32, block_size=4, aligned=aligned):
-        written = ~np.isnan(want)
+        written = ~np.isnan(as_float(want))
         assert rel_err(got[written], want[written]) < tolerance(dtype)
     assert widths[0] == (16 // np.dtype(dtype).itemsize if aligned else 1)
 

@@ -8,7 +8,7 @@ import pytest
 
 from infinilm_nb.kernels import reference
 from tests.conftest import ON_GPU
-from tests.helpers import pick, poisoned
+from tests.helpers import pick, poisoned, random
 
 # the simulator runs the kernel's uint64 splitmix64 on NumPy scalars, which warn when they wrap
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in scalar:RuntimeWarning")
@@ -77,11 +77,12 @@ def softmax(x):
     [
         (np.float32, list(KINDS)),
         (np.float16, ["greedy", "temperature", "top-k and top-p"]),
+        (np.uint16, ["greedy", "temperature", "top-k and top-p"]),  # bfloat16 logits
     ],
 )
 @pytest.mark.parametrize("vocab", pick(sim=[157], gpu=[1000, 128256]))
 def test_sample_matches_reference(kb, rng, dtype, kinds, vocab):
-    logits = (rng.standard_normal((len(kinds), vocab)) * 3).astype(dtype)
+    logits = random(rng, (len(kinds), vocab), dtype, scale=3.0)
     args = (logits, *settings(kinds, rng))
     got = kernel_sample(kb, *args)
     want = reference_sample(*args)
@@ -229,11 +230,11 @@ def test_kernel_noise_equals_reference_gumbel_noise():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint16])
 def test_sampler_fits_a_full_block_without_spilling(kb, rng, dtype):
     from infinilm_nb.kernels import common, sampling
 
-    logits = rng.standard_normal((2, 1000)).astype(dtype)
+    logits = random(rng, (2, 1000), dtype)
     kernel_sample(kb, logits, *settings(["greedy", "top-k and top-p"], rng))  # compiles it
     kernel = common._compiled[(sampling._sample_kernel, sampling.kernel_signature(np.dtype(dtype).name))]
     assert kernel.get_local_mem_per_thread() == 0
@@ -249,7 +250,7 @@ def _good_args(kb, rows=2, vocab=9):
 @pytest.mark.parametrize(
     "index,bad,message",
     [
-        (0, np.ones((2, 9), np.float64), r"sample: logits must be float16 or float32, got float64"),
+        (0, np.ones((2, 9), np.float64), r"sample: logits must be float16, float32 or bfloat16, got float64"),
         (0, np.ones(9, np.float32), r"sample: logits must have shape \(\*, \*\), got \(9,\)"),
         (1, np.ones(3, np.float32), r"sample: temperatures must have shape \(2,\), got \(3,\)"),
         (1, np.ones(2, np.float64), r"sample: temperatures must be float32, got float64"),
