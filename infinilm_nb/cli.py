@@ -22,7 +22,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="auto", choices=["auto", "cuda", "cpu", "sim"])
     parser.add_argument("--cache", default="paged", choices=["paged", "static"])
     parser.add_argument(
-        "--dtype", default=None, choices=["float16", "float32"], help="default: float16 on cuda, else float32"
+        "--dtype", default=None, choices=["float16", "float32", "bfloat16"], help="default: float16 on cuda, else float32"
     )
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--max-tokens", type=int, default=256)

@@ -34,10 +34,18 @@ def cast(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """float32 ``values`` rounded to ``dtype``; bfloat16 (uint16) to nearest even, NaN kept a NaN."""
     if np.dtype(dtype) != BF16:
         return values.astype(dtype)
-    bits = np.ascontiguousarray(values, dtype=F32).view(np.uint32)
+    bits = values.astype(F32, order="C").view(np.uint32)
     with np.errstate(over="ignore"):
         rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
     return np.where(np.isnan(values), np.uint32(0x7FC0), rounded).astype(np.uint16)
+
+
+def convert(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``x`` (float16, float32 or bfloat16) in ``dtype`` (one of those), as a new array. NumPy's
+    functions only: CuPy arrays work too."""
+    if x.dtype == BF16 or np.dtype(dtype) == BF16:
+        return cast(to_f32(x), dtype) if x.dtype != np.dtype(dtype) else x.copy()
+    return x.astype(dtype)
 
 
 def embedding(ids: np.ndarray, weight: np.ndarray, out: np.ndarray, vocab_start: int = 0) -> np.ndarray:

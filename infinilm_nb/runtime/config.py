@@ -15,7 +15,9 @@ import numpy as np
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-RUNTIME_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
+# bfloat16 is held as its uint16 bit patterns (kernels.reference.BF16)
+RUNTIME_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.uint16))
+_DTYPE_NAMES = {"bfloat16": np.dtype(np.uint16), "bf16": np.dtype(np.uint16)}
 
 # fields every config.json must carry (the others have the defaults transformers gives them)
 REQUIRED_FIELDS = (
@@ -211,13 +213,16 @@ def _misfit(config: ModelConfig, n: int) -> str | None:
 
 
 def resolve_dtype(dtype: Any, backend: Any) -> np.dtype:
-    """The runtime dtype: ``dtype`` if given (float16 / float32), else float16 on cuda, float32 elsewhere."""
+    """The runtime dtype: ``dtype`` if given (float16, float32, or bfloat16: returned as uint16, its bit
+    patterns), else float16 on cuda, float32 elsewhere."""
     if dtype is None or (isinstance(dtype, str) and dtype == "auto"):
         return np.dtype(np.float16 if backend.on_gpu else np.float32)
+    if isinstance(dtype, str) and dtype in _DTYPE_NAMES:
+        return _DTYPE_NAMES[dtype]
     try:
         resolved = np.dtype(dtype)
     except TypeError:
-        raise ValueError(f"dtype must be float16 or float32, got {dtype!r}") from None
+        raise ValueError(f"dtype must be float16, float32 or bfloat16, got {dtype!r}") from None
     if resolved not in RUNTIME_DTYPES:
-        raise ValueError(f"dtype must be float16 or float32, got {resolved.name}")
+        raise ValueError(f"dtype must be float16, float32 or bfloat16, got {resolved.name}")
     return resolved

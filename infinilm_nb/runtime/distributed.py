@@ -19,6 +19,8 @@ from typing import Any, NoReturn
 
 import numpy as np
 
+from ..kernels import reference
+
 # Launchers set one of these in every rank's environment: OpenMPI, MPICH/Hydra, PMIx, Slurm.
 _WORLD_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS")
 
@@ -115,7 +117,9 @@ def install_abort_on_error(info: RankInfo) -> None:
     sys.excepthook = lambda kind, value, tb: abort_job(info.rank, value.with_traceback(tb))
 
 
-_NCCL_TYPES = {"float16": "NCCL_FLOAT16", "float32": "NCCL_FLOAT32", "int32": "NCCL_INT32", "int64": "NCCL_INT64"}
+# uint16 arrays are bfloat16 bit patterns (the runtime's bfloat16)
+_NCCL_TYPES = {"float16": "NCCL_FLOAT16", "float32": "NCCL_FLOAT32", "uint16": "NCCL_BFLOAT16", "int32": "NCCL_INT32",
+               "int64": "NCCL_INT64"}
 
 
 class CommunicationGroup:
@@ -174,10 +178,10 @@ class CommunicationGroup:
             return array
         from mpi4py import MPI
 
-        if array.dtype == np.float16:  # MPI has no half type: reduce in float32
-            wide = array.astype(np.float32)
+        if array.dtype in (np.float16, reference.BF16):  # MPI has no 16-bit float types: reduce in float32
+            wide = reference.to_f32(array)
             self._mpi.Allreduce(MPI.IN_PLACE, wide, op=MPI.SUM)
-            array[...] = wide
+            array[...] = reference.cast(wide, array.dtype)
         else:
             self._mpi.Allreduce(MPI.IN_PLACE, array, op=MPI.SUM)
         return array

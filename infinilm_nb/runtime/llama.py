@@ -275,10 +275,9 @@ class LlamaForCausalLM:
             array = weights[name]
             if tuple(array.shape) != shapes[name]:
                 raise ValueError(f"weight {name!r} has shape {tuple(array.shape)}, expected {shapes[name]}")
-            if isinstance(array, np.ndarray):
-                arrays[name] = self.backend.asarray(array, dtype=self.dtype)
-            else:
-                arrays[name] = array.astype(self.dtype, copy=False)
+            device = self.backend.asarray(array) if isinstance(array, np.ndarray) else array
+            # reference.convert, not astype: bfloat16 (uint16 bits) must be widened or rounded
+            arrays[name] = device if device.dtype == self.dtype else reference.convert(device, self.dtype)
         missing = [name for name in shapes if name not in arrays]
         if missing:
             raise ValueError(f"missing weight {missing[0]!r} (expected shape {shapes[missing[0]]})")
@@ -302,7 +301,7 @@ class LlamaForCausalLM:
         :class:`~infinilm_nb.runtime.cache.StaticKVCache`; this step's K and V are stored into it at
         ``step.slot_mapping`` before attention reads it through ``step.block_tables``.
         """
-        logits = self.run(step, cache, self.buffers(step, cache)).astype(np.float32)
+        logits = reference.convert(self.run(step, cache, self.buffers(step, cache)), np.float32)
         if self.hooks:
             self.hooks.capture("logits", logits)
         return logits

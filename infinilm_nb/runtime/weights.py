@@ -26,6 +26,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..kernels import reference
 from .config import ModelConfig, ParallelConfig
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -142,12 +143,15 @@ class SafetensorsFile:
 
 
 def to_dtype(array: np.ndarray, bf16: bool, dtype: np.dtype, name: str = "tensor") -> np.ndarray:
-    """Convert a stored tensor to ``dtype``; bfloat16 bits go to the high half of a float32.
+    """Convert a stored tensor to ``dtype``; bfloat16 bits go to the high half of a float32. A
+    bfloat16 runtime dtype (uint16, its bit patterns) keeps stored bfloat16 bits and rounds the others.
 
     Narrowing bfloat16 or float32 to float16 raises ``ValueError`` naming the tensor when a finite
     value falls outside float16's range (it would silently become infinite)."""
+    if np.dtype(dtype) == reference.BF16:
+        return np.array(array, order="C") if bf16 else reference.cast(np.asarray(array, np.float32), reference.BF16)
     if bf16:
-        array = (array.astype(np.uint32) << np.uint32(16)).view(np.float32)
+        array = reference.to_f32(array)
     out = np.array(array, dtype=dtype, order="C")  # always a copy: never hand out the file mapping
     if out.dtype == np.float16 and array.dtype != np.float16 and np.isinf(out).any():
         wide = np.asarray(array, dtype=np.float32)

@@ -16,8 +16,8 @@ from infinilm_nb.cli import main
 REPO = Path(__file__).resolve().parents[2]
 
 
-def greedy_text(model_dir: Path, prompt: str, max_tokens: int, chat: bool = False) -> str:
-    llm = LLM(model_dir, backend="cpu")
+def greedy_text(model_dir: Path, prompt: str, max_tokens: int, chat: bool = False, dtype: str | None = None) -> str:
+    llm = LLM(model_dir, backend="cpu", dtype=dtype)
     params = SamplingParams(max_tokens=max_tokens, temperature=0)
     if chat:
         return llm.chat([{"role": "user", "content": prompt}], params)[0].outputs[0].text
@@ -32,6 +32,13 @@ def test_generate_streams_text_and_speed(llama_dir: Path, capsys: pytest.Capture
     assert out == greedy_text(llama_dir, "The capital of France is", 12) + "\n"
     prompt_tokens = len(LLM(llama_dir, backend="cpu").tokenizer.encode("The capital of France is"))
     assert f"prompt: {prompt_tokens} tokens, " in err and "generation: 12 tokens, " in err and "tokens/s" in err
+
+
+def test_generate_in_bfloat16(llama_dir: Path, capsys: pytest.CaptureFixture):
+    args = ["generate", "--model", str(llama_dir), "--prompt", "Hi", "--max-tokens", "6", "--backend", "cpu",
+            "--dtype", "bfloat16"]
+    assert main(args) == 0
+    assert capsys.readouterr().out == greedy_text(llama_dir, "Hi", 6, dtype="bfloat16") + "\n"
 
 
 def test_generate_chat_sampled(llama_dir: Path, capsys: pytest.CaptureFixture):

@@ -114,6 +114,7 @@ def test_resolve_dtype():
     cpu = get_backend("cpu")
     assert resolve_dtype(None, cpu) == np.float32 and resolve_dtype("auto", cpu) == np.float32
     assert resolve_dtype("float16", cpu) == np.float16 and resolve_dtype(np.float32, cpu) == np.float32
-    for bad in ("bfloat16", "int8", "fp17"):
-        with pytest.raises(ValueError, match="dtype must be float16 or float32"):
+    assert resolve_dtype("bfloat16", cpu) == np.uint16 == resolve_dtype("bf16", cpu)  # bfloat16 bit patterns
+    for bad in ("int8", "fp17", np.float64):
+        with pytest.raises(ValueError, match="dtype must be float16, float32 or bfloat16"):
             resolve_dtype(bad, cpu)

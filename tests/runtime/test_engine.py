@@ -51,6 +51,19 @@ def test_greedy_matches_transformers(llama_dir: Path, hf_tokens: list[int], cach
     assert out.prompt_token_ids == PROMPT
 
 
+def test_bfloat16_generates_in_a_batch_as_alone(llama_dir: Path):
+    """dtype="bfloat16" end to end: batched prompts give the tokens each gives alone, seeded and greedy,
+    and the first greedy token is transformers' (a clear argmax of this model)."""
+    llm = LLM(llama_dir, backend="cpu", dtype="bfloat16", max_model_len=64)
+    assert llm.model.dtype.name == "uint16"
+    params = [GREEDY, SAMPLED, GREEDY]
+    batch = tokens(llm.generate([ids(p) for p in PROMPTS[:3]], params))
+    assert batch == [tokens(llm.generate(ids(p), q))[0] for p, q in zip(PROMPTS[:3], params)]
+    assert all(len(t) == 8 for t in batch)
+    first = llm.generate(ids(PROMPT), SamplingParams(max_tokens=1, temperature=0))[0].outputs[0].token_ids
+    assert first == hf_greedy(load_hf_model(llama_dir), PROMPT, 1)
+
+
 def test_batched_equals_each_alone(llm: LLM, batched: list[list[int]]):
     alone = [llm.generate(ids(p), GREEDY)[0].outputs[0].token_ids for p in PROMPTS]
     assert batched == alone

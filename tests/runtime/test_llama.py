@@ -99,6 +99,20 @@ def test_float16_on_cpu_is_close(tiny_model_dir, tiny_hf_model, cpu):
     assert rel_err(logits, hf_logits(tiny_hf_model, PROMPT)[-1]) < 2e-2
 
 
+@pytest.mark.parametrize("cache_kind", ["paged", "static"])
+def test_bfloat16_on_cpu_is_close_and_generates(tiny_model_dir, tiny_hf_model, cpu, cache_kind):
+    """dtype="bfloat16": weights, activations and the cache hold bfloat16 bits (uint16), logits come
+    back float32; prefill and decode stay within bfloat16 error of transformers in float32."""
+    model = load_model(tiny_model_dir, cpu, dtype="bfloat16", progress=False)
+    assert model.dtype == np.uint16 and model.embed_tokens.weight.dtype == np.uint16
+    seq = CachedSeq(make_cache(model, cache_kind))
+    prefill = run_step(model, [(seq, PROMPT)])[0]
+    decode = run_step(model, [(seq, [int(prefill.argmax())])])[0]
+    assert prefill.dtype == np.float32
+    assert rel_err(prefill, hf_logits(tiny_hf_model, PROMPT)[-1]) < 3e-2  # float16 here: ~1e-3
+    assert rel_err(decode, hf_logits(tiny_hf_model, PROMPT + [int(prefill.argmax())])[-1]) < 3e-2
+
+
 def test_model_rejects_bad_weight_dicts(tiny_model_dir, cpu):
     model = load_model(tiny_model_dir, cpu, progress=False)
     weights = dict(ModelWeights(tiny_model_dir, model.config, progress=False).items())
@@ -111,5 +125,5 @@ def test_model_rejects_bad_weight_dicts(tiny_model_dir, cpu):
     bad = dict(weights, extra=np.zeros(3, np.float32))
     with pytest.raises(ValueError, match="unexpected weight 'extra'"):
         LlamaForCausalLM(model.config, cpu, bad)
-    with pytest.raises(ValueError, match="dtype must be float16 or float32"):
-        LlamaForCausalLM(model.config, cpu, weights, dtype="bfloat16")
+    with pytest.raises(ValueError, match="dtype must be float16, float32 or bfloat16"):
+        LlamaForCausalLM(model.config, cpu, weights, dtype="int8")

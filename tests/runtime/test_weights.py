@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from infinilm_nb.kernels import reference
 from infinilm_nb.runtime.config import ModelConfig
 from infinilm_nb.runtime.weights import ModelWeights, expected_shapes
 from tests.runtime.hf_models import build_hf_model, save_tiny_model
@@ -69,6 +70,18 @@ def test_converts_on_disk_dtypes(tmp_path, disk, runtime):
     assert got["layers.0.down_proj.weight"].dtype == runtime
     np.testing.assert_array_equal(got["layers.0.down_proj.weight"], want)
     assert ModelConfig.from_pretrained(directory).torch_dtype == disk
+
+
+@pytest.mark.parametrize("disk", ["bfloat16", "float32"])
+def test_a_bfloat16_runtime_keeps_bfloat16_bits_and_rounds_the_rest(tmp_path, disk):
+    directory = save_tiny_model(tmp_path, "llama", dtype=disk, tokenizer=False)
+    got = load(directory, reference.BF16)["layers.0.down_proj.weight"]
+    torch_model = build_hf_model("llama").to(getattr(torch, disk))
+    stored = torch_model.state_dict()["model.layers.0.mlp.down_proj.weight"]
+    # torch's own bfloat16 rounding is nearest even too: its bits are what the runtime must hold
+    want = stored.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    assert got.dtype == np.uint16
+    np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("disk", ["bfloat16", "float32"])
