@@ -87,6 +87,47 @@ def graph_step_seconds(llm: Any, batch: int, reps: int = 50) -> float:
     return cupy.cuda.get_elapsed_time(start, end) / 1e3 / reps
 
 
+def _timed(record: dict[str, float], name: str, function: Any) -> Any:
+    """``function``, adding each call's seconds to ``record[name]``."""
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            record[name] = record.get(name, 0.0) + time.perf_counter() - start
+    return wrapper
+
+
+def host_breakdown(llm: Any, prompt_len: int, new_tokens: int) -> dict[str, float]:
+    """Microseconds per batch-1 decode step spent in each part of the engine's host path, timed by
+    wrapping the parts on this engine's instances: schedule, sampling parameters, the graph inputs'
+    fill and upload, the wait for the tokens (GPU time included), the update, detokenize + stop checks,
+    and ``execute`` as a whole (its remainder is the graph launch and the stream switch)."""
+    engine, graphs = llm.engine, llm.engine.graphs
+    record: dict[str, float] = {}
+    wrapped = {"schedule": (engine.scheduler, "schedule"), "sampling": (engine, "_sampling"),
+               "execute": (engine, "execute"), "fill": (graphs, "_fill"), "wait": (graphs, "_download"),
+               "update": (engine.scheduler, "update"), "detokenize": (engine, "_check_stop")}
+    for name, (owner, method) in wrapped.items():
+        setattr(owner, method, _timed(record, name, getattr(owner, method)))
+    for size, bucket in graphs._buckets.items():
+        bucket.inputs.upload = _timed(record, "upload", bucket.inputs.upload)
+    try:
+        run_batch(llm, 1, prompt_len, 2, seed=97)  # the prefill and first step, then the parts from zero
+        record.clear()
+        row = run_batch(llm, 1, prompt_len, new_tokens + 1, seed=96)
+    finally:
+        for owner, method in wrapped.values():
+            delattr(owner, method)  # the class's method again
+        for bucket in graphs._buckets.values():
+            del bucket.inputs.upload
+    steps = new_tokens + 1  # the prefill step's parts are in too: per step, near enough
+    parts = {name: 1e6 * seconds / steps for name, seconds in record.items()}
+    parts["launch"] = parts["execute"] - parts["fill"] - parts["upload"] - parts["wait"]
+    parts["step"] = 1e3 * row["ms_per_step"]
+    return parts
+
+
 def kv_capacity(llm: Any) -> dict[str, float]:
     """Sequences of :data:`CONTEXT` tokens the KV cache holds, here and (estimated) on an H100 80GB:
     the same bytes outside the cache, ``UTILIZATION`` of that card's memory."""
@@ -147,6 +188,7 @@ def measure(args: argparse.Namespace, directory: Path, config: dict[str, Any]) -
     single["gpu_ms_per_step"] = 1e3 * gpu
     single["host_us_per_step"] = 1e6 * (single["ms_per_step"] / 1e3 - gpu)
     single["host_pct"] = 100 * (1 - gpu / (single["ms_per_step"] / 1e3))
+    single["host_parts_us"] = host_breakdown(llm, args.prompt, 64)
     run_batch(llm, 1, args.long_prompt, 2, seed=98)  # warm-up at the long prompt's shapes
     long_ttft = median(run_batch(llm, 1, args.long_prompt, 2, seed=seed)["ttft_ms"] for seed in range(3))
     batches = []
@@ -214,6 +256,11 @@ def print_report(result: dict[str, Any]) -> None:
     print(f"roofline: {s['roofline_tok_s']:.0f} tok/s (weights / copy bandwidth {result['copy_gbps']:.0f} GB/s); "
           f"host per decode step {s['host_us_per_step']:.0f} us of {s['ms_per_step']:.2f} ms "
           f"(GPU {s['gpu_ms_per_step']:.2f} ms)")
+    parts = s.get("host_parts_us")
+    if parts:
+        shown = ("schedule", "sampling", "fill", "upload", "launch", "wait", "update", "detokenize")
+        print("batch-1 step, host parts (us): " + ", ".join(f"{name} {parts[name]:.0f}" for name in shown)
+              + f"; wait minus GPU {parts['wait'] - 1e3 * s['gpu_ms_per_step']:.0f}")
     print(f"KV cache at gpu_memory_utilization={UTILIZATION}: {m['kv_gib']:.1f} GiB of {m['gpu_gib']:.1f} GiB = "
           f"{m['sequences']} sequences of {CONTEXT} tokens (an H100 80GB: ~{m['sequences_h100_80gb']})")
 

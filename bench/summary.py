@@ -49,6 +49,10 @@ def decode_lines(data: dict[str, Any]) -> list[str]:
     lines = [f"decode ({data['gpu']}, {data['commit']}, {data['layers']} layers)",
              f"  batch 1: {one['decode_tok_s']:.1f} tok/s, {one['roofline_pct']:.0f}% of roofline (target 85%), "
              f"host {one['host_pct']:.1f}%"]
+    parts = one.get("host_parts_us")
+    if parts:
+        lines.append("  batch-1 host parts (us): " + ", ".join(
+            f"{name} {parts[name]:.0f}" for name in ("schedule", "fill", "upload", "launch", "wait", "detokenize")))
     for row in data["batches"]:
         lines.append(f"  batch {row['batch']}: {row['decode_tok_s']:.0f} tok/s, host {row['host_pct']:.1f}%, "
                      f"TTFT {row['ttft_ms']:.0f} ms")
