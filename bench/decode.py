@@ -6,7 +6,8 @@ Usage: ``python bench/decode.py [--out DIR] [--layers 32] [--prompt 128] [--toke
 Batch 1: tokens/s and ms/token of the decode phase, time to first token, and the weight-read roofline
 (every weight byte once per step at the measured device-to-device copy bandwidth) with the share
 reached; the host time per decode step (the step's wall time minus the GPU time of its CUDA graph,
-replayed alone). Then tokens/s at larger batches, the time to first token of one long prompt, how many 4K-token sequences the KV cache holds at
+replayed alone), and its parts. Then tokens/s at larger batches, batch 1 and the largest batch again with
+``async_scheduling``, the time to first token of one long prompt, how many 4K-token sequences the KV cache holds at
 ``gpu_memory_utilization=0.9``, with ``--ablate`` the GPU time of a batch-1 step with each fusion
 undone (:mod:`bench.ablation`), and HF transformers (PyTorch eager, its default attention, float16,
 greedy ``generate``) on the same GPU in the same run, with fewer new tokens. Prints a table naming the
@@ -76,12 +77,12 @@ def graph_step_seconds(llm: Any, batch: int, reps: int = 50) -> float:
     import cupy
 
     graphs, stream = llm.engine.graphs, cupy.cuda.get_current_stream()
-    graphs.launch(batch)
+    graphs.replay(batch)
     stream.synchronize()
     start, end = cupy.cuda.Event(), cupy.cuda.Event()
     start.record(stream)
     for _ in range(reps):
-        graphs.launch(batch)
+        graphs.replay(batch)
     end.record(stream)
     end.synchronize()
     return cupy.cuda.get_elapsed_time(start, end) / 1e3 / reps
@@ -106,7 +107,7 @@ def host_breakdown(llm: Any, prompt_len: int, new_tokens: int) -> dict[str, floa
     engine, graphs = llm.engine, llm.engine.graphs
     record: dict[str, float] = {}
     wrapped = {"schedule": (engine.scheduler, "schedule"), "sampling": (engine, "_sampling"),
-               "execute": (engine, "execute"), "fill": (graphs, "_fill"), "wait": (graphs, "_download"),
+               "execute": (engine, "execute"), "fill": (graphs, "_fill"), "wait": (graphs, "wait"),
                "update": (engine.scheduler, "update"), "detokenize": (engine, "_check_stop")}
     for name, (owner, method) in wrapped.items():
         setattr(owner, method, _timed(record, name, getattr(owner, method)))
@@ -197,11 +198,20 @@ def measure(args: argparse.Namespace, directory: Path, config: dict[str, Any]) -
         gpu = graph_step_seconds(llm, batch)
         row["host_pct"] = 100 * (1 - gpu / (row["ms_per_step"] / 1e3))
         batches.append(row)
+    # the same engine with async scheduling (steps launched before the previous tokens come back)
+    llm.engine.async_scheduling = True
+    overlapped = []
+    for batch in (1, max(args.batches, default=1)):
+        row = run_batch(llm, batch, args.prompt, args.tokens, seed=batch)
+        row["host_pct"] = 100 * (1 - graph_step_seconds(llm, batch) / (row["ms_per_step"] / 1e3))
+        overlapped.append(row)
+    overlapped[0]["roofline_pct"] = 100 * floor / (overlapped[0]["ms_per_step"] / 1e3)
+    llm.engine.async_scheduling = False
     memory = kv_capacity(llm)
     del llm
     free_gpu_memory()
     result = {"copy_gbps": bandwidth / 1e9, "weight_gb": weight_bytes(config) / 1e9, "batch1": single,
-              "batches": batches, "memory": memory, "long_prompt_ttft_ms": long_ttft}
+              "batches": batches, "async_scheduling": overlapped, "memory": memory, "long_prompt_ttft_ms": long_ttft}
     if args.ablate:
         result["ablation_gpu_ms"] = ablation_ms(args, directory)
     return result
@@ -236,6 +246,10 @@ def print_report(result: dict[str, Any]) -> None:
     for row in result["batches"]:
         print(f"{'infinilm-nb':<22} {row['batch']:>5} {row['decode_tok_s']:>9.1f} {row['ms_per_step']:>9.2f} "
               f"{row['ttft_ms']:>8.1f} {'-':>7} {row['host_pct']:>6.1f}%")
+    for row in result.get("async_scheduling", []):
+        roof = f"{row['roofline_pct']:>6.0f}%" if "roofline_pct" in row else f"{'-':>7}"
+        print(f"{'  async scheduling':<22} {row['batch']:>5} {row['decode_tok_s']:>9.1f} {row['ms_per_step']:>9.2f} "
+              f"{row['ttft_ms']:>8.1f} {roof} {row['host_pct']:>6.1f}%")
     hf = result.get("hf")
     if hf is not None:
         print(f"{'HF transformers eager':<22} {1:>5} {hf['decode_tok_s']:>9.1f} {hf['ms_per_token']:>9.2f} "

@@ -56,6 +56,10 @@ def decode_lines(data: dict[str, Any]) -> list[str]:
     for row in data["batches"]:
         lines.append(f"  batch {row['batch']}: {row['decode_tok_s']:.0f} tok/s, host {row['host_pct']:.1f}%, "
                      f"TTFT {row['ttft_ms']:.0f} ms")
+    for row in data.get("async_scheduling", []):
+        roof = f", {row['roofline_pct']:.0f}% of roofline" if "roofline_pct" in row else ""
+        lines.append(f"  async scheduling batch {row['batch']}: {row['decode_tok_s']:.1f} tok/s{roof}, "
+                     f"host {row['host_pct']:.1f}%")
     hf = data.get("hf")
     if hf:
         lines.append(f"  HF transformers batch 1: {hf['decode_tok_s']:.1f} tok/s "

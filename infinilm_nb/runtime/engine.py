@@ -14,7 +14,7 @@ from ..sampling_params import SamplingParams
 from .batch import SamplingArrays, StepInput
 from .detokenizer import IncrementalDetokenizer
 from .follower import call_on_every_rank
-from .graphs import DecodeGraphs
+from .graphs import DecodeGraphs, Launched
 from .scheduler import ScheduledStep, Scheduler
 from .sequence import Sequence
 from .tokenizer import Tokenizer
@@ -66,6 +66,12 @@ class LLMEngine:
     append, detokenize incrementally, check the stop conditions. With ``graphs``, the decode steps
     that fit them run there instead (:class:`~infinilm_nb.runtime.graphs.DecodeGraphs`: persistent
     buffers, a CUDA graph per batch bucket on cuda).
+
+    ``async_scheduling`` (one rank, with graphs): a decode step whose sequences go on is followed by
+    the next one launched behind it, before its tokens come back: the next step's token ids come from
+    the device (:meth:`~infinilm_nb.runtime.graphs.DecodeGraphs.launch` with ``feed``), so the GPU
+    runs it while the host appends, detokenizes and checks the stop conditions of the first. A
+    sequence that stops in between has one token computed in vain, thrown away.
     """
 
     def __init__(
@@ -80,6 +86,7 @@ class LLMEngine:
         seed: int = 0,
         graphs: DecodeGraphs | None = None,
         group: Any = None,
+        async_scheduling: bool = False,
     ) -> None:
         self.model = model
         self.cache = cache
@@ -94,6 +101,10 @@ class LLMEngine:
         self._rng = np.random.default_rng(seed)
         self._requests: dict[str, _Request] = {}
         self._failed: list[RequestOutput] = []
+        # a decode step launched ahead and not yet collected: (its schedule, its launch)
+        self._ahead: tuple[ScheduledStep, Launched] | None = None
+        self.async_scheduling = async_scheduling and graphs is not None and (group is None or group.world_size == 1)
+        self.steps_ahead = 0  # decode steps launched before the previous one's tokens came back
         self._stream: Any = nullcontext()
         if backend.on_gpu:
             # Every step runs on the engine's own non-blocking stream, never on the legacy default
@@ -164,10 +175,41 @@ class LLMEngine:
         ``finished_only``, of those that finished: no output is built per token for callers that do
         not stream)."""
         outputs, self._failed = self._failed, []
-        scheduled = self.scheduler.schedule()
-        if scheduled is None:
-            return outputs
-        tokens = call_on_every_rank(self.group, self, "execute", scheduled.step, sampling=self._sampling(scheduled))
+        if self._ahead is not None:
+            scheduled, launched = self._ahead
+        else:
+            scheduled = self.scheduler.schedule()
+            if scheduled is None:
+                return outputs
+            if not (self.async_scheduling and self.graphs.fits(scheduled.step)):
+                tokens = call_on_every_rank(self.group, self, "execute", scheduled.step,
+                                            sampling=self._sampling(scheduled))
+                return outputs + self._collect(scheduled, tokens, finished_only)
+            with self._stream:
+                launched = self.graphs.launch(scheduled.step, self._sampling(scheduled))
+        self._ahead = self._launch_ahead(scheduled, launched) if self.async_scheduling else None
+        with self._stream:
+            tokens = self.graphs.wait(launched)
+        return outputs + self._collect(scheduled, tokens, finished_only)
+
+    def _launch_ahead(self, scheduled: ScheduledStep, launched: Launched) -> tuple[ScheduledStep, Launched] | None:
+        """Launch the step after the launched decode step ``scheduled`` for the same sequences, fed its
+        tokens on the device; None when that step cannot be known yet: a sequence reaches its
+        max_tokens or max_model_len with this token, or the scheduler declines (see
+        :meth:`Scheduler.schedule_ahead`)."""
+        for seq in scheduled.seqs:
+            if seq.num_output_tokens + 1 >= seq.params.max_tokens or seq.num_tokens + 1 >= self.max_model_len:
+                return None
+        ahead = self.scheduler.schedule_ahead(scheduled)
+        if ahead is None or not self.graphs.fits(ahead.step):
+            return None  # (a step wider than the graphs' block tables cannot come: max_model_len bounds it)
+        self.steps_ahead += 1
+        with self._stream:
+            return ahead, self.graphs.launch(ahead.step, self._sampling(ahead, generated=1), feed=launched)
+
+    def _collect(self, scheduled: ScheduledStep, tokens: np.ndarray, finished_only: bool) -> list[RequestOutput]:
+        """Take a computed step's tokens: append, detokenize, check the stop conditions; the outputs."""
+        outputs = []
         for seq in self.scheduler.update(scheduled, tokens):
             request = self._requests[seq.request_id]
             self._check_stop(request, seq.token_ids[-1])
@@ -191,15 +233,16 @@ class LLMEngine:
             logits = self.model.forward(step.to(self.backend), self.cache)
             return None if sampling is None else self._sample(logits, sampling)
 
-    def _sampling(self, scheduled: ScheduledStep) -> SamplingArrays:
-        """The sampler's host parameters for each sequence of the step."""
+    def _sampling(self, scheduled: ScheduledStep, generated: int = 0) -> SamplingArrays:
+        """The sampler's host parameters for each sequence of the step (``generated``: tokens each
+        sequence samples before this step that are not appended yet, for a step launched ahead)."""
         seqs = scheduled.seqs
         n = len(seqs)
         params = [seq.params for seq in seqs]
         requests = self._requests
         seeds = step_seeds(
             np.fromiter((requests[seq.request_id].seed for seq in seqs), dtype=np.uint64, count=n),
-            np.fromiter((seq.num_output_tokens for seq in seqs), dtype=np.uint64, count=n),
+            np.fromiter((seq.num_output_tokens + generated for seq in seqs), dtype=np.uint64, count=n),
         )
         return SamplingArrays(
             np.fromiter((p.temperature for p in params), dtype=np.float32, count=n),

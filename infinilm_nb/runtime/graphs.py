@@ -18,6 +18,11 @@ parameters. Elsewhere (cpu, sim) there is no graph: the same body runs eagerly o
 
 Padding rows (``B`` below the bucket) do harmless work that is thrown away: token 0 at position 0,
 slot -1 (nothing is stored), context length 1 read through block 0 (a valid block), greedy sampling.
+
+A step can also be launched without waiting for it (:meth:`DecodeGraphs.launch`, then
+:meth:`DecodeGraphs.wait`), and the next step of the same sequences launched behind it before its
+tokens reach the host: ``feed`` copies the tokens the previous step sampled, on the device, into the
+next step's token ids (the engine's ``async_scheduling``).
 """
 
 from __future__ import annotations
@@ -99,6 +104,17 @@ def _host_buffer(backend: Any, nbytes: int) -> np.ndarray:
 
 
 @dataclass
+class Launched:
+    """A decode step launched and not yet waited for: its bucket, its rows, and (on a GPU) the event
+    recorded once its tokens are on their way to ``host_tokens``."""
+
+    bucket: "_Bucket"
+    rows: int
+    host_tokens: np.ndarray
+    done: Any = None
+
+
+@dataclass
 class _Bucket:
     """One bucket's persistent inputs, activation views, token buffers and (on cuda) graph."""
 
@@ -107,8 +123,10 @@ class _Bucket:
     sampling: SamplingArrays  # device views into ``inputs``
     buffers: StepBuffers
     tokens: Any  # int32 [size] on the device
-    host_tokens: np.ndarray  # int32 [size], pinned on a GPU
+    host_tokens: tuple[np.ndarray, np.ndarray]  # int32 [size] each, pinned on a GPU; steps alternate
     graph: Any = None
+    uploaded: Any = None  # on a GPU: the event after the last upload, before the host twin is rewritten
+    launches: int = 0
     logits: Any = None  # what the model's run returns: [size, vocab] (gathered over ranks under tp)
     rows: int = 0  # rows and block-table columns the last step wrote (all else is padding)
     width: int = 0
@@ -152,16 +170,44 @@ class DecodeGraphs:
     def decode(self, step: StepInput, sampling: SamplingArrays | None = None) -> np.ndarray:
         """Run the decode ``step`` (host arrays; check :meth:`fits` first) and sample with ``sampling``
         (host arrays, one row per sequence; None: greedy). Returns the int32 tokens on the host."""
+        return self.wait(self.launch(step, sampling))
+
+    def launch(self, step: StepInput, sampling: SamplingArrays | None = None, feed: Launched | None = None) -> Launched:
+        """Start the decode ``step`` on CuPy's current stream without waiting for it (as :meth:`decode`).
+
+        ``feed``: a step of the same rows launched before, whose sampled tokens become this step's token
+        ids on the device (``step.token_ids`` is then ignored): the next step of the same sequences can
+        start before the previous one's tokens reach the host.
+        """
         n = step.num_seqs
         bucket = self._buckets[self.bucket_size(n)]
+        if feed is not None and (feed.bucket is not bucket or feed.rows != n):
+            raise ValueError(f"launch: feed has {feed.rows} rows in another bucket, the step {n}")
+        if bucket.uploaded is not None:
+            bucket.uploaded.synchronize()  # the last upload has read the host twin we rewrite
         self._fill(bucket, step, sampling)
         bucket.inputs.upload()
+        if self.backend.on_gpu:
+            import cupy
+
+            bucket.uploaded = cupy.cuda.Event(disable_timing=True)
+            bucket.uploaded.record()
+        if feed is not None:
+            bucket.inputs.device["token_ids"][:n] = bucket.tokens[:n]  # after the upload, in stream order
         if bucket.graph is not None:
             bucket.graph.launch()  # on CuPy's current stream, after the upload
         else:
             self._body(bucket)
         self.last_logits = bucket.logits[:n]
-        return self._download(bucket, n)
+        host_tokens = bucket.host_tokens[bucket.launches % 2]  # the previous launch's may still be read
+        bucket.launches += 1
+        return Launched(bucket, n, host_tokens, self._start_download(bucket, host_tokens))
+
+    def wait(self, launched: Launched) -> np.ndarray:
+        """The tokens of a launched step on the host (int32 ``[rows]``), once it is done."""
+        if launched.done is not None:
+            launched.done.synchronize()
+        return launched.host_tokens[: launched.rows].copy()
 
     def release(self) -> None:
         """Free every captured graph once the device is idle; steps then run eagerly. Under tensor
@@ -176,12 +222,12 @@ class DecodeGraphs:
         """The rows of the bucket that runs ``num_seqs`` sequences."""
         return next(size for size in self.buckets if size >= num_seqs)
 
-    def launch(self, num_seqs: int) -> None:
+    def replay(self, num_seqs: int) -> None:
         """Launch the graph of ``num_seqs``'s bucket again on its current inputs, without waiting (for
         timing: it stores the same K and V again). Only on cuda."""
         graph = self._buckets[self.bucket_size(num_seqs)].graph
         if graph is None:
-            raise RuntimeError("launch: no CUDA graph was captured (the backend is not cuda)")
+            raise RuntimeError("replay: no CUDA graph was captured (the backend is not cuda)")
         graph.launch()
 
     def _make_bucket(self, size: int) -> _Bucket:
@@ -203,7 +249,7 @@ class DecodeGraphs:
         inputs.host["query_start_loc"][...] = np.arange(size + 1)  # one token per row, always
         device = inputs.device
         tokens = self.backend.xp.zeros(size, dtype=np.int32)
-        host_tokens = _host_buffer(self.backend, 4 * size).view(np.int32)
+        host_tokens = tuple(_host_buffer(self.backend, 4 * size).view(np.int32) for _ in range(2))
         return _Bucket(
             inputs=inputs,
             step=StepInput(**{name: device[name] for name in StepInput.ARRAY_FIELDS}, max_query_len=1),
@@ -244,16 +290,19 @@ class DecodeGraphs:
         tables[stale] = 0
         bucket.rows, bucket.width = n, width
 
-    def _download(self, bucket: _Bucket, n: int) -> np.ndarray:
-        """The first ``n`` sampled tokens on the host (waits for the step)."""
+    def _start_download(self, bucket: _Bucket, host_tokens: np.ndarray) -> Any:
+        """Copy the bucket's sampled tokens into ``host_tokens`` behind the step; on a GPU return
+        the event that marks the copy done (None elsewhere: the copy is made at once)."""
         if not self.backend.on_gpu:
-            return np.array(bucket.tokens[:n])
+            host_tokens[...] = bucket.tokens
+            return None
         import cupy
 
         stream = cupy.cuda.get_current_stream()
-        bucket.tokens.get(stream=stream, out=bucket.host_tokens)
-        stream.synchronize()
-        return bucket.host_tokens[:n].copy()
+        bucket.tokens.get(stream=stream, out=host_tokens)
+        done = cupy.cuda.Event(disable_timing=True)
+        done.record(stream)
+        return done
 
     def _capture_all(self) -> None:
         """Capture every bucket, the largest first (a buffer a layer grows with the batch then reaches

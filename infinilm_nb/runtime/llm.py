@@ -34,8 +34,8 @@ _tensor_parallel_llm_made = False  # under mpirun a process holds one LLM: the f
 class LLM:
     """An offline engine over one HF model directory (llama, mistral, qwen2).
 
-    ``backend``: auto / cuda / cpu / sim. ``dtype``: float16 / float32 (default: float16 on cuda, else
-    float32). ``cache``: "paged" (blocks of ``block_size`` tokens, ``num_blocks`` of them or as many as
+    ``backend``: auto / cuda / cpu / sim. ``dtype``: float16 / float32 / bfloat16 (default: float16 on
+    cuda, else float32). ``cache``: "paged" (blocks of ``block_size`` tokens, ``num_blocks`` of them or as many as
     ``gpu_memory_utilization`` of the GPU's memory allows) or "static" (one slot of ``max_model_len``
     tokens per running sequence, ``max_num_seqs`` slots or as many as fit; block_size and num_blocks
     are for the paged cache). ``max_model_len``: the longest prompt plus generation (default the
@@ -44,7 +44,9 @@ class LLM:
     sampling of requests that give none. Decode steps of up to ``max_num_seqs`` sequences run on
     persistent buffers, replaying one CUDA graph per batch bucket on cuda (captured at start-up:
     :class:`~infinilm_nb.runtime.graphs.DecodeGraphs`); ``enforce_eager`` (vLLM's switch) runs every
-    step eagerly instead.
+    step eagerly instead. ``async_scheduling`` (one rank) launches each decode step whose sequences go
+    on before the previous step's tokens reach the host, so the GPU does not wait for the host's
+    bookkeeping; the outputs are the same.
 
     ``model``: an HF directory, a ``.gguf`` file (converted once into the cache) or None for the
     embedded SmolLM2-135M-Instruct (fetched once; see :mod:`infinilm_nb.models`).
@@ -70,6 +72,7 @@ class LLM:
         gpu_memory_utilization: float = 0.9,
         seed: int = 0,
         enforce_eager: bool = False,
+        async_scheduling: bool = False,
     ) -> None:
         if cache not in CACHES:
             raise ValueError(f"cache must be one of {', '.join(CACHES)}, got {cache!r}")
@@ -122,6 +125,7 @@ class LLM:
             seed=seed,
             graphs=None if enforce_eager else DecodeGraphs(self.model, self.cache, max_num_seqs, self.max_model_len),
             group=self.group,
+            async_scheduling=async_scheduling,
         )
         self._ids = itertools.count()
         self._closed = False

@@ -148,14 +148,11 @@ class Scheduler:
             token_ids = np.fromiter(itertools.chain.from_iterable(chunks), dtype=np.int32, count=num_tokens)
             rows = np.repeat(np.arange(num_seqs), counts)
             positions = np.arange(num_tokens, dtype=np.int32) + np.repeat(starts - query_start_loc[:-1], counts)
-        width = max(len(seq.block_table) for seq in seqs)
-        tables = np.array([seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs], dtype=np.int32)
-        block_size = self.blocks.block_size
-        slots = tables[rows, positions // block_size].astype(np.int64) * block_size + positions % block_size
+        tables, slots = self._tables_and_slots(seqs, rows, positions)
         step = StepInput(
             token_ids=token_ids,
             positions=positions,
-            slot_mapping=slots.astype(np.int32),
+            slot_mapping=slots,
             query_start_loc=query_start_loc,
             context_lens=lengths,
             block_tables=tables,
@@ -163,3 +160,44 @@ class Scheduler:
         )
         samples = [seq.num_computed_tokens + count == seq.num_tokens for seq, count in picked]
         return ScheduledStep(seqs=seqs, num_new_tokens=counts, samples=samples, step=step)
+
+    def _tables_and_slots(self, seqs: list[Sequence], rows: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The block tables of ``seqs`` (zero-padded to the widest) and the cache slot of each token
+        (``rows[i]``: its sequence's index, ``positions[i]``: its position)."""
+        width = max(len(seq.block_table) for seq in seqs)
+        tables = np.array([seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs], dtype=np.int32)
+        block_size = self.blocks.block_size
+        slots = tables[rows, positions // block_size].astype(np.int64) * block_size + positions % block_size
+        return tables, slots.astype(np.int32)
+
+    def schedule_ahead(self, scheduled: ScheduledStep) -> ScheduledStep | None:
+        """The decode step after ``scheduled`` (a decode step of running sequences whose tokens have
+        not come back yet) for the same sequences, their token ids left for the device to fill in; or
+        None when the next step must be scheduled as usual: sequences are waiting to be admitted, or a
+        sequence needs a block that is not free (preempting is :meth:`schedule`'s job).
+
+        Each sequence's next token goes to position ``num_tokens`` (the token being sampled now); its
+        block is allocated here. :meth:`update` then takes ``scheduled``'s tokens and this step's in
+        order, skipping the sequences that finished in between.
+        """
+        seqs = scheduled.seqs
+        if self.waiting or any(seq.status is not SequenceStatus.RUNNING for seq in seqs):
+            return None
+        needed = sum(self.blocks.blocks_needed(seq, seq.num_tokens + 1) for seq in seqs)
+        if needed > self.blocks.num_free_blocks:
+            return None
+        for seq in seqs:
+            self.blocks.allocate(seq, seq.num_tokens + 1)
+        n = len(seqs)
+        positions = np.fromiter((seq.num_tokens for seq in seqs), dtype=np.int32, count=n)
+        tables, slots = self._tables_and_slots(seqs, np.arange(n), positions)
+        step = StepInput(
+            token_ids=np.zeros(n, dtype=np.int32),
+            positions=positions,
+            slot_mapping=slots,
+            query_start_loc=np.arange(n + 1, dtype=np.int32),
+            context_lens=positions + 1,
+            block_tables=tables,
+            max_query_len=1,
+        )
+        return ScheduledStep(seqs=list(seqs), num_new_tokens=[1] * n, samples=[True] * n, step=step)

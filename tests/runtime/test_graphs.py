@@ -199,6 +199,23 @@ def test_graphed_llm_equals_eager_llm_on_gpu(llama_dir: Path, cache: str, batch:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("cache", ["paged", "static"])
+def test_async_scheduling_equals_step_by_step_on_gpu(llama_dir: Path, cache: str):
+    """Steps launched ahead on the GPU (token ids fed on the device, pinned buffers reused behind the
+    stream) give the step-by-step tokens, greedy and seeded, with requests stopping at different lengths."""
+    params = [SamplingParams(max_tokens=4 + 3 * i, temperature=0 if i % 2 else 0.9, seed=i, top_k=40,
+                             ignore_eos=True) for i in range(len(PROMPTS))]
+    outputs = {}
+    for ahead in (False, True):
+        llm = LLM(llama_dir, backend="cuda", dtype="float32", cache=cache, max_num_seqs=8, max_model_len=128,
+                  block_size=16, num_blocks=64 if cache == "paged" else None, async_scheduling=ahead)
+        outputs[ahead] = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)]
+        assert (llm.engine.steps_ahead > 0) == ahead
+        del llm
+    assert outputs[True] == outputs[False]
+
+
+@pytest.mark.gpu
 def test_graphed_float16_decode_close_to_eager(graph_model_dir):
     """float16 through graphs: logits within float16 error of the eager step's."""
     cuda = get_backend("cuda")
