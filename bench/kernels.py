@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -58,7 +59,9 @@ class Row:
 
 
 def rand(shape, dtype=np.float16, scale=1.0):
-    return (cupy.random.standard_normal(shape, dtype=np.float32) * scale).astype(dtype)
+    """Random device values in ``dtype`` (uint16: bfloat16 bit patterns)."""
+    values = cupy.random.standard_normal(shape, dtype=np.float32) * scale
+    return reference.cast(values, reference.BF16) if np.dtype(dtype) == reference.BF16 else values.astype(dtype)
 
 
 def bench_gemm(copy_bw: float) -> list[Row]:
@@ -125,9 +128,9 @@ def bench_rope_store_kv(copy_bw: float) -> list[Row]:
     return rows
 
 
-def qkv_views(tokens: int) -> tuple[Any, Any, Any]:
+def qkv_views(tokens: int, dtype: Any = np.float16) -> tuple[Any, Any, Any]:
     """q ``[T, 32, 128]``, k and v ``[T, 8, 128]``: strided views into one random fused QKV output."""
-    qkv = rand((tokens, (HEADS + 2 * KV_HEADS) * HEAD_DIM))
+    qkv = rand((tokens, (HEADS + 2 * KV_HEADS) * HEAD_DIM), dtype)
     q = qkv[:, : HEADS * HEAD_DIM].reshape(tokens, HEADS, HEAD_DIM)
     k = qkv[:, HEADS * HEAD_DIM : (HEADS + KV_HEADS) * HEAD_DIM].reshape(tokens, KV_HEADS, HEAD_DIM)
     v = qkv[:, (HEADS + KV_HEADS) * HEAD_DIM :].reshape(tokens, KV_HEADS, HEAD_DIM)
@@ -191,6 +194,74 @@ def bench_elementwise(copy_bw: float, tokens: int = 4096) -> list[Row]:
     add("embedding", f"{tokens}x{h}", 2 * act, embed)
     add("sample greedy", f"32x{VOCAB} f32", 32 * VOCAB * 4, lambda: sampler(0.0, 1.0))
     add("sample top_p=0.9", f"32x{VOCAB} f32", 32 * VOCAB * 4, lambda: sampler(0.8, 0.9))
+    return rows
+
+
+def bench_bfloat16(copy_bw: float, tokens: int = 4096) -> list[Row]:
+    """The bfloat16 kernels (CUDA-core paths) against the same kernels in float16, in the same run:
+    the elementwise ops at 4096 x 4096, the decode linear at M = 1 (float16 there runs on tensor
+    cores) and split decode attention at batch 16, 8K context. Bytes as the float16 rows count them."""
+    from infinilm_nb.kernels.attention import AttentionWorkspace
+
+    h, rows = HIDDEN, []
+    cos_sin = cupy.asarray(reference.rope_cache(HEAD_DIM, 8192, 500000.0))
+
+    def compare(kernel: str, shape: str, nbytes: int, make: Callable[[Any], Callable[[], None]]) -> None:
+        times = {}
+        for dtype in (reference.BF16, np.float16):
+            times[np.dtype(dtype).name] = time_graph([make(dtype) for _ in range(copies_needed(nbytes))])
+        t = times["uint16"]
+        rows.append(Row(f"bf16 {kernel}", shape, t * 1e6, nbytes / t / 1e9, "GB/s", 100 * nbytes / t / copy_bw,
+                        "float16", times["float16"] * 1e6))
+
+    def norm(dtype):
+        x, w, out = rand((tokens, h), dtype), rand((h,), dtype), cupy.empty((tokens, h), dtype)
+        return lambda: OPS.rms_norm(x, w, 1e-5, out)
+
+    def add_norm(dtype):
+        x, r, w, out = rand((tokens, h), dtype), rand((tokens, h), dtype), rand((h,), dtype), cupy.empty((tokens, h), dtype)
+        return lambda: OPS.add_rms_norm(x, r, w, 1e-5, out)
+
+    def rope(dtype):
+        q, k, _ = qkv_views(tokens, dtype)
+        pos = cupy.arange(tokens, dtype=np.int32)
+        return lambda: OPS.rope(q, k, pos, cos_sin)
+
+    def silu(dtype):
+        x, out = rand((tokens, 2 * h), dtype), cupy.empty((tokens, h), dtype)
+        return lambda: OPS.silu_mul(x, out)
+
+    def embed(dtype):
+        w, out = rand((VOCAB, h), dtype, scale=0.02), cupy.empty((tokens, h), dtype)
+        ids = cupy.asarray(np.random.randint(0, VOCAB, tokens).astype(np.int32))
+        return lambda: OPS.embedding(ids, w, out)
+
+    act = tokens * h * 2
+    compare("rms_norm", f"{tokens}x{h}", 2 * act, norm)
+    compare("add_rms_norm", f"{tokens}x{h}", 4 * act, add_norm)
+    compare("rope", f"{tokens}x(32+8)x128", 2 * 2 * tokens * (HEADS + KV_HEADS) * HEAD_DIM, rope)
+    compare("silu_mul", f"{tokens}x{h}", 3 * act, silu)
+    compare("embedding", f"{tokens}x{h}", 2 * act, embed)
+    for name in ("qkv", "gate_up", "down"):
+        n, k = GEMM_SHAPES[name]
+
+        def linear(dtype, n=n, k=k):
+            x, w, out = rand((1, k), dtype), rand((n, k), dtype, scale=0.02), cupy.empty((1, n), dtype)
+            return lambda: OPS.linear(x, w, out)
+
+        compare(f"linear {name}", f"M=1 {k}->{n}", 2 * (n * k + k + n), linear)
+    batch, length = 16, 8192
+    blocks = batch * length // BLOCK_SIZE
+    tables = cupy.asarray(np.random.permutation(blocks).reshape(batch, -1).astype(np.int32))
+    lens, starts = cupy.full(batch, length, np.int32), cupy.arange(batch + 1, dtype=np.int32)
+    workspace = AttentionWorkspace.allocate(cupy, batch, HEADS, HEAD_DIM, length)
+
+    def attention(dtype):
+        kc, vc = (rand((blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM), dtype) for _ in range(2))
+        q, out = rand((batch, HEADS, HEAD_DIM), dtype), cupy.empty((batch, HEADS, HEAD_DIM), dtype)
+        return lambda: OPS.paged_attention(q, kc, vc, tables, lens, starts, HEAD_DIM**-0.5, out, workspace=workspace)
+
+    compare("paged_attn split", f"B={batch} L={length}", 2 * 2 * batch * length * KV_HEADS * HEAD_DIM, attention)
     return rows
 
 
@@ -357,7 +428,7 @@ def _bench_prefill_attention() -> list[Row]:
 
 SUITES = {
     "gemm": bench_gemm, "fusion": bench_fusion, "elementwise": bench_elementwise, "attention": bench_attention,
-    "prefill": bench_prefill,
+    "prefill": bench_prefill, "bfloat16": bench_bfloat16,
 }
 
 
@@ -409,7 +480,7 @@ def kernel_resources() -> list[dict[str, Any]]:
     for (pyfunc, signature), kernel in sorted(common._compiled.items(), key=lambda item: item[0][0].__qualname__):
         rows.append({
             "kernel": f"{pyfunc.__module__.rsplit('.', 1)[-1]}.{pyfunc.__qualname__}",
-            "dtype": "float16" if "float16" in signature else "float32",
+            "dtype": "bfloat16" if "uint16" in signature else "float16" if "float16" in signature else "float32",
             "registers": kernel.get_regs_per_thread(),
             "local_bytes": kernel.get_local_mem_per_thread(),
             "shared_bytes": kernel.get_shared_mem_per_block(),
@@ -432,8 +503,13 @@ def main(argv: list[str] | None = None) -> int:
     bw = copy_bandwidth()
     title = f"{gpu_name()}  {datetime.date.today()}  commit {commit()}  copy {bw / 1e9:.0f} GB/s (read+write)"
     rows: list[Row] = []
+    failed = []
     for name in args.only.split(","):
-        rows += SUITES[name](bw)
+        try:
+            rows += SUITES[name](bw)
+        except Exception:  # the other suites' rows still get written and printed
+            traceback.print_exc()
+            failed.append(name)
     resources = kernel_resources()
     (args.out / "kernels.json").write_text(json.dumps(
         {"gpu": gpu_name(), "date": str(datetime.date.today()), "commit": commit(), "copy_gbps": bw / 1e9,
@@ -441,7 +517,9 @@ def main(argv: list[str] | None = None) -> int:
     plot(rows, args.out / "kernels.png", title)
     print_resources(resources)
     print_table(rows, title)
-    return 0
+    if failed:
+        print(f"suites that failed (tracebacks above): {', '.join(failed)}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
