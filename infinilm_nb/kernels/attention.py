@@ -44,7 +44,9 @@ from numba import cuda
 
 from . import attention_prefill
 from .common import SIMULATOR, WITH_BFLOAT16, cdiv, check_array, check_same_dtype, compiled, launch_stream, numba_type
-from .vector import element_strides, flat_view, is_bf16, loader, row_grid, storer, to_float, to_stored, vector_width
+from .vector import (
+    element_strides, flat_view, is_bf16, loader, row_grid, storer, to_float, to_stored, vector_width, widening_loader,
+)
 
 STORE_THREADS = 256
 HEAD_DIM_MULTIPLE = 8
@@ -267,7 +269,8 @@ def _attention_kernels(
     FACTORS = 2 * G  # shared state: the block's max and sum per head, then each group's max (then
     SUMS = FACTORS + GROUPS * G  # its rescale factor) and sum per head
     STATE = SUMS + GROUPS * G
-    load, as_float, as_stored = loader(VEC, bf16), to_float(bf16), to_stored(bf16)
+    # widened as loaded: with the conversions left to the dot products the float16 build spilled
+    load, as_float, as_stored = widening_loader(VEC, bf16), to_float(bf16), to_stored(bf16)
 
     @cuda.jit(device=True, fastmath=True)
     def attend(q, k, v, block_tables, b, t, g, kv_heads, key_start, key_stop, scale, part_s, state_s):

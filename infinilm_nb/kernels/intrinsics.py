@@ -73,6 +73,21 @@ if SIMULATOR:
         return (flat[index], flat[index + 1], flat[index + 2], flat[index + 3])
 
     @cuda.jit(device=True)
+    def load_f16x8_f32(array, index):
+        """``array.flat[index : index + 8]`` (float16) as 8 float32 (simulator fallback)."""
+        flat = array.reshape(-1)
+        return (
+            np.float32(flat[index]),
+            np.float32(flat[index + 1]),
+            np.float32(flat[index + 2]),
+            np.float32(flat[index + 3]),
+            np.float32(flat[index + 4]),
+            np.float32(flat[index + 5]),
+            np.float32(flat[index + 6]),
+            np.float32(flat[index + 7]),
+        )
+
+    @cuda.jit(device=True)
     def store_f16x8(array, index, values):
         """``array.flat[index : index + 8] = values`` (simulator fallback: plain indexing)."""
         flat = array.reshape(-1)
@@ -180,6 +195,33 @@ else:
 
     load_f16x8 = _vector_load(types.float16, 8)
     load_f32x4 = _vector_load(types.float32, 4)
+
+    @intrinsic
+    def load_f16x8_f32(typingctx, array, index):
+        """Type ``load_f16x8_f32(C-contiguous float16 array, integer) -> UniTuple(float32, 8)``: the
+        16-byte load of :func:`load_f16x8`, each half widened to float32 right there. A kernel that keeps
+        many loaded values before using them (decode attention) holds one float32 each instead of a
+        16-bit value and its later conversion: fewer registers live at once."""
+        if not (
+            isinstance(array, types.Array)
+            and array.dtype == types.float16
+            and array.layout == "C"
+            and isinstance(index, types.Integer)
+        ):
+            return None
+
+        def codegen(context, builder, sig, args):
+            data = context.make_array(sig.args[0])(context, builder, value=args[0]).data
+            offset = context.cast(builder, args[1], sig.args[1], types.intp)
+            words_ptr = builder.bitcast(builder.gep(data, [offset]), ir.VectorType(_I32, 4).as_pointer())
+            words = builder.load(words_ptr, align=16)
+            values = []
+            for w in range(4):
+                for half in _word_lanes(builder, builder.extract_element(words, ir.Constant(_I32, w)), _I16):
+                    values.append(builder.fpext(builder.bitcast(half, ir.HalfType()), ir.FloatType()))
+            return cgutils.pack_array(builder, values)
+
+        return types.UniTuple(types.float32, 8)(array, index), codegen
 
     def _word(builder: Any, lanes: list) -> Any:
         """One 32-bit word from one float32 or two float16 (``i16``) lanes, low half first."""

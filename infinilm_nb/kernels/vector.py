@@ -22,8 +22,8 @@ from numba import cuda
 
 from .common import BFLOAT16, SIMULATOR
 from .intrinsics import (
-    VECTOR_WIDTH, aligned16, bf16_to_f32, f32_to_bf16, load_bf16x8, load_f16x8, load_f32x4, store_bf16x8,
-    store_f16x8, store_f32x4,
+    VECTOR_WIDTH, aligned16, bf16_to_f32, f32_to_bf16, load_bf16x8, load_f16x8, load_f16x8_f32, load_f32x4,
+    store_bf16x8, store_f16x8, store_f32x4,
 )
 
 
@@ -114,6 +114,12 @@ def loader(vec: int, bf16: bool = False) -> Callable:
     """The device function ``(array, index) -> tuple`` of ``vec`` elements (8: float16, 4: float32;
     ``bf16``: bfloat16 bits, 8 or 1, widened to float32)."""
     return _BF16_LOADS[vec] if bf16 else _LOADS[vec]
+
+
+def widening_loader(vec: int, bf16: bool = False) -> Callable:
+    """:func:`loader`, but the 16-byte float16 load gives float32 values (see
+    :func:`.intrinsics.load_f16x8_f32`): for kernels that hold many loaded values in registers."""
+    return load_f16x8_f32 if vec == 8 and not bf16 else loader(vec, bf16)
 
 
 def to_float(bf16: bool = False) -> Callable:

@@ -360,3 +360,19 @@ def test_store_kv_rejects_mixed_dtypes(kb):
     cache = kb.asarray(np.zeros((4, 4, 2, 8), np.float16))
     with pytest.raises(ValueError, match=r"store_kv: k_cache must have the dtype of k \(float32\), got float16"):
         kb.ops.store_kv(k, k, cache, cache, kb.asarray(np.zeros(3, np.int32)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "uint16", "float32"])  # uint16: bfloat16
+@pytest.mark.parametrize("dim,group", [(128, 4), (128, 1), (64, 3)])
+def test_decode_attention_keeps_its_arrays_in_registers(dtype, dim, group):
+    """Llama-3-8B (d 128, 4 q heads per KV head) and other shapes: no local memory under the register cap."""
+    from infinilm_nb.kernels.common import compiled
+
+    vec = 16 // np.dtype(dtype).itemsize
+    options = attention._compile_options(dim, group, vec)
+    kernels = attention._attention_kernels(dim, group, vec, attention._warps(dim, group, vec), 16, dtype == "uint16")
+    for pyfunc, signature in zip(kernels, attention.kernel_signatures(dtype)):
+        kernel = compiled(pyfunc, signature, **options)
+        assert kernel.get_local_mem_per_thread() == 0, (pyfunc.__name__, kernel.get_regs_per_thread())
+        assert kernel.get_regs_per_thread() <= options.get("max_registers", 255)

@@ -7,7 +7,8 @@ from numba import cuda, float32
 from infinilm_nb.kernels.common import cdiv, launch_stream
 from infinilm_nb.kernels import reference
 from infinilm_nb.kernels.intrinsics import (
-    aligned16, as_f32, bf16_to_f32, f32_to_bf16, load_bf16x8, load_f16x8, load_f32x4, store_bf16x8, store_f16x8, store_f32x4,
+    aligned16, as_f32, bf16_to_f32, f32_to_bf16, load_bf16x8, load_f16x8, load_f16x8_f32, load_f32x4, store_bf16x8,
+    store_f16x8, store_f32x4,
 )
 
 SIGNATURES = {np.float16: "void(float16[:, ::1], float16[::1])", np.float32: "void(float32[:, ::1], float32[::1])"}
@@ -160,3 +161,18 @@ def test_as_f32_reads_an_element_of_each_activation_dtype(kb, rng):
     np.testing.assert_array_equal(got[0], values.astype(np.float16).astype(np.float32))
     np.testing.assert_array_equal(got[1], values)
     np.testing.assert_array_equal(got[2], reference.to_f32(bits))
+
+
+def _widen_on_load(src, dst):
+    i = cuda.grid(1) * 8
+    if i < src.size:
+        v = load_f16x8_f32(src, i)
+        for j in range(8):
+            dst[i + j] = v[j]
+
+
+def test_float16_load_widened_to_float32(kb, rng):
+    src = (rng.standard_normal(40) * 100).astype(np.float16)
+    dst = kb.asarray(np.full(40, np.nan, np.float32))
+    cuda.jit("void(float16[::1], float32[::1])")(_widen_on_load)[1, 32, launch_stream()](kb.asarray(src), dst)
+    np.testing.assert_array_equal(kb.to_host(dst), src.astype(np.float32))
