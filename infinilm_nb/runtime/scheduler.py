@@ -173,15 +173,19 @@ class Scheduler:
     def schedule_ahead(self, scheduled: ScheduledStep) -> ScheduledStep | None:
         """The decode step after ``scheduled`` (a decode step of running sequences whose tokens have
         not come back yet) for the same sequences, their token ids left for the device to fill in; or
-        None when the next step must be scheduled as usual: sequences are waiting to be admitted, or a
-        sequence needs a block that is not free (preempting is :meth:`schedule`'s job).
+        None when the next step must be scheduled as usual: a waiting sequence could be admitted (a
+        running slot is free), or a sequence needs a block that is not free (preempting is
+        :meth:`schedule`'s job). With every slot taken, waiting sequences wait one step more when a
+        running one finishes.
 
         Each sequence's next token goes to position ``num_tokens`` (the token being sampled now); its
         block is allocated here. :meth:`update` then takes ``scheduled``'s tokens and this step's in
         order, skipping the sequences that finished in between.
         """
         seqs = scheduled.seqs
-        if self.waiting or any(seq.status is not SequenceStatus.RUNNING for seq in seqs):
+        if self.waiting and len(self.running) < self.max_num_seqs:
+            return None
+        if any(seq.status is not SequenceStatus.RUNNING for seq in seqs):
             return None
         needed = sum(self.blocks.blocks_needed(seq, seq.num_tokens + 1) for seq in seqs)
         if needed > self.blocks.num_free_blocks:

@@ -53,6 +53,17 @@ def test_async_scheduling_gives_the_same_outputs(llama_dir: Path, cache: str):
     assert {reason for _, _, reason in want} == {"length", "stop"}  # both kinds of stop happened mid-batch
 
 
+def test_async_scheduling_with_every_slot_taken(llama_dir: Path):
+    # two slots for eight requests: steps go on ahead while the others wait for a slot, also past a
+    # request that stops on a token or a string (its slot then waits a step)
+    sync, ahead = pair(llama_dir, max_num_seqs=2)
+    first = sync.generate([ids(p) for p in PROMPTS], GREEDY)
+    params = mixed_params([o.outputs[0].token_ids for o in first], [o.outputs[0].text for o in first])
+    want = completions(sync.generate([ids(p) for p in PROMPTS], params))
+    assert completions(ahead.generate([ids(p) for p in PROMPTS], params)) == want
+    assert ahead.engine.steps_ahead > 0
+
+
 def test_async_scheduling_under_preemption(llama_dir: Path):
     # 16 blocks of 4 tokens (one 64-token sequence): the eight take turns, and a step ahead sometimes
     # finds no free block
