@@ -78,6 +78,8 @@ def decode_lines(data: dict[str, Any]) -> list[str]:
 def throughput_lines(data: dict[str, Any]) -> list[str]:
     ours, hf = data["ours"], data.get("hf")
     line = f"throughput: {ours['output_tok_s']:.0f} output tok/s over {ours['requests']} requests"
+    if "async_output_tok_s" in ours:
+        line += f" ({ours['async_output_tok_s']:.0f} with async scheduling)"
     if hf:
         line += f"; HF transformers {hf['output_tok_s']:.0f} ({ours['output_tok_s'] / hf['output_tok_s']:.1f}x)"
     return [line]
