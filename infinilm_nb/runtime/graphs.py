@@ -182,7 +182,7 @@ class DecodeGraphs:
         n = step.num_seqs
         bucket = self._buckets[self.bucket_size(n)]
         if feed is not None and (feed.bucket is not bucket or feed.rows != n):
-            raise ValueError(f"launch: feed has {feed.rows} rows in another bucket, the step {n}")
+            raise ValueError(f"launch: feed must be a launched step of the same {n} rows, got one of {feed.rows}")
         if bucket.uploaded is not None:
             bucket.uploaded.synchronize()  # the last upload has read the host twin we rewrite
         self._fill(bucket, step, sampling)

@@ -168,6 +168,26 @@ def test_released_graphs_decode_eagerly_with_the_same_tokens(kb, graph_model_dir
     assert graphs.decode(step).tolist() == want.tolist()
 
 
+def test_a_step_fed_by_the_previous_one_takes_its_tokens(graph_model_dir):
+    """launch(..., feed=previous): the token ids come from the previous step's samples, not the host."""
+    cpu = get_backend("cpu")
+    model = load_model(graph_model_dir, cpu, progress=False)
+    cache = make_cache(model, "paged")
+    graphs = DecodeGraphs(model, cache, max_num_seqs=4, max_model_len=16)
+    seqs = [CachedSeq(cache) for _ in range(2)]
+    model.forward(make_step([(seq, [3 + i, 4]) for i, seq in enumerate(seqs)]).to(cpu), cache)
+    first = graphs.launch(make_step([(seq, [5 + i]) for i, seq in enumerate(seqs)]))
+    sampled = graphs.wait(first)
+    wrong = make_step([(seq, [9]) for seq in seqs])  # token ids the feed must override
+    fed = graphs.wait(graphs.launch(wrong, feed=first))
+    for seq in seqs:
+        seq.length -= 1  # the same position again, with the sampled tokens given by the host
+    want = model.forward(make_step([(seq, [int(t)]) for seq, t in zip(seqs, sampled)]).to(cpu), cache).argmax(axis=-1)
+    assert fed.tolist() == want.tolist()
+    with pytest.raises(ValueError, match="launch: feed must be a launched step of the same 3 rows, got one of 2"):
+        graphs.launch(make_step([(CachedSeq(cache), [1]) for _ in range(3)]), feed=first)
+
+
 def test_enforce_eager_turns_graphs_off(llama_dir: Path):
     eager = LLM(llama_dir, backend="cpu", max_model_len=64, max_num_seqs=4, enforce_eager=True)
     assert eager.engine.graphs is None
