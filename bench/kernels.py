@@ -262,6 +262,23 @@ def bench_bfloat16(copy_bw: float, tokens: int = 4096) -> list[Row]:
         return lambda: OPS.paged_attention(q, kc, vc, tables, lens, starts, HEAD_DIM**-0.5, out, workspace=workspace)
 
     compare("paged_attn split", f"B={batch} L={length}", 2 * 2 * batch * length * KV_HEADS * HEAD_DIM, attention)
+
+    def rope_store(dtype):
+        q, k, v = qkv_views(tokens, dtype)
+        caches = [cupy.empty((tokens // BLOCK_SIZE + 1, BLOCK_SIZE, KV_HEADS, HEAD_DIM), dtype) for _ in range(2)]
+        pos = cupy.arange(tokens, dtype=np.int32)
+        slots = cupy.asarray(np.random.permutation(tokens).astype(np.int32))
+        return lambda: OPS.rope_store_kv(q, k, v, pos, cos_sin, *caches, slots)
+
+    def sampler(dtype):
+        logits, out = rand((32, VOCAB), dtype), cupy.empty(32, np.int32)
+        params = (cupy.zeros(32, np.float32), cupy.zeros(32, np.int32), cupy.ones(32, np.float32),
+                  cupy.arange(32, dtype=np.uint64))
+        return lambda: OPS.sample(logits, *params, out)
+
+    compare("rope+store_kv", f"T={tokens} (32+8+8)x128",
+            2 * tokens * HEAD_DIM * (2 * (HEADS + KV_HEADS) + KV_HEADS + 2 * KV_HEADS), rope_store)
+    compare("sample greedy", f"32x{VOCAB}", 32 * VOCAB * 2, sampler)
     return rows
 
 
