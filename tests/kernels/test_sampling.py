@@ -1,8 +1,6 @@
 """The sampler: the kernel draws exactly reference.sample's tokens, and what both draw has the
 statistics of greedy / temperature / top-k / top-p sampling."""
 
-import sys
-
 import numpy as np
 import pytest
 
