@@ -44,8 +44,9 @@ from numba import cuda
 
 from . import attention_prefill
 from .common import SIMULATOR, WITH_BFLOAT16, cdiv, check_array, check_same_dtype, compiled, launch_stream, numba_type
+from .intrinsics import as_f32
 from .vector import (
-    element_strides, flat_view, is_bf16, loader, row_grid, storer, to_float, to_stored, vector_width, widening_loader,
+    element_strides, flat_view, is_bf16, loader, row_grid, storer, to_stored, vector_width, widening_loader,
 )
 
 STORE_THREADS = 256
@@ -270,7 +271,7 @@ def _attention_kernels(
     SUMS = FACTORS + GROUPS * G  # its rescale factor) and sum per head
     STATE = SUMS + GROUPS * G
     # widened as loaded: with the conversions left to the dot products the float16 build spilled
-    load, as_float, as_stored = widening_loader(VEC, bf16), to_float(bf16), to_stored(bf16)
+    load, as_stored = widening_loader(VEC, bf16), to_stored(bf16)
 
     @cuda.jit(device=True, fastmath=True)
     def attend(q, k, v, block_tables, b, t, g, kv_heads, key_start, key_stop, scale, part_s, state_s):
@@ -293,7 +294,7 @@ def _attention_kernels(
         for h in range(G):
             for c in range(CPL):
                 for e in range(VEC):
-                    qreg[h * EPL + c * VEC + e] = as_float(q[t, g * G + h, (c * LPK + li) * VEC + e]) * scale
+                    qreg[h * EPL + c * VEC + e] = as_f32(q[t, g * G + h, (c * LPK + li) * VEC + e]) * scale
             top[h] = NEG_INF
             total[h] = 0.0
         for i in range(ACC):

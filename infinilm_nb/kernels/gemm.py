@@ -46,8 +46,8 @@ from .common import TENSOR_CORES, WITH_BFLOAT16, cdiv, check_array, check_same_d
 from . import gemm_tc
 from .gemm_mma import SHARED_BYTES as MMA_SHARED_BYTES, MmaConfig, mma_kernel, silu
 from .gemm_tc import TcConfig, tc_config, tc_kernel
-from .intrinsics import VECTOR_WIDTH, aligned16, load_f16x8, load_f32x4
-from .vector import is_bf16, loader, to_float, to_stored
+from .intrinsics import VECTOR_WIDTH, aligned16, as_f32
+from .vector import is_bf16, loader, to_stored
 
 WARP = 32
 
@@ -78,18 +78,6 @@ W_TILE = (TILE_K, TILE_N + TILE_PAD)
 MICRO = MICRO_M * MICRO_N
 
 
-@cuda.jit(device=True)
-def _load1(array, index):
-    """``(array[index],)``: the plain-load counterpart of the 16-byte loads, for any K."""
-    return (array[index],)
-
-
-def _loader(vec: int, bf16: bool) -> Callable:
-    """The device function loading ``vec`` consecutive elements as a tuple (``bf16``: bfloat16 bits
-    widened to float32)."""
-    return loader(vec, bf16=True) if bf16 else {1: _load1, 4: load_f32x4, 8: load_f16x8}[vec]
-
-
 @lru_cache(maxsize=None)
 def _decode_kernel(group: int, vec: int, fused: bool = False, bf16: bool = False) -> Callable:
     """The decode kernel taking rows of x ``group`` at a time, loading ``vec`` elements at a time.
@@ -102,8 +90,7 @@ def _decode_kernel(group: int, vec: int, fused: bool = False, bf16: bool = False
     outs = rows // 2 if fused else rows  # output columns per block
     sums = group * rows
     chunk_values = rows * vec  # numba needs local array sizes as plain constants, not expressions
-    load = _loader(vec, bf16)
-    widen = to_float(bf16)
+    load = loader(vec, bf16)
     stored = to_stored(bf16)
 
     def kernel(x, weight, bias, residual, out, M, N, K, has_bias, has_residual):
@@ -154,9 +141,9 @@ def _decode_kernel(group: int, vec: int, fused: bool = False, bf16: bool = False
                             up += partial[i + outs, t]
                         total = silu(total) * up
                     if has_bias:
-                        total += widen(bias[n])
+                        total += as_f32(bias[n])
                     if has_residual:
-                        total += widen(residual[m * N + n])
+                        total += as_f32(residual[m * N + n])
                     out[m * N + n] = stored(total)
             cuda.syncthreads()  # before the next group overwrites partial
 
@@ -171,8 +158,7 @@ def _tiled_kernel(vec: int, fused: bool = False, bf16: bool = False) -> Callable
     (gate) pairs with column ``j + MICRO_N / 2`` (up), 32 columns on. ``bf16``: the arrays hold
     bfloat16 bits.
     """
-    load = _loader(vec, bf16)
-    widen = to_float(bf16)
+    load = loader(vec, bf16)
     stored = to_stored(bf16)
     outs = TILE_N // 2 if fused else TILE_N  # output columns per block
     micro_out = MICRO_N // 2 if fused else MICRO_N
@@ -220,7 +206,7 @@ def _tiled_kernel(vec: int, fused: bool = False, bf16: bool = False) -> Callable
 
         for j in range(micro_out):
             n = n0 + tn + j * THREADS_N
-            b[j] = widen(bias[n]) if has_bias and n < N else float32(0)
+            b[j] = as_f32(bias[n]) if has_bias and n < N else float32(0)
         for i in range(MICRO_M):
             m = m0 + tm + i * THREADS_M
             for j in range(micro_out):
@@ -230,7 +216,7 @@ def _tiled_kernel(vec: int, fused: bool = False, bf16: bool = False) -> Callable
                     if fused:
                         total = silu(total) * acc[i * MICRO_N + j + micro_out]
                     if has_residual:
-                        total += widen(residual[m * N + n])
+                        total += as_f32(residual[m * N + n])
                     out[m * N + n] = stored(total)
 
     return kernel

@@ -51,55 +51,26 @@ def aligned16(*arrays: Any) -> bool:
 
 if SIMULATOR:
 
-    @cuda.jit(device=True)
-    def load_f16x8(array, index):
-        """``array.flat[index : index + 8]`` as a tuple (simulator fallback: plain indexing)."""
-        flat = array.reshape(-1)
-        return (
-            flat[index],
-            flat[index + 1],
-            flat[index + 2],
-            flat[index + 3],
-            flat[index + 4],
-            flat[index + 5],
-            flat[index + 6],
-            flat[index + 7],
-        )
+    def _simulated_load(count: int, convert: Any) -> Any:
+        """The simulator's ``(array, index) -> tuple`` of ``convert(array.flat[index + j])``."""
 
-    @cuda.jit(device=True)
-    def load_f32x4(array, index):
-        """``array.flat[index : index + 4]`` as a tuple (simulator fallback: plain indexing)."""
-        flat = array.reshape(-1)
-        return (flat[index], flat[index + 1], flat[index + 2], flat[index + 3])
+        @cuda.jit(device=True)
+        def load(array, index):
+            flat = array.reshape(-1)
+            return tuple(convert(flat[index + j]) for j in range(count))
 
-    @cuda.jit(device=True)
-    def load_f16x8_f32(array, index):
-        """``array.flat[index : index + 8]`` (float16) as 8 float32 (simulator fallback)."""
-        flat = array.reshape(-1)
-        return (
-            np.float32(flat[index]),
-            np.float32(flat[index + 1]),
-            np.float32(flat[index + 2]),
-            np.float32(flat[index + 3]),
-            np.float32(flat[index + 4]),
-            np.float32(flat[index + 5]),
-            np.float32(flat[index + 6]),
-            np.float32(flat[index + 7]),
-        )
+        return load
 
-    @cuda.jit(device=True)
-    def store_f16x8(array, index, values):
-        """``array.flat[index : index + 8] = values`` (simulator fallback: plain indexing)."""
-        flat = array.reshape(-1)
-        for j in range(8):
-            flat[index + j] = values[j]
+    def _simulated_store(count: int, convert: Any) -> Any:
+        """The simulator's ``(array, index, values)``: ``array.flat[index + j] = convert(values[j])``."""
 
-    @cuda.jit(device=True)
-    def store_f32x4(array, index, values):
-        """``array.flat[index : index + 4] = values`` (simulator fallback: plain indexing)."""
-        flat = array.reshape(-1)
-        for j in range(4):
-            flat[index + j] = values[j]
+        @cuda.jit(device=True)
+        def store(array, index, values):
+            flat = array.reshape(-1)
+            for j in range(count):
+                flat[index + j] = convert(values[j])
+
+        return store
 
     @cuda.jit(device=True)
     def bf16_to_f32(bits):
@@ -122,128 +93,119 @@ if SIMULATOR:
             return bf16_to_f32(value)
         return np.float32(value)
 
-    @cuda.jit(device=True)
-    def load_bf16x8(array, index):
-        """``array.flat[index : index + 8]`` (bfloat16 bit patterns) as 8 float32 (simulator fallback)."""
-        flat = array.reshape(-1)
-        return (
-            bf16_to_f32(flat[index]),
-            bf16_to_f32(flat[index + 1]),
-            bf16_to_f32(flat[index + 2]),
-            bf16_to_f32(flat[index + 3]),
-            bf16_to_f32(flat[index + 4]),
-            bf16_to_f32(flat[index + 5]),
-            bf16_to_f32(flat[index + 6]),
-            bf16_to_f32(flat[index + 7]),
-        )
+    def _same(value):
+        return value
 
-    @cuda.jit(device=True)
-    def store_bf16x8(array, index, values):
-        """``array.flat[index : index + 8] = values`` rounded to bfloat16 (simulator fallback)."""
-        flat = array.reshape(-1)
-        for j in range(8):
-            flat[index + j] = f32_to_bf16(values[j])
+    load_f16x8 = _simulated_load(8, _same)
+    load_f32x4 = _simulated_load(4, _same)
+    load_f16x8_f32 = _simulated_load(8, np.float32)
+    load_bf16x8 = _simulated_load(8, bf16_to_f32)
+    store_f16x8 = _simulated_store(8, _same)
+    store_f32x4 = _simulated_store(4, _same)
+    store_bf16x8 = _simulated_store(8, f32_to_bf16)
 
 else:
     from llvmlite import ir
     from numba.cuda import cgutils, types
     from numba.cuda.extending import intrinsic
 
-    _I16, _I32 = ir.IntType(16), ir.IntType(32)
+    _I16, _I32, _F32 = ir.IntType(16), ir.IntType(32), ir.FloatType()
+    _SIXTEEN = ir.Constant(_I32, 16)
 
-    def _word_lanes(builder: Any, word: Any, element_type: Any) -> list:
-        """The elements packed in one 32-bit word: one float32, or two float16 (low half first).
+    # bfloat16: uint16 bit patterns in memory, float32 in registers. Widening puts the pattern in
+    # the high half of a float32; narrowing rounds to nearest even (NaN becomes the canonical NaN).
 
-        float16 is an ``i16`` in numba's data model. The halves are cut with shifts, not by
-        bitcasting the whole vector to ``<8 x i16>``: LLVM folds that bitcast into the load and NVVM
-        12.9 then splits it into two 8-byte loads.
-        """
-        if element_type == _I16:
-            return [builder.trunc(word, _I16), builder.trunc(builder.lshr(word, ir.Constant(_I32, 16)), _I16)]
-        return [builder.bitcast(word, element_type)]
+    def _widen(builder: Any, bits: Any) -> Any:
+        """The float32 of a bfloat16 pattern in the low half of the i32 ``bits`` (high half zero)."""
+        return builder.bitcast(builder.shl(bits, _SIXTEEN), _F32)
 
-    def _vector_load(element: Any, count: int) -> Any:
-        """An intrinsic ``(array, index) -> UniTuple(element, count)`` doing one aligned 16-byte load."""
+    def _narrow(builder: Any, value: Any) -> Any:
+        """The bfloat16 pattern of float32 ``value``, rounded to nearest even, in the low half of an i32."""
+        bits = builder.bitcast(value, _I32)
+        odd = builder.and_(builder.lshr(bits, _SIXTEEN), ir.Constant(_I32, 1))
+        rounded = builder.lshr(builder.add(builder.add(bits, ir.Constant(_I32, 0x7FFF)), odd), _SIXTEEN)
+        is_nan = builder.fcmp_unordered("uno", value, value)
+        return builder.select(is_nan, ir.Constant(_I32, 0x7FC0), rounded)
+
+    # How each 16-byte vector's 32-bit words become values, and values become a word's bits. The
+    # halves are cut with shifts, not by bitcasting the whole vector to ``<8 x i16>``: LLVM folds that
+    # bitcast into the load and NVVM 12.9 then splits it into two 8-byte loads. float16 is an ``i16``
+    # in numba's data model.
+
+    def _halves(builder: Any, word: Any) -> list:
+        """The two 16-bit halves of ``word``, low first, as ``i16``."""
+        return [builder.trunc(word, _I16), builder.trunc(builder.lshr(word, _SIXTEEN), _I16)]
+
+    def _unpack_f16(context: Any, builder: Any, word: Any) -> list:
+        return _halves(builder, word)
+
+    def _unpack_f32(context: Any, builder: Any, word: Any) -> list:
+        return [builder.bitcast(word, _F32)]
+
+    def _unpack_f16_widened(context: Any, builder: Any, word: Any) -> list:
+        return [builder.fpext(builder.bitcast(half, ir.HalfType()), _F32) for half in _halves(builder, word)]
+
+    def _unpack_bf16(context: Any, builder: Any, word: Any) -> list:
+        # the high half is already where a float32 keeps it: mask instead of shifting twice
+        return [_widen(builder, word), builder.bitcast(builder.and_(word, ir.Constant(_I32, 0xFFFF0000)), _F32)]
+
+    def _bits_f16(context: Any, builder: Any, value: Any, value_type: Any) -> Any:
+        half = context.cast(builder, value, value_type, types.float16)
+        return builder.zext(builder.bitcast(half, _I16), _I32)
+
+    def _bits_f32(context: Any, builder: Any, value: Any, value_type: Any) -> Any:
+        return builder.bitcast(context.cast(builder, value, value_type, types.float32), _I32)
+
+    def _bits_bf16(context: Any, builder: Any, value: Any, value_type: Any) -> Any:
+        return _narrow(builder, context.cast(builder, value, value_type, types.float32))
+
+    def _matches(array: Any, element: Any, index: Any) -> bool:
+        return (
+            isinstance(array, types.Array)
+            and array.dtype == element
+            and array.layout == "C"
+            and isinstance(index, types.Integer)
+        )
+
+    def _words_pointer(context: Any, builder: Any, array_type: Any, array: Any, index_type: Any, index: Any) -> Any:
+        """The ``<4 x i32>*`` of element ``index`` of ``array``."""
+        data = context.make_array(array_type)(context, builder, value=array).data
+        offset = context.cast(builder, index, index_type, types.intp)
+        return builder.bitcast(builder.gep(data, [offset]), ir.VectorType(_I32, 4).as_pointer())
+
+    def _vector_load(name: str, element: Any, result: Any, count: int, unpack: Any) -> Any:
+        """An intrinsic ``(C-contiguous array of element, index) -> UniTuple(result, count)``: one
+        aligned 16-byte load, each word unpacked into ``count // 4`` values by ``unpack``."""
 
         def load(typingctx, array, index):
-            """Type ``load(C-contiguous array of element, integer)``; anything else does not match."""
-            if not (
-                isinstance(array, types.Array)
-                and array.dtype == element
-                and array.layout == "C"
-                and isinstance(index, types.Integer)
-            ):
+            if not _matches(array, element, index):
                 return None
 
             def codegen(context, builder, sig, args):
-                array_type, index_type = sig.args
-                array_value, index_value = args
-                data = context.make_array(array_type)(context, builder, value=array_value).data
-                offset = context.cast(builder, index_value, index_type, types.intp)
-                words_ptr = builder.bitcast(builder.gep(data, [offset]), ir.VectorType(_I32, 4).as_pointer())
-                words = builder.load(words_ptr, align=16)
-                element_type = context.get_value_type(element)
+                words = builder.load(_words_pointer(context, builder, sig.args[0], args[0], sig.args[1], args[1]),
+                                     align=16)
                 values = []
                 for w in range(4):
-                    values += _word_lanes(builder, builder.extract_element(words, ir.Constant(_I32, w)), element_type)
+                    values += unpack(context, builder, builder.extract_element(words, ir.Constant(_I32, w)))
                 return cgutils.pack_array(builder, values)
 
-            return types.UniTuple(element, count)(array, index), codegen
+            return types.UniTuple(result, count)(array, index), codegen
 
-        load.__name__ = f"load_{element}x{count}"
+        load.__name__ = name
         return intrinsic(load)
 
-    load_f16x8 = _vector_load(types.float16, 8)
-    load_f32x4 = _vector_load(types.float32, 4)
-
-    @intrinsic
-    def load_f16x8_f32(typingctx, array, index):
-        """Type ``load_f16x8_f32(C-contiguous float16 array, integer) -> UniTuple(float32, 8)``: the
-        16-byte load of :func:`load_f16x8`, each half widened to float32 right there. A kernel that keeps
-        many loaded values before using them (decode attention) holds one float32 each instead of a
-        16-bit value and its later conversion: fewer registers live at once."""
-        if not (
-            isinstance(array, types.Array)
-            and array.dtype == types.float16
-            and array.layout == "C"
-            and isinstance(index, types.Integer)
-        ):
-            return None
-
-        def codegen(context, builder, sig, args):
-            data = context.make_array(sig.args[0])(context, builder, value=args[0]).data
-            offset = context.cast(builder, args[1], sig.args[1], types.intp)
-            words_ptr = builder.bitcast(builder.gep(data, [offset]), ir.VectorType(_I32, 4).as_pointer())
-            words = builder.load(words_ptr, align=16)
-            values = []
-            for w in range(4):
-                for half in _word_lanes(builder, builder.extract_element(words, ir.Constant(_I32, w)), _I16):
-                    values.append(builder.fpext(builder.bitcast(half, ir.HalfType()), ir.FloatType()))
-            return cgutils.pack_array(builder, values)
-
-        return types.UniTuple(types.float32, 8)(array, index), codegen
-
-    def _word(builder: Any, lanes: list) -> Any:
-        """One 32-bit word from one float32 or two float16 (``i16``) lanes, low half first."""
-        if len(lanes) == 1:
-            return builder.bitcast(lanes[0], _I32)
-        low, high = (builder.zext(builder.bitcast(lane, _I16), _I32) for lane in lanes)
-        return builder.or_(low, builder.shl(high, ir.Constant(_I32, 16)))
-
-    def _vector_store(element: Any, count: int) -> Any:
-        """An intrinsic ``(array, index, values) -> None`` doing one aligned 16-byte store.
+    def _vector_store(name: str, element: Any, count: int, bits: Any) -> Any:
+        """An intrinsic ``(C-contiguous array of element, index, UniTuple(float, count)) -> None``: one
+        aligned 16-byte store, each value's bits (``bits``: zero-extended to an i32) packed low first.
 
         The lanes are packed into a ``<4 x i32>`` word by word, as the loads unpack them, so that
         NVVM keeps one ``st.global.v4`` rather than splitting an ``<8 x i16>`` store.
         """
+        per_word = count // 4
 
         def store(typingctx, array, index, values):
-            """Type ``store(C-contiguous array of element, integer, UniTuple(float, count))``."""
             if not (
-                isinstance(array, types.Array)
-                and array.dtype == element
-                and array.layout == "C"
-                and isinstance(index, types.Integer)
+                _matches(array, element, index)
                 and isinstance(values, types.UniTuple)
                 and values.count == count
                 and isinstance(values.dtype, types.Float)
@@ -251,46 +213,32 @@ else:
                 return None
 
             def codegen(context, builder, sig, args):
-                array_type, index_type, values_type = sig.args
-                array_value, index_value, values_value = args
-                data = context.make_array(array_type)(context, builder, value=array_value).data
-                offset = context.cast(builder, index_value, index_type, types.intp)
-                lanes = [
-                    context.cast(builder, builder.extract_value(values_value, i), values_type.dtype, element)
-                    for i in range(count)
-                ]
-                per_word = count // 4
+                lanes = [bits(context, builder, builder.extract_value(args[2], i), sig.args[2].dtype) for i in range(count)]
                 words = ir.Constant(ir.VectorType(_I32, 4), ir.Undefined)
                 for w in range(4):
-                    word = _word(builder, lanes[w * per_word : (w + 1) * per_word])
+                    word = lanes[w * per_word]
+                    if per_word == 2:
+                        word = builder.or_(word, builder.shl(lanes[w * per_word + 1], _SIXTEEN))
                     words = builder.insert_element(words, word, ir.Constant(_I32, w))
-                words_ptr = builder.bitcast(builder.gep(data, [offset]), ir.VectorType(_I32, 4).as_pointer())
-                builder.store(words, words_ptr, align=16)
+                builder.store(words, _words_pointer(context, builder, sig.args[0], args[0], sig.args[1], args[1]),
+                              align=16)
                 return context.get_dummy_value()
 
             return types.void(array, index, values), codegen
 
-        store.__name__ = f"store_{element}x{count}"
+        store.__name__ = name
         return intrinsic(store)
 
-    store_f16x8 = _vector_store(types.float16, 8)
-    store_f32x4 = _vector_store(types.float32, 4)
-
-    # bfloat16: uint16 bit patterns in memory, float32 in registers. Widening puts the pattern in
-    # the high half of a float32; narrowing rounds to nearest even (NaN becomes the canonical NaN).
-    _F32 = ir.FloatType()
-
-    def _widen(builder: Any, high_half: Any) -> Any:
-        """The float32 whose bit pattern is the i32 ``high_half`` (low 16 bits zero)."""
-        return builder.bitcast(high_half, _F32)
-
-    def _narrow(builder: Any, value: Any) -> Any:
-        """The bfloat16 pattern of float32 ``value``, rounded to nearest even, in the low half of an i32."""
-        bits = builder.bitcast(value, _I32)
-        odd = builder.and_(builder.lshr(bits, ir.Constant(_I32, 16)), ir.Constant(_I32, 1))
-        rounded = builder.lshr(builder.add(builder.add(bits, ir.Constant(_I32, 0x7FFF)), odd), ir.Constant(_I32, 16))
-        is_nan = builder.fcmp_unordered("uno", value, value)
-        return builder.select(is_nan, ir.Constant(_I32, 0x7FC0), rounded)
+    load_f16x8 = _vector_load("load_f16x8", types.float16, types.float16, 8, _unpack_f16)
+    load_f32x4 = _vector_load("load_f32x4", types.float32, types.float32, 4, _unpack_f32)
+    # float16 widened to float32 in the load itself: a kernel that keeps many loaded values before
+    # using them (decode attention) then holds one float32 each instead of a 16-bit value and its
+    # later conversion, fewer registers live at once
+    load_f16x8_f32 = _vector_load("load_f16x8_f32", types.float16, types.float32, 8, _unpack_f16_widened)
+    load_bf16x8 = _vector_load("load_bf16x8", types.uint16, types.float32, 8, _unpack_bf16)
+    store_f16x8 = _vector_store("store_f16x8", types.float16, 8, _bits_f16)
+    store_f32x4 = _vector_store("store_f32x4", types.float32, 4, _bits_f32)
+    store_bf16x8 = _vector_store("store_bf16x8", types.uint16, 8, _bits_bf16)
 
     @intrinsic
     def bf16_to_f32(typingctx, bits):
@@ -299,8 +247,7 @@ else:
             return None
 
         def codegen(context, builder, sig, args):
-            word = context.cast(builder, args[0], sig.args[0], types.uint32)
-            return _widen(builder, builder.shl(word, ir.Constant(_I32, 16)))
+            return _widen(builder, context.cast(builder, args[0], sig.args[0], types.uint32))
 
         return types.float32(bits), codegen
 
@@ -311,8 +258,7 @@ else:
             return None
 
         def codegen(context, builder, sig, args):
-            f = context.cast(builder, args[0], sig.args[0], types.float32)
-            return builder.trunc(_narrow(builder, f), _I16)
+            return builder.trunc(_bits_bf16(context, builder, args[0], sig.args[0]), _I16)
 
         return types.uint16(value), codegen
 
@@ -320,80 +266,15 @@ else:
     def as_f32(typingctx, value):
         """Type ``as_f32(uint16 bfloat16 bit pattern or float) -> float32``: one element of an array of
         any activation dtype as float32, so that one kernel body serves all three."""
-        if value == types.uint16:
-
-            def codegen(context, builder, sig, args):
-                word = builder.zext(args[0], _I32)
-                return _widen(builder, builder.shl(word, ir.Constant(_I32, 16)))
-
-        elif isinstance(value, types.Float):
-
-            def codegen(context, builder, sig, args):
-                return context.cast(builder, args[0], sig.args[0], types.float32)
-
-        else:
+        if not (value == types.uint16 or isinstance(value, types.Float)):
             return None
+
+        def codegen(context, builder, sig, args):
+            if sig.args[0] == types.uint16:
+                return _widen(builder, builder.zext(args[0], _I32))
+            return context.cast(builder, args[0], sig.args[0], types.float32)
+
         return types.float32(value), codegen
-
-    @intrinsic
-    def load_bf16x8(typingctx, array, index):
-        """Type ``load_bf16x8(C-contiguous uint16 array, integer) -> UniTuple(float32, 8)``: one aligned
-        16-byte load of 8 bfloat16, widened."""
-        if not (
-            isinstance(array, types.Array)
-            and array.dtype == types.uint16
-            and array.layout == "C"
-            and isinstance(index, types.Integer)
-        ):
-            return None
-
-        def codegen(context, builder, sig, args):
-            array_type, index_type = sig.args
-            data = context.make_array(array_type)(context, builder, value=args[0]).data
-            offset = context.cast(builder, args[1], index_type, types.intp)
-            words_ptr = builder.bitcast(builder.gep(data, [offset]), ir.VectorType(_I32, 4).as_pointer())
-            words = builder.load(words_ptr, align=16)
-            values = []
-            for w in range(4):
-                word = builder.extract_element(words, ir.Constant(_I32, w))
-                values.append(_widen(builder, builder.shl(word, ir.Constant(_I32, 16))))
-                values.append(_widen(builder, builder.and_(word, ir.Constant(_I32, 0xFFFF0000))))
-            return cgutils.pack_array(builder, values)
-
-        return types.UniTuple(types.float32, 8)(array, index), codegen
-
-    @intrinsic
-    def store_bf16x8(typingctx, array, index, values):
-        """Type ``store_bf16x8(C-contiguous uint16 array, integer, UniTuple(float, 8))``: 8 values
-        rounded to bfloat16, one aligned 16-byte store."""
-        if not (
-            isinstance(array, types.Array)
-            and array.dtype == types.uint16
-            and array.layout == "C"
-            and isinstance(index, types.Integer)
-            and isinstance(values, types.UniTuple)
-            and values.count == 8
-            and isinstance(values.dtype, types.Float)
-        ):
-            return None
-
-        def codegen(context, builder, sig, args):
-            array_type, index_type, values_type = sig.args
-            data = context.make_array(array_type)(context, builder, value=args[0]).data
-            offset = context.cast(builder, args[1], index_type, types.intp)
-            lanes = [
-                _narrow(builder, context.cast(builder, builder.extract_value(args[2], i), values_type.dtype, types.float32))
-                for i in range(8)
-            ]
-            words = ir.Constant(ir.VectorType(_I32, 4), ir.Undefined)
-            for w in range(4):
-                word = builder.or_(lanes[2 * w], builder.shl(lanes[2 * w + 1], ir.Constant(_I32, 16)))
-                words = builder.insert_element(words, word, ir.Constant(_I32, w))
-            words_ptr = builder.bitcast(builder.gep(data, [offset]), ir.VectorType(_I32, 4).as_pointer())
-            builder.store(words, words_ptr, align=16)
-            return context.get_dummy_value()
-
-        return types.void(array, index, values), codegen
 
 
 # ----------------------------------------------------------------------- tensor-core data movement

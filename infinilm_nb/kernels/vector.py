@@ -5,7 +5,7 @@ A kernel is written once against ``load(array, index)`` / ``store(array, index, 
 the 16-byte intrinsics of :mod:`.intrinsics`; ``vec`` = 1 uses plain indexing, for rows whose length
 or pointer is not 16-byte aligned. :func:`vector_width` picks between them on the host. A bfloat16
 build (uint16 bit patterns) loads float32 values and rounds what it stores, so the kernel's
-arithmetic is the same; :func:`to_float` / :func:`to_stored` do it for single elements.
+arithmetic is the same; :func:`.intrinsics.as_f32` / :func:`to_stored` do it for single elements.
 
 Kernels see flat 1-D arrays (:func:`flat_view`): a strided view (q and k inside a fused QKV buffer)
 is addressed as ``first element + token * stride0 + head * stride1 + d``, with element strides passed
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import numba
 import numpy as np
 from numba import cuda
 
@@ -55,12 +54,6 @@ def _load1_bf16(array, index):
 def _store1_bf16(array, index, values):
     """``array[index] = values[0]`` rounded to bfloat16 bits."""
     array[index] = f32_to_bf16(values[0])
-
-
-@inline_device
-def _to_float(value):
-    """A float16 or float32 element as float32."""
-    return numba.float32(value)
 
 
 @inline_device
@@ -120,11 +113,6 @@ def widening_loader(vec: int, bf16: bool = False) -> Callable:
     """:func:`loader`, but the 16-byte float16 load gives float32 values (see
     :func:`.intrinsics.load_f16x8_f32`): for kernels that hold many loaded values in registers."""
     return load_f16x8_f32 if vec == 8 and not bf16 else loader(vec, bf16)
-
-
-def to_float(bf16: bool = False) -> Callable:
-    """The device function ``(element) -> float32`` for one element read by plain indexing."""
-    return bf16_to_f32 if bf16 else _to_float
 
 
 def to_stored(bf16: bool = False) -> Callable:
