@@ -119,13 +119,19 @@ def test_fits_only_decode_steps_without_hooks(graph_model_dir):
     assert graphs.fits(make_step([(a, [10])]))
 
 
-def test_followers_decode_greedy_without_sampling(graph_model_dir):
-    cpu = get_backend("cpu")
-    model = load_model(graph_model_dir, cpu, progress=False)
+def prefilled(backend, model_dir, rows: int, max_num_seqs: int, prompt: list[int]):
+    """(model, cache, graphs, seqs): ``rows`` sequences whose prompts ``[3 + i, *prompt]`` are in the
+    paged cache, and decode graphs of up to ``max_num_seqs`` rows over 16 positions."""
+    model = load_model(model_dir, backend, progress=False)
     cache = make_cache(model, "paged")
-    graphs = DecodeGraphs(model, cache, max_num_seqs=4, max_model_len=16)
-    seqs = [CachedSeq(cache) for _ in range(3)]
-    model.forward(make_step([(seq, [3 + i, 4, 5]) for i, seq in enumerate(seqs)]).to(cpu), cache)
+    graphs = DecodeGraphs(model, cache, max_num_seqs=max_num_seqs, max_model_len=16)
+    seqs = [CachedSeq(cache) for _ in range(rows)]
+    model.forward(make_step([(seq, [3 + i, *prompt]) for i, seq in enumerate(seqs)]).to(backend), cache)
+    return model, cache, graphs, seqs
+
+
+def test_followers_decode_greedy_without_sampling(graph_model_dir):
+    _, _, graphs, seqs = prefilled(get_backend("cpu"), graph_model_dir, 3, 4, [4, 5])
     graphs.decode(make_step([(seq, [6]) for seq in seqs]), sampling_for(3))  # sampled rows fill the buffers
     step = make_step([(seq, [7]) for seq in seqs[:2]])
     tokens = graphs.decode(step)
@@ -155,12 +161,8 @@ def test_a_smaller_step_resets_what_a_larger_one_left(graph_model_dir):
 def test_released_graphs_decode_eagerly_with_the_same_tokens(kb, graph_model_dir):
     """release() (before a tensor-parallel LLM frees its NCCL communicator) drops every graph; later
     steps run the same body eagerly."""
-    model = load_model(graph_model_dir, kb, progress=False)
-    cache = make_cache(model, "paged")
-    graphs = DecodeGraphs(model, cache, max_num_seqs=2, max_model_len=16)
+    model, cache, graphs, seqs = prefilled(kb, graph_model_dir, 2, 2, [4])
     assert graphs.captured == kb.on_gpu
-    seqs = [CachedSeq(cache) for _ in range(2)]
-    model.forward(make_step([(seq, [3 + i, 4]) for i, seq in enumerate(seqs)]).to(kb), cache)
     step = make_step([(seq, [5 + i]) for i, seq in enumerate(seqs)])
     want = kb.to_host(model.forward(step.to(kb), cache)).argmax(axis=-1)
     graphs.release()
@@ -171,11 +173,7 @@ def test_released_graphs_decode_eagerly_with_the_same_tokens(kb, graph_model_dir
 def test_a_step_fed_by_the_previous_one_takes_its_tokens(graph_model_dir):
     """launch(..., feed=previous): the token ids come from the previous step's samples, not the host."""
     cpu = get_backend("cpu")
-    model = load_model(graph_model_dir, cpu, progress=False)
-    cache = make_cache(model, "paged")
-    graphs = DecodeGraphs(model, cache, max_num_seqs=4, max_model_len=16)
-    seqs = [CachedSeq(cache) for _ in range(2)]
-    model.forward(make_step([(seq, [3 + i, 4]) for i, seq in enumerate(seqs)]).to(cpu), cache)
+    model, cache, graphs, seqs = prefilled(cpu, graph_model_dir, 2, 4, [4])
     first = graphs.launch(make_step([(seq, [5 + i]) for i, seq in enumerate(seqs)]))
     sampled = graphs.wait(first)
     wrong = make_step([(seq, [9]) for seq in seqs])  # token ids the feed must override
