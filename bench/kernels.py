@@ -103,25 +103,36 @@ def bench_fusion(copy_bw: float) -> list[Row]:
     return rows
 
 
+def rope_cache() -> Any:
+    """The Llama-3 RoPE table on the device (8192 positions), as the benches use it."""
+    return cupy.asarray(reference.rope_cache(HEAD_DIM, 8192, 500000.0))
+
+
+def rope_store_calls(tokens: int, dtype: Any, cos_sin: Any) -> tuple[Callable[[], None], Callable[[], None]]:
+    """RoPE + cache store of ``tokens`` tokens on fresh q/k/v views and caches: (fused, apart)."""
+    q, k, v = qkv_views(tokens, dtype)
+    blocks = tokens // BLOCK_SIZE + 1
+    kc = cupy.empty((blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM), dtype)
+    vc = cupy.empty_like(kc)
+    pos = cupy.arange(tokens, dtype=np.int32)
+    slots = cupy.asarray(np.random.permutation(blocks * BLOCK_SIZE)[:tokens].astype(np.int32))
+    return (lambda: OPS.rope_store_kv(q, k, v, pos, cos_sin, kc, vc, slots),
+            lambda: (OPS.rope(q, k, pos, cos_sin), OPS.store_kv(k, v, kc, vc, slots)))
+
+
+def rope_store_bytes(tokens: int) -> int:
+    """q and k read and written, v read, k and v stored."""
+    return 2 * tokens * HEAD_DIM * (2 * (HEADS + KV_HEADS) + KV_HEADS + 2 * KV_HEADS)
+
+
 def bench_rope_store_kv(copy_bw: float) -> list[Row]:
     """RoPE and the K/V cache store in one kernel against rope then store_kv, at a decode step's
-    token counts and a prefill's; bytes = q and k read and written, v read, k and v stored."""
+    token counts and a prefill's."""
     rows = []
-    cos_sin = cupy.asarray(reference.rope_cache(HEAD_DIM, 8192, 500000.0))
-
-    def make(tokens: int) -> tuple[Callable[[], None], Callable[[], None]]:
-        q, k, v = qkv_views(tokens)
-        blocks = tokens // BLOCK_SIZE + 1
-        kc = cupy.empty((blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM), np.float16)
-        vc = cupy.empty_like(kc)
-        pos = cupy.arange(tokens, dtype=np.int32)
-        slots = cupy.asarray(np.random.permutation(blocks * BLOCK_SIZE)[:tokens].astype(np.int32))
-        return (lambda: OPS.rope_store_kv(q, k, v, pos, cos_sin, kc, vc, slots),
-                lambda: (OPS.rope(q, k, pos, cos_sin), OPS.store_kv(k, v, kc, vc, slots)))
-
+    cos_sin = rope_cache()
     for tokens in (1, 64, 4096):
-        nbytes = 2 * tokens * HEAD_DIM * (2 * (HEADS + KV_HEADS) + KV_HEADS + 2 * KV_HEADS)
-        cases = [make(tokens) for _ in range(copies_needed(nbytes))]
+        nbytes = rope_store_bytes(tokens)
+        cases = [rope_store_calls(tokens, np.float16, cos_sin) for _ in range(copies_needed(nbytes))]
         t, tp = time_graph([fused for fused, _ in cases]), time_graph([apart for _, apart in cases])
         rows.append(Row("rope+store_kv", f"T={tokens} (32+8+8)x128", t * 1e6, nbytes / t / 1e9, "GB/s",
                         100 * nbytes / t / copy_bw, "unfused", tp * 1e6))
@@ -137,89 +148,18 @@ def qkv_views(tokens: int, dtype: Any = np.float16) -> tuple[Any, Any, Any]:
     return q, k, v
 
 
-def bench_elementwise(copy_bw: float, tokens: int = 4096) -> list[Row]:
-    rows = []
-    h = HIDDEN
-
-    def add(kernel: str, shape: str, nbytes: int, make: Callable[[], Callable[[], None]]):
-        calls = [make() for _ in range(copies_needed(nbytes))]
-        t = time_graph(calls)
-        rows.append(Row(kernel, shape, t * 1e6, nbytes / t / 1e9, "GB/s", 100 * nbytes / t / copy_bw, "copy", None))
-
-    def norm():
-        x, w, out = rand((tokens, h)), rand((h,)), cupy.empty((tokens, h), np.float16)
-        return lambda: OPS.rms_norm(x, w, 1e-5, out)
-
-    def add_norm():
-        x, r, w, out = rand((tokens, h)), rand((tokens, h)), rand((h,)), cupy.empty((tokens, h), np.float16)
-        return lambda: OPS.add_rms_norm(x, r, w, 1e-5, out)
-
-    cos_sin = cupy.asarray(reference.rope_cache(HEAD_DIM, 8192, 500000.0))
-
-    def rope():
-        q, k, _ = qkv_views(tokens)
-        pos = cupy.arange(tokens, dtype=np.int32)
-        return lambda: OPS.rope(q, k, pos, cos_sin)
-
-    def silu():
-        x, out = rand((tokens, 2 * h)), cupy.empty((tokens, h), np.float16)
-        return lambda: OPS.silu_mul(x, out)
-
-    def store():
-        k, v = rand((tokens, KV_HEADS, HEAD_DIM)), rand((tokens, KV_HEADS, HEAD_DIM))
-        kc = cupy.empty((tokens // 16 + 1, 16, KV_HEADS, HEAD_DIM), np.float16)
-        vc = cupy.empty_like(kc)
-        slots = cupy.asarray(np.random.permutation(tokens).astype(np.int32))
-        return lambda: OPS.store_kv(k, v, kc, vc, slots)
-
-    def embed():
-        w = rand((VOCAB, h), scale=0.02)
-        ids = cupy.asarray(np.random.randint(0, VOCAB, tokens).astype(np.int32))
-        out = cupy.empty((tokens, h), np.float16)
-        return lambda: OPS.embedding(ids, w, out)
-
-    def sampler(temperature: float, top_p: float, rows: int = 32):
-        logits = rand((rows, VOCAB), np.float32)
-        params = (cupy.full(rows, temperature, np.float32), cupy.zeros(rows, np.int32),
-                  cupy.full(rows, top_p, np.float32), cupy.arange(rows, dtype=np.uint64))
-        out = cupy.empty(rows, np.int32)
-        return lambda: OPS.sample(logits, *params, out)
-
-    act = tokens * h * 2
-    add("rms_norm", f"{tokens}x{h}", 2 * act, norm)
-    add("add_rms_norm", f"{tokens}x{h}", 4 * act, add_norm)
-    add("rope", f"{tokens}x(32+8)x128", 2 * 2 * tokens * (HEADS + KV_HEADS) * HEAD_DIM, rope)
-    add("silu_mul", f"{tokens}x{h}", 3 * act, silu)
-    add("store_kv", f"{tokens}x8x128", 2 * 2 * 2 * tokens * KV_HEADS * HEAD_DIM, store)
-    add("embedding", f"{tokens}x{h}", 2 * act, embed)
-    add("sample greedy", f"32x{VOCAB} f32", 32 * VOCAB * 4, lambda: sampler(0.0, 1.0))
-    add("sample top_p=0.9", f"32x{VOCAB} f32", 32 * VOCAB * 4, lambda: sampler(0.8, 0.9))
-    return rows
-
-
-def bench_bfloat16(copy_bw: float, tokens: int = 4096) -> list[Row]:
-    """The bfloat16 kernels (CUDA-core paths) against the same kernels in float16, in the same run:
-    the elementwise ops at 4096 x 4096, the decode linear at M = 1 (float16 there runs on tensor
-    cores) and split decode attention at batch 16, 8K context. Bytes as the float16 rows count them."""
-    from infinilm_nb.kernels.attention import AttentionWorkspace
-
-    h, rows = HIDDEN, []
-    cos_sin = cupy.asarray(reference.rope_cache(HEAD_DIM, 8192, 500000.0))
-
-    def compare(kernel: str, shape: str, nbytes: int, make: Callable[[Any], Callable[[], None]]) -> None:
-        times = {}
-        for dtype in (reference.BF16, np.float16):
-            times[np.dtype(dtype).name] = time_graph([make(dtype) for _ in range(copies_needed(nbytes))])
-        t = times["uint16"]
-        rows.append(Row(f"bf16 {kernel}", shape, t * 1e6, nbytes / t / 1e9, "GB/s", 100 * nbytes / t / copy_bw,
-                        "float16", times["float16"] * 1e6))
+def elementwise_cases(tokens: int, cos_sin: Any) -> list[tuple[str, str, int, Callable[[Any], Callable[[], None]]]]:
+    """(kernel, shape, bytes moved, make(dtype) -> call) of the bandwidth-bound ops at ``tokens`` x
+    HIDDEN, each call on fresh random inputs."""
+    h, act = HIDDEN, tokens * HIDDEN * 2
 
     def norm(dtype):
         x, w, out = rand((tokens, h), dtype), rand((h,), dtype), cupy.empty((tokens, h), dtype)
         return lambda: OPS.rms_norm(x, w, 1e-5, out)
 
     def add_norm(dtype):
-        x, r, w, out = rand((tokens, h), dtype), rand((tokens, h), dtype), rand((h,), dtype), cupy.empty((tokens, h), dtype)
+        x, r, w = rand((tokens, h), dtype), rand((tokens, h), dtype), rand((h,), dtype)
+        out = cupy.empty((tokens, h), dtype)
         return lambda: OPS.add_rms_norm(x, r, w, 1e-5, out)
 
     def rope(dtype):
@@ -231,17 +171,77 @@ def bench_bfloat16(copy_bw: float, tokens: int = 4096) -> list[Row]:
         x, out = rand((tokens, 2 * h), dtype), cupy.empty((tokens, h), dtype)
         return lambda: OPS.silu_mul(x, out)
 
+    def store(dtype):
+        k, v = rand((tokens, KV_HEADS, HEAD_DIM), dtype), rand((tokens, KV_HEADS, HEAD_DIM), dtype)
+        kc = cupy.empty((tokens // 16 + 1, 16, KV_HEADS, HEAD_DIM), dtype)
+        vc = cupy.empty_like(kc)
+        slots = cupy.asarray(np.random.permutation(tokens).astype(np.int32))
+        return lambda: OPS.store_kv(k, v, kc, vc, slots)
+
     def embed(dtype):
-        w, out = rand((VOCAB, h), dtype, scale=0.02), cupy.empty((tokens, h), dtype)
+        w = rand((VOCAB, h), dtype, scale=0.02)
         ids = cupy.asarray(np.random.randint(0, VOCAB, tokens).astype(np.int32))
+        out = cupy.empty((tokens, h), dtype)
         return lambda: OPS.embedding(ids, w, out)
 
-    act = tokens * h * 2
-    compare("rms_norm", f"{tokens}x{h}", 2 * act, norm)
-    compare("add_rms_norm", f"{tokens}x{h}", 4 * act, add_norm)
-    compare("rope", f"{tokens}x(32+8)x128", 2 * 2 * tokens * (HEADS + KV_HEADS) * HEAD_DIM, rope)
-    compare("silu_mul", f"{tokens}x{h}", 3 * act, silu)
-    compare("embedding", f"{tokens}x{h}", 2 * act, embed)
+    return [
+        ("rms_norm", f"{tokens}x{h}", 2 * act, norm),
+        ("add_rms_norm", f"{tokens}x{h}", 4 * act, add_norm),
+        ("rope", f"{tokens}x(32+8)x128", 2 * 2 * tokens * (HEADS + KV_HEADS) * HEAD_DIM, rope),
+        ("silu_mul", f"{tokens}x{h}", 3 * act, silu),
+        ("store_kv", f"{tokens}x8x128", 2 * 2 * 2 * tokens * KV_HEADS * HEAD_DIM, store),
+        ("embedding", f"{tokens}x{h}", 2 * act, embed),
+    ]
+
+
+def sampler_call(dtype: Any, temperature: float, top_p: float, rows: int = 32) -> Callable[[], None]:
+    """The sampler on fresh ``[rows, VOCAB]`` logits of ``dtype``, every row with these settings."""
+    logits = rand((rows, VOCAB), dtype)
+    params = (cupy.full(rows, temperature, np.float32), cupy.zeros(rows, np.int32),
+              cupy.full(rows, top_p, np.float32), cupy.arange(rows, dtype=np.uint64))
+    out = cupy.empty(rows, np.int32)
+    return lambda: OPS.sample(logits, *params, out)
+
+
+def bench_elementwise(copy_bw: float, tokens: int = 4096) -> list[Row]:
+    rows = []
+
+    def add(kernel: str, shape: str, nbytes: int, make: Callable[[], Callable[[], None]]):
+        calls = [make() for _ in range(copies_needed(nbytes))]
+        t = time_graph(calls)
+        rows.append(Row(kernel, shape, t * 1e6, nbytes / t / 1e9, "GB/s", 100 * nbytes / t / copy_bw, "copy", None))
+
+    for kernel, shape, nbytes, make in elementwise_cases(tokens, rope_cache()):
+        add(kernel, shape, nbytes, lambda make=make: make(np.float16))
+    logits = 32 * VOCAB * 4
+    add("sample greedy", f"32x{VOCAB} f32", logits, lambda: sampler_call(np.float32, 0.0, 1.0))
+    add("sample top_p=0.9", f"32x{VOCAB} f32", logits, lambda: sampler_call(np.float32, 0.8, 0.9))
+    return rows
+
+
+def bench_bfloat16(copy_bw: float, tokens: int = 4096) -> list[Row]:
+    """The bfloat16 kernels (CUDA-core paths) against the same kernels in float16, in the same run:
+    the elementwise ops at 4096 x 4096 (store_kv aside: it copies bfloat16 as float16 bits), RoPE +
+    cache store, the decode linear at M = 1 (float16 there runs on tensor cores), split decode
+    attention at batch 16, 8K context, and the greedy sampler. Bytes as the float16 rows count them."""
+    from infinilm_nb.kernels.attention import AttentionWorkspace
+
+    rows = []
+    cos_sin = rope_cache()
+
+    def compare(kernel: str, shape: str, nbytes: int, make: Callable[[Any], Callable[[], None]]) -> None:
+        times = {}
+        for dtype in (reference.BF16, np.float16):
+            times[np.dtype(dtype).name] = time_graph([make(dtype) for _ in range(copies_needed(nbytes))])
+        t = times["uint16"]
+        rows.append(Row(f"bf16 {kernel}", shape, t * 1e6, nbytes / t / 1e9, "GB/s", 100 * nbytes / t / copy_bw,
+                        "float16", times["float16"] * 1e6))
+
+    for kernel, shape, nbytes, make in elementwise_cases(tokens, cos_sin):
+        if kernel != "store_kv":
+            compare(kernel, shape, nbytes, make)
+    compare("rope+store_kv", f"T={tokens} (32+8+8)x128", rope_store_bytes(tokens),
+            lambda dtype: rope_store_calls(tokens, dtype, cos_sin)[0])
     for name in ("qkv", "gate_up", "down"):
         n, k = GEMM_SHAPES[name]
 
@@ -262,23 +262,7 @@ def bench_bfloat16(copy_bw: float, tokens: int = 4096) -> list[Row]:
         return lambda: OPS.paged_attention(q, kc, vc, tables, lens, starts, HEAD_DIM**-0.5, out, workspace=workspace)
 
     compare("paged_attn split", f"B={batch} L={length}", 2 * 2 * batch * length * KV_HEADS * HEAD_DIM, attention)
-
-    def rope_store(dtype):
-        q, k, v = qkv_views(tokens, dtype)
-        caches = [cupy.empty((tokens // BLOCK_SIZE + 1, BLOCK_SIZE, KV_HEADS, HEAD_DIM), dtype) for _ in range(2)]
-        pos = cupy.arange(tokens, dtype=np.int32)
-        slots = cupy.asarray(np.random.permutation(tokens).astype(np.int32))
-        return lambda: OPS.rope_store_kv(q, k, v, pos, cos_sin, *caches, slots)
-
-    def sampler(dtype):
-        logits, out = rand((32, VOCAB), dtype), cupy.empty(32, np.int32)
-        params = (cupy.zeros(32, np.float32), cupy.zeros(32, np.int32), cupy.ones(32, np.float32),
-                  cupy.arange(32, dtype=np.uint64))
-        return lambda: OPS.sample(logits, *params, out)
-
-    compare("rope+store_kv", f"T={tokens} (32+8+8)x128",
-            2 * tokens * HEAD_DIM * (2 * (HEADS + KV_HEADS) + KV_HEADS + 2 * KV_HEADS), rope_store)
-    compare("sample greedy", f"32x{VOCAB}", 32 * VOCAB * 2, sampler)
+    compare("sample greedy", f"32x{VOCAB}", 32 * VOCAB * 2, lambda dtype: sampler_call(dtype, 0.0, 1.0))
     return rows
 
 
