@@ -299,7 +299,8 @@ class DecodeGraphs:
         import cupy
 
         stream = cupy.cuda.get_current_stream()
-        bucket.tokens.get(stream=stream, out=host_tokens)
+        # blocking=False: CuPy's default waits for the stream, which would make every launch wait for its step
+        bucket.tokens.get(stream=stream, out=host_tokens, blocking=False)
         done = cupy.cuda.Event(disable_timing=True)
         done.record(stream)
         return done

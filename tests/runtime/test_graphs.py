@@ -234,6 +234,30 @@ def test_async_scheduling_equals_step_by_step_on_gpu(llama_dir: Path, cache: str
 
 
 @pytest.mark.gpu
+def test_launch_returns_before_its_step_is_done_on_gpu(graph_model_dir):
+    """launch() only enqueues: behind a 0.2 s kernel on the same stream the step is still pending when
+    launch returns (a blocking token download would wait it out), and wait() then gives its tokens."""
+    import cupy
+    from numba import cuda
+
+    @cuda.jit
+    def spin(microseconds):
+        for _ in range(microseconds):
+            cuda.nanosleep(1000)
+
+    backend = get_backend("cuda")
+    model, cache, graphs, seqs = prefilled(backend, graph_model_dir, 2, 2, [4])
+    step = make_step([(seq, [5 + i]) for i, seq in enumerate(seqs)])
+    want = graphs.decode(step)  # the same step runs again below: it stores the same K and V
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        spin[1, 1, cuda.external_stream(stream.ptr)](200_000)
+        launched = graphs.launch(step)
+        assert not launched.done.query()
+        assert graphs.wait(launched).tolist() == want.tolist()
+
+
+@pytest.mark.gpu
 def test_graphed_float16_decode_close_to_eager(graph_model_dir):
     """float16 through graphs: logits within float16 error of the eager step's."""
     cuda = get_backend("cuda")
