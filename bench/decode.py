@@ -6,8 +6,8 @@ Usage: ``python bench/decode.py [--out DIR] [--layers 32] [--prompt 128] [--toke
 Batch 1: tokens/s and ms/token of the decode phase, time to first token, and the weight-read roofline
 (every weight byte once per step at the measured device-to-device copy bandwidth) with the share
 reached; the host time per decode step (the step's wall time minus the GPU time of its CUDA graph,
-replayed alone), and its parts. Then tokens/s at larger batches, batch 1 and the largest batch again with
-``async_scheduling``, the time to first token of one long prompt, how many 4K-token sequences the KV cache holds at
+replayed alone), and its parts (timed step by step). Then tokens/s at larger batches, batch 1 and the
+largest batch again step by step (``async_scheduling`` off), the time to first token of one long prompt, how many 4K-token sequences the KV cache holds at
 ``gpu_memory_utilization=0.9``, with ``--ablate`` the GPU time of a batch-1 step with each fusion
 undone (:mod:`bench.ablation`), and HF transformers (PyTorch eager, its default attention, float16,
 greedy ``generate``) on the same GPU in the same run, with fewer new tokens. Prints a table naming the
@@ -105,6 +105,7 @@ def host_breakdown(llm: Any, prompt_len: int, new_tokens: int) -> dict[str, floa
     fill and upload, the wait for the tokens (GPU time included), the update, detokenize + stop checks,
     and ``execute`` as a whole (its remainder is the graph launch and the stream switch)."""
     engine, graphs = llm.engine, llm.engine.graphs
+    engine.async_scheduling = False  # the parts in order, each step waited for
     record: dict[str, float] = {}
     wrapped = {"schedule": (engine.scheduler, "schedule"), "sampling": (engine, "_sampling"),
                "execute": (engine, "execute"), "fill": (graphs, "_fill"), "wait": (graphs, "wait"),
@@ -122,6 +123,7 @@ def host_breakdown(llm: Any, prompt_len: int, new_tokens: int) -> dict[str, floa
             delattr(owner, method)  # the class's method again
         for bucket in graphs._buckets.values():
             del bucket.inputs.upload
+        engine.async_scheduling = True
     steps = new_tokens + 1  # the prefill step's parts are in too: per step, near enough
     parts = {name: 1e6 * seconds / steps for name, seconds in record.items()}
     parts["launch"] = parts["execute"] - parts["fill"] - parts["upload"] - parts["wait"]
@@ -198,20 +200,20 @@ def measure(args: argparse.Namespace, directory: Path, config: dict[str, Any]) -
         gpu = graph_step_seconds(llm, batch)
         row["host_pct"] = 100 * (1 - gpu / (row["ms_per_step"] / 1e3))
         batches.append(row)
-    # the same engine with async scheduling (steps launched before the previous tokens come back)
-    llm.engine.async_scheduling = True
-    overlapped = []
+    # the same engine step by step: each step launched only once the previous tokens are on the host
+    llm.engine.async_scheduling = False
+    step_by_step = []
     for batch in (1, max(args.batches, default=1)):
         row = run_batch(llm, batch, args.prompt, args.tokens, seed=batch)
         row["host_pct"] = 100 * (1 - graph_step_seconds(llm, batch) / (row["ms_per_step"] / 1e3))
-        overlapped.append(row)
-    overlapped[0]["roofline_pct"] = 100 * floor / (overlapped[0]["ms_per_step"] / 1e3)
-    llm.engine.async_scheduling = False
+        step_by_step.append(row)
+    step_by_step[0]["roofline_pct"] = 100 * floor / (step_by_step[0]["ms_per_step"] / 1e3)
+    llm.engine.async_scheduling = True
     memory = kv_capacity(llm)
     del llm
     free_gpu_memory()
     result = {"copy_gbps": bandwidth / 1e9, "weight_gb": weight_bytes(config) / 1e9, "batch1": single,
-              "batches": batches, "async_scheduling": overlapped, "memory": memory, "long_prompt_ttft_ms": long_ttft}
+              "batches": batches, "step_by_step": step_by_step, "memory": memory, "long_prompt_ttft_ms": long_ttft}
     if args.ablate:
         result["ablation_gpu_ms"] = ablation_ms(args, directory)
     return result
@@ -246,9 +248,9 @@ def print_report(result: dict[str, Any]) -> None:
     for row in result["batches"]:
         print(f"{'infinilm-nb':<22} {row['batch']:>5} {row['decode_tok_s']:>9.1f} {row['ms_per_step']:>9.2f} "
               f"{row['ttft_ms']:>8.1f} {'-':>7} {row['host_pct']:>6.1f}%")
-    for row in result.get("async_scheduling", []):
+    for row in result.get("step_by_step", []):
         roof = f"{row['roofline_pct']:>6.0f}%" if "roofline_pct" in row else f"{'-':>7}"
-        print(f"{'  async scheduling':<22} {row['batch']:>5} {row['decode_tok_s']:>9.1f} {row['ms_per_step']:>9.2f} "
+        print(f"{'  step by step':<22} {row['batch']:>5} {row['decode_tok_s']:>9.1f} {row['ms_per_step']:>9.2f} "
               f"{row['ttft_ms']:>8.1f} {roof} {row['host_pct']:>6.1f}%")
     hf = result.get("hf")
     if hf is not None:

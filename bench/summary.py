@@ -56,9 +56,9 @@ def decode_lines(data: dict[str, Any]) -> list[str]:
     for row in data["batches"]:
         lines.append(f"  batch {row['batch']}: {row['decode_tok_s']:.0f} tok/s, host {row['host_pct']:.1f}%, "
                      f"TTFT {row['ttft_ms']:.0f} ms")
-    for row in data.get("async_scheduling", []):
+    for row in data.get("step_by_step", []):
         roof = f", {row['roofline_pct']:.0f}% of roofline" if "roofline_pct" in row else ""
-        lines.append(f"  async scheduling batch {row['batch']}: {row['decode_tok_s']:.1f} tok/s{roof}, "
+        lines.append(f"  step by step batch {row['batch']}: {row['decode_tok_s']:.1f} tok/s{roof}, "
                      f"host {row['host_pct']:.1f}%")
     hf = data.get("hf")
     if hf:
@@ -78,8 +78,8 @@ def decode_lines(data: dict[str, Any]) -> list[str]:
 def throughput_lines(data: dict[str, Any]) -> list[str]:
     ours, hf = data["ours"], data.get("hf")
     line = f"throughput: {ours['output_tok_s']:.0f} output tok/s over {ours['requests']} requests"
-    if "async_output_tok_s" in ours:
-        line += f" ({ours['async_output_tok_s']:.0f} with async scheduling)"
+    if "step_by_step_output_tok_s" in ours:
+        line += f" ({ours['step_by_step_output_tok_s']:.0f} step by step)"
     if hf:
         line += f"; HF transformers {hf['output_tok_s']:.0f} ({ours['output_tok_s'] / hf['output_tok_s']:.1f}x)"
     return [line]

@@ -86,7 +86,7 @@ class LLMEngine:
         seed: int = 0,
         graphs: DecodeGraphs | None = None,
         group: Any = None,
-        async_scheduling: bool = False,
+        async_scheduling: bool = True,
     ) -> None:
         self.model = model
         self.cache = cache

@@ -44,9 +44,9 @@ class LLM:
     sampling of requests that give none. Decode steps of up to ``max_num_seqs`` sequences run on
     persistent buffers, replaying one CUDA graph per batch bucket on cuda (captured at start-up:
     :class:`~infinilm_nb.runtime.graphs.DecodeGraphs`); ``enforce_eager`` (vLLM's switch) runs every
-    step eagerly instead. ``async_scheduling`` (one rank) launches each decode step whose sequences go
-    on before the previous step's tokens reach the host, so the GPU does not wait for the host's
-    bookkeeping; the outputs are the same.
+    step eagerly instead. ``async_scheduling`` (on by default; one rank, with graphs) launches each
+    decode step whose sequences go on before the previous step's tokens reach the host, so the GPU
+    does not wait for the host's bookkeeping; the outputs are the same as step by step (False).
 
     ``model``: an HF directory, a ``.gguf`` file (converted once into the cache) or None for the
     embedded SmolLM2-135M-Instruct (fetched once; see :mod:`infinilm_nb.models`).
@@ -72,7 +72,7 @@ class LLM:
         gpu_memory_utilization: float = 0.9,
         seed: int = 0,
         enforce_eager: bool = False,
-        async_scheduling: bool = False,
+        async_scheduling: bool = True,
     ) -> None:
         if cache not in CACHES:
             raise ValueError(f"cache must be one of {', '.join(CACHES)}, got {cache!r}")

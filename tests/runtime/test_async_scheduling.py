@@ -19,9 +19,9 @@ def completions(outputs: list) -> list[tuple[list[int], str, str | None]]:
 
 
 def pair(llama_dir: Path, **options: Any) -> tuple[LLM, LLM]:
-    """The same engine without and with async scheduling."""
-    return (LLM(llama_dir, backend="cpu", max_model_len=64, **options),
-            LLM(llama_dir, backend="cpu", max_model_len=64, async_scheduling=True, **options))
+    """The same engine step by step and with async scheduling (the default)."""
+    return (LLM(llama_dir, backend="cpu", max_model_len=64, async_scheduling=False, **options),
+            LLM(llama_dir, backend="cpu", max_model_len=64, **options))
 
 
 def mixed_params(reference: list[list[int]], texts: list[str]) -> list[SamplingParams]:
