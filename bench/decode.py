@@ -103,12 +103,13 @@ def host_breakdown(llm: Any, prompt_len: int, new_tokens: int) -> dict[str, floa
     """Microseconds per batch-1 decode step spent in each part of the engine's host path, timed by
     wrapping the parts on this engine's instances: schedule, sampling parameters, the graph inputs'
     fill and upload, the wait for the tokens (GPU time included), the update, detokenize + stop checks,
-    and ``execute`` as a whole (its remainder is the graph launch and the stream switch)."""
+    and the graphs' ``decode`` as a whole (its remainder is the graph launch and the token download's
+    enqueueing). ``decode`` runs decode steps only: the prefill's eager forward is not in it."""
     engine, graphs = llm.engine, llm.engine.graphs
-    engine.async_scheduling = False  # the parts in order, each step waited for
+    overlapped, engine.async_scheduling = engine.async_scheduling, False  # the parts in order, each waited for
     record: dict[str, float] = {}
     wrapped = {"schedule": (engine.scheduler, "schedule"), "sampling": (engine, "_sampling"),
-               "execute": (engine, "execute"), "fill": (graphs, "_fill"), "wait": (graphs, "wait"),
+               "decode": (graphs, "decode"), "fill": (graphs, "_fill"), "wait": (graphs, "wait"),
                "update": (engine.scheduler, "update"), "detokenize": (engine, "_check_stop")}
     for name, (owner, method) in wrapped.items():
         setattr(owner, method, _timed(record, name, getattr(owner, method)))
@@ -123,10 +124,10 @@ def host_breakdown(llm: Any, prompt_len: int, new_tokens: int) -> dict[str, floa
             delattr(owner, method)  # the class's method again
         for bucket in graphs._buckets.values():
             del bucket.inputs.upload
-        engine.async_scheduling = True
+        engine.async_scheduling = overlapped
     steps = new_tokens + 1  # the prefill step's parts are in too: per step, near enough
     parts = {name: 1e6 * seconds / steps for name, seconds in record.items()}
-    parts["launch"] = parts["execute"] - parts["fill"] - parts["upload"] - parts["wait"]
+    parts["launch"] = parts["decode"] - parts["fill"] - parts["upload"] - parts["wait"]
     parts["step"] = 1e3 * row["ms_per_step"]
     return parts
 
