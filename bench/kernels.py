@@ -289,7 +289,9 @@ def bench_attention(copy_bw: float) -> list[Row]:
     same K and V laid out contiguously; bytes = the K and V bytes read."""
     import torch
 
+    from infinilm_nb.kernels import attention_mma
     from infinilm_nb.kernels.attention import AttentionWorkspace
+    from infinilm_nb.kernels.common import TENSOR_CORES
     from infinilm_nb.runtime.llama import SPLIT_ATTENTION_TOKENS
 
     rows = []
@@ -316,7 +318,9 @@ def bench_attention(copy_bw: float) -> list[Row]:
         peer = time_torch_graph(sdpa)
         want = cupy.from_dlpack(sdpa[0]().reshape(batch, HEADS, HEAD_DIM).float())
         del contiguous, sdpa
-        for label, ws in (("", None), (" split", workspace)):
+        # the default path (tensor cores on a GPU), split and not, and the CUDA-core kernel split
+        for label, ws, tensor_cores in (("", None, True), (" split", workspace, True), (" split cuda-core", workspace, False)):
+            attention_mma.ENABLED = tensor_cores and TENSOR_CORES
             calls = [
                 lambda kc=kc, vc=vc, ws=ws: OPS.paged_attention(
                     q, kc, vc, tables, context_lens, query_start, HEAD_DIM**-0.5, out, workspace=ws)
@@ -329,6 +333,7 @@ def bench_attention(copy_bw: float) -> list[Row]:
             t = time_graph(calls)
             rows.append(Row(f"paged_attn{label}", f"B={batch} L={length}", t * 1e6, nbytes / t / 1e9, "GB/s",
                             100 * nbytes / t / copy_bw, "SDPA", peer * 1e6))
+        attention_mma.ENABLED = TENSOR_CORES
         del caches
     return rows
 
@@ -481,7 +486,8 @@ def kernel_resources() -> list[dict[str, Any]]:
     for (pyfunc, signature), kernel in sorted(common._compiled.items(), key=lambda item: item[0][0].__qualname__):
         rows.append({
             "kernel": f"{pyfunc.__module__.rsplit('.', 1)[-1]}.{pyfunc.__qualname__}",
-            "dtype": "bfloat16" if "uint16" in signature else "float16" if "float16" in signature else "float32",
+            # float16 first: the mma decode attention takes q as its float16 bits (uint16)
+            "dtype": "float16" if "float16" in signature else "bfloat16" if "uint16" in signature else "float32",
             "registers": kernel.get_regs_per_thread(),
             "local_bytes": kernel.get_local_mem_per_thread(),
             "shared_bytes": kernel.get_shared_mem_per_block(),

@@ -54,7 +54,7 @@ def tool(name: str) -> str:
 def kernels() -> list[tuple[str, Callable, str, dict[str, Any]]]:
     """(label, Python kernel, signature, compile options) of each profiled kernel, as launched for
     Llama-3-8B shapes in float16."""
-    from infinilm_nb.kernels import attention, attention_prefill, gemm, gemm_tc, sampling
+    from infinilm_nb.kernels import attention, attention_mma, attention_prefill, gemm, gemm_tc, sampling
     from infinilm_nb.kernels.gemm_mma import mma_kernel
 
     f16 = gemm.kernel_signature(np.float16)
@@ -66,8 +66,10 @@ def kernels() -> list[tuple[str, Callable, str, dict[str, Any]]]:
     dim, group, vec, block = 128, 4, 8, 16
     warps = attention._warps(dim, group, vec)
     _, partition = attention._attention_kernels(dim, group, vec, warps, block, False)
-    rows.append(("decode attention (split)", partition, attention.kernel_signatures("float16")[1],
+    rows.append(("decode attention (split, CUDA cores)", partition, attention.kernel_signatures("float16")[1],
                  attention._compile_options(dim, group, vec)))
+    _, partition = attention_mma.mma_attention_kernels(dim, group, block, attention._locate)
+    rows.append(("decode attention (split, mma)", partition, attention_mma.kernel_signatures()[1], {"fastmath": True}))
     for m in (512, 2048):
         config = gemm_tc.tc_config(m)
         rows.append((f"prefill GEMM {config.block_m}x{config.block_n}/{config.threads // 32}w", gemm_tc.tc_kernel(config),

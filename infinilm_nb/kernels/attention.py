@@ -25,7 +25,9 @@ few long decode sequences fill the GPU); each writes its unnormalised partial an
 second kernel merges them with the online-softmax rule.
 
 A float16 step that the caller marks as holding prefills (``max_query_len``) runs instead on tensor
-cores, FlashAttention-2 style: :mod:`.attention_prefill`.
+cores, FlashAttention-2 style: :mod:`.attention_prefill`. Other float16 steps (head dim 64 or 128,
+up to 8 query heads per KV head) run the same blocks with the inner work on tensor cores:
+:mod:`.attention_mma`.
 
 bfloat16 (uint16 bit patterns, see :data:`.common.BFLOAT16`) takes the CUDA-core kernels: they widen
 q, K and V to float32 as they load them and round what they write to ``out``; the workspace stays
@@ -42,7 +44,7 @@ import numba
 import numpy as np
 from numba import cuda
 
-from . import attention_prefill
+from . import attention_mma, attention_prefill
 from .common import SIMULATOR, WITH_BFLOAT16, cdiv, check_array, check_same_dtype, compiled, launch_stream, numba_type
 from .intrinsics import as_f32
 from .vector import (
@@ -490,18 +492,25 @@ def _attention(
         )
         return out
     capacity = block_tables.shape[1] * block_size
-    vec = vector_width(k_cache.dtype, (k_cache, v_cache))
     group = q_heads // kv_heads
-    warps = _warps(dim, group, vec)
     bf16 = is_bf16(q.dtype)
-    whole_range, partition = _attention_kernels(dim, group, vec, warps, block_size, bf16)
     t = numba_type(q.dtype)
     # flat caches: the kernels address a key's row by its slot, block * block_size + offset
-    args = (q, k_cache.reshape(-1), v_cache.reshape(-1), block_tables, context_lens, query_start_loc, kv_heads, scale)
-    threads = warps * WARP
+    caches = (k_cache.reshape(-1), v_cache.reshape(-1))
+    if attention_mma.usable(q, k_cache, v_cache, group):
+        whole_range, partition = attention_mma.mma_attention_kernels(dim, group, block_size, _locate)
+        args = (q.view(np.uint16), *caches, block_tables, context_lens, query_start_loc, kv_heads,
+                attention_mma.scale_log2(scale))
+        threads, options = attention_mma.WARPS * WARP, {"fastmath": True}
+        whole_signature, split_signature = attention_mma.kernel_signatures()
+    else:
+        vec = vector_width(k_cache.dtype, (k_cache, v_cache))
+        warps = _warps(dim, group, vec)
+        whole_range, partition = _attention_kernels(dim, group, vec, warps, block_size, bf16)
+        args = (q, *caches, block_tables, context_lens, query_start_loc, kv_heads, scale)
+        threads, options = warps * WARP, _compile_options(dim, group, vec)
+        whole_signature, split_signature = kernel_signatures(t)
     stream = launch_stream()
-    options = _compile_options(dim, group, vec)
-    whole_signature, split_signature = kernel_signatures(t)
     whole = compiled(whole_range, whole_signature, **options)
     split = None
     if max_parts > 1:

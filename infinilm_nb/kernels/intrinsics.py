@@ -280,8 +280,9 @@ else:
 # ----------------------------------------------------------------------- tensor-core data movement
 #
 # Shared-memory addresses, ldmatrix, cp.async and f16x2 packing for the tensor-core prefill kernels
-# (gemm_tc.py, attention_prefill.py); the mma itself is :func:`.mma.mma_16816`. GPU only: in the
-# simulator these names raise, and nothing reachable there calls them.
+# (gemm_tc.py, attention_prefill.py; pack_f16x2 also attention_mma.py); the mma itself is
+# :func:`.mma.mma_16816`. GPU only but for pack_f16x2: in the simulator the others raise, and nothing
+# reachable there calls them.
 #
 #     base = shared_address(tile, 0)            # uint32: the shared-space byte address of tile.flat[0]
 #     a = ldmatrix_x4(base + offset)            # UniTuple(uint32, 4); _trans variants transpose
@@ -306,7 +307,12 @@ if SIMULATOR:
 
     shared_address = ldmatrix_x1 = ldmatrix_x2 = ldmatrix_x4 = _gpu_only
     ldmatrix_x1_trans = ldmatrix_x2_trans = ldmatrix_x4_trans = _gpu_only
-    cp_async_16 = cp_async_commit = cp_async_wait_group = pack_f16x2 = _gpu_only
+    cp_async_16 = cp_async_commit = cp_async_wait_group = _gpu_only
+
+    @cuda.jit(device=True)
+    def pack_f16x2(lo, hi):
+        """Both rounded to float16 in one word, ``lo`` in the low half (simulator: NumPy)."""
+        return np.array([lo, hi], np.float16).view(np.uint32)[0]
 
 else:
     _VOID = ir.VoidType()

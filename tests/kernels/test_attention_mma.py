@@ -1,0 +1,87 @@
+"""Decode attention on tensor cores (attention_mma) against the reference, through paged_attention.
+
+The kernels run in the simulator too (NumPy loads and mma), where the switch is turned on by hand;
+on the GPU it is on by default, so there every float16 test of test_attention also takes this path.
+"""
+
+import numpy as np
+import pytest
+
+from infinilm_nb.kernels import attention, attention_mma
+from infinilm_nb.kernels.attention import AttentionWorkspace
+from tests.helpers import pick, rel_err, tolerance
+from tests.kernels.test_attention import _cases, _run_paged
+
+F16 = np.float16
+
+# (q heads, kv heads, head_dim, block_size): GQA groups 4, 3, 8 (the most one tile's rows hold) and 1;
+# blocks of 16 or more keys hold a whole 16-key step (one table lookup a step), smaller ones do not
+SHAPES = pick(
+    sim=[(4, 1, 64, 4), (3, 1, 64, 8), (8, 1, 64, 16), (2, 2, 128, 4)],
+    gpu=[(32, 8, 128, 16), (9, 3, 64, 32), (64, 8, 128, 16), (8, 8, 128, 32)],
+)
+
+
+@pytest.fixture
+def mma_path(monkeypatch):
+    """The switch on (also in the simulator), and a record of the (head_dim, group) of each launch."""
+    monkeypatch.setattr(attention_mma, "ENABLED", True)
+    launched = []
+    build = attention_mma.mma_attention_kernels
+
+    def spy(head_dim, group, block_size, locate):
+        launched.append((head_dim, group))
+        return build(head_dim, group, block_size, locate)
+
+    monkeypatch.setattr(attention_mma, "mma_attention_kernels", spy)
+    return launched
+
+
+def _seqs(block_size: int, case: str) -> list[tuple[int, int]]:
+    if case == "decode":
+        return _cases(block_size)["decode"]
+    # a mixed batch with cached prefixes; the simulator's is short (it is slow)
+    return pick(sim=[(1, 3 * block_size + 1), (3, 9), (0, 4), (2, 2 * block_size)], gpu=_cases(block_size)["mixed"])
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("q_heads,kv_heads,dim,block_size", SHAPES)
+def test_mma_attention_matches_reference(kb, rng, mma_path, q_heads, kv_heads, dim, block_size, split):
+    case = "decode" if (q_heads + split) % 2 else "mixed"
+    seqs = _seqs(block_size, case) + pick(sim=[(1, 37)] if split else [], gpu=[(1, 5000)])  # several partitions
+    workspace = None
+    if split:
+        max_context = (-(-max(length for _, length in seqs) // block_size) + 1) * block_size
+        tokens = sum(n for n, _ in seqs)
+        workspace = AttentionWorkspace.allocate(kb.xp, tokens, q_heads, dim, max_context, partition_keys=pick(sim=16, gpu=256))
+        assert workspace.partials.shape[2] > 1
+    got, want = _run_paged(kb, rng, seqs, q_heads, kv_heads, dim, block_size, F16, workspace)
+    assert rel_err(got, want) < tolerance(F16)
+    assert mma_path == [(dim, q_heads // kv_heads)]
+
+
+@pytest.mark.parametrize(
+    "why,q_heads,kv_heads,dim,dtype,aligned",
+    [
+        ("float32", 4, 1, 64, np.float32, True),
+        ("bfloat16", 4, 1, 64, np.uint16, True),
+        ("head_dim 32", 4, 1, 32, F16, True),
+        ("9 query heads per KV head", 9, 1, 64, F16, True),
+        ("caches off a 16-byte boundary", 4, 1, 64, F16, False),
+    ],
+)
+def test_other_steps_stay_on_cuda_cores(kb, rng, mma_path, why, q_heads, kv_heads, dim, dtype, aligned):
+    got, want = _run_paged(kb, rng, [(1, 6), (2, 5)], q_heads, kv_heads, dim, 4, dtype, aligned=aligned)
+    assert rel_err(got, want) < tolerance(dtype)
+    assert mma_path == [], why
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dim,group", [(128, 4), (128, 8), (128, 1), (64, 3)])
+def test_mma_attention_keeps_its_arrays_in_registers(dim, group):
+    from infinilm_nb.kernels.common import compiled
+
+    kernels = attention_mma.mma_attention_kernels(dim, group, 16, attention._locate)
+    for pyfunc, signature in zip(kernels, attention_mma.kernel_signatures()):
+        kernel = compiled(pyfunc, signature, fastmath=True)
+        assert kernel.get_local_mem_per_thread() == 0, (pyfunc.__name__, kernel.get_regs_per_thread())
