@@ -68,7 +68,7 @@ def kernels() -> list[tuple[str, Callable, str, dict[str, Any]]]:
     _, partition = attention._attention_kernels(dim, group, vec, warps, block, False)
     rows.append(("decode attention (split, CUDA cores)", partition, attention.kernel_signatures("float16")[1],
                  attention._compile_options(dim, group, vec)))
-    _, partition = attention_mma.mma_attention_kernels(dim, group, block, attention._locate)
+    _, partition = attention_mma.mma_attention_kernels(dim, group, block)
     rows.append(("decode attention (split, mma)", partition, attention_mma.kernel_signatures()[1], {"fastmath": True}))
     for m in (512, 2048):
         config = gemm_tc.tc_config(m)

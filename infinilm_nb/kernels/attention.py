@@ -45,6 +45,7 @@ import numpy as np
 from numba import cuda
 
 from . import attention_mma, attention_prefill
+from .attention_blocks import NEG_INF, block_kernels, locate, shared_layout, stream_folder
 from .common import SIMULATOR, WITH_BFLOAT16, cdiv, check_array, check_same_dtype, compiled, launch_stream, numba_type
 from .intrinsics import as_f32
 from .vector import (
@@ -68,7 +69,6 @@ SHARED_BYTES = 40 * 1024  # static shared memory an attention block may take (th
 # Default partition length of a workspace made by attention_workspace_shapes.
 PARTITION_KEYS = 256
 FULL_MASK = 0xFFFFFFFF
-NEG_INF = np.float32(-np.inf)  # a float32 constant, so that selects with it stay float32
 INT32 = np.dtype(np.int32)
 
 
@@ -216,26 +216,6 @@ def attention_workspace_shapes(
     return {"stats": (2, num_tokens, num_heads, parts), "partials": (num_tokens, num_heads, parts, head_dim)}
 
 
-@cuda.jit(device=True)
-def _locate(t, query_start_loc, context_lens, capacity):
-    """The sequence of query token ``t`` and the end of its causal key range (0: no sequence)."""
-    num_seqs = context_lens.shape[0]
-    lo = 0
-    hi = num_seqs
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if query_start_loc[mid] <= t:
-            lo = mid
-        else:
-            hi = mid - 1
-    if lo >= num_seqs or query_start_loc[lo] > t:
-        return 0, 0
-    start = query_start_loc[lo]
-    queries = query_start_loc[lo + 1] - start
-    key_end = context_lens[lo] - queries + (t - start) + 1
-    return lo, min(key_end, capacity)
-
-
 def _geometry(head_dim: int, group: int, vec: int) -> tuple[int, int, int]:
     """(lanes per key, elements per lane, keys in flight per lane group) for one head dim, GQA group
     size and load width: the most lanes per key (at most a warp, a power of two dividing the row's
@@ -268,10 +248,8 @@ def _attention_kernels(
     ACC = G * EPL
     BUF = U * EPL
     SCORES = U * G
-    PARTS = GROUPS * G * D  # shared: each group's accumulators
-    FACTORS = 2 * G  # shared state: the block's max and sum per head, then each group's max (then
-    SUMS = FACTORS + GROUPS * G  # its rescale factor) and sum per head
-    STATE = SUMS + GROUPS * G
+    _, FACTORS, SUMS, _ = shared_layout(D, G, GROUPS)
+    fold = stream_folder(G, GROUPS)
     # widened as loaded: with the conversions left to the dot products the float16 build spilled
     load, as_stored = widening_loader(VEC, bf16), to_stored(bf16)
 
@@ -281,7 +259,7 @@ def _attention_kernels(
 
         Leaves each lane group's unnormalised output in ``part_s[(group * G + h) * D + d]``, its rescale
         factor to the block's max in ``state_s[FACTORS + group * G + h]``, and the block's max and sum
-        in ``state_s[h]`` and ``state_s[G + h]``: see :func:`combined`.
+        in ``state_s[h]`` and ``state_s[G + h]`` (:func:`.attention_blocks.stream_folder`).
         """
         tid = cuda.threadIdx.x
         li = tid % LPK
@@ -349,70 +327,9 @@ def _attention_kernels(
             for c in range(CPL):
                 for e in range(VEC):
                     part_s[(gi * G + h) * D + (c * LPK + li) * VEC + e] = acc[h * EPL + c * VEC + e]
-        cuda.syncthreads()
-        if tid < G:  # one thread per head: the block's max and sum, and each group's rescale factor
-            block_top = NEG_INF
-            for w in range(GROUPS):
-                block_top = max(block_top, state_s[FACTORS + w * G + tid])
-            block_total = numba.float32(0.0)
-            for w in range(GROUPS):
-                factor = numba.float32(0.0)
-                if state_s[FACTORS + w * G + tid] != NEG_INF:
-                    factor = math.exp(state_s[FACTORS + w * G + tid] - block_top)
-                block_total += state_s[SUMS + w * G + tid] * factor
-                state_s[FACTORS + w * G + tid] = factor
-            state_s[tid] = block_top
-            state_s[G + tid] = block_total
-        cuda.syncthreads()
+        fold(state_s)
 
-    @cuda.jit(device=True)
-    def combined(part_s, state_s, i):
-        """Element ``i = h * D + d`` of the block's unnormalised output: the groups' parts, rescaled
-        and added in a fixed order."""
-        h = i // D
-        value = numba.float32(0.0)
-        for w in range(GROUPS):
-            value += part_s[w * G * D + i] * state_s[FACTORS + w * G + h]
-        return value
-
-    def whole_range(q, k, v, block_tables, context_lens, query_start_loc, kv_heads, scale, out):
-        """One block per (token, KV head): the token's whole causal range, normalised into out."""
-        t = cuda.blockIdx.x
-        g = cuda.blockIdx.y
-        b, key_end = _locate(t, query_start_loc, context_lens, block_tables.shape[1] * BS)
-        if key_end <= 0:
-            return
-        part_s = cuda.shared.array(PARTS, numba.float32)
-        state_s = cuda.shared.array(STATE, numba.float32)
-        attend(q, k, v, block_tables, b, t, g, kv_heads, 0, key_end, scale, part_s, state_s)
-        for i in range(cuda.threadIdx.x, G * D, NT):
-            h = i // D
-            out[t, g * G + h, i - h * D] = as_stored(combined(part_s, state_s, i) / state_s[G + h])
-
-    def partition(
-        q, k, v, block_tables, context_lens, query_start_loc, kv_heads, scale, part_keys, stats, partials
-    ):
-        """One block per (token, KV head, partition): an unnormalised partial and its (max, sum)."""
-        t = cuda.blockIdx.x
-        g = cuda.blockIdx.y
-        p = cuda.blockIdx.z
-        b, key_end = _locate(t, query_start_loc, context_lens, block_tables.shape[1] * BS)
-        key_start = p * part_keys
-        if key_start >= key_end:
-            return
-        key_stop = min(key_end, key_start + part_keys)
-        part_s = cuda.shared.array(PARTS, numba.float32)
-        state_s = cuda.shared.array(STATE, numba.float32)
-        attend(q, k, v, block_tables, b, t, g, kv_heads, key_start, key_stop, scale, part_s, state_s)
-        tid = cuda.threadIdx.x
-        for i in range(tid, G * D, NT):
-            h = i // D
-            partials[t, g * G + h, p, i - h * D] = combined(part_s, state_s, i)
-        if tid < G:
-            stats[0, t, g * G + tid, p] = state_s[tid]
-            stats[1, t, g * G + tid, p] = state_s[G + tid]
-
-    return whole_range, partition
+    return block_kernels(attend, D, G, GROUPS, NT, BS, as_stored)
 
 
 def _warps(head_dim: int, group: int, vec: int) -> int:
@@ -432,7 +349,7 @@ def _merge_kernel(bf16: bool) -> Callable:
         """One block per (token, query head): combine the token's partitions by the online-softmax rule."""
         t = cuda.blockIdx.x
         hq = cuda.blockIdx.y
-        b, key_end = _locate(t, query_start_loc, context_lens, capacity)
+        b, key_end = locate(t, query_start_loc, context_lens, capacity)
         if key_end <= 0:
             return
         parts = (key_end + part_keys - 1) // part_keys
@@ -498,7 +415,7 @@ def _attention(
     # flat caches: the kernels address a key's row by its slot, block * block_size + offset
     caches = (k_cache.reshape(-1), v_cache.reshape(-1))
     if attention_mma.usable(q, k_cache, v_cache, group):
-        whole_range, partition = attention_mma.mma_attention_kernels(dim, group, block_size, _locate)
+        whole_range, partition = attention_mma.mma_attention_kernels(dim, group, block_size)
         args = (q.view(np.uint16), *caches, block_tables, context_lens, query_start_loc, kv_heads,
                 attention_mma.scale_log2(scale))
         threads, options = attention_mma.WARPS * WARP, {"fastmath": True}

@@ -40,9 +40,11 @@ from typing import Any, Callable
 import numpy as np
 from numba import cuda, float32, int64, uint32
 
+from .attention_blocks import NEG_INF, block_kernels, shared_layout, stream_folder
 from .common import SIMULATOR, TENSOR_CORES
 from .intrinsics import aligned16, pack_f16x2
 from .mma import load_words_stream, mma_16816
+from .vector import to_stored
 
 # The switch: off (common.TENSOR_CORES, INFINILM_NB_TENSOR_CORES=0) keeps decode attention on the
 # CUDA-core kernel.
@@ -53,7 +55,6 @@ WARP = 32
 KEYS = 16  # keys per warp step: two 8-key tiles of S, one k-step of P V
 WARPS = 2 if SIMULATOR else 4
 FULL_MASK = 0xFFFFFFFF
-NEG_INF = np.float32(-np.inf)
 LOG2E = 1.4426950408889634
 LN2 = np.float32(math.log(2.0))
 LOW = uint32(0xFFFF)
@@ -81,10 +82,9 @@ def kernel_signatures() -> tuple[str, str]:
 
 
 @functools.lru_cache(maxsize=None)
-def mma_attention_kernels(head_dim: int, group: int, block_size: int, locate: Callable) -> tuple[Callable, Callable]:
+def mma_attention_kernels(head_dim: int, group: int, block_size: int) -> tuple[Callable, Callable]:
     """The (whole-range, partition) kernel functions for one head dim, GQA group size and cache block
-    size, :data:`WARPS` warps a block; ``locate`` is :func:`.attention._locate` (token -> sequence,
-    key end). Signatures: :func:`kernel_signatures`."""
+    size, :data:`WARPS` warps a block. Signatures: :func:`kernel_signatures`."""
     D, G, BS, W = head_dim, group, block_size, WARPS
     KC = D // 32  # 16-byte K chunks per lane and key row (chunks t + 4 j)
     VC = D // 64  # 16-byte V chunks per lane and key row (chunks g + 8 i)
@@ -92,10 +92,8 @@ def mma_attention_kernels(head_dim: int, group: int, block_size: int, locate: Ca
     NT_O = D // 8  # 8-column n-tiles of O
     QWORDS, OACC, KWORDS, VWORDS = 2 * KSTEPS, 2 * NT_O, 8 * KC, 16 * VC  # local array sizes
     STEP = W * KEYS  # keys per block step
-    PARTS = W * G * D
-    FACTORS = 2 * G  # shared state: the block's max and sum per head, then each warp's max (its
-    SUMS = FACTORS + W * G  # rescale factor once combined) and sum per head
-    STATE = SUMS + W * G
+    _, FACTORS, SUMS, _ = shared_layout(D, G, W)
+    fold = stream_folder(G, W)
 
     ONE_BLOCK = BS % KEYS == 0  # a step's 16 keys (16-aligned) then lie in one cache block
 
@@ -118,9 +116,8 @@ def mma_attention_kernels(head_dim: int, group: int, block_size: int, locate: Ca
     @cuda.jit(device=True)
     def attend(q, k, v, block_tables, b, tok, g, kv_heads, key_start, key_stop, scale_log2, part_s, state_s):
         """Online softmax over keys ``key_start .. key_stop - 1`` (at least one): leaves each warp's
-        unnormalised output in ``part_s[(warp * G + h) * D + d]``, its rescale factor to the block's
-        max in ``state_s[FACTORS + warp * G + h]`` and the block's max (natural log units) and sum in
-        ``state_s[h]``, ``state_s[G + h]``."""
+        unnormalised output in ``part_s[(warp * G + h) * D + d]``, and the block's state folded
+        (:func:`.attention_blocks.stream_folder`)."""
         tid = cuda.threadIdx.x
         lane = tid % WARP
         warp = tid // WARP
@@ -210,76 +207,15 @@ def mma_attention_kernels(head_dim: int, group: int, block_size: int, locate: Ca
         total += cuda.shfl_xor_sync(FULL_MASK, total, 2)
         if row < G:
             if quad == 0:
-                state_s[FACTORS + warp * G + row] = top
+                state_s[FACTORS + warp * G + row] = top * LN2  # natural log units, as the fold takes them
                 state_s[SUMS + warp * G + row] = total
             for no in range(NT_O):
                 for e in range(2):
                     d = 8 * (2 * quad + e + 8 * (no // 8)) + no % 8
                     part_s[(warp * G + row) * D + d] = o[2 * no + e]
-        cuda.syncthreads()
-        if tid < G:  # one thread per head: the block's max and sum, and each warp's rescale factor
-            block_top = NEG_INF
-            for w in range(W):
-                block_top = max(block_top, state_s[FACTORS + w * G + tid])
-            block_total = float32(0)
-            for w in range(W):
-                factor = float32(0)
-                if state_s[FACTORS + w * G + tid] != NEG_INF:
-                    factor = math.exp2(state_s[FACTORS + w * G + tid] - block_top)
-                block_total += state_s[SUMS + w * G + tid] * factor
-                state_s[FACTORS + w * G + tid] = factor
-            state_s[tid] = block_top * LN2  # the merge kernel's units
-            state_s[G + tid] = block_total
-        cuda.syncthreads()
+        fold(state_s)
 
-    @cuda.jit(device=True)
-    def combined(part_s, state_s, i):
-        """Element ``i = h * D + d`` of the block's unnormalised output: the warps' parts, rescaled
-        and added in a fixed order."""
-        h = i // D
-        value = float32(0)
-        for w in range(W):
-            value += part_s[w * G * D + i] * state_s[FACTORS + w * G + h]
-        return value
-
-    def whole_range(q, k, v, block_tables, context_lens, query_start_loc, kv_heads, scale_log2, out):
-        """One block per (token, KV head): the token's whole causal range, normalised into out."""
-        tok = cuda.blockIdx.x
-        g = cuda.blockIdx.y
-        b, key_end = locate(tok, query_start_loc, context_lens, block_tables.shape[1] * BS)
-        if key_end <= 0:
-            return
-        part_s = cuda.shared.array(PARTS, float32)
-        state_s = cuda.shared.array(STATE, float32)
-        attend(q, k, v, block_tables, b, tok, g, kv_heads, 0, key_end, scale_log2, part_s, state_s)
-        for i in range(cuda.threadIdx.x, G * D, W * WARP):
-            h = i // D
-            out[tok, g * G + h, i - h * D] = combined(part_s, state_s, i) / state_s[G + h]
-
-    def partition(
-        q, k, v, block_tables, context_lens, query_start_loc, kv_heads, scale_log2, part_keys, stats, partials
-    ):
-        """One block per (token, KV head, partition): an unnormalised partial and its (max, sum)."""
-        tok = cuda.blockIdx.x
-        g = cuda.blockIdx.y
-        p = cuda.blockIdx.z
-        b, key_end = locate(tok, query_start_loc, context_lens, block_tables.shape[1] * BS)
-        key_start = p * part_keys
-        if key_start >= key_end:
-            return
-        key_stop = min(key_end, key_start + part_keys)
-        part_s = cuda.shared.array(PARTS, float32)
-        state_s = cuda.shared.array(STATE, float32)
-        attend(q, k, v, block_tables, b, tok, g, kv_heads, key_start, key_stop, scale_log2, part_s, state_s)
-        tid = cuda.threadIdx.x
-        for i in range(tid, G * D, W * WARP):
-            h = i // D
-            partials[tok, g * G + h, p, i - h * D] = combined(part_s, state_s, i)
-        if tid < G:
-            stats[0, tok, g * G + tid, p] = state_s[tid]
-            stats[1, tok, g * G + tid, p] = state_s[G + tid]
-
-    return whole_range, partition
+    return block_kernels(attend, D, G, W, W * WARP, BS, to_stored(False))
 
 
 def scale_log2(scale: float) -> np.float32:

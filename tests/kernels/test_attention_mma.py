@@ -29,9 +29,9 @@ def mma_path(monkeypatch):
     launched = []
     build = attention_mma.mma_attention_kernels
 
-    def spy(head_dim, group, block_size, locate):
+    def spy(head_dim, group, block_size):
         launched.append((head_dim, group))
-        return build(head_dim, group, block_size, locate)
+        return build(head_dim, group, block_size)
 
     monkeypatch.setattr(attention_mma, "mma_attention_kernels", spy)
     return launched
@@ -81,7 +81,7 @@ def test_other_steps_stay_on_cuda_cores(kb, rng, mma_path, why, q_heads, kv_head
 def test_mma_attention_keeps_its_arrays_in_registers(dim, group):
     from infinilm_nb.kernels.common import compiled
 
-    kernels = attention_mma.mma_attention_kernels(dim, group, 16, attention._locate)
+    kernels = attention_mma.mma_attention_kernels(dim, group, 16)
     for pyfunc, signature in zip(kernels, attention_mma.kernel_signatures()):
         kernel = compiled(pyfunc, signature, fastmath=True)
         assert kernel.get_local_mem_per_thread() == 0, (pyfunc.__name__, kernel.get_regs_per_thread())
