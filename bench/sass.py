@@ -70,8 +70,7 @@ def kernels() -> list[tuple[str, Callable, str, dict[str, Any]]]:
                  attention._compile_options(dim, group, vec)))
     _, partition = attention_mma.mma_attention_kernels(dim, group, block)
     rows.append(("decode attention (split, mma)", partition, attention_mma.kernel_signatures()[1], {"fastmath": True}))
-    for m in (512, 2048):
-        config = gemm_tc.tc_config(m)
+    for config in (gemm_tc.tc_config(512), gemm_tc.tc_config(2048), gemm_tc.TcConfig(128, 256, 2, 4, stages=2)):
         rows.append((f"prefill GEMM {config.block_m}x{config.block_n}/{config.threads // 32}w", gemm_tc.tc_kernel(config),
                      f16, {}))
     rows.append(("prefill attention d=128", attention_prefill.prefill_kernel(dim), attention_prefill.SIGNATURE, {}))

@@ -23,7 +23,9 @@
   the epilogue stores only in-range elements.
 * Epilogue: each warp parks its accumulators, one 16-row tile row at a time, in its own slice of
   the (then idle) shared memory and reads them back along n, so that stores are coalesced; it adds
-  ``bias`` and ``residual`` as in :func:`.gemm.linear`. Fused (``linear_silu_mul``): each warp's B
+  ``bias`` and ``residual`` as in :func:`.gemm.linear`. The tile rows are written out one call each
+  (at most four: warp sub-tiles of up to 64 rows), so that with 64 x 64 sub-tiles (128 accumulators
+  a thread) NVVM still keeps the accumulators in registers. Fused (``linear_silu_mul``): each warp's B
   rows are half gate rows, half the matching up rows, so a warp holds both products of an output
   and writes ``silu(gate) * up``.
 * Blocks are numbered in groups of ``GROUP_M`` tile rows, column by column, so that the blocks
@@ -98,6 +100,7 @@ class TcConfig:
             and self.shared_bytes <= SHARED_BYTES
             and self.warps_m * self.warps_n * 16 * (wn + PARK_PAD) * 4 <= self.shared_bytes
             and (not self.fused or (wn // 2) % 8 == 0)
+            and wm <= 64  # the epilogue's tile rows are written out, four at most
         )
         if not ok:
             raise ValueError(f"unsupported tensor-core GEMM geometry {self}")
@@ -154,6 +157,35 @@ def tc_kernel(config: TcConfig) -> Callable:
                 i = (mi * NT + ni) * 4
                 a = 4 * mi
                 mma_accumulate(acc, i, af[a], af[a + 1], af[a + 2], af[a + 3], bf[2 * ni], bf[2 * ni + 1])
+
+    @inline_device
+    def store_tile_row(mi, acc, smem, park, lane, m_warp, n_warp, M, N, bias, residual, out, has_bias, has_residual):
+        """The epilogue of the warp's 16-row tile row ``mi`` (a constant at each call): park its
+        accumulators in the warp's slice of shared memory (lane (g, t) holds rows g, g + 8 and
+        columns 2t, 2t + 1 of each mma tile), read them back a row at a time, lanes along n, and store."""
+        g = lane // 4
+        t = lane % 4
+        for ni in range(NT):
+            for q in range(4):
+                smem[park + (g + 8 * (q // 2)) * PARK_STRIDE + ni * 8 + 2 * t + q % 2] = acc[(mi * NT + ni) * 4 + q]
+        cuda.syncwarp()
+        m_tile = m_warp + mi * 16
+        for e in range(lane, 16 * OUT_W, WARP):
+            row = e // OUT_W
+            j = e - row * OUT_W
+            m = m_tile + row
+            n = n_warp + j
+            if m < M and n < N:
+                if FUSED:
+                    value = silu(smem[park + row * PARK_STRIDE + j]) * smem[park + row * PARK_STRIDE + j + HALF]
+                else:
+                    value = smem[park + row * PARK_STRIDE + j]
+                    if has_bias:
+                        value += float32(bias[n])
+                    if has_residual:
+                        value += float32(residual[m * N + n])
+                out[m * N + n] = value
+        cuda.syncwarp()  # the slice is read before the next tile row overwrites it
 
     @inline_device
     def copy_tile(x, weight, a_stage, b_stage, k, K, a_src, a_bytes, a_dst, b_src, b_bytes, b_dst):
@@ -265,30 +297,15 @@ def tc_kernel(config: TcConfig) -> Callable:
         cp_async_wait_group(0)
         cuda.syncthreads()  # every warp is done reading the pipeline's tiles
         park = warp * PARK_WORDS
-        g = lane // 4
-        t = lane % 4
-        n_warp = n0 + wn * OUT_W
-        for mi in range(MT):
-            for ni in range(NT):
-                for q in range(4):
-                    smem[park + (g + 8 * (q // 2)) * PARK_STRIDE + ni * 8 + 2 * t + q % 2] = acc[(mi * NT + ni) * 4 + q]
-            cuda.syncwarp()
-            m_tile = m0 + wm * WM + mi * 16
-            for e in range(lane, 16 * OUT_W, WARP):
-                row = e // OUT_W
-                j = e - row * OUT_W
-                m = m_tile + row
-                n = n_warp + j
-                if m < M and n < N:
-                    if FUSED:
-                        value = silu(smem[park + row * PARK_STRIDE + j]) * smem[park + row * PARK_STRIDE + j + HALF]
-                    else:
-                        value = smem[park + row * PARK_STRIDE + j]
-                        if has_bias:
-                            value += float32(bias[n])
-                        if has_residual:
-                            value += float32(residual[m * N + n])
-                    out[m * N + n] = value
-            cuda.syncwarp()  # the slice is read before the next tile row overwrites it
+        # The tile rows one by one as written, not a loop: NVVM does not unroll a loop over 4 tile rows
+        # (the 64-row warp tiles), and a loop index into acc would put it in local memory.
+        m_warp, n_warp = m0 + wm * WM, n0 + wn * OUT_W
+        store_tile_row(0, acc, smem, park, lane, m_warp, n_warp, M, N, bias, residual, out, has_bias, has_residual)
+        if MT > 1:
+            store_tile_row(1, acc, smem, park, lane, m_warp, n_warp, M, N, bias, residual, out, has_bias, has_residual)
+        if MT > 2:
+            store_tile_row(2, acc, smem, park, lane, m_warp, n_warp, M, N, bias, residual, out, has_bias, has_residual)
+        if MT > 3:
+            store_tile_row(3, acc, smem, park, lane, m_warp, n_warp, M, N, bias, residual, out, has_bias, has_residual)
 
     return kernel

@@ -18,7 +18,11 @@ CONFIGS = [
     gemm_tc.tc_config(4096),  # 128-row tiles, 8 warps, 3 stages
     gemm_tc.TcConfig(block_m=64, warps_m=2, warps_n=4, stages=4),  # 64-row tiles, 8 warps (bench variant)
     gemm_tc.TcConfig(block_m=32, block_n=32, warps_m=1, warps_n=2, stages=2),  # a small geometry
+    # 64 x 64 warp tiles (bench variants): 128 accumulators a thread, the epilogue's 4 tile rows written out
+    gemm_tc.TcConfig(block_m=128, block_n=256, warps_m=2, warps_n=4, stages=2),
+    gemm_tc.TcConfig(block_m=256, block_n=128, warps_m=4, warps_n=2, stages=2),
 ]
+BIG_TILES = CONFIGS[-2:]
 # (M, N, K): ragged against 64 / 128-row tiles, 128 / 64-column tiles and 32-deep K tiles;
 # K = 8 is a single partial K tile.
 SHAPES = [(64, 64, 64), (65, 37, 40), (130, 200, 72), (200, 129, 8), (300, 1000, 264), (1030, 260, 136)]
@@ -144,10 +148,21 @@ def test_linear_falls_back_to_cuda_cores(kb, rng, monkeypatch, case):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", CONFIGS[:2] + [gemm_tc.tc_config(M, fused=True) for M in (64, 4096)], ids=str)
+@pytest.mark.parametrize(
+    "config",
+    CONFIGS[:2] + BIG_TILES + [gemm_tc.tc_config(M, fused=True) for M in (64, 4096)] + [
+        gemm_tc.TcConfig(**{**BIG_TILES[0].__dict__, "fused": True})],
+    ids=str,
+)
 def test_tc_kernel_is_tensor_cores_without_local_memory(config):
     kernel = compiled(gemm_tc.tc_kernel(config), gemm.kernel_signature(F16))
     ptx = "".join(kernel.inspect_asm().values())
     for instruction in ("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32", "ldmatrix.sync.aligned", "cp.async.cg"):
         assert instruction in ptx, instruction
     assert kernel.get_local_mem_per_thread() == 0
+
+
+def test_warp_tiles_past_64_rows_are_refused():
+    # the epilogue writes out at most four 16-row tile rows per warp
+    with pytest.raises(ValueError, match="unsupported tensor-core GEMM geometry"):
+        gemm_tc.tc_kernel(gemm_tc.TcConfig(block_m=256, block_n=64, warps_m=2, warps_n=2, stages=2))
