@@ -167,11 +167,9 @@ def test_attention_workspace_shapes():
     assert shapes == {"stats": (2, 8, 32, 17), "partials": (8, 32, 17, 128)}
 
 
-@pytest.mark.parametrize("split", [False, True])
-@pytest.mark.parametrize("dtype", [F32, F16, BF16])
-def test_static_attention_matches_reference(kb, rng, dtype, split):
-    q_heads, kv_heads, dim, _, _ = CONFIGS[1]
-    max_len = pick(sim=20, gpu=2048)
+def _run_static(kb, rng, q_heads, kv_heads, dim, dtype, max_len, split):
+    """Static-cache attention of a mixed batch (a context of max_len keys, prefills, an idle slot) on
+    random data, split into partitions or not, and the reference's answer."""
     seqs = [(1, max_len), (3, 9), (1, 1), (0, 3), (2, max_len - 1)]
     num_slots = len(seqs) + 2
     slots = rng.permutation(num_slots)[: len(seqs)].astype(np.int32)
@@ -194,7 +192,15 @@ def test_static_attention_matches_reference(kb, rng, dtype, split):
     want = reference.static_attention(
         q, k_cache, v_cache, slots, context_lens, qsl, 0.25, np.empty((tokens, q_heads, dim), np.float32)
     )
-    assert rel_err(kb.to_host(out), want) < tolerance(dtype)
+    return kb.to_host(out), want
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+def test_static_attention_matches_reference(kb, rng, dtype, split):
+    q_heads, kv_heads, dim, _, _ = CONFIGS[1]
+    got, want = _run_static(kb, rng, q_heads, kv_heads, dim, dtype, pick(sim=20, gpu=2048), split)
+    assert rel_err(got, want) < tolerance(dtype)
 
 
 @pytest.mark.parametrize("dtype", [F32, F16, BF16])

@@ -10,7 +10,7 @@ import pytest
 from infinilm_nb.kernels import attention, attention_mma
 from infinilm_nb.kernels.attention import AttentionWorkspace
 from tests.helpers import pick, rel_err, tolerance
-from tests.kernels.test_attention import _cases, _run_paged
+from tests.kernels.test_attention import _cases, _run_paged, _run_static
 
 F16 = np.float16
 
@@ -58,6 +58,15 @@ def test_mma_attention_matches_reference(kb, rng, mma_path, q_heads, kv_heads, d
     got, want = _run_paged(kb, rng, seqs, q_heads, kv_heads, dim, block_size, F16, workspace)
     assert rel_err(got, want) < tolerance(F16)
     assert mma_path == [(dim, q_heads // kv_heads)]
+
+
+@pytest.mark.parametrize("max_len,split", [(20, True), (pick(sim=32, gpu=2048), False)])
+def test_mma_static_attention_matches_reference(kb, rng, mma_path, max_len, split):
+    # a static cache is one block of max_len keys per sequence: 20 keys do not hold whole 16-key
+    # steps, 32 do
+    got, want = _run_static(kb, rng, 4, 2, 64, F16, max_len, split)
+    assert rel_err(got, want) < tolerance(F16)
+    assert mma_path == [(64, 2)]
 
 
 @pytest.mark.parametrize(
