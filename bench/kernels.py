@@ -294,6 +294,8 @@ def bench_attention(copy_bw: float) -> list[Row]:
     from infinilm_nb.kernels.common import TENSOR_CORES
     from infinilm_nb.runtime.llama import SPLIT_ATTENTION_TOKENS
 
+    enabled = attention_mma.ENABLED
+
     rows = []
     for batch, length in ATTENTION_CASES:
         nbytes = 2 * 2 * batch * length * KV_HEADS * HEAD_DIM
@@ -318,9 +320,10 @@ def bench_attention(copy_bw: float) -> list[Row]:
         peer = time_torch_graph(sdpa)
         want = cupy.from_dlpack(sdpa[0]().reshape(batch, HEADS, HEAD_DIM).float())
         del contiguous, sdpa
-        # the default path (tensor cores on a GPU), split and not, and the CUDA-core kernel split
-        for label, ws, tensor_cores in (("", None, True), (" split", workspace, True), (" split cuda-core", workspace, False)):
-            attention_mma.ENABLED = tensor_cores and TENSOR_CORES
+        # the CUDA-core kernel whole and split, and the tensor-core inner loop split (attention_mma)
+        variants = (("", None, False), (" split", workspace, False)) + ((" split mma", workspace, True),) * TENSOR_CORES
+        for label, ws, mma in variants:
+            attention_mma.ENABLED = mma
             calls = [
                 lambda kc=kc, vc=vc, ws=ws: OPS.paged_attention(
                     q, kc, vc, tables, context_lens, query_start, HEAD_DIM**-0.5, out, workspace=ws)
@@ -333,7 +336,7 @@ def bench_attention(copy_bw: float) -> list[Row]:
             t = time_graph(calls)
             rows.append(Row(f"paged_attn{label}", f"B={batch} L={length}", t * 1e6, nbytes / t / 1e9, "GB/s",
                             100 * nbytes / t / copy_bw, "SDPA", peer * 1e6))
-        attention_mma.ENABLED = TENSOR_CORES
+        attention_mma.ENABLED = enabled
         del caches
     return rows
 

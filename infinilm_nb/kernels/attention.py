@@ -25,9 +25,9 @@ few long decode sequences fill the GPU); each writes its unnormalised partial an
 second kernel merges them with the online-softmax rule.
 
 A float16 step that the caller marks as holding prefills (``max_query_len``) runs instead on tensor
-cores, FlashAttention-2 style: :mod:`.attention_prefill`. Other float16 steps (head dim 64 or 128,
-up to 8 query heads per KV head) run the same blocks with the inner work on tensor cores:
-:mod:`.attention_mma`.
+cores, FlashAttention-2 style: :mod:`.attention_prefill`. With :data:`.attention_mma.ENABLED` (off
+until measured), other float16 steps (head dim 64 or 128, up to 8 query heads per KV head) run the
+same blocks with the inner work on tensor cores: :mod:`.attention_mma`.
 
 bfloat16 (uint16 bit patterns, see :data:`.common.BFLOAT16`) takes the CUDA-core kernels: they widen
 q, K and V to float32 as they load them and round what they write to ``out``; the workspace stays

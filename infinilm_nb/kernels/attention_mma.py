@@ -28,7 +28,7 @@ in log2 units, exp2), which the block adds up at the end, rescaled to its max, i
 float16 only, head dim 64 or 128, at most 8 query heads per KV head, caches 16-byte aligned.
 
 In numba's CUDA simulator the loads and the mma run as NumPy fallbacks, so these kernels are tested
-there too (slowly: keep the shapes tiny).
+there too (slowly: keep the shapes tiny). Off by default (:data:`ENABLED`) until measured on a GPU.
 """
 
 from __future__ import annotations
@@ -46,9 +46,9 @@ from .intrinsics import aligned16, pack_f16x2
 from .mma import load_words_stream, mma_16816
 from .vector import to_stored
 
-# The switch: off (common.TENSOR_CORES, INFINILM_NB_TENSOR_CORES=0) keeps decode attention on the
-# CUDA-core kernel.
-ENABLED = TENSOR_CORES
+# The switch, off until a GPU run has measured this kernel: ``attention_mma.ENABLED = True`` sends
+# the steps it can take here (never with common.TENSOR_CORES off: INFINILM_NB_TENSOR_CORES=0).
+ENABLED = False
 HEAD_DIMS = (64, 128)
 MAX_GROUP = 8  # query heads per KV head: the rows g = lane // 4 of an m16n8k16 tile
 WARP = 32
@@ -66,6 +66,7 @@ def usable(q: Any, k_cache: Any, v_cache: Any, group: int) -> bool:
     most :data:`MAX_GROUP` query heads per KV head, 16-byte aligned caches."""
     return (
         ENABLED
+        and (TENSOR_CORES or SIMULATOR)  # the simulator runs it on NumPy fallbacks when asked
         and np.dtype(q.dtype) == np.float16
         and q.shape[2] in HEAD_DIMS
         and group <= MAX_GROUP

@@ -1,7 +1,7 @@
 """Decode attention on tensor cores (attention_mma) against the reference, through paged_attention.
 
-The kernels run in the simulator too (NumPy loads and mma), where the switch is turned on by hand;
-on the GPU it is on by default, so there every float16 test of test_attention also takes this path.
+The switch is off by default until a GPU run has measured the kernels; these tests turn it on, on the
+GPU and in the simulator (NumPy loads and mma).
 """
 
 import numpy as np
