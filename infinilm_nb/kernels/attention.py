@@ -17,7 +17,8 @@ loads issued before any use. For each key it reduces the dot products with the g
 (held in registers) by warp shuffles and folds the key into the group's own online-softmax state
 (running max, sum and ``p * V`` accumulators, in registers). No barrier is needed until the end,
 when the groups leave their states in shared memory and the block adds them up, rescaled to its max,
-in a fixed order. Caches that are not 16-byte aligned take the same path with one-element slices.
+in a fixed order (the blocks around the lane groups: :mod:`.attention_blocks`). Caches that are not
+16-byte aligned take the same path with one-element slices.
 
 Without a workspace a block covers a token's whole causal range and writes ``out``. With an
 :class:`AttentionWorkspace` the range is cut into partitions processed by separate blocks (so that
