@@ -14,23 +14,20 @@ from infinilm_nb.kernels.intrinsics import (
 SIGNATURES = {np.float16: "void(float16[:, ::1], float16[::1])", np.float32: "void(float32[:, ::1], float32[::1])"}
 
 
-def _copy_f16(src, dst):
-    i = cuda.grid(1) * 8
-    if i < src.size:
-        v = load_f16x8(src, i)
-        for j in range(8):
-            dst[i + j] = v[j]
+def _copier(load, width):
+    """A kernel function copying ``width`` elements a thread through the 16-byte ``load``."""
+
+    def copy(src, dst):
+        i = cuda.grid(1) * width
+        if i < src.size:
+            v = load(src, i)
+            for j in range(width):
+                dst[i + j] = v[j]
+
+    return copy
 
 
-def _copy_f32(src, dst):
-    i = cuda.grid(1) * 4
-    if i < src.size:
-        v = load_f32x4(src, i)
-        for j in range(4):
-            dst[i + j] = v[j]
-
-
-COPIES = {np.float16: (_copy_f16, 8), np.float32: (_copy_f32, 4)}
+COPIES = {np.float16: (_copier(load_f16x8, 8), 8), np.float32: (_copier(load_f32x4, 4), 4)}
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
@@ -163,16 +160,8 @@ def test_as_f32_reads_an_element_of_each_activation_dtype(kb, rng):
     np.testing.assert_array_equal(got[2], reference.to_f32(bits))
 
 
-def _widen_on_load(src, dst):
-    i = cuda.grid(1) * 8
-    if i < src.size:
-        v = load_f16x8_f32(src, i)
-        for j in range(8):
-            dst[i + j] = v[j]
-
-
 def test_float16_load_widened_to_float32(kb, rng):
     src = (rng.standard_normal(40) * 100).astype(np.float16)
     dst = kb.asarray(np.full(40, np.nan, np.float32))
-    cuda.jit("void(float16[::1], float32[::1])")(_widen_on_load)[1, 32, launch_stream()](kb.asarray(src), dst)
+    cuda.jit("void(float16[::1], float32[::1])")(_copier(load_f16x8_f32, 8))[1, 32, launch_stream()](kb.asarray(src), dst)
     np.testing.assert_array_equal(kb.to_host(dst), src.astype(np.float32))
