@@ -46,7 +46,7 @@ import numpy as np
 from numba import cuda
 
 from . import attention_mma, attention_prefill
-from .attention_blocks import NEG_INF, block_kernels, locate, shared_layout, stream_folder
+from .attention_blocks import NEG_INF, block_kernels, locate, row_finder, shared_layout, stream_folder
 from .common import SIMULATOR, WITH_BFLOAT16, cdiv, check_array, check_same_dtype, compiled, launch_stream, numba_type
 from .intrinsics import as_f32
 from .vector import (
@@ -251,6 +251,7 @@ def _attention_kernels(
     SCORES = U * G
     _, FACTORS, SUMS, _ = shared_layout(D, G, GROUPS)
     fold = stream_folder(G, GROUPS)
+    cache_row = row_finder(BS, D)
     # widened as loaded: with the conversions left to the dot products the float16 build spilled
     load, as_stored = widening_loader(VEC, bf16), to_stored(bf16)
 
@@ -284,9 +285,7 @@ def _attention_kernels(
             # all the step's K and V loads first; keys past the range load the last valid row
             for u in range(U):
                 j = min(base + u * GROUPS + gi, key_stop - 1)
-                logical = j // BS
-                slot = block_tables[b, logical] * BS + (j - logical * BS)
-                row = (numba.int64(slot) * kv_heads + g) * D
+                row = cache_row(block_tables, b, j, kv_heads, g)
                 for c in range(CPL):
                     at = row + (c * LPK + li) * VEC
                     kv = load(k, at)

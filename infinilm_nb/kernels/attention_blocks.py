@@ -42,6 +42,22 @@ def locate(t, query_start_loc, context_lens, capacity):
     return lo, min(key_end, capacity)
 
 
+@functools.lru_cache(maxsize=None)
+def row_finder(block_size: int, head_dim: int) -> Callable:
+    """The device function ``cache_row(block_tables, b, key, kv_heads, g)``: the flat index of the
+    first element of sequence ``b``'s ``key`` row for KV head ``g`` in a flat cache of blocks of
+    ``block_size`` slots (a static cache: one block per sequence)."""
+    BS, D = block_size, head_dim
+
+    @cuda.jit(device=True)
+    def cache_row(block_tables, b, key, kv_heads, g):
+        logical = key // BS
+        slot = block_tables[b, logical] * BS + (key - logical * BS)
+        return (numba.int64(slot) * kv_heads + g) * D
+
+    return cache_row
+
+
 class SharedLayout(NamedTuple):
     """Float offsets of an attention block's shared state, for ``G`` heads and ``groups`` key streams
     (lane groups or warps): ``parts`` floats of unnormalised outputs ``[groups, G, D]``; then state:

@@ -40,7 +40,7 @@ from typing import Any, Callable
 import numpy as np
 from numba import cuda, float32, int64, uint32
 
-from .attention_blocks import NEG_INF, block_kernels, shared_layout, stream_folder
+from .attention_blocks import NEG_INF, block_kernels, row_finder, shared_layout, stream_folder
 from .common import SIMULATOR, TENSOR_CORES
 from .intrinsics import aligned16, pack_f16x2
 from .mma import load_words_stream, mma_16816
@@ -98,12 +98,7 @@ def mma_attention_kernels(head_dim: int, group: int, block_size: int) -> tuple[C
 
     ONE_BLOCK = BS % KEYS == 0  # a step's 16 keys (16-aligned) then lie in one cache block
 
-    @cuda.jit(device=True)
-    def row_of(block_tables, b, key, kv_heads, g):
-        """The flat cache index of the first element of ``key``'s row for KV head ``g``."""
-        logical = key // BS
-        slot = block_tables[b, logical] * BS + (key - logical * BS)
-        return (int64(slot) * kv_heads + g) * D
+    row_of = row_finder(BS, D)
 
     @cuda.jit(device=True)
     def step_row(block_tables, b, base, key, last, kv_heads, g):
