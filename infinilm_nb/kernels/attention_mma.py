@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import Any, Callable
 
 import numpy as np
@@ -46,9 +47,10 @@ from .intrinsics import aligned16, pack_f16x2
 from .mma import load_words_stream, mma_16816
 from .vector import to_stored
 
-# The switch, off until a GPU run has measured this kernel: ``attention_mma.ENABLED = True`` sends
-# the steps it can take here (never with common.TENSOR_CORES off: INFINILM_NB_TENSOR_CORES=0).
-ENABLED = False
+# The switch, off until a GPU run has measured this kernel: ``attention_mma.ENABLED = True`` (or
+# INFINILM_NB_ATTENTION_MMA=1 in the environment) sends the steps it can take here (never with
+# common.TENSOR_CORES off: INFINILM_NB_TENSOR_CORES=0).
+ENABLED = os.environ.get("INFINILM_NB_ATTENTION_MMA", "0") == "1"
 HEAD_DIMS = (64, 128)
 MAX_GROUP = 8  # query heads per KV head: the rows g = lane // 4 of an m16n8k16 tile
 WARP = 32
