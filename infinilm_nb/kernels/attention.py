@@ -26,9 +26,10 @@ few long decode sequences fill the GPU); each writes its unnormalised partial an
 second kernel merges them with the online-softmax rule.
 
 A float16 step that the caller marks as holding prefills (``max_query_len``) runs instead on tensor
-cores, FlashAttention-2 style: :mod:`.attention_prefill`. With :data:`.attention_mma.ENABLED` (off
-until measured), other float16 steps (head dim 64 or 128, up to 8 query heads per KV head) run the
-same blocks with the inner work on tensor cores: :mod:`.attention_mma`.
+cores, FlashAttention-2 style: :mod:`.attention_prefill`. Other float16 steps (head dim 64 or 128,
+up to 8 query heads per KV head) whose (token, KV head) pairs fit in one wave of blocks run the same
+blocks with the inner work on tensor cores: :mod:`.attention_mma` (:data:`.attention_mma.ENABLED`).
+The merge of split partitions: :mod:`.attention_merge`.
 
 bfloat16 (uint16 bit patterns, see :data:`.common.BFLOAT16`) takes the CUDA-core kernels: they widen
 q, K and V to float32 as they load them and round what they write to ``out``; the workspace stays
@@ -46,7 +47,8 @@ import numpy as np
 from numba import cuda
 
 from . import attention_mma, attention_prefill
-from .attention_blocks import NEG_INF, block_kernels, locate, row_finder, shared_layout, stream_folder
+from .attention_merge import merge_partitions
+from .attention_blocks import NEG_INF, block_kernels, row_finder, shared_layout, stream_folder
 from .common import SIMULATOR, WITH_BFLOAT16, cdiv, check_array, check_same_dtype, compiled, launch_stream, numba_type
 from .intrinsics import as_f32
 from .vector import (
@@ -340,35 +342,6 @@ def _warps(head_dim: int, group: int, vec: int) -> int:
     return max(1, min(ATTENTION_WARPS, SHARED_BYTES // per_warp))
 
 
-@functools.lru_cache(maxsize=None)
-def _merge_kernel(bf16: bool) -> Callable:
-    """The kernel function merging the partitions' partials into out (``bf16``: out holds bfloat16 bits)."""
-    as_stored = to_stored(bf16)
-
-    def merge(context_lens, query_start_loc, capacity, part_keys, stats, partials, out):
-        """One block per (token, query head): combine the token's partitions by the online-softmax rule."""
-        t = cuda.blockIdx.x
-        hq = cuda.blockIdx.y
-        b, key_end = locate(t, query_start_loc, context_lens, capacity)
-        if key_end <= 0:
-            return
-        parts = (key_end + part_keys - 1) // part_keys
-        top = NEG_INF
-        for p in range(parts):
-            top = max(top, stats[0, t, hq, p])
-        total = numba.float32(0.0)
-        for p in range(parts):
-            total += math.exp(stats[0, t, hq, p] - top) * stats[1, t, hq, p]
-        inv = numba.float32(1.0) / total
-        for d in range(cuda.threadIdx.x, out.shape[2], cuda.blockDim.x):
-            acc = numba.float32(0.0)
-            for p in range(parts):
-                acc += math.exp(stats[0, t, hq, p] - top) * partials[t, hq, p, d]
-            out[t, hq, d] = as_stored(acc * inv)
-
-    return merge
-
-
 def _attention(
     op: str, q: Any, k_cache: Any, v_cache: Any, block_tables: Any, context_lens: Any,
     query_start_loc: Any, scale: float, out: Any, workspace: AttentionWorkspace | None,
@@ -414,21 +387,22 @@ def _attention(
     t = numba_type(q.dtype)
     # flat caches: the kernels address a key's row by its slot, block * block_size + offset
     caches = (k_cache.reshape(-1), v_cache.reshape(-1))
+    kernels = None
     if attention_mma.usable(q, k_cache, v_cache, group):
-        whole_range, partition = attention_mma.mma_attention_kernels(dim, group, block_size)
-        args = (q.view(np.uint16), *caches, block_tables, context_lens, query_start_loc, kv_heads,
-                attention_mma.scale_log2(scale))
-        threads, options = attention_mma.WARPS * WARP, {"fastmath": True}
-        whole_signature, split_signature = attention_mma.kernel_signatures()
-    else:
-        vec = vector_width(k_cache.dtype, (k_cache, v_cache))
-        warps = _warps(dim, group, vec)
-        whole_range, partition = _attention_kernels(dim, group, vec, warps, block_size, bf16)
-        args = (q, *caches, block_tables, context_lens, query_start_loc, kv_heads, scale)
-        threads, options = warps * WARP, _compile_options(dim, group, vec)
-        whole_signature, split_signature = kernel_signatures(t)
+        kernels = _mma_kernels(q, caches, block_tables, context_lens, query_start_loc, kv_heads, scale, block_size)
+        # The tensor-core trip is less than half the CUDA-core one's instructions per key, but at 168
+        # registers an SM holds 3 of its blocks to the CUDA-core kernel's 4. It wins where the (token,
+        # KV head) pairs fit in one wave of its blocks and the split fills the GPU; past that the
+        # fuller SMs of the CUDA-core kernel stream faster (H100, float16, 32 / 8 heads: batch 16 at
+        # 8K keys 94% of copy against 88%; batch 64 at 2K 83% against 91%).
+        within = SIMULATOR or tokens * kv_heads <= _resident_blocks(kernels.whole, kernels.threads)
+        if attention_mma.WITHIN_ONE_WAVE and not within:
+            kernels = None
+    if kernels is None:
+        kernels = _cuda_core_kernels(q, caches, block_tables, context_lens, query_start_loc, kv_heads, scale,
+                                     block_size, group)
+    whole, partition, split_signature, args, threads, options = kernels
     stream = launch_stream()
-    whole = compiled(whole_range, whole_signature, **options)
     split = None
     if max_parts > 1:
         split = compiled(partition, split_signature, **options)
@@ -440,12 +414,46 @@ def _attention(
     parts = cdiv(capacity, part_keys)
     stats, partials = _workspace_views(workspace, tokens, q_heads, parts, dim)
     split[(tokens, kv_heads, parts), threads, stream](*args, part_keys, stats, partials)
-    merge = compiled(
-        _merge_kernel(bf16),
-        f"void(int32[::1], int32[::1], int64, int32, float32[:, :, :, ::1], float32[:, :, :, ::1], {t}[:, :, :])",
-    )
-    merge[(tokens, q_heads), threads, stream](context_lens, query_start_loc, capacity, part_keys, stats, partials, out)
+    merge_partitions(t, bf16, context_lens, query_start_loc, capacity, part_keys, stats, partials, out, stream)
     return out
+
+
+class _Kernels(NamedTuple):
+    """One attention kernel family ready to launch: the compiled whole-range kernel, the partition
+    kernel's function and signature (compiled only when a step splits), their leading arguments."""
+
+    whole: Any
+    partition: Callable
+    split_signature: str
+    args: tuple
+    threads: int
+    options: dict
+
+
+def _mma_kernels(q, caches, block_tables, context_lens, query_start_loc, kv_heads, scale, block_size) -> _Kernels:
+    """The tensor-core kernels (:mod:`.attention_mma`) for a checked float16 step."""
+    dim, group = q.shape[2], q.shape[1] // kv_heads
+    whole_range, partition = attention_mma.mma_attention_kernels(dim, group, block_size)
+    whole_signature, split_signature = attention_mma.kernel_signatures()
+    options = {"fastmath": True}
+    args = (q.view(np.uint16), *caches, block_tables, context_lens, query_start_loc, kv_heads,
+            attention_mma.scale_log2(scale))
+    return _Kernels(compiled(whole_range, whole_signature, **options), partition, split_signature, args,
+                    attention_mma.WARPS * WARP, options)
+
+
+def _cuda_core_kernels(q, caches, block_tables, context_lens, query_start_loc, kv_heads, scale, block_size,
+                       group) -> _Kernels:
+    """The CUDA-core kernels for a checked step of any dtype."""
+    dim = q.shape[2]
+    vec = vector_width(caches[0].dtype, caches)
+    warps = _warps(dim, group, vec)
+    whole_range, partition = _attention_kernels(dim, group, vec, warps, block_size, is_bf16(q.dtype))
+    whole_signature, split_signature = kernel_signatures(numba_type(q.dtype))
+    options = _compile_options(dim, group, vec)
+    args = (q, *caches, block_tables, context_lens, query_start_loc, kv_heads, scale)
+    return _Kernels(compiled(whole_range, whole_signature, **options), partition, split_signature, args,
+                    warps * WARP, options)
 
 
 def kernel_signatures(t: str) -> tuple[str, str]:

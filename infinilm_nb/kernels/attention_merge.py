@@ -1,0 +1,129 @@
+"""The second kernel of split-context attention: merge each token's partition partials into ``out``.
+
+The partition kernels (:mod:`.attention`, :mod:`.attention_mma`) leave, per (token, query head,
+partition), an unnormalised partial ``o_p`` (float32, ``head_dim`` values) and its softmax state
+``(m_p, l_p)``: the max of the partition's scores and the sum of their exponentials. The merge is
+the online-softmax rule: with ``top = max_p m_p`` and ``w_p = exp(m_p - top)``,
+``out = sum_p w_p o_p / sum_p w_p l_p``.
+
+One block per (token, query head). A few long sequences split into many partitions (a batch-1 step
+over 8K keys: ~40 per head), so the partitions are summed side by side: the block's threads form
+``ROWS`` rows of ``head_dim / 4`` lanes, lane c of row r adds the 16-byte chunk c of partitions
+``r, r + ROWS, ...``, four partitions per trip with all their loads issued first, and the rows'
+sums meet in shared memory. (One thread per output value walking every partition in turn waited
+out a load's latency per partition, serially.)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable
+
+from numba import cuda, float32
+
+from .attention_blocks import NEG_INF, locate
+from .common import SIMULATOR, compiled
+from .intrinsics import load_f32x4
+from .vector import to_stored
+
+WARP = 32
+THREADS = (2 if SIMULATOR else 4) * WARP
+UNROLL = 4  # partitions a lane loads before it adds any
+FULL_MASK = 0xFFFFFFFF
+
+
+@functools.lru_cache(maxsize=None)
+def _merge_kernel(head_dim: int, bf16: bool) -> Callable:
+    """The merge kernel function for one head dim (a multiple of 4); ``bf16``: out holds bfloat16 bits."""
+    D = head_dim
+    CHUNKS = D // 4  # 16-byte float32 chunks of a partial
+    ROWS = max(1, THREADS // CHUNKS)  # partitions summed side by side
+    WARPS = THREADS // WARP
+    SUMS = ROWS * D  # shared float32: each row's sums
+    as_stored = to_stored(bf16)
+
+    @cuda.jit(device=True)
+    def block_reduce(value, scratch, take_max):
+        """The max (or sum) of ``value`` over the block, in every thread."""
+        for offset in (16, 8, 4, 2, 1):
+            other = cuda.shfl_xor_sync(FULL_MASK, value, offset)
+            value = max(value, other) if take_max else value + other
+        tid = cuda.threadIdx.x
+        cuda.syncthreads()  # scratch may still be read by a previous reduction
+        if tid % WARP == 0:
+            scratch[tid // WARP] = value
+        cuda.syncthreads()
+        value = scratch[0]
+        for w in range(1, WARPS):
+            value = max(value, scratch[w]) if take_max else value + scratch[w]
+        return value
+
+    def merge(context_lens, query_start_loc, capacity, part_keys, stats, partials, out):
+        t = cuda.blockIdx.x
+        hq = cuda.blockIdx.y
+        tid = cuda.threadIdx.x
+        _, key_end = locate(t, query_start_loc, context_lens, capacity)
+        if key_end <= 0:
+            return
+        parts = (key_end + part_keys - 1) // part_keys
+        scratch = cuda.shared.array(WARPS, float32)
+        sums = cuda.shared.array(SUMS, float32)
+        top = NEG_INF
+        for p in range(tid, parts, THREADS):
+            top = max(top, stats[0, t, hq, p])
+        top = block_reduce(top, scratch, True)
+        total = float32(0)
+        for p in range(tid, parts, THREADS):
+            total += math.exp(stats[0, t, hq, p] - top) * stats[1, t, hq, p]
+        total = block_reduce(total, scratch, False)
+
+        row = tid // CHUNKS
+        chunk = tid % CHUNKS
+        if row < ROWS:
+            first = ((t * partials.shape[1] + hq) * partials.shape[2]) * D + 4 * chunk  # partition 0's chunk
+            acc = cuda.local.array(4, float32)
+            weights = cuda.local.array(UNROLL, float32)
+            values = cuda.local.array((UNROLL, 4), float32)
+            for j in range(4):
+                acc[j] = 0
+            p = row
+            while p < parts:
+                for u in range(UNROLL):  # loads first: UNROLL partitions in flight
+                    pu = min(p + u * ROWS, parts - 1)
+                    weights[u] = stats[0, t, hq, pu]
+                    chunk_values = load_f32x4(partials, first + pu * D)
+                    for j in range(4):
+                        values[u, j] = chunk_values[j]
+                for u in range(UNROLL):
+                    if p + u * ROWS < parts:
+                        w = math.exp(weights[u] - top)
+                        for j in range(4):
+                            acc[j] += w * values[u, j]
+                p += UNROLL * ROWS
+            for j in range(4):
+                sums[row * D + 4 * chunk + j] = acc[j]
+        cuda.syncthreads()
+        inv = float32(1) / total
+        for d in range(tid, D, THREADS):
+            value = float32(0)
+            for r in range(ROWS):
+                value += sums[r * D + d]
+            out[t, hq, d] = as_stored(value * inv)
+
+    return merge
+
+
+def merge_partitions(
+    t: str, bf16: bool, context_lens: Any, query_start_loc: Any, capacity: int, part_keys: int,
+    stats: Any, partials: Any, out: Any, stream: Any,
+) -> None:
+    """Launch the merge of ``partials [tokens, heads, parts, D]`` and ``stats [2, tokens, heads,
+    parts]`` (C-contiguous float32, 16-byte aligned) into ``out [tokens, heads, D]`` of numba type
+    ``t`` (``uint16`` with ``bf16``: bfloat16 bits), partitions of ``part_keys`` keys."""
+    tokens, heads, _, dim = partials.shape
+    kernel = compiled(
+        _merge_kernel(dim, bf16),
+        f"void(int32[::1], int32[::1], int64, int32, float32[:, :, :, ::1], float32[:, :, :, ::1], {t}[:, :, :])",
+    )
+    kernel[(tokens, heads), THREADS, stream](context_lens, query_start_loc, capacity, part_keys, stats, partials, out)
