@@ -266,7 +266,7 @@ def bench_bfloat16(copy_bw: float, tokens: int = 4096) -> list[Row]:
     return rows
 
 
-ATTENTION_CASES = ((1, 8192), (16, 1024), (16, 8192), (64, 2048))  # (batch, context)
+ATTENTION_CASES = ((1, 8192), (16, 1024), (16, 8192), (32, 2048), (64, 2048))  # (batch, context)
 BLOCK_SIZE = 16
 
 
@@ -320,10 +320,12 @@ def bench_attention(copy_bw: float) -> list[Row]:
         peer = time_torch_graph(sdpa)
         want = cupy.from_dlpack(sdpa[0]().reshape(batch, HEADS, HEAD_DIM).float())
         del contiguous, sdpa
-        # the CUDA-core kernel whole and split, and the tensor-core inner loop split (attention_mma)
-        variants = (("", None, False), (" split", workspace, False)) + ((" split mma", workspace, True),) * TENSOR_CORES
-        for label, ws, mma in variants:
-            attention_mma.ENABLED = mma
+        # split as the runtime dispatches it; the CUDA-core kernel whole and split; the tensor-core
+        # kernel (attention_mma) split on every shape
+        variants = ((" split", workspace, enabled, True), (" cuda-core", None, False, True), (" split cuda-core", workspace, False, True))
+        variants += ((" split mma", workspace, True, False),) * TENSOR_CORES
+        for label, ws, mma, within_one_wave in variants:
+            attention_mma.ENABLED, attention_mma.WITHIN_ONE_WAVE = mma, within_one_wave
             calls = [
                 lambda kc=kc, vc=vc, ws=ws: OPS.paged_attention(
                     q, kc, vc, tables, context_lens, query_start, HEAD_DIM**-0.5, out, workspace=ws)
@@ -336,7 +338,7 @@ def bench_attention(copy_bw: float) -> list[Row]:
             t = time_graph(calls)
             rows.append(Row(f"paged_attn{label}", f"B={batch} L={length}", t * 1e6, nbytes / t / 1e9, "GB/s",
                             100 * nbytes / t / copy_bw, "SDPA", peer * 1e6))
-        attention_mma.ENABLED = enabled
+        attention_mma.ENABLED, attention_mma.WITHIN_ONE_WAVE = enabled, True
         del caches
     return rows
 

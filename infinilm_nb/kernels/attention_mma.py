@@ -28,7 +28,7 @@ in log2 units, exp2), which the block adds up at the end, rescaled to its max, i
 float16 only, head dim 64 or 128, at most 8 query heads per KV head, caches 16-byte aligned.
 
 In numba's CUDA simulator the loads and the mma run as NumPy fallbacks, so these kernels are tested
-there too (slowly: keep the shapes tiny). Off by default (:data:`ENABLED`) until measured on a GPU.
+there too (slowly: keep the shapes tiny) when a test turns :data:`ENABLED` on.
 """
 
 from __future__ import annotations
@@ -47,10 +47,14 @@ from .intrinsics import aligned16, pack_f16x2
 from .mma import load_words_stream, mma_16816
 from .vector import to_stored
 
-# The switch, off until a GPU run has measured this kernel: ``attention_mma.ENABLED = True`` (or
-# INFINILM_NB_ATTENTION_MMA=1 in the environment) sends the steps it can take here (never with
-# common.TENSOR_CORES off: INFINILM_NB_TENSOR_CORES=0).
-ENABLED = os.environ.get("INFINILM_NB_ATTENTION_MMA", "0") == "1"
+# The switch: on with common.TENSOR_CORES (the default on a GPU); INFINILM_NB_ATTENTION_MMA=0 keeps
+# decode attention on the CUDA-core kernel (and INFINILM_NB_TENSOR_CORES=0 every kernel). Which steps
+# it takes when on: :func:`.attention._attention`.
+ENABLED = TENSOR_CORES and os.environ.get("INFINILM_NB_ATTENTION_MMA", "1") != "0"
+# The dispatcher sends a step here only when its (token, KV head) pairs fit in one wave of this
+# kernel's blocks (why: :func:`.attention._attention`); False lifts that limit (the kernel bench's
+# ``split mma`` rows time this kernel on every shape).
+WITHIN_ONE_WAVE = True
 HEAD_DIMS = (64, 128)
 MAX_GROUP = 8  # query heads per KV head: the rows g = lane // 4 of an m16n8k16 tile
 WARP = 32

@@ -8,6 +8,13 @@ from tests.kernels.widths import placed, record_widths
 
 F32, F16, BF16 = np.float32, np.float16, np.uint16  # uint16: bfloat16 bit patterns
 
+
+@pytest.fixture(autouse=True)
+def cuda_core_kernels(monkeypatch):
+    """The CUDA-core kernels on every step here: on a GPU float16 decode would otherwise take the
+    tensor-core kernel, which test_attention_mma checks."""
+    monkeypatch.setattr(attention.attention_mma, "ENABLED", False)
+
 # (q heads, kv heads, head_dim, block_size, dtype): GQA ratios 4, 3 and 1
 CONFIGS = pick(
     sim=[(4, 1, 8, 4, F32), (3, 1, 16, 8, F16), (2, 2, 8, 16, F32)],

@@ -1,7 +1,7 @@
 """Decode attention on tensor cores (attention_mma) against the reference, through paged_attention.
 
-The switch is off by default until a GPU run has measured the kernels; these tests turn it on, on the
-GPU and in the simulator (NumPy loads and mma).
+These tests turn the kernel on in the simulator too (NumPy loads and mma), and lift the dispatcher's
+one-wave limit so that every shape runs it; the last tests check that limit itself on the GPU.
 """
 
 import numpy as np
@@ -23,8 +23,10 @@ CASES = [(shape, split) for shape in SHAPES for split in (False, True)] + pick(s
 
 @pytest.fixture
 def mma_path(monkeypatch):
-    """The switch on (also in the simulator), and a record of the (head_dim, group) of each launch."""
+    """The switch on (also in the simulator) for every step it can take, and a record of the
+    (head_dim, group) of each launch."""
     monkeypatch.setattr(attention_mma, "ENABLED", True)
+    monkeypatch.setattr(attention_mma, "WITHIN_ONE_WAVE", False)
     launched = []
     build = attention_mma.mma_attention_kernels
 
@@ -81,6 +83,31 @@ def test_other_steps_stay_on_cuda_cores(kb, rng, mma_path, why, q_heads, kv_head
     got, want = _run_paged(kb, rng, [(1, 6), (2, 5)], q_heads, kv_heads, dim, 4, dtype, aligned=aligned)
     assert rel_err(got, want) < tolerance(dtype)
     assert mma_path == [], why
+
+
+@pytest.mark.gpu
+def test_steps_past_one_wave_of_blocks_stay_on_cuda_cores(kb, rng, monkeypatch):
+    """More (token, KV head) pairs than one wave of tensor-core blocks: the CUDA-core kernel, whose
+    SMs hold more blocks, takes the step; one pair fewer than a wave runs on tensor cores."""
+    from infinilm_nb.kernels.common import compiled
+
+    monkeypatch.setattr(attention_mma, "ENABLED", True)
+    on_cuda_cores = []
+    build = attention._cuda_core_kernels
+
+    def spy(*args):
+        on_cuda_cores.append(True)
+        return build(*args)
+
+    monkeypatch.setattr(attention, "_cuda_core_kernels", spy)
+    whole, _ = attention_mma.mma_attention_kernels(128, 4, 16)
+    wave = attention._resident_blocks(compiled(whole, attention_mma.kernel_signatures()[0], fastmath=True),
+                                      attention_mma.WARPS * 32)
+    for tokens, want in ((wave // 8, []), (wave // 8 + 1, [True])):
+        on_cuda_cores.clear()
+        got, reference_out = _run_paged(kb, rng, [(1, 40)] * tokens, 32, 8, 128, 16, F16)
+        assert rel_err(got, reference_out) < tolerance(F16)
+        assert on_cuda_cores == want, tokens
 
 
 @pytest.mark.gpu
