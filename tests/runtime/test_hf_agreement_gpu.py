@@ -4,10 +4,11 @@ The random model is initialised variance-preserving (weights ``N(0, 1/hidden)``,
 layers roughly are), so that its top-1 token is well defined: with the suite's usual gain of 2.4 per
 layer, transformers' own float16 run already disagrees with its float32 run on a few percent of
 positions, and no float16 engine could be measured against it. Even so transformers' float16 run
-flips a few near-ties (on an H100: 99.4% agreement with its own float32 run for llama, 98.8% for
-qwen2). So the checks are: at least 99% agreement with transformers' float32 run (the exact answer),
-and agreement with its float16 run of at least 99% or of at least what its float32 run reaches,
-whichever is lower. Every figure goes to the JUnit XML (``record_property``).
+flips a few near-ties (on an H100 at this size: 99.2% agreement with its own float32 run for llama,
+97.3% for qwen2), and two float16 runs flip different ones, so their agreement with each other is
+no measure of either. The checks are against the exact answer, transformers' float32 run: at least
+99% agreement, and at least the agreement transformers' own float16 run reaches. Every figure goes
+to the JUnit XML (``record_property``).
 
 Head dim 64 and a GQA group of 4, so that every float16 tensor-core path runs: the first
 ``PREFILL`` tokens go in one step (prefill GEMM and prefill attention on tensor cores), then one
@@ -65,4 +66,4 @@ def test_float16_top1_agrees_with_transformers_after_a_prefill(tmp_path, family,
         record_property(name, value)
     print(f"{family}: teacher-forced top-1 agreement over the last {TOKENS - PREFILL + 1} of {TOKENS} tokens: {figures}")
     assert figures["ours_fp16_vs_hf_fp32"] >= 0.99, figures
-    assert figures["ours_fp16_vs_hf_fp16"] >= min(0.99, figures["hf_fp16_vs_hf_fp32"]), figures
+    assert figures["ours_fp16_vs_hf_fp32"] >= figures["hf_fp16_vs_hf_fp32"], figures
