@@ -358,9 +358,11 @@ def bench_prefill(copy_bw: float) -> list[Row]:
     """
     from infinilm_nb.kernels import gemm, gemm_tc
 
-    # 64 x 64 warp tiles, two stages in 48 KB: half the shared-memory reads per mma of 64 x 32 ones
-    big_tiles = tuple(gemm_tc.TcConfig(block_m=bm, block_n=bn, warps_m=wm, warps_n=wn, stages=2)
-                      for bm, bn, wm, wn in ((128, 256, 2, 4), (256, 128, 4, 2)))
+    # deeper rings in dynamic shared memory (past the 48 KB of the dispatched ones), and a 64 x 64
+    # warp tile (half the shared-memory reads per mma of the 64 x 32 ones) with 4 stages
+    deep = (gemm_tc.TcConfig(stages=4), gemm_tc.TcConfig(stages=6),
+            gemm_tc.TcConfig(block_m=64, warps_m=1, warps_n=4, stages=6),
+            gemm_tc.TcConfig(block_m=128, block_n=256, warps_m=2, warps_n=4, stages=4))
     rows = []
     for name in ("qkv", "o", "gate_up", "down"):
         n, k = GEMM_SHAPES[name]
@@ -370,10 +372,8 @@ def bench_prefill(copy_bw: float) -> list[Row]:
             peer = time_cublas([(x, w, out)], reps=10)
             want = out.astype(np.float32)
             variants = {"": lambda: OPS.linear(x, w, out)}
-            configs = (gemm_tc.tc_config(64), gemm_tc.TcConfig(block_m=64, warps_m=2, warps_n=4, stages=4),
-                       gemm_tc.tc_config(1 << 30), *big_tiles)
-            for config in configs:
-                label = f" {config.block_m}x{config.block_n}/{config.warps_m * config.warps_n}w"
+            for config in (gemm_tc.tc_config(64), gemm_tc.tc_config(1 << 30), *deep):
+                label = f" {config.block_m}x{config.block_n}/{config.warps_m * config.warps_n}w s{config.stages}"
                 variants[label] = lambda config=config: gemm.launch_tc(config, x, w, None, None, out)
             for label, call in variants.items():
                 out.fill(np.nan)

@@ -103,6 +103,26 @@ def compiled(pyfunc: Callable, signature: str, **options: Any) -> Any:
     return kernel
 
 
+_shared_allowed: dict[Any, int] = {}
+
+
+def allow_dynamic_shared(kernel: Any, nbytes: int) -> None:
+    """Let ``kernel`` (compiled for one signature) launch with ``nbytes`` of dynamic shared memory.
+
+    Past 48 KB a block's shared memory must be dynamic and the function opted in
+    (``CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES``), which numba-cuda has no API for: this
+    sets it on the loaded function, as numba's own ``set_shared_memory_carveout`` sets its attribute.
+    """
+    if SIMULATOR or _shared_allowed.get(kernel, 0) >= nbytes:
+        return
+    from numba.cuda.cudadrv.driver import binding, driver
+
+    function = next(iter(kernel.overloads.values()))._codelibrary.get_cufunc()
+    attribute = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    driver.cuKernelSetAttribute(attribute, int(nbytes), function.handle, function.device.id)
+    _shared_allowed[kernel] = nbytes
+
+
 _streams: dict[int, Any] = {}
 
 

@@ -42,7 +42,10 @@ from typing import Any, Callable
 import numpy as np
 from numba import cuda, float32
 
-from .common import TENSOR_CORES, WITH_BFLOAT16, cdiv, check_array, check_same_dtype, compiled, launch_stream, numba_type
+from .common import (
+    TENSOR_CORES, WITH_BFLOAT16, allow_dynamic_shared, cdiv, check_array, check_same_dtype, compiled, launch_stream,
+    numba_type,
+)
 from . import gemm_tc
 from .gemm_mma import SHARED_BYTES as MMA_SHARED_BYTES, MmaConfig, mma_kernel, silu
 from .gemm_tc import TcConfig, tc_config, tc_kernel
@@ -292,7 +295,10 @@ def launch_tc(config: TcConfig, x: Any, weight: Any, bias: Any, residual: Any, o
     """Launch tensor-core prefill variant ``config`` on checked float16 operands (K % 8 == 0, 16-byte aligned)."""
     kernel = compiled(tc_kernel(config), kernel_signature(np.float16))
     grid = cdiv(out.shape[1], config.outputs_n) * cdiv(x.shape[0], config.block_m)
-    kernel[grid, config.threads, launch_stream()](*_flat_args(x, weight, bias, residual, out))
+    dynamic = config.shared_bytes if config.dynamic_shared else 0
+    if dynamic:
+        allow_dynamic_shared(kernel, dynamic)
+    kernel[grid, config.threads, launch_stream(), dynamic](*_flat_args(x, weight, bias, residual, out))
 
 
 def _launch(x: Any, weight: Any, out: Any, bias: Any, residual: Any, fused: bool, mma: bool | None = None) -> None:

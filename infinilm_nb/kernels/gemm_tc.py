@@ -11,7 +11,8 @@
   tile ``kt`` has landed for every thread and everyone is done with tile ``kt - 1``, whose slot the
   copies for tile ``kt + stages - 1`` then refill while the warps compute on tile ``kt``.
 * Shared tiles are row-major with 64-byte rows (4 chunks of 16 bytes) and no padding (3 stages of
-  128 + 128 rows fill the 48 KB exactly); chunk ``c`` of row ``r`` is stored at chunk
+  128 + 128 rows fill the 48 KB of static shared memory exactly; deeper rings are dynamic shared
+  memory, up to Hopper's 227 KB a block); chunk ``c`` of row ``r`` is stored at chunk
   ``c ^ ((r >> 1) & 3)``. ldmatrix reads one chunk column of 8 consecutive rows per phase: unswizzled
   those would hit the same 4 banks twice over (4-way conflict), swizzled they cover all 32 banks.
 * Fragments come from ``ldmatrix.x4`` (see :mod:`.intrinsics` and :mod:`.mma` for the layouts): for
@@ -59,7 +60,9 @@ BLOCK_K = 32
 CHUNK = 8  # float16 per 16-byte copy
 CHUNKS_K = BLOCK_K // CHUNK  # 16-byte chunks per tile row
 ROW_BYTES = 2 * BLOCK_K
-SHARED_BYTES = 48 * 1024
+SHARED_BYTES = 48 * 1024  # static shared memory a block may declare
+# Dynamic shared memory a Hopper block may opt in to (227 KB): deeper pipelines than 48 KB holds
+MAX_SHARED_BYTES = 227 * 1024
 PARK_PAD = 4  # float32 of padding per row of parked accumulators (fewer bank conflicts)
 GROUP_M = 8  # tile rows per raster group
 
@@ -88,6 +91,11 @@ class TcConfig:
     def shared_bytes(self) -> int:
         return self.stages * (self.block_m + self.block_n) * ROW_BYTES
 
+    @property
+    def dynamic_shared(self) -> bool:
+        """Whether the stages outgrow static shared memory: then they are dynamic, opted in at launch."""
+        return self.shared_bytes > SHARED_BYTES
+
     def check(self) -> None:
         """Raise ``ValueError`` for a geometry the kernel does not support."""
         wm, wn = self.block_m // self.warps_m, self.block_n // self.warps_n
@@ -97,7 +105,7 @@ class TcConfig:
             and (self.block_m * CHUNKS_K) % self.threads == 0
             and (self.block_n * CHUNKS_K) % self.threads == 0
             and self.stages >= 2
-            and self.shared_bytes <= SHARED_BYTES
+            and self.shared_bytes <= MAX_SHARED_BYTES
             and self.warps_m * self.warps_n * 16 * (wn + PARK_PAD) * 4 <= self.shared_bytes
             and (not self.fused or (wn // 2) % 8 == 0)
             and wm <= 64  # the epilogue's tile rows are written out, four at most
@@ -133,6 +141,7 @@ def tc_kernel(config: TcConfig) -> Callable:
     A_STAGE, B_STAGE = BM * ROW_BYTES, BN * ROW_BYTES
     B_OFFSET = STAGES * A_STAGE
     SMEM_WORDS = config.shared_bytes // 4
+    DYNAMIC = config.dynamic_shared
     PARK_STRIDE = WN + PARK_PAD  # float32 per parked accumulator row
     PARK_WORDS = 16 * PARK_STRIDE  # one warp's slice: a 16-row tile row
     OUT_W = HALF if FUSED else WN  # output columns per warp
@@ -216,7 +225,10 @@ def tc_kernel(config: TcConfig) -> Callable:
         m0 = (first_m + in_group % rows_in_group) * BM
         n0 = (in_group // rows_in_group) * OUT_N
         # float16 tiles addressed by byte (ldmatrix / cp.async need 16-byte aligned rows); float32 in the epilogue
-        smem = cuda.shared.array(SMEM_WORDS, float32, alignment=128)
+        if DYNAMIC:
+            smem = cuda.shared.array(0, float32, alignment=128)
+        else:
+            smem = cuda.shared.array(SMEM_WORDS, float32, alignment=128)
         base = int32(shared_address(smem, 0))
         k_tiles = int32((K + BLOCK_K - 1) // BLOCK_K)
 

@@ -21,8 +21,13 @@ CONFIGS = [
     # 64 x 64 warp tiles (bench variants): 128 accumulators a thread, the epilogue's 4 tile rows written out
     gemm_tc.TcConfig(block_m=128, block_n=256, warps_m=2, warps_n=4, stages=2),
     gemm_tc.TcConfig(block_m=256, block_n=128, warps_m=4, warps_n=2, stages=2),
+    # deeper rings than 48 KB holds, in dynamic shared memory (bench variants)
+    gemm_tc.TcConfig(stages=6),  # 96 KB
+    gemm_tc.TcConfig(block_m=64, block_n=128, warps_m=1, warps_n=4, stages=6),  # 72 KB
+    gemm_tc.TcConfig(block_m=128, block_n=256, warps_m=2, warps_n=4, stages=4),  # 96 KB
 ]
-BIG_TILES = CONFIGS[-2:]
+BIG_TILES = CONFIGS[4:6]
+DEEP = CONFIGS[6:]
 # (M, N, K): ragged against 64 / 128-row tiles, 128 / 64-column tiles and 32-deep K tiles;
 # K = 8 is a single partial K tile.
 SHAPES = [(64, 64, 64), (65, 37, 40), (130, 200, 72), (200, 129, 8), (300, 1000, 264), (1030, 260, 136)]
@@ -84,7 +89,7 @@ def test_tc_linear_epilogues(kb, rng, config, with_bias, with_residual):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", CONFIGS[:2], ids=str)
+@pytest.mark.parametrize("config", CONFIGS[:2] + DEEP[:1], ids=str)
 @pytest.mark.parametrize("M,N,K", [(65, 37, 40), (130, 300, 72), (300, 1000, 264)])
 def test_tc_linear_silu_mul(kb, rng, config, M, N, K):
     fused = gemm_tc.TcConfig(**{**config.__dict__, "fused": True})
@@ -150,8 +155,8 @@ def test_linear_falls_back_to_cuda_cores(kb, rng, monkeypatch, case):
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "config",
-    CONFIGS[:2] + BIG_TILES + [gemm_tc.tc_config(M, fused=True) for M in (64, 4096)] + [
-        gemm_tc.TcConfig(**{**BIG_TILES[0].__dict__, "fused": True})],
+    CONFIGS[:2] + BIG_TILES + DEEP + [gemm_tc.tc_config(M, fused=True) for M in (64, 4096)] + [
+        gemm_tc.TcConfig(**{**BIG_TILES[0].__dict__, "fused": True}), gemm_tc.TcConfig(stages=6, fused=True)],
     ids=str,
 )
 def test_tc_kernel_is_tensor_cores_without_local_memory(config):
@@ -160,6 +165,12 @@ def test_tc_kernel_is_tensor_cores_without_local_memory(config):
     for instruction in ("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32", "ldmatrix.sync.aligned", "cp.async.cg"):
         assert instruction in ptx, instruction
     assert kernel.get_local_mem_per_thread() == 0
+
+
+def test_rings_past_the_opt_in_shared_memory_are_refused():
+    gemm_tc.TcConfig(stages=14).check()  # 224 KB
+    with pytest.raises(ValueError, match="unsupported tensor-core GEMM geometry"):
+        gemm_tc.TcConfig(stages=15).check()  # 240 KB: more than a Hopper block may have
 
 
 def test_warp_tiles_past_64_rows_are_refused():
