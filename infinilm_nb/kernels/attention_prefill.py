@@ -30,6 +30,11 @@ reads every bank once. Per K/V tile:
 5. wait for V_j, barrier; ``O += P V_j``: the S accumulators of two neighbouring 8-key tiles are
    exactly the A fragment of one 16-key step (packed to f16x2), V by ``ldmatrix.trans``.
 
+With ``kv_stages`` of 2 or more (:func:`prefill_kernel`; :data:`KV_STAGES` picks the dispatched
+one) K and V tiles instead go through a ring of that many tile pairs in dynamic shared memory: one
+wait and one barrier per tile, after which the copies of the tile ``kv_stages - 1`` ahead start and
+have the whole tile's compute to land.
+
 Query rows past the sequence's end are zero-filled, computed and never stored; keys past the
 causal range are zero-filled and masked. Preconditions (checked by the dispatcher): float16, head
 dim 64 or 128, paged block size a power of two (any static length), q 16-byte aligned with
@@ -45,7 +50,7 @@ from typing import Any, Callable
 import numpy as np
 from numba import cuda, float32, int32, int64, uint32
 
-from .common import TENSOR_CORES, compiled, launch_stream
+from .common import TENSOR_CORES, allow_dynamic_shared, compiled, launch_stream
 from .intrinsics import (
     aligned16,
     cp_async_16,
@@ -74,13 +79,30 @@ FULL_MASK = 0xFFFFFFFF
 NEG_INF = np.float32(-np.inf)
 LOG2E = 1.4426950408889634
 STATIC_SHIFT = 31  # a static cache is one block per sequence: every key is in logical block 0
+STATIC_SHARED_BYTES = 48 * 1024  # past it a block's shared memory is dynamic, opted in at launch
+# (K, V) tile pairs in flight: 1 is the dispatched pipeline; deeper rings (prefill_kernel) are
+# kernel-bench and GPU-test variants until a GPU run measures them.
+KV_STAGES = 1
+
+
+def shared_bytes(head_dim: int, kv_stages: int) -> int:
+    """Shared memory of a block: the Q tile, then ``kv_stages`` (K, V) tile pairs."""
+    return (BQ + 2 * BKV * kv_stages) * 2 * head_dim
 
 
 @lru_cache(maxsize=None)
-def prefill_kernel(head_dim: int) -> Callable:
+def prefill_kernel(head_dim: int, kv_stages: int = 1) -> Callable:
     """The kernel for one head dim (64 or 128); signature :data:`SIGNATURE`, grid ``(Hq, T // BQ + B)``
-    of ``THREADS`` threads."""
+    of ``THREADS`` threads, :func:`shared_bytes` of shared memory (dynamic past 48 KB).
+
+    ``kv_stages``: 1 is the single K and V tile pipeline of the module doc; from 2 on, a ring of that
+    many (K, V) tile pairs in which tile ``j + kv_stages - 1`` is copied while the warps compute on
+    tile ``j``, one barrier per tile."""
+    if kv_stages < 1:
+        raise ValueError(f"kv_stages must be at least 1, got {kv_stages}")
     D = head_dim
+    RING = kv_stages > 1
+    STAGES = kv_stages
     CH = D // 8  # 16-byte chunks per row
     ROW = 2 * D  # bytes per shared row
     PER_PASS = THREADS // CH  # rows one pass of the block's copies covers
@@ -93,9 +115,13 @@ def prefill_kernel(head_dim: int) -> Callable:
     QF = KT * 4  # Q fragment words
     S_ACC = NT_S * 4
     O_ACC = NT_O * 4
-    K_OFFSET = BQ * ROW
+    K_OFFSET = BQ * ROW  # stage s: its K tile at K_OFFSET + s * STAGE_BYTES, its V tile BKV rows on
     V_OFFSET = K_OFFSET + BKV * ROW
-    SMEM_WORDS = (V_OFFSET + BKV * ROW) // 4
+    STAGE_BYTES = 2 * BKV * ROW
+    SMEM_WORDS = shared_bytes(head_dim, kv_stages) // 4
+    DYNAMIC = SMEM_WORDS * 4 > STATIC_SHARED_BYTES
+    Q_PENDING = STAGES - 1 if RING else 1  # commit groups after Q's (the K/V tiles of the prologue)
+    TILE_PENDING = max(STAGES - 2, 0)  # ring: groups allowed in flight once a tile must have landed
 
     @inline_device
     def fill_rows(kv_row, table, start, kv_end, key0, block_size, block_shift, block_mask, kv_heads, kvh):
@@ -116,6 +142,69 @@ def prefill_kernel(head_dim: int) -> Callable:
             row = kv_row[i]
             src = int64(row) * D + c * 8 if row >= 0 else 0
             cp_async_16(dst + i * PER_PASS * ROW, cache, src, 16 if row >= 0 else 0)
+
+    @inline_device
+    def scores(s, qf, k_tile, k_frag):
+        """``s = Q K^T`` for the K tile at shared address ``k_tile`` (mma.sync, K by ldmatrix)."""
+        for i in range(S_ACC):
+            s[i] = 0
+        for kk in range(KT):
+            for p in range(NT_S // 2):
+                v = ldmatrix_x4(k_tile + (k_frag ^ (kk << 5)) + p * 16 * ROW)
+                for half in range(2):
+                    i = (2 * p + half) * 4
+                    a = 4 * kk
+                    mma_accumulate(s, i, qf[a], qf[a + 1], qf[a + 2], qf[a + 3], v[2 * half], v[2 * half + 1])
+
+    @inline_device
+    def softmax(s, o, kv0, kv_min, key_end, row_max, row_sum, t, scale_log2):
+        """Online softmax of the tile's scores, in log2 units: ``s`` becomes P, ``o`` is rescaled.
+        s[4 ni + 2 r + e]: row r, key kv0 + 8 ni + 2 t + e. The causal mask only where a row ends
+        inside the tile."""
+        masked = kv0 + BKV > kv_min
+        for r in range(2):
+            top = NEG_INF
+            for ni in range(NT_S):
+                for e in range(2):
+                    i = 4 * ni + 2 * r + e
+                    x = s[i] * scale_log2
+                    if masked and kv0 + 8 * ni + 2 * t + e >= key_end[r]:
+                        x = NEG_INF
+                    s[i] = x
+                    top = max(top, x)
+            top = max(top, cuda.shfl_xor_sync(FULL_MASK, top, 1))
+            top = max(top, cuda.shfl_xor_sync(FULL_MASK, top, 2))
+            new_max = max(row_max[r], top)
+            shift = new_max if new_max != NEG_INF else float32(0)  # no key yet: keep exp2 finite
+            alpha = math.exp2(row_max[r] - shift)
+            row_max[r] = new_max
+            total = float32(0)
+            for ni in range(NT_S):
+                for e in range(2):
+                    i = 4 * ni + 2 * r + e
+                    p_value = math.exp2(s[i] - shift)
+                    s[i] = p_value
+                    total += p_value
+            row_sum[r] = row_sum[r] * alpha + total
+            for nt in range(NT_O):
+                o[4 * nt + 2 * r] *= alpha
+                o[4 * nt + 2 * r + 1] *= alpha
+
+    @inline_device
+    def accumulate(o, s, v_tile, v_frag):
+        """``o += P V`` for the V tile at shared address ``v_tile``: P's A fragment for keys 16 kk ..
+        is the S accumulators of n tiles 2 kk and 2 kk + 1; V by ``ldmatrix.trans``."""
+        for kk in range(PK):
+            i0 = 8 * kk
+            a0 = pack_f16x2(s[i0], s[i0 + 1])
+            a1 = pack_f16x2(s[i0 + 2], s[i0 + 3])
+            a2 = pack_f16x2(s[i0 + 4], s[i0 + 5])
+            a3 = pack_f16x2(s[i0 + 6], s[i0 + 7])
+            for dp in range(NT_O // 2):
+                v = ldmatrix_x4_trans(v_tile + (v_frag ^ (dp << 5)) + kk * 16 * ROW)
+                for half in range(2):
+                    i = (2 * dp + half) * 4
+                    mma_accumulate(o, i, a0, a1, a2, a3, v[2 * half], v[2 * half + 1])
 
     def kernel(
         q, q_token_stride, q_head_stride, k_cache, v_cache, block_tables, context_lens, query_start_loc,
@@ -156,7 +245,11 @@ def prefill_kernel(head_dim: int) -> Callable:
         kv_min = int32(past + first + 1)  # keys every row sees
         table = block_tables[b]
 
-        smem = cuda.shared.array(SMEM_WORDS, float32, alignment=128)  # ldmatrix / cp.async: 16-byte rows
+        # ldmatrix / cp.async: 16-byte rows
+        if DYNAMIC:
+            smem = cuda.shared.array(0, float32, alignment=128)
+        else:
+            smem = cuda.shared.array(SMEM_WORDS, float32, alignment=128)
         base = int32(shared_address(smem, 0))
         c = tid % CH
         key0 = tid // CH  # this thread copies chunk c of rows key0 + i * PER_PASS
@@ -169,15 +262,24 @@ def prefill_kernel(head_dim: int) -> Callable:
             cp_async_16(base + r * ROW + swizzled, q, src if r < rows else 0, 16 if r < rows else 0)
         cp_async_commit()
         kv_row = cuda.local.array(KV_LOADS, int32)
-        fill_rows(kv_row, table, int32(0), kv_end, key0, block_size, block_shift, block_mask, kv_heads, kvh)
         kv_dst = key0 * ROW + swizzled
-        copy_tile(k_cache, kv_row, base + K_OFFSET + kv_dst, c)
-        cp_async_commit()
+        if RING:  # tiles 0 .. STAGES - 2, K and V, one commit group each (empty past the keys)
+            for stage in range(STAGES - 1):
+                if stage * BKV < kv_end:
+                    fill_rows(kv_row, table, int32(stage * BKV), kv_end, key0, block_size, block_shift, block_mask,
+                              kv_heads, kvh)
+                    copy_tile(k_cache, kv_row, base + K_OFFSET + stage * STAGE_BYTES + kv_dst, c)
+                    copy_tile(v_cache, kv_row, base + V_OFFSET + stage * STAGE_BYTES + kv_dst, c)
+                cp_async_commit()
+        else:
+            fill_rows(kv_row, table, int32(0), kv_end, key0, block_size, block_shift, block_mask, kv_heads, kvh)
+            copy_tile(k_cache, kv_row, base + K_OFFSET + kv_dst, c)
+            cp_async_commit()
 
         # Q fragments, kept for the whole block: A tile of the warp's 16 rows at k-step kk. Lane l
         # addresses row l % 16, chunk 2 kk + l // 16; with row % 8 == l % 8 the swizzled chunk is
         # (l // 16 ^ l % 8) ^ 2 kk, i.e. the k-step XORs bits 5.. of the byte offset.
-        cp_async_wait_group(1)
+        cp_async_wait_group(Q_PENDING)  # Q landed; the K/V groups after it may not have
         cuda.syncthreads()
         qf = cuda.local.array(QF, uint32)
         q_frag = (warp * 16 + lane % 16) * ROW + (((lane // 16) ^ (lane % 8)) << 4)
@@ -204,71 +306,39 @@ def prefill_kernel(head_dim: int) -> Callable:
             o[i] = 0
         s = cuda.local.array(S_ACC, float32)
 
-        for kv0 in range(int32(0), kv_end, BKV):
-            cp_async_wait_group(0)
-            cuda.syncthreads()  # K tile landed for all; all are done with the previous V tile
-            copy_tile(v_cache, kv_row, base + V_OFFSET + kv_dst, c)
-            cp_async_commit()
-
-            for i in range(S_ACC):
-                s[i] = 0
-            for kk in range(KT):
-                for p in range(NT_S // 2):
-                    v = ldmatrix_x4(base + K_OFFSET + (k_frag ^ (kk << 5)) + p * 16 * ROW)
-                    for half in range(2):
-                        i = (2 * p + half) * 4
-                        a = 4 * kk
-                        mma_accumulate(s, i, qf[a], qf[a + 1], qf[a + 2], qf[a + 3], v[2 * half], v[2 * half + 1])
-            cuda.syncthreads()  # all are done with the K tile
-            if kv0 + BKV < kv_end:
-                fill_rows(kv_row, table, kv0 + BKV, kv_end, key0, block_size, block_shift, block_mask, kv_heads, kvh)
-                copy_tile(k_cache, kv_row, base + K_OFFSET + kv_dst, c)
-            cp_async_commit()
-
-            # Online softmax, scores in log2 units. s[4 ni + 2 r + e]: row r, key kv0 + 8 ni + 2 t + e.
-            masked = kv0 + BKV > kv_min
-            for r in range(2):
-                top = NEG_INF
-                for ni in range(NT_S):
-                    for e in range(2):
-                        i = 4 * ni + 2 * r + e
-                        x = s[i] * scale_log2
-                        if masked and kv0 + 8 * ni + 2 * t + e >= key_end[r]:
-                            x = NEG_INF
-                        s[i] = x
-                        top = max(top, x)
-                top = max(top, cuda.shfl_xor_sync(FULL_MASK, top, 1))
-                top = max(top, cuda.shfl_xor_sync(FULL_MASK, top, 2))
-                new_max = max(row_max[r], top)
-                shift = new_max if new_max != NEG_INF else float32(0)  # no key yet: keep exp2 finite
-                alpha = math.exp2(row_max[r] - shift)
-                row_max[r] = new_max
-                total = float32(0)
-                for ni in range(NT_S):
-                    for e in range(2):
-                        i = 4 * ni + 2 * r + e
-                        p_value = math.exp2(s[i] - shift)
-                        s[i] = p_value
-                        total += p_value
-                row_sum[r] = row_sum[r] * alpha + total
-                for nt in range(NT_O):
-                    o[4 * nt + 2 * r] *= alpha
-                    o[4 * nt + 2 * r + 1] *= alpha
-
-            cp_async_wait_group(1)
-            cuda.syncthreads()  # V tile landed for all
-            for kk in range(PK):
-                # P's A fragment for keys 16 kk ..: the S accumulators of n tiles 2 kk and 2 kk + 1
-                i0 = 8 * kk
-                a0 = pack_f16x2(s[i0], s[i0 + 1])
-                a1 = pack_f16x2(s[i0 + 2], s[i0 + 3])
-                a2 = pack_f16x2(s[i0 + 4], s[i0 + 5])
-                a3 = pack_f16x2(s[i0 + 6], s[i0 + 7])
-                for dp in range(NT_O // 2):
-                    v = ldmatrix_x4_trans(base + V_OFFSET + (v_frag ^ (dp << 5)) + kk * 16 * ROW)
-                    for half in range(2):
-                        i = (2 * dp + half) * 4
-                        mma_accumulate(o, i, a0, a1, a2, a3, v[2 * half], v[2 * half + 1])
+        if RING:
+            read = int32(0)  # the stage computed on
+            write = int32(STAGES - 1)  # the stage refilled
+            for kv0 in range(int32(0), kv_end, BKV):
+                cp_async_wait_group(TILE_PENDING)
+                cuda.syncthreads()  # tile kv0 landed for all; all are done with the previous tile (stage `write`)
+                ahead = kv0 + (STAGES - 1) * BKV
+                if ahead < kv_end:
+                    fill_rows(kv_row, table, ahead, kv_end, key0, block_size, block_shift, block_mask, kv_heads, kvh)
+                    copy_tile(k_cache, kv_row, base + K_OFFSET + write * STAGE_BYTES + kv_dst, c)
+                    copy_tile(v_cache, kv_row, base + V_OFFSET + write * STAGE_BYTES + kv_dst, c)
+                cp_async_commit()
+                scores(s, qf, base + K_OFFSET + read * STAGE_BYTES, k_frag)
+                softmax(s, o, kv0, kv_min, key_end, row_max, row_sum, t, scale_log2)
+                accumulate(o, s, base + V_OFFSET + read * STAGE_BYTES, v_frag)
+                read = read + 1 if read < STAGES - 1 else 0
+                write = write + 1 if write < STAGES - 1 else 0
+        else:
+            for kv0 in range(int32(0), kv_end, BKV):
+                cp_async_wait_group(0)
+                cuda.syncthreads()  # K tile landed for all; all are done with the previous V tile
+                copy_tile(v_cache, kv_row, base + V_OFFSET + kv_dst, c)
+                cp_async_commit()
+                scores(s, qf, base + K_OFFSET, k_frag)
+                cuda.syncthreads()  # all are done with the K tile
+                if kv0 + BKV < kv_end:
+                    fill_rows(kv_row, table, kv0 + BKV, kv_end, key0, block_size, block_shift, block_mask, kv_heads, kvh)
+                    copy_tile(k_cache, kv_row, base + K_OFFSET + kv_dst, c)
+                cp_async_commit()
+                softmax(s, o, kv0, kv_min, key_end, row_max, row_sum, t, scale_log2)
+                cp_async_wait_group(1)
+                cuda.syncthreads()  # V tile landed for all
+                accumulate(o, s, base + V_OFFSET, v_frag)
 
         for r in range(2):
             total = row_sum[r]
@@ -319,9 +389,14 @@ def prefill_attention(
     else:
         shift, mask = block_size.bit_length() - 1, block_size - 1
     q_strides, out_strides = element_strides(q), element_strides(out)
-    kernel = compiled(prefill_kernel(dim), SIGNATURE)
+    kernel = compiled(prefill_kernel(dim, KV_STAGES), SIGNATURE)
+    dynamic = shared_bytes(dim, KV_STAGES)
+    if dynamic > STATIC_SHARED_BYTES:
+        allow_dynamic_shared(kernel, dynamic)
+    else:
+        dynamic = 0
     grid = (q_heads, tokens // BQ + context_lens.shape[0])  # covers every virtual tile index (module doc)
-    kernel[grid, THREADS, launch_stream()](
+    kernel[grid, THREADS, launch_stream(), dynamic](
         flat_view("paged_attention", "q", q), q_strides[0], q_strides[1], k_cache.reshape(-1), v_cache.reshape(-1),
         block_tables, context_lens, query_start_loc, block_size, shift, mask, kv_heads, q_heads // kv_heads,
         np.float32(scale * LOG2E), flat_view("paged_attention", "out", out), out_strides[0], out_strides[1], tokens,
