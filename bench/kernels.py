@@ -358,10 +358,11 @@ def bench_prefill(copy_bw: float) -> list[Row]:
     """
     from infinilm_nb.kernels import gemm, gemm_tc
 
-    # deeper rings in dynamic shared memory (past the 48 KB of the dispatched ones), and a 64 x 64
-    # warp tile (half the shared-memory reads per mma of the 64 x 32 ones) with 4 stages
-    deep = (gemm_tc.TcConfig(stages=4), gemm_tc.TcConfig(stages=6),
-            gemm_tc.TcConfig(block_m=64, warps_m=1, warps_n=4, stages=6),
+    # deeper rings in dynamic shared memory (past the 48 KB of the dispatched ones), 64-column K
+    # tiles (half the barriers), and a 64 x 64 warp tile (half the shared-memory reads per mma of
+    # the 64 x 32 ones) with 4 stages
+    deep = (gemm_tc.TcConfig(stages=4), gemm_tc.TcConfig(stages=6), gemm_tc.TcConfig(block_k=64),
+            gemm_tc.TcConfig(block_m=64, warps_m=1, warps_n=4, block_k=64),
             gemm_tc.TcConfig(block_m=128, block_n=256, warps_m=2, warps_n=4, stages=4))
     rows = []
     for name in ("qkv", "o", "gate_up", "down"):
@@ -373,7 +374,8 @@ def bench_prefill(copy_bw: float) -> list[Row]:
             want = out.astype(np.float32)
             variants = {"": lambda: OPS.linear(x, w, out)}
             for config in (gemm_tc.tc_config(64), gemm_tc.tc_config(1 << 30), *deep):
-                label = f" {config.block_m}x{config.block_n}/{config.warps_m * config.warps_n}w s{config.stages}"
+                label = (f" {config.block_m}x{config.block_n}x{config.block_k}/{config.warps_m * config.warps_n}w"
+                         f" s{config.stages}")
                 variants[label] = lambda config=config: gemm.launch_tc(config, x, w, None, None, out)
             for label, call in variants.items():
                 out.fill(np.nan)

@@ -71,8 +71,9 @@ def kernels() -> list[tuple[str, Callable, str, dict[str, Any]]]:
     _, partition = attention_mma.mma_attention_kernels(dim, group, block)
     rows.append(("decode attention (split, mma)", partition, attention_mma.kernel_signatures()[1], {"fastmath": True}))
     for config in (gemm_tc.tc_config(512), gemm_tc.tc_config(2048), gemm_tc.TcConfig(stages=6),
-                   gemm_tc.TcConfig(128, 256, 2, 4, stages=4)):
-        label = f"prefill GEMM {config.block_m}x{config.block_n}/{config.threads // 32}w s{config.stages}"
+                   gemm_tc.TcConfig(block_k=64), gemm_tc.TcConfig(128, 256, 2, 4, stages=4)):
+        label = (f"prefill GEMM {config.block_m}x{config.block_n}x{config.block_k}/{config.threads // 32}w"
+                 f" s{config.stages}")
         rows.append((label, gemm_tc.tc_kernel(config), f16, {}))
     for stages in (1, 2):
         rows.append((f"prefill attention d=128, {stages} K/V stage(s)", attention_prefill.prefill_kernel(dim, stages),

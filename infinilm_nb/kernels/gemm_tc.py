@@ -6,15 +6,17 @@
 * A block computes a ``block_m x block_n`` tile of out with ``warps_m x warps_n`` warps, each owning
   a ``(block_m / warps_m) x (block_n / warps_n)`` sub-tile as ``16 x 8`` mma tiles, float32
   accumulators in registers.
-* K is walked ``BLOCK_K = 32`` columns at a time through a ``stages``-deep ring of shared-memory
+* K is walked ``block_k`` (32 or 64) columns at a time through a ``stages``-deep ring of shared-memory
   tiles filled by ``cp.async`` (16 bytes per copy, L1 bypassed). One barrier per K tile: after it,
   tile ``kt`` has landed for every thread and everyone is done with tile ``kt - 1``, whose slot the
   copies for tile ``kt + stages - 1`` then refill while the warps compute on tile ``kt``.
-* Shared tiles are row-major with 64-byte rows (4 chunks of 16 bytes) and no padding (3 stages of
-  128 + 128 rows fill the 48 KB of static shared memory exactly; deeper rings are dynamic shared
-  memory, up to Hopper's 227 KB a block); chunk ``c`` of row ``r`` is stored at chunk
-  ``c ^ ((r >> 1) & 3)``. ldmatrix reads one chunk column of 8 consecutive rows per phase: unswizzled
-  those would hit the same 4 banks twice over (4-way conflict), swizzled they cover all 32 banks.
+* Shared tiles are row-major with ``2 * block_k``-byte rows (4 or 8 chunks of 16 bytes) and no
+  padding (3 stages of 128 + 128 rows of 64 bytes fill the 48 KB of static shared memory exactly;
+  larger rings are dynamic shared memory, up to Hopper's 227 KB a block). Chunk ``c`` of row ``r``
+  is stored at chunk ``c ^ ((r >> 1) & 3)`` in 64-byte rows, ``c ^ (r & 7)`` in 128-byte rows.
+  ldmatrix reads one chunk column of 8 consecutive rows per phase: unswizzled those would hit the
+  same 4 banks several times over, swizzled they cover all 32 banks. A k-step (16 columns, 2
+  chunks) flips chunk bits 1 and up: the offset of k-step ``kk`` is that of k-step 0 ``^ (kk << 5)``.
 * Fragments come from ``ldmatrix.x4`` (see :mod:`.intrinsics` and :mod:`.mma` for the layouts): for
   an A tile, lane ``l`` addresses row ``l % 16`` at k-chunk ``l // 16``, giving ``a0..a3``; for a pair
   of B tiles (16 weight rows), lane ``l`` addresses row ``l % 8 + 8 (l // 16)`` at k-chunk
@@ -56,10 +58,7 @@ ENABLED = TENSOR_CORES
 MIN_M = 64  # smaller M is decode: gemm_mma.py / the CUDA-core decode kernel
 
 WARP = 32
-BLOCK_K = 32
 CHUNK = 8  # float16 per 16-byte copy
-CHUNKS_K = BLOCK_K // CHUNK  # 16-byte chunks per tile row
-ROW_BYTES = 2 * BLOCK_K
 SHARED_BYTES = 48 * 1024  # static shared memory a block may declare
 # Dynamic shared memory a Hopper block may opt in to (227 KB): deeper pipelines than 48 KB holds
 MAX_SHARED_BYTES = 227 * 1024
@@ -77,6 +76,16 @@ class TcConfig:
     warps_n: int = 4
     stages: int = 3
     fused: bool = False
+    block_k: int = 32  # K columns per stage: 64-byte rows, or 128-byte rows at 64
+
+    @property
+    def row_bytes(self) -> int:
+        return 2 * self.block_k
+
+    @property
+    def chunks_k(self) -> int:
+        """16-byte chunks per tile row."""
+        return self.block_k // CHUNK
 
     @property
     def threads(self) -> int:
@@ -89,7 +98,7 @@ class TcConfig:
 
     @property
     def shared_bytes(self) -> int:
-        return self.stages * (self.block_m + self.block_n) * ROW_BYTES
+        return self.stages * (self.block_m + self.block_n) * self.row_bytes
 
     @property
     def dynamic_shared(self) -> bool:
@@ -102,8 +111,9 @@ class TcConfig:
         ok = (
             wm % 16 == 0
             and wn % 16 == 0
-            and (self.block_m * CHUNKS_K) % self.threads == 0
-            and (self.block_n * CHUNKS_K) % self.threads == 0
+            and self.block_k in (32, 64)
+            and (self.block_m * self.chunks_k) % self.threads == 0
+            and (self.block_n * self.chunks_k) % self.threads == 0
             and self.stages >= 2
             and self.shared_bytes <= MAX_SHARED_BYTES
             and self.warps_m * self.warps_n * 16 * (wn + PARK_PAD) * 4 <= self.shared_bytes
@@ -135,6 +145,9 @@ def tc_kernel(config: TcConfig) -> Callable:
     MT, NT = WM // 16, WN // 8  # mma tiles per warp along m and n
     HALF = WN // 2  # fused: gate rows per warp, then as many up rows
     OUT_N = config.outputs_n
+    BLOCK_K, CHUNKS_K, ROW_BYTES = config.block_k, config.chunks_k, config.row_bytes
+    K_STEPS = BLOCK_K // 16
+    WIDE_ROWS = CHUNKS_K == 8  # 128-byte rows: swizzle by r & 7 (64-byte rows: by (r >> 1) & 3)
     A_LOADS = BM * CHUNKS_K // THREADS  # 16-byte copies per thread per K tile
     B_LOADS = BN * CHUNKS_K // THREADS
     ROWS_PER_PASS = THREADS // CHUNKS_K
@@ -148,6 +161,11 @@ def tc_kernel(config: TcConfig) -> Callable:
     PENDING = STAGES - 2  # groups allowed in flight when a tile must have landed
     ACC = MT * NT * 4
     A_FRAGS, B_FRAGS = MT * 4, NT * 2  # fragment words per k-step
+
+    @inline_device
+    def swizzle(r):
+        """The chunk XOR of tile row ``r`` (module doc)."""
+        return r & 7 if WIDE_ROWS else (r >> 1) & 3
 
     @inline_device
     def k_step(a_k, b_k, af, bf, acc):
@@ -244,7 +262,7 @@ def tc_kernel(config: TcConfig) -> Callable:
             inside = m0 + r < M
             a_src[i] = (m0 + r) * K if inside else 0
             a_bytes[i] = 16 if inside else 0
-            a_dst[i] = r * ROW_BYTES + ((c ^ ((r >> 1) & 3)) << 4)
+            a_dst[i] = r * ROW_BYTES + ((c ^ swizzle(r)) << 4)
         b_src = cuda.local.array(B_LOADS, int64)
         b_bytes = cuda.local.array(B_LOADS, int32)
         b_dst = cuda.local.array(B_LOADS, int32)
@@ -259,15 +277,15 @@ def tc_kernel(config: TcConfig) -> Callable:
                 row = n
             b_src[i] = row * K if n < N else 0
             b_bytes[i] = 16 if n < N else 0
-            b_dst[i] = r * ROW_BYTES + ((c ^ ((r >> 1) & 3)) << 4)
+            b_dst[i] = r * ROW_BYTES + ((c ^ swizzle(r)) << 4)
 
         # This lane's ldmatrix offsets (bytes within a stage) at k-step 0 of a tile, for A tile 0 and
         # B tile pair 0. The swizzle only depends on the row mod 8, so the next A tile (B pair) is
-        # 16 rows on at the same swizzle, and k-step 1 flips chunk bit 1 (offset ^ 32).
+        # 16 rows on at the same swizzle, and k-step kk is at offset ^ (kk << 5).
         r = wm * WM + lane % 16
-        a_frag = r * ROW_BYTES + (((lane // 16) ^ ((r >> 1) & 3)) << 4)
+        a_frag = r * ROW_BYTES + (((lane // 16) ^ swizzle(r)) << 4)
         r = wn * WN + lane % 8 + 8 * (lane // 16)
-        b_frag = r * ROW_BYTES + ((((lane // 8) % 2) ^ ((r >> 1) & 3)) << 4)
+        b_frag = r * ROW_BYTES + ((((lane // 8) % 2) ^ swizzle(r)) << 4)
 
         acc = cuda.local.array(ACC, float32)
         for i in range(ACC):
@@ -297,8 +315,16 @@ def tc_kernel(config: TcConfig) -> Callable:
 
             a_stage = base + read * A_STAGE
             b_stage = base + B_OFFSET + read * B_STAGE
-            k_step(a_stage + a_frag, b_stage + b_frag, af, bf, acc)
-            k_step(a_stage + (a_frag ^ 32), b_stage + (b_frag ^ 32), af, bf, acc)
+            if K_STEPS == 2:
+                k_step(a_stage + a_frag, b_stage + b_frag, af, bf, acc)
+                k_step(a_stage + (a_frag ^ 32), b_stage + (b_frag ^ 32), af, bf, acc)
+            else:
+                # two at a time (kk = 2 pair + j is at offset ^ (pair << 6) ^ (j << 5)): all four
+                # written out take 161 registers, one 8-warp block per SM instead of two
+                for pair in range(K_STEPS // 2):
+                    a_k, b_k = a_frag ^ (pair << 6), b_frag ^ (pair << 6)
+                    k_step(a_stage + a_k, b_stage + b_k, af, bf, acc)
+                    k_step(a_stage + (a_k ^ 32), b_stage + (b_k ^ 32), af, bf, acc)
             read = read + 1 if read < STAGES - 1 else 0
             write = write + 1 if write < STAGES - 1 else 0
 

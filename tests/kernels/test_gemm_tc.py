@@ -25,6 +25,9 @@ CONFIGS = [
     gemm_tc.TcConfig(stages=6),  # 96 KB
     gemm_tc.TcConfig(block_m=64, block_n=128, warps_m=1, warps_n=4, stages=6),  # 72 KB
     gemm_tc.TcConfig(block_m=128, block_n=256, warps_m=2, warps_n=4, stages=4),  # 96 KB
+    # 64-column K tiles: 128-byte rows, the other swizzle, four k-steps a tile
+    gemm_tc.TcConfig(block_k=64),  # 96 KB
+    gemm_tc.TcConfig(block_m=64, block_n=128, warps_m=1, warps_n=4, block_k=64),  # 72 KB
 ]
 BIG_TILES = CONFIGS[4:6]
 DEEP = CONFIGS[6:]
@@ -89,7 +92,7 @@ def test_tc_linear_epilogues(kb, rng, config, with_bias, with_residual):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", CONFIGS[:2] + DEEP[:1], ids=str)
+@pytest.mark.parametrize("config", CONFIGS[:2] + [DEEP[0], DEEP[3]], ids=str)
 @pytest.mark.parametrize("M,N,K", [(65, 37, 40), (130, 300, 72), (300, 1000, 264)])
 def test_tc_linear_silu_mul(kb, rng, config, M, N, K):
     fused = gemm_tc.TcConfig(**{**config.__dict__, "fused": True})
@@ -156,7 +159,8 @@ def test_linear_falls_back_to_cuda_cores(kb, rng, monkeypatch, case):
 @pytest.mark.parametrize(
     "config",
     CONFIGS[:2] + BIG_TILES + DEEP + [gemm_tc.tc_config(M, fused=True) for M in (64, 4096)] + [
-        gemm_tc.TcConfig(**{**BIG_TILES[0].__dict__, "fused": True}), gemm_tc.TcConfig(stages=6, fused=True)],
+        gemm_tc.TcConfig(**{**BIG_TILES[0].__dict__, "fused": True}), gemm_tc.TcConfig(stages=6, fused=True),
+        gemm_tc.TcConfig(block_k=64, fused=True)],
     ids=str,
 )
 def test_tc_kernel_is_tensor_cores_without_local_memory(config):
@@ -165,6 +169,11 @@ def test_tc_kernel_is_tensor_cores_without_local_memory(config):
     for instruction in ("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32", "ldmatrix.sync.aligned", "cp.async.cg"):
         assert instruction in ptx, instruction
     assert kernel.get_local_mem_per_thread() == 0
+
+
+def test_k_tiles_other_than_32_or_64_columns_are_refused():
+    with pytest.raises(ValueError, match="unsupported tensor-core GEMM geometry"):
+        gemm_tc.TcConfig(block_k=48).check()
 
 
 def test_rings_past_the_opt_in_shared_memory_are_refused():
