@@ -197,6 +197,9 @@ def measure(args: argparse.Namespace, directory: Path, config: dict[str, Any]) -
     long_ttft = median(run_batch(llm, 1, args.long_prompt, 2, seed=seed)["ttft_ms"] for seed in range(3))
     batches = []
     for batch in args.batches:
+        # warm-up: the first steps of a new batch size can use kernel variants nothing compiled yet
+        # (a batch-32 first token once took 4.6 s, 254 ms in the run before)
+        run_batch(llm, batch, args.prompt, 2, seed=batch + 1000)
         row = run_batch(llm, batch, args.prompt, args.tokens, seed=batch)
         gpu = graph_step_seconds(llm, batch)
         row["host_pct"] = 100 * (1 - gpu / (row["ms_per_step"] / 1e3))
