@@ -9,9 +9,9 @@ the online-softmax rule: with ``top = max_p m_p`` and ``w_p = exp(m_p - top)``,
 One block per (token, query head). A few long sequences split into many partitions (a batch-1 step
 over 8K keys: ~40 per head), so the partitions are summed side by side: the block's threads form
 ``ROWS`` rows of ``head_dim / 4`` lanes, lane c of row r adds the 16-byte chunk c of partitions
-``r, r + ROWS, ...``, four partitions per trip with all their loads issued first, and the rows'
-sums meet in shared memory. (One thread per output value walking every partition in turn waited
-out a load's latency per partition, serially.)
+``r, r + ROWS, ...``, four partitions per trip with all their loads issued first (the first four
+before the softmax maxima are reduced), and the rows' sums meet in shared memory. (One thread per
+output value walking every partition in turn waited out a load's latency per partition, serially.)
 """
 
 from __future__ import annotations
@@ -59,6 +59,26 @@ def _merge_kernel(head_dim: int, bf16: bool) -> Callable:
             value = max(value, scratch[w]) if take_max else value + scratch[w]
         return value
 
+    @cuda.jit(device=True)
+    def load_batch(stats, partials, t, hq, first, p, parts, weights, values):
+        """The maxima and chunks of partitions ``p, p + ROWS, ...`` (UNROLL of them, clamped to the
+        last one) into registers, every load issued before any is used."""
+        for u in range(UNROLL):
+            pu = min(p + u * ROWS, parts - 1)
+            weights[u] = stats[0, t, hq, pu]
+            chunk_values = load_f32x4(partials, first + pu * D)
+            for j in range(4):
+                values[u, j] = chunk_values[j]
+
+    @cuda.jit(device=True)
+    def add_batch(p, parts, top, weights, values, acc):
+        """``acc += exp(m - top) * chunk`` over the loaded partitions that exist."""
+        for u in range(UNROLL):
+            if p + u * ROWS < parts:
+                w = math.exp(weights[u] - top)
+                for j in range(4):
+                    acc[j] += w * values[u, j]
+
     def merge(context_lens, query_start_loc, capacity, part_keys, stats, partials, out):
         t = cuda.blockIdx.x
         hq = cuda.blockIdx.y
@@ -69,6 +89,16 @@ def _merge_kernel(head_dim: int, bf16: bool) -> Callable:
         parts = (key_end + part_keys - 1) // part_keys
         scratch = cuda.shared.array(WARPS, float32)
         sums = cuda.shared.array(SUMS, float32)
+        acc = cuda.local.array(4, float32)
+        weights = cuda.local.array(UNROLL, float32)
+        values = cuda.local.array((UNROLL, 4), float32)
+        row = tid // CHUNKS
+        chunk = tid % CHUNKS
+        first = ((t * partials.shape[1] + hq) * partials.shape[2]) * D + 4 * chunk  # partition 0's chunk
+        # the first partitions' chunks are loaded before the max and sum need the stats (they do not
+        # depend on them): their latency passes under the two block reductions
+        if row < ROWS:
+            load_batch(stats, partials, t, hq, first, row, parts, weights, values)
         top = NEG_INF
         for p in range(tid, parts, THREADS):
             top = max(top, stats[0, t, hq, p])
@@ -78,28 +108,14 @@ def _merge_kernel(head_dim: int, bf16: bool) -> Callable:
             total += math.exp(stats[0, t, hq, p] - top) * stats[1, t, hq, p]
         total = block_reduce(total, scratch, False)
 
-        row = tid // CHUNKS
-        chunk = tid % CHUNKS
         if row < ROWS:
-            first = ((t * partials.shape[1] + hq) * partials.shape[2]) * D + 4 * chunk  # partition 0's chunk
-            acc = cuda.local.array(4, float32)
-            weights = cuda.local.array(UNROLL, float32)
-            values = cuda.local.array((UNROLL, 4), float32)
             for j in range(4):
                 acc[j] = 0
-            p = row
+            add_batch(row, parts, top, weights, values, acc)
+            p = row + UNROLL * ROWS
             while p < parts:
-                for u in range(UNROLL):  # loads first: UNROLL partitions in flight
-                    pu = min(p + u * ROWS, parts - 1)
-                    weights[u] = stats[0, t, hq, pu]
-                    chunk_values = load_f32x4(partials, first + pu * D)
-                    for j in range(4):
-                        values[u, j] = chunk_values[j]
-                for u in range(UNROLL):
-                    if p + u * ROWS < parts:
-                        w = math.exp(weights[u] - top)
-                        for j in range(4):
-                            acc[j] += w * values[u, j]
+                load_batch(stats, partials, t, hq, first, p, parts, weights, values)
+                add_batch(p, parts, top, weights, values, acc)
                 p += UNROLL * ROWS
             for j in range(4):
                 sums[row * D + 4 * chunk + j] = acc[j]
