@@ -75,9 +75,9 @@ def kernels() -> list[tuple[str, Callable, str, dict[str, Any]]]:
         label = (f"prefill GEMM {config.block_m}x{config.block_n}x{config.block_k}/{config.threads // 32}w"
                  f" s{config.stages}")
         rows.append((label, gemm_tc.tc_kernel(config), f16, {}))
-    for stages in (1, 2):
-        rows.append((f"prefill attention d=128, {stages} K/V stage(s)", attention_prefill.prefill_kernel(dim, stages),
-                     attention_prefill.SIGNATURE, {}))
+    for stages, block_q in ((1, 64), (2, 64), (2, 128)):
+        rows.append((f"prefill attention d=128, {stages} K/V stage(s), {block_q} queries",
+                     attention_prefill.prefill_kernel(dim, stages, block_q), attention_prefill.SIGNATURE, {}))
     rows.append(("sampler (float32 logits)", sampling._sample_kernel, sampling.kernel_signature("float32"),
                  {"max_registers": sampling.MAX_REGISTERS}))
     return rows

@@ -4,20 +4,20 @@ Same semantics as :func:`.reference.paged_attention`; :func:`.attention.paged_at
 float16 step here when the caller says it holds long prefills (``max_query_len``).
 
 Geometry (from shapes only: the host cannot read ``query_start_loc`` without a sync). A block
-owns up to ``BQ = 64`` consecutive queries of ONE sequence and one query head, so K/V tiles always
-come from one block table and tiles never straddle sequences. Sequence b's query tiles get the
-virtual indices ``qsl[b] // BQ + b + i`` (i = 0 .. ceil(n_b / BQ) - 1): these ranges are disjoint
-and increasing in b, and all lie below ``T // BQ + B``, so the grid is
+owns up to ``BQ`` consecutive queries (64 dispatched, or 128) of ONE sequence and one query head,
+so K/V tiles always come from one block table and tiles never straddle sequences. Sequence b's
+query tiles get the virtual indices ``qsl[b] // BQ + b + i`` (i = 0 .. ceil(n_b / BQ) - 1): these
+ranges are disjoint and increasing in b, and all lie below ``T // BQ + B``, so the grid is
 ``(Hq, T // BQ + B)`` and a block finds its sequence by binary search over
 ``qsl[b] // BQ + b`` (a block landing in a gap between two sequences' ranges exits at once). A
 decode token in a mixed batch thus gets a block of its own, which streams its context once.
 Blocks run in reverse order of that index so that the long tails of causal prefills start first;
 the query heads of one GQA group are neighbouring blocks, so they read the same K/V tiles out of L2.
 
-In a block, 4 warps each own 16 query rows. Shared memory (48 KB at head_dim 128) holds the Q
-tile, one K tile and one V tile of ``BKV = 64`` keys, rows of ``2 * head_dim`` bytes whose 16-byte
-chunk c is stored at ``c ^ (row % 8)`` so that ldmatrix (8 rows, one chunk column per phase)
-reads every bank once. Per K/V tile:
+In a block, ``BQ / 16`` warps each own 16 query rows. Shared memory (48 KB at head_dim 128 and 64
+queries) holds the Q tile, one K tile and one V tile of ``BKV = 64`` keys, rows of ``2 * head_dim``
+bytes whose 16-byte chunk c is stored at ``c ^ (row % 8)`` so that ldmatrix (8 rows, one chunk
+column per phase) reads every bank once. Per K/V tile:
 
 1. wait for K_j, barrier (everyone is also done with V_{j-1}); issue V_j (cp.async);
 2. ``S = Q K_j^T`` on mma.sync m16n8k16 (Q fragments stay in registers for the whole block; K
@@ -71,36 +71,45 @@ MIN_QUERIES = 32  # steps whose longest query run is shorter stay on the CUDA-co
 HEAD_DIMS = (64, 128)
 
 WARP = 32
-BQ = 64  # queries per block
+BLOCK_QUERIES = (64, 128)  # queries per block (4 or 8 warps of 16 rows) a kernel may have
 BKV = 64  # keys per K/V tile
-WARPS = BQ // 16
-THREADS = WARP * WARPS
 FULL_MASK = 0xFFFFFFFF
 NEG_INF = np.float32(-np.inf)
 LOG2E = 1.4426950408889634
 STATIC_SHIFT = 31  # a static cache is one block per sequence: every key is in logical block 0
 STATIC_SHARED_BYTES = 48 * 1024  # past it a block's shared memory is dynamic, opted in at launch
-# (K, V) tile pairs in flight: 1 is the dispatched pipeline; deeper rings (prefill_kernel) are
-# kernel-bench and GPU-test variants until a GPU run measures them.
+# The dispatched variant: (K, V) tile pairs in flight and queries per block. Deeper rings and
+# 128-query blocks (prefill_kernel) are kernel-bench and GPU-test variants until a GPU run measures them.
 KV_STAGES = 1
+QUERY_ROWS = 64
 
 
-def shared_bytes(head_dim: int, kv_stages: int) -> int:
-    """Shared memory of a block: the Q tile, then ``kv_stages`` (K, V) tile pairs."""
-    return (BQ + 2 * BKV * kv_stages) * 2 * head_dim
+def shared_bytes(head_dim: int, kv_stages: int, block_q: int = 64) -> int:
+    """Shared memory of a block: the Q tile of ``block_q`` rows, then ``kv_stages`` (K, V) tile pairs."""
+    return (block_q + 2 * BKV * kv_stages) * 2 * head_dim
+
+
+def threads(block_q: int) -> int:
+    """Threads of a block of ``block_q`` queries: a warp per 16 query rows."""
+    return WARP * (block_q // 16)
 
 
 @lru_cache(maxsize=None)
-def prefill_kernel(head_dim: int, kv_stages: int = 1) -> Callable:
-    """The kernel for one head dim (64 or 128); signature :data:`SIGNATURE`, grid ``(Hq, T // BQ + B)``
-    of ``THREADS`` threads, :func:`shared_bytes` of shared memory (dynamic past 48 KB).
+def prefill_kernel(head_dim: int, kv_stages: int = 1, block_q: int = 64) -> Callable:
+    """The kernel for one head dim (64 or 128); signature :data:`SIGNATURE`, grid ``(Hq, T // block_q
+    + B)`` of :func:`threads` threads, :func:`shared_bytes` of shared memory (dynamic past 48 KB).
 
     ``kv_stages``: 1 is the single K and V tile pipeline of the module doc; from 2 on, a ring of that
     many (K, V) tile pairs in which tile ``j + kv_stages - 1`` is copied while the warps compute on
-    tile ``j``, one barrier per tile."""
+    tile ``j``, one barrier per tile. ``block_q``: 64 (4 warps) or 128 queries (8 warps, which halves
+    the K and V bytes copied per query)."""
     if kv_stages < 1:
         raise ValueError(f"kv_stages must be at least 1, got {kv_stages}")
+    if block_q not in BLOCK_QUERIES:
+        raise ValueError(f"block_q must be one of {BLOCK_QUERIES}, got {block_q}")
     D = head_dim
+    BQ = block_q
+    THREADS = threads(block_q)
     RING = kv_stages > 1
     STAGES = kv_stages
     CH = D // 8  # 16-byte chunks per row
@@ -118,7 +127,7 @@ def prefill_kernel(head_dim: int, kv_stages: int = 1) -> Callable:
     K_OFFSET = BQ * ROW  # stage s: its K tile at K_OFFSET + s * STAGE_BYTES, its V tile BKV rows on
     V_OFFSET = K_OFFSET + BKV * ROW
     STAGE_BYTES = 2 * BKV * ROW
-    SMEM_WORDS = shared_bytes(head_dim, kv_stages) // 4
+    SMEM_WORDS = shared_bytes(head_dim, kv_stages, block_q) // 4
     DYNAMIC = SMEM_WORDS * 4 > STATIC_SHARED_BYTES
     Q_PENDING = STAGES - 1 if RING else 1  # commit groups after Q's (the K/V tiles of the prologue)
     TILE_PENDING = max(STAGES - 2, 0)  # ring: groups allowed in flight once a tile must have landed
@@ -332,7 +341,8 @@ def prefill_kernel(head_dim: int, kv_stages: int = 1) -> Callable:
                 scores(s, qf, base + K_OFFSET, k_frag)
                 cuda.syncthreads()  # all are done with the K tile
                 if kv0 + BKV < kv_end:
-                    fill_rows(kv_row, table, kv0 + BKV, kv_end, key0, block_size, block_shift, block_mask, kv_heads, kvh)
+                    fill_rows(kv_row, table, kv0 + BKV, kv_end, key0, block_size, block_shift, block_mask,
+                              kv_heads, kvh)
                     copy_tile(k_cache, kv_row, base + K_OFFSET + kv_dst, c)
                 cp_async_commit()
                 softmax(s, o, kv0, kv_min, key_end, row_max, row_sum, t, scale_log2)
@@ -389,14 +399,14 @@ def prefill_attention(
     else:
         shift, mask = block_size.bit_length() - 1, block_size - 1
     q_strides, out_strides = element_strides(q), element_strides(out)
-    kernel = compiled(prefill_kernel(dim, KV_STAGES), SIGNATURE)
-    dynamic = shared_bytes(dim, KV_STAGES)
+    kernel = compiled(prefill_kernel(dim, KV_STAGES, QUERY_ROWS), SIGNATURE)
+    dynamic = shared_bytes(dim, KV_STAGES, QUERY_ROWS)
     if dynamic > STATIC_SHARED_BYTES:
         allow_dynamic_shared(kernel, dynamic)
     else:
         dynamic = 0
-    grid = (q_heads, tokens // BQ + context_lens.shape[0])  # covers every virtual tile index (module doc)
-    kernel[grid, THREADS, launch_stream(), dynamic](
+    grid = (q_heads, tokens // QUERY_ROWS + context_lens.shape[0])  # every virtual tile index (module doc)
+    kernel[grid, threads(QUERY_ROWS), launch_stream(), dynamic](
         flat_view("paged_attention", "q", q), q_strides[0], q_strides[1], k_cache.reshape(-1), v_cache.reshape(-1),
         block_tables, context_lens, query_start_loc, block_size, shift, mask, kv_heads, q_heads // kv_heads,
         np.float32(scale * LOG2E), flat_view("paged_attention", "out", out), out_strides[0], out_strides[1], tokens,

@@ -16,8 +16,18 @@ from tests.helpers import pick, poisoned, random, rel_err, tolerance
 from tests.kernels.test_attention import _paged_batch
 
 F16 = np.float16
-# the dispatched single K / V tile pipeline, and rings of 2 and 3 tile pairs (dynamic shared memory)
-KV_STAGES = [1, 2, 3]
+# (K / V tile pairs, queries per block): the dispatched single-tile pipeline of 64 queries, rings of 2
+# and 3 tile pairs (dynamic shared memory), blocks of 128 queries (8 warps)
+VARIANTS = [(1, 64), (2, 64), (3, 64), (1, 128), (2, 128)]
+
+
+@pytest.fixture(params=VARIANTS, ids=lambda v: f"stages{v[0]}-q{v[1]}")
+def variant(request, monkeypatch):
+    """Dispatch the prefill variant ``(kv_stages, block_q)`` for the test."""
+    kv_stages, block_q = request.param
+    monkeypatch.setattr(attention_prefill, "KV_STAGES", kv_stages)
+    monkeypatch.setattr(attention_prefill, "QUERY_ROWS", block_q)
+    return request.param
 # (q heads, kv heads, head_dim, block_size): GQA 4, 3 and 1
 CONFIGS = [(32, 8, 128, 16), (9, 3, 64, 32), (4, 4, 128, 32), (12, 4, 64, 16)]
 BATCHES = {  # (queries n, context length L) per sequence
@@ -66,12 +76,10 @@ def _run_paged(kb, rng, seqs, q_heads, kv_heads, dim, block_size, max_query_len)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kv_stages", KV_STAGES)
 @pytest.mark.parametrize("batch", list(BATCHES))
 @pytest.mark.parametrize("q_heads,kv_heads,dim,block_size", CONFIGS)
-def test_prefill_attention_matches_reference(kb, rng, monkeypatch, q_heads, kv_heads, dim, block_size, batch,
-                                             kv_stages):
-    monkeypatch.setattr(attention_prefill, "KV_STAGES", kv_stages)
+def test_prefill_attention_matches_reference(kb, rng, monkeypatch, variant, q_heads, kv_heads, dim, block_size,
+                                             batch):
     seqs = BATCHES[batch]
     launched = _spy(monkeypatch)
     got, want = _run_paged(kb, rng, seqs, q_heads, kv_heads, dim, block_size, max(n for n, _ in seqs))
@@ -80,9 +88,7 @@ def test_prefill_attention_matches_reference(kb, rng, monkeypatch, q_heads, kv_h
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kv_stages", KV_STAGES)
-def test_prefill_attention_long_prompt(kb, rng, monkeypatch, kv_stages):
-    monkeypatch.setattr(attention_prefill, "KV_STAGES", kv_stages)
+def test_prefill_attention_long_prompt(kb, rng, monkeypatch, variant):
     launched = _spy(monkeypatch)
     got, want = _run_paged(kb, rng, [(2048, 2048), (1, 2048)], 8, 2, 128, 16, 2048)
     assert len(launched) == 1
@@ -90,9 +96,7 @@ def test_prefill_attention_long_prompt(kb, rng, monkeypatch, kv_stages):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kv_stages", KV_STAGES)
-def test_static_attention_prefill_matches_reference(kb, rng, monkeypatch, kv_stages):
-    monkeypatch.setattr(attention_prefill, "KV_STAGES", kv_stages)
+def test_static_attention_prefill_matches_reference(kb, rng, monkeypatch, variant):
     q_heads, kv_heads, dim, max_len = 8, 2, 128, 500  # a static length that is not a power of two
     seqs = [(130, 400), (1, 500), (0, 3), (77, 77)]
     num_slots = len(seqs) + 2
@@ -132,16 +136,18 @@ def test_prefill_attention_falls_back_to_cuda_cores(kb, rng, monkeypatch, case):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kv_stages", KV_STAGES)
+@pytest.mark.parametrize("kv_stages,block_q", VARIANTS)
 @pytest.mark.parametrize("dim", attention_prefill.HEAD_DIMS)
-def test_prefill_kernel_is_tensor_cores_without_local_memory(dim, kv_stages):
-    kernel = compiled(attention_prefill.prefill_kernel(dim, kv_stages), attention_prefill.SIGNATURE)
+def test_prefill_kernel_is_tensor_cores_without_local_memory(dim, kv_stages, block_q):
+    kernel = compiled(attention_prefill.prefill_kernel(dim, kv_stages, block_q), attention_prefill.SIGNATURE)
     ptx = "".join(kernel.inspect_asm().values())
     for instruction in ("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32", "ldmatrix.sync.aligned.m8n8.x4.trans"):
         assert instruction in ptx, instruction
     assert kernel.get_local_mem_per_thread() == 0
 
 
-def test_prefill_kernel_needs_a_stage():
+def test_prefill_kernel_variants_are_checked():
     with pytest.raises(ValueError, match="kv_stages must be at least 1"):
         attention_prefill.prefill_kernel(128, 0)
+    with pytest.raises(ValueError, match="block_q must be one of"):
+        attention_prefill.prefill_kernel(128, 1, 96)
