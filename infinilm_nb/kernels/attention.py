@@ -47,8 +47,8 @@ import numpy as np
 from numba import cuda
 
 from . import attention_mma, attention_prefill
-from .attention_merge import merge_partitions
 from .attention_blocks import NEG_INF, block_kernels, row_finder, shared_layout, stream_folder
+from .attention_merge import merge_partitions
 from .common import SIMULATOR, WITH_BFLOAT16, cdiv, check_array, check_same_dtype, compiled, launch_stream, numba_type
 from .intrinsics import as_f32
 from .vector import (
@@ -394,7 +394,7 @@ def _attention(
         # registers an SM holds 3 of its blocks to the CUDA-core kernel's 4. It wins where the (token,
         # KV head) pairs fit in one wave of its blocks and the split fills the GPU; past that the
         # fuller SMs of the CUDA-core kernel stream faster (H100, float16, 32 / 8 heads: batch 16 at
-        # 8K keys 94% of copy against 88%; batch 64 at 2K 83% against 91%).
+        # 8K keys 95% of copy against 89%; batch 64 at 2K 84% against 90%).
         within = SIMULATOR or tokens * kv_heads <= _resident_blocks(kernels.whole, kernels.threads)
         if attention_mma.WITHIN_ONE_WAVE and not within:
             kernels = None
@@ -430,7 +430,10 @@ class _Kernels(NamedTuple):
     options: dict
 
 
-def _mma_kernels(q, caches, block_tables, context_lens, query_start_loc, kv_heads, scale, block_size) -> _Kernels:
+def _mma_kernels(
+    q: Any, caches: tuple, block_tables: Any, context_lens: Any, query_start_loc: Any, kv_heads: int, scale: float,
+    block_size: int,
+) -> _Kernels:
     """The tensor-core kernels (:mod:`.attention_mma`) for a checked float16 step."""
     dim, group = q.shape[2], q.shape[1] // kv_heads
     whole_range, partition = attention_mma.mma_attention_kernels(dim, group, block_size)
@@ -442,8 +445,10 @@ def _mma_kernels(q, caches, block_tables, context_lens, query_start_loc, kv_head
                     attention_mma.WARPS * WARP, options)
 
 
-def _cuda_core_kernels(q, caches, block_tables, context_lens, query_start_loc, kv_heads, scale, block_size,
-                       group) -> _Kernels:
+def _cuda_core_kernels(
+    q: Any, caches: tuple, block_tables: Any, context_lens: Any, query_start_loc: Any, kv_heads: int, scale: float,
+    block_size: int, group: int,
+) -> _Kernels:
     """The CUDA-core kernels for a checked step of any dtype."""
     dim = q.shape[2]
     vec = vector_width(caches[0].dtype, caches)
