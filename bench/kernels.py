@@ -359,11 +359,13 @@ def bench_prefill(copy_bw: float) -> list[Row]:
     from infinilm_nb.kernels import gemm, gemm_tc
 
     # deeper rings in dynamic shared memory (past the 48 KB of the dispatched ones), 64-column K
-    # tiles (half the barriers), and a 64 x 64 warp tile (half the shared-memory reads per mma of
-    # the 64 x 32 ones) with 4 stages
+    # tiles (half the barriers), a 64 x 64 warp tile (half the shared-memory reads per mma of the
+    # 64 x 32 ones) with 4 stages, and 64 x 64 blocks (twice the blocks of 64 x 128 at M = 512,
+    # where those fill half the SMs' block slots)
     deep = (gemm_tc.TcConfig(stages=4), gemm_tc.TcConfig(stages=6), gemm_tc.TcConfig(block_k=64),
             gemm_tc.TcConfig(block_m=64, warps_m=1, warps_n=4, block_k=64),
-            gemm_tc.TcConfig(block_m=128, block_n=256, warps_m=2, warps_n=4, stages=4))
+            gemm_tc.TcConfig(block_m=128, block_n=256, warps_m=2, warps_n=4, stages=4),
+            gemm_tc.TcConfig(block_m=64, block_n=64, warps_m=2, warps_n=2, stages=6))
     rows = []
     for name in ("qkv", "o", "gate_up", "down"):
         n, k = GEMM_SHAPES[name]

@@ -28,6 +28,7 @@ CONFIGS = [
     # 64-column K tiles: 128-byte rows, the other swizzle, four k-steps a tile
     gemm_tc.TcConfig(block_k=64),  # 96 KB
     gemm_tc.TcConfig(block_m=64, block_n=128, warps_m=1, warps_n=4, block_k=64),  # 72 KB
+    gemm_tc.TcConfig(block_m=64, block_n=64, warps_m=2, warps_n=2, stages=6),  # 32 x 32 warp tiles, 48 KB
 ]
 BIG_TILES = CONFIGS[4:6]
 DEEP = CONFIGS[6:]
