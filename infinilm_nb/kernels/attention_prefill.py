@@ -50,7 +50,7 @@ from typing import Any, Callable
 import numpy as np
 from numba import cuda, float32, int32, int64, uint32
 
-from .common import TENSOR_CORES, allow_dynamic_shared, compiled, launch_stream
+from .common import STATIC_SHARED_BYTES, TENSOR_CORES, compiled, dynamic_shared_bytes, launch_stream
 from .intrinsics import (
     aligned16,
     cp_async_16,
@@ -77,7 +77,6 @@ FULL_MASK = 0xFFFFFFFF
 NEG_INF = np.float32(-np.inf)
 LOG2E = 1.4426950408889634
 STATIC_SHIFT = 31  # a static cache is one block per sequence: every key is in logical block 0
-STATIC_SHARED_BYTES = 48 * 1024  # past it a block's shared memory is dynamic, opted in at launch
 # The dispatched variant: (K, V) tile pairs in flight and queries per block. Deeper rings and
 # 128-query blocks (prefill_kernel) are kernel-bench and GPU-test variants until a GPU run measures them.
 KV_STAGES = 1
@@ -128,7 +127,7 @@ def prefill_kernel(head_dim: int, kv_stages: int = 1, block_q: int = 64) -> Call
     V_OFFSET = K_OFFSET + BKV * ROW
     STAGE_BYTES = 2 * BKV * ROW
     SMEM_WORDS = shared_bytes(head_dim, kv_stages, block_q) // 4
-    DYNAMIC = SMEM_WORDS * 4 > STATIC_SHARED_BYTES
+    DYNAMIC = SMEM_WORDS * 4 > STATIC_SHARED_BYTES  # then opted in at launch
     Q_PENDING = STAGES - 1 if RING else 1  # commit groups after Q's (the K/V tiles of the prologue)
     TILE_PENDING = max(STAGES - 2, 0)  # ring: groups allowed in flight once a tile must have landed
 
@@ -400,11 +399,7 @@ def prefill_attention(
         shift, mask = block_size.bit_length() - 1, block_size - 1
     q_strides, out_strides = element_strides(q), element_strides(out)
     kernel = compiled(prefill_kernel(dim, KV_STAGES, QUERY_ROWS), SIGNATURE)
-    dynamic = shared_bytes(dim, KV_STAGES, QUERY_ROWS)
-    if dynamic > STATIC_SHARED_BYTES:
-        allow_dynamic_shared(kernel, dynamic)
-    else:
-        dynamic = 0
+    dynamic = dynamic_shared_bytes(kernel, shared_bytes(dim, KV_STAGES, QUERY_ROWS))
     grid = (q_heads, tokens // QUERY_ROWS + context_lens.shape[0])  # every virtual tile index (module doc)
     kernel[grid, threads(QUERY_ROWS), launch_stream(), dynamic](
         flat_view("paged_attention", "q", q), q_strides[0], q_strides[1], k_cache.reshape(-1), v_cache.reshape(-1),

@@ -103,24 +103,31 @@ def compiled(pyfunc: Callable, signature: str, **options: Any) -> Any:
     return kernel
 
 
+# Shared memory a kernel may declare statically. A block that needs more declares it dynamic
+# (``cuda.shared.array(0, ...)``) and launches with :func:`dynamic_shared_bytes`.
+STATIC_SHARED_BYTES = 48 * 1024
 _shared_allowed: dict[Any, int] = {}
 
 
-def allow_dynamic_shared(kernel: Any, nbytes: int) -> None:
-    """Let ``kernel`` (compiled for one signature) launch with ``nbytes`` of dynamic shared memory.
+def dynamic_shared_bytes(kernel: Any, nbytes: int) -> int:
+    """The dynamic shared memory to launch ``kernel`` (compiled for one signature) with, for a block
+    of ``nbytes`` of shared memory: 0 up to :data:`STATIC_SHARED_BYTES` (declared statically),
+    else ``nbytes``, with the function opted in.
 
-    Past 48 KB a block's shared memory must be dynamic and the function opted in
-    (``CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES``), which numba-cuda has no API for: this
-    sets it on the loaded function, as numba's own ``set_shared_memory_carveout`` sets its attribute.
+    Past 48 KB the function must be opted in (``CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES``),
+    which numba-cuda has no API for: this sets it on the loaded function, as numba's own
+    ``set_shared_memory_carveout`` sets its attribute.
     """
-    if SIMULATOR or _shared_allowed.get(kernel, 0) >= nbytes:
-        return
-    from numba.cuda.cudadrv.driver import binding, driver
+    if nbytes <= STATIC_SHARED_BYTES:
+        return 0
+    if not SIMULATOR and _shared_allowed.get(kernel, 0) < nbytes:
+        from numba.cuda.cudadrv.driver import binding, driver
 
-    function = next(iter(kernel.overloads.values()))._codelibrary.get_cufunc()
-    attribute = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-    driver.cuKernelSetAttribute(attribute, int(nbytes), function.handle, function.device.id)
-    _shared_allowed[kernel] = nbytes
+        function = next(iter(kernel.overloads.values()))._codelibrary.get_cufunc()
+        attribute = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        driver.cuKernelSetAttribute(attribute, int(nbytes), function.handle, function.device.id)
+        _shared_allowed[kernel] = nbytes
+    return nbytes
 
 
 _streams: dict[int, Any] = {}

@@ -43,7 +43,7 @@ import numpy as np
 from numba import cuda, float32
 
 from .common import (
-    TENSOR_CORES, WITH_BFLOAT16, allow_dynamic_shared, cdiv, check_array, check_same_dtype, compiled, launch_stream,
+    TENSOR_CORES, WITH_BFLOAT16, cdiv, check_array, check_same_dtype, compiled, dynamic_shared_bytes, launch_stream,
     numba_type,
 )
 from . import gemm_tc
@@ -295,9 +295,7 @@ def launch_tc(config: TcConfig, x: Any, weight: Any, bias: Any, residual: Any, o
     """Launch tensor-core prefill variant ``config`` on checked float16 operands (K % 8 == 0, 16-byte aligned)."""
     kernel = compiled(tc_kernel(config), kernel_signature(np.float16))
     grid = cdiv(out.shape[1], config.outputs_n) * cdiv(x.shape[0], config.block_m)
-    dynamic = config.shared_bytes if config.dynamic_shared else 0
-    if dynamic:
-        allow_dynamic_shared(kernel, dynamic)
+    dynamic = dynamic_shared_bytes(kernel, config.shared_bytes)
     kernel[grid, config.threads, launch_stream(), dynamic](*_flat_args(x, weight, bias, residual, out))
 
 

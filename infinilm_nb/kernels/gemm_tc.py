@@ -46,7 +46,7 @@ from typing import Callable
 
 from numba import cuda, float32, int32, int64, uint32
 
-from .common import TENSOR_CORES
+from .common import STATIC_SHARED_BYTES, TENSOR_CORES
 from .gemm_mma import silu
 from .intrinsics import cp_async_16, cp_async_commit, cp_async_wait_group, ldmatrix_x4, shared_address
 from .mma import mma_accumulate
@@ -59,7 +59,6 @@ MIN_M = 64  # smaller M is decode: gemm_mma.py / the CUDA-core decode kernel
 
 WARP = 32
 CHUNK = 8  # float16 per 16-byte copy
-SHARED_BYTES = 48 * 1024  # static shared memory a block may declare
 # Dynamic shared memory a Hopper block may opt in to (227 KB): deeper pipelines than 48 KB holds
 MAX_SHARED_BYTES = 227 * 1024
 PARK_PAD = 4  # float32 of padding per row of parked accumulators (fewer bank conflicts)
@@ -99,11 +98,6 @@ class TcConfig:
     @property
     def shared_bytes(self) -> int:
         return self.stages * (self.block_m + self.block_n) * self.row_bytes
-
-    @property
-    def dynamic_shared(self) -> bool:
-        """Whether the stages outgrow static shared memory: then they are dynamic, opted in at launch."""
-        return self.shared_bytes > SHARED_BYTES
 
     def check(self) -> None:
         """Raise ``ValueError`` for a geometry the kernel does not support."""
@@ -154,7 +148,7 @@ def tc_kernel(config: TcConfig) -> Callable:
     A_STAGE, B_STAGE = BM * ROW_BYTES, BN * ROW_BYTES
     B_OFFSET = STAGES * A_STAGE
     SMEM_WORDS = config.shared_bytes // 4
-    DYNAMIC = config.dynamic_shared
+    DYNAMIC = config.shared_bytes > STATIC_SHARED_BYTES  # then opted in at launch
     PARK_STRIDE = WN + PARK_PAD  # float32 per parked accumulator row
     PARK_WORDS = 16 * PARK_STRIDE  # one warp's slice: a 16-row tile row
     OUT_W = HALF if FUSED else WN  # output columns per warp
