@@ -383,8 +383,6 @@ def _attention(
         return out
     capacity = block_tables.shape[1] * block_size
     group = q_heads // kv_heads
-    bf16 = is_bf16(q.dtype)
-    t = numba_type(q.dtype)
     # flat caches: the kernels address a key's row by its slot, block * block_size + offset
     caches = (k_cache.reshape(-1), v_cache.reshape(-1))
     kernels = None
@@ -414,7 +412,7 @@ def _attention(
     parts = cdiv(capacity, part_keys)
     stats, partials = _workspace_views(workspace, tokens, q_heads, parts, dim)
     split[(tokens, kv_heads, parts), threads, stream](*args, part_keys, stats, partials)
-    merge_partitions(t, bf16, context_lens, query_start_loc, capacity, part_keys, stats, partials, out, stream)
+    merge_partitions(context_lens, query_start_loc, capacity, part_keys, stats, partials, out, stream)
     return out
 
 

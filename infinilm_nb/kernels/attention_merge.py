@@ -23,9 +23,9 @@ from typing import Any, Callable
 from numba import cuda, float32
 
 from .attention_blocks import NEG_INF, locate
-from .common import SIMULATOR, compiled
+from .common import SIMULATOR, compiled, numba_type
 from .intrinsics import load_f32x4
-from .vector import to_stored
+from .vector import is_bf16, to_stored
 
 WARP = 32
 THREADS = (2 if SIMULATOR else 4) * WARP
@@ -131,15 +131,16 @@ def _merge_kernel(head_dim: int, bf16: bool) -> Callable:
 
 
 def merge_partitions(
-    t: str, bf16: bool, context_lens: Any, query_start_loc: Any, capacity: int, part_keys: int,
-    stats: Any, partials: Any, out: Any, stream: Any,
+    context_lens: Any, query_start_loc: Any, capacity: int, part_keys: int, stats: Any, partials: Any, out: Any,
+    stream: Any,
 ) -> None:
     """Launch the merge of ``partials [tokens, heads, parts, D]`` and ``stats [2, tokens, heads,
-    parts]`` (C-contiguous float32, 16-byte aligned) into ``out [tokens, heads, D]`` of numba type
-    ``t`` (``uint16`` with ``bf16``: bfloat16 bits), partitions of ``part_keys`` keys."""
+    parts]`` (C-contiguous float32, 16-byte aligned) into ``out [tokens, heads, D]`` (float32,
+    float16 or bfloat16 bits), partitions of ``part_keys`` keys."""
     tokens, heads, _, dim = partials.shape
     kernel = compiled(
-        _merge_kernel(dim, bf16),
-        f"void(int32[::1], int32[::1], int64, int32, float32[:, :, :, ::1], float32[:, :, :, ::1], {t}[:, :, :])",
+        _merge_kernel(dim, is_bf16(out.dtype)),
+        "void(int32[::1], int32[::1], int64, int32, float32[:, :, :, ::1], float32[:, :, :, ::1], "
+        f"{numba_type(out.dtype)}[:, :, :])",
     )
     kernel[(tokens, heads), THREADS, stream](context_lens, query_start_loc, capacity, part_keys, stats, partials, out)

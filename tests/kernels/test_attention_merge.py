@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from infinilm_nb.kernels import attention_merge
-from infinilm_nb.kernels.common import launch_stream, numba_type
+from infinilm_nb.kernels.common import launch_stream
 from tests.helpers import pick, poisoned, rel_err, tolerance
 
 PART_KEYS = 64
@@ -29,7 +29,7 @@ def test_merge_matches_the_online_softmax_rule(kb, rng, dim, dtype):
         want[t] = (w[:, :, None] * o).sum(axis=1) / (w * s).sum(axis=1)[:, None]
     out = poisoned(kb, (tokens, heads, dim), dtype)
     attention_merge.merge_partitions(
-        numba_type(dtype), False, kb.asarray(context_lens), kb.asarray(query_start_loc), 1 << 30, PART_KEYS,
-        kb.asarray(stats), kb.asarray(partials), out, launch_stream(),
+        kb.asarray(context_lens), kb.asarray(query_start_loc), 1 << 30, PART_KEYS, kb.asarray(stats),
+        kb.asarray(partials), out, launch_stream(),
     )
     assert rel_err(kb.to_host(out), want) < tolerance(dtype)
