@@ -322,7 +322,8 @@ def bench_attention(copy_bw: float) -> list[Row]:
         del contiguous, sdpa
         # split as the runtime dispatches it; the CUDA-core kernel whole and split; the tensor-core
         # kernel (attention_mma) split on every shape
-        variants = ((" split", workspace, enabled, True), (" cuda-core", None, False, True), (" split cuda-core", workspace, False, True))
+        variants = ((" split", workspace, enabled, True), (" cuda-core", None, False, True),
+                    (" split cuda-core", workspace, False, True))
         variants += ((" split mma", workspace, True, False),) * TENSOR_CORES
         for label, ws, mma, within_one_wave in variants:
             attention_mma.ENABLED, attention_mma.WITHIN_ONE_WAVE = mma, within_one_wave
