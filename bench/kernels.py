@@ -359,14 +359,13 @@ def bench_prefill(copy_bw: float) -> list[Row]:
     """
     from infinilm_nb.kernels import gemm, gemm_tc
 
-    # deeper rings in dynamic shared memory (past the 48 KB of the dispatched ones), 64-column K
-    # tiles (half the barriers), a 64 x 64 warp tile (half the shared-memory reads per mma of the
-    # 64 x 32 ones) with 4 stages, and 64 x 64 blocks (twice the blocks of 64 x 128 at M = 512,
-    # where those fill half the SMs' block slots)
-    deep = (gemm_tc.TcConfig(stages=4), gemm_tc.TcConfig(stages=6), gemm_tc.TcConfig(block_k=64),
-            gemm_tc.TcConfig(block_m=64, warps_m=1, warps_n=4, block_k=64),
-            gemm_tc.TcConfig(block_m=128, block_n=256, warps_m=2, warps_n=4, stages=4),
-            gemm_tc.TcConfig(block_m=64, block_n=64, warps_m=2, warps_n=2, stages=6))
+    # 32-column K tiles: the 48 KB static rings (dispatched before the fifth session), deeper ones in
+    # dynamic shared memory, a 64 x 64 warp tile (half the shared-memory reads per mma of the 64 x 32
+    # ones) and 64 x 64 blocks; 64-column K tiles with a fourth stage (128 KB: one block an SM)
+    deep = (gemm_tc.TcConfig(), gemm_tc.TcConfig(block_m=64, warps_m=1, warps_n=4, stages=4),
+            gemm_tc.TcConfig(stages=6), gemm_tc.TcConfig(block_m=128, block_n=256, warps_m=2, warps_n=4, stages=4),
+            gemm_tc.TcConfig(block_m=64, block_n=64, warps_m=2, warps_n=2, stages=6),
+            gemm_tc.TcConfig(block_k=64, stages=4))
     rows = []
     for name in ("qkv", "o", "gate_up", "down"):
         n, k = GEMM_SHAPES[name]
@@ -431,10 +430,10 @@ def _bench_prefill_attention() -> list[Row]:
         sdpa = _sdpa_prefill(heads_first(q), heads_first(k_rows), heads_first(v_rows))
         peer = time_torch_graph([sdpa], reps=10)
         want = cupy.from_dlpack(sdpa()[0].transpose(0, 1).float().contiguous())
-        # as dispatched; rings of 2 and 3 K / V tile pairs (attention_prefill.KV_STAGES) and blocks of
+        # as dispatched; one K / V tile pair, or a ring of 3 (attention_prefill.KV_STAGES); blocks of
         # 128 queries (QUERY_ROWS); CUDA cores
         dispatched = attention_prefill.KV_STAGES, attention_prefill.QUERY_ROWS
-        variants = (("", length, dispatched), (" ring2", length, (2, 64)), (" ring3", length, (3, 64)),
+        variants = (("", length, dispatched), (" ring1", length, (1, 64)), (" ring3", length, (3, 64)),
                     (" q128", length, (1, 128)), (" q128 ring2", length, (2, 128)), (" cuda-core", None, (1, 64)))
         for label, hint, variant in variants:
             def call(hint=hint):

@@ -77,9 +77,9 @@ FULL_MASK = 0xFFFFFFFF
 NEG_INF = np.float32(-np.inf)
 LOG2E = 1.4426950408889634
 STATIC_SHIFT = 31  # a static cache is one block per sequence: every key is in logical block 0
-# The dispatched variant: (K, V) tile pairs in flight and queries per block. Deeper rings and
-# 128-query blocks (prefill_kernel) are kernel-bench and GPU-test variants until a GPU run measures them.
-KV_STAGES = 1
+# The dispatched variant: (K, V) tile pairs in flight and queries per block. A ring of 2 beat one
+# pair by 4% at 2K and 8K on an H200; 3 pairs and 128-query blocks did not beat it (bench/RESULTS.md).
+KV_STAGES = 2
 QUERY_ROWS = 64
 
 

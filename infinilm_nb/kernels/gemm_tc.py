@@ -119,12 +119,14 @@ class TcConfig:
 
 
 def tc_config(M: int, fused: bool = False) -> TcConfig:
-    """The variant for M rows: 128 x 128 tiles of 8 warps; 64 x 128 tiles of 4 warps when M is small
-    enough that 128-row tiles would leave SMs idle (threshold to tune on the GPU). Both give each warp
-    a 64 x 32 sub-tile: 6 ldmatrix per 16 mma."""
-    if M <= 1024:
-        return TcConfig(block_m=64, block_n=128, warps_m=1, warps_n=4, stages=4, fused=fused)
-    return TcConfig(fused=fused)
+    """The variant for M rows: 128 x 128 tiles of 8 warps; 64 x 128 tiles of 4 warps at M <= 512,
+    where 128-row tiles leave SMs idle. Both give each warp a 64 x 32 sub-tile (6 ldmatrix per 16 mma)
+    and walk K 64 columns at a time through 3 stages (96 / 72 KB of dynamic shared memory): half the
+    barriers and waits of 32-column tiles, which won on every shape at M >= 2048 on an H200
+    (bench/RESULTS.md, fifth session)."""
+    if M <= 512:
+        return TcConfig(block_m=64, block_n=128, warps_m=1, warps_n=4, block_k=64, fused=fused)
+    return TcConfig(block_k=64, fused=fused)
 
 
 @lru_cache(maxsize=None)

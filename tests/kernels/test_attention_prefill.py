@@ -16,8 +16,8 @@ from tests.helpers import pick, poisoned, random, rel_err, tolerance
 from tests.kernels.test_attention import _paged_batch
 
 F16 = np.float16
-# (K / V tile pairs, queries per block): the dispatched single-tile pipeline of 64 queries, rings of 2
-# and 3 tile pairs (dynamic shared memory), blocks of 128 queries (8 warps)
+# (K / V tile pairs, queries per block): the single-tile pipeline of 64 queries, the dispatched ring of
+# 2 tile pairs and a ring of 3 (dynamic shared memory), blocks of 128 queries (8 warps)
 VARIANTS = [(1, 64), (2, 64), (3, 64), (1, 128), (2, 128)]
 
 
