@@ -1,4 +1,5 @@
-"""What each fusion of a decoder layer saves in a decode step: the step timed with it undone.
+"""What each fusion of a decoder layer, and programmatic dependent launch, save in a decode step: the
+step timed with each undone.
 
 The fusions the runtime relies on, each undone by an op table that serves the fused op with the
 unfused kernels (same op names, so the model and its CUDA graphs are unchanged):
@@ -7,8 +8,11 @@ unfused kernels (same op names, so the model and its CUDA graphs are unchanged):
 - ``residual``: o_proj and down adding the residual in their epilogue -> the GEMM, then an add;
 - ``rope``: RoPE with the K/V cache store -> rope, then store_kv.
 
-:func:`ablate` runs batch-1 decode on a checkpoint once per fusion undone (``bench/decode.py
---ablate``); :class:`UnfusedOps` is the op table.
+``pdl`` undoes the overlap of each kernel with the one before (:func:`infinilm_nb.kernels.common.launch`):
+the step's graph is captured with plain launches.
+
+:func:`ablate` runs batch-1 decode on a checkpoint once per fusion undone and once without PDL
+(``bench/decode.py --ablate``); :class:`UnfusedOps` is the op table.
 """
 
 from __future__ import annotations
@@ -63,6 +67,19 @@ class UnfusedOps:
 
 
 @contextmanager
+def plain_launches() -> Iterator[None]:
+    """Within the block, kernels launch without PDL (graphs captured inside keep that)."""
+    from infinilm_nb.kernels import common
+
+    before = common.PDL
+    common.PDL = False
+    try:
+        yield
+    finally:
+        common.PDL = before
+
+
+@contextmanager
 def undone(backend: Any, fusions: tuple[str, ...]) -> Iterator[None]:
     """Within the block, ``backend.ops`` serves ``fusions`` unfused (for models built inside it)."""
     fused = backend.ops
@@ -74,16 +91,17 @@ def undone(backend: Any, fusions: tuple[str, ...]) -> Iterator[None]:
 
 
 def ablate(decode_step: Callable[[Any], float], make_llm: Callable[[], Any]) -> dict[str, float]:
-    """Milliseconds of a batch-1 decode step (``decode_step(llm)``) with all fusions, then with each
-    undone, each on a fresh ``make_llm()`` whose model and graphs are built with that op table."""
+    """Milliseconds of a batch-1 decode step (``decode_step(llm)``) with all fusions and PDL, then with
+    each fusion undone and without PDL, each on a fresh ``make_llm()`` whose model and graphs are built
+    that way."""
     from infinilm_nb.backend import get_backend
 
     backend = get_backend("cuda")
     times = {}
-    for fusions in ((), *((fusion,) for fusion in FUSIONS)):
-        with undone(backend, fusions):
+    for undo in ((), *((fusion,) for fusion in FUSIONS), ("pdl",)):
+        with plain_launches() if undo == ("pdl",) else undone(backend, undo):
             llm = make_llm()
-            times[fusions[0] if fusions else "fused"] = decode_step(llm)
+            times[undo[0] if undo else "fused"] = decode_step(llm)
             llm.close()
             del llm
     return times

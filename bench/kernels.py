@@ -528,6 +528,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=",".join(SUITES), help="comma-separated: " + ", ".join(SUITES))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    # Each kernel alone, as its peer runs: a graph of one kernel repeated would otherwise overlap each
+    # launch with the one before (programmatic dependent launch), which bench/decode.py --ablate measures.
+    common.PDL = False
     bw = copy_bandwidth()
     title = f"{gpu_name()}  {datetime.date.today()}  commit {commit()}  copy {bw / 1e9:.0f} GB/s (read+write)"
     rows: list[Row] = []

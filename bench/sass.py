@@ -70,8 +70,8 @@ def kernels() -> list[tuple[str, Callable, str, dict[str, Any]]]:
                  attention._compile_options(dim, group, vec)))
     _, partition = attention_mma.mma_attention_kernels(dim, group, block)
     rows.append(("decode attention (split, mma)", partition, attention_mma.kernel_signatures()[1], {"fastmath": True}))
-    for config in (gemm_tc.tc_config(512), gemm_tc.tc_config(2048), gemm_tc.TcConfig(stages=6),
-                   gemm_tc.TcConfig(block_k=64), gemm_tc.TcConfig(128, 256, 2, 4, stages=4)):
+    for config in (gemm_tc.tc_config(512), gemm_tc.tc_config(2048), gemm_tc.TcConfig(), gemm_tc.TcConfig(stages=6),
+                   gemm_tc.TcConfig(128, 256, 2, 4, stages=4)):
         label = (f"prefill GEMM {config.block_m}x{config.block_n}x{config.block_k}/{config.threads // 32}w"
                  f" s{config.stages}")
         rows.append((label, gemm_tc.tc_kernel(config), f16, {}))

@@ -15,7 +15,8 @@ from typing import Any, Callable
 import numba
 from numba import cuda
 
-from .common import WITH_BFLOAT16, check_array, check_same_dtype, compiled, launch_stream, numba_type
+from .common import WITH_BFLOAT16, check_array, check_same_dtype, compiled, launch, numba_type
+from .intrinsics import await_previous_kernels
 from .vector import is_bf16, loader, packer, row_grid, storer, vector_width
 
 THREADS = 256
@@ -27,6 +28,7 @@ def _silu_mul_kernel(vec: int, bf16: bool) -> Callable:
     load, store, pack = loader(vec, bf16), storer(vec, bf16), packer(vec)
 
     def kernel(x, out, tokens, inter):
+        await_previous_kernels()
         c = (cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x) * vec
         if c >= inter:
             return
@@ -59,5 +61,5 @@ def silu_mul(x: Any, out: Any) -> Any:
     t = numba_type(x.dtype)
     kernel = compiled(_silu_mul_kernel(vec, is_bf16(x.dtype)), f"void({t}[::1], {t}[::1], int64, int64)")
     grid, threads = row_grid(tokens, inter // vec, THREADS)
-    kernel[grid, threads, launch_stream()](x.reshape(-1), out.reshape(-1), tokens, inter)
+    launch(kernel, grid, threads, (x.reshape(-1), out.reshape(-1), tokens, inter))
     return out

@@ -49,8 +49,8 @@ from numba import cuda
 from . import attention_mma, attention_prefill
 from .attention_blocks import NEG_INF, block_kernels, row_finder, shared_layout, stream_folder
 from .attention_merge import merge_partitions
-from .common import SIMULATOR, WITH_BFLOAT16, cdiv, check_array, check_same_dtype, compiled, launch_stream, numba_type
-from .intrinsics import as_f32
+from .common import SIMULATOR, WITH_BFLOAT16, cdiv, check_array, check_same_dtype, compiled, launch, numba_type
+from .intrinsics import as_f32, await_previous_kernels
 from .vector import (
     element_strides, flat_view, is_bf16, loader, row_grid, storer, to_stored, vector_width, widening_loader,
 )
@@ -94,6 +94,7 @@ def _store_kv_kernel(vec: int, dim: int) -> Callable:
         ``block * block_size + offset``. Static (``static != 0``): ``slots[t]`` is the cache row and
         ``positions[t]`` the offset in it.
         """
+        await_previous_kernels()
         column = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
         if column >= heads * chunks:
             return
@@ -155,10 +156,10 @@ def _launch_store(
         "UniTuple(int64, 4))",
     )
     grid, threads = row_grid(k.shape[0], heads * dim // vec, STORE_THREADS)
-    kernel[grid, threads, launch_stream()](
+    launch(kernel, grid, threads, (
         k_flat, v_flat, _copied_bits(k_cache.reshape(-1)), _copied_bits(v_cache.reshape(-1)), slots, positions,
         static, heads, k_cache.shape[1], strides,
-    )
+    ))
 
 
 def store_kv(k: Any, v: Any, k_cache: Any, v_cache: Any, slot_mapping: Any) -> None:
@@ -400,19 +401,18 @@ def _attention(
         kernels = _cuda_core_kernels(q, caches, block_tables, context_lens, query_start_loc, kv_heads, scale,
                                      block_size, group)
     whole, partition, split_signature, args, threads, options = kernels
-    stream = launch_stream()
     split = None
     if max_parts > 1:
         split = compiled(partition, split_signature, **options)
     parts = _partitions(tokens * kv_heads, capacity, max_parts, whole, split, threads)
     part_keys = KEY_GRAIN * cdiv(cdiv(capacity, KEY_GRAIN), parts)
     if part_keys >= capacity:
-        whole[(tokens, kv_heads), threads, stream](*args, out)
+        launch(whole, (tokens, kv_heads), threads, (*args, out))
         return out
     parts = cdiv(capacity, part_keys)
     stats, partials = _workspace_views(workspace, tokens, q_heads, parts, dim)
-    split[(tokens, kv_heads, parts), threads, stream](*args, part_keys, stats, partials)
-    merge_partitions(context_lens, query_start_loc, capacity, part_keys, stats, partials, out, stream)
+    launch(split, (tokens, kv_heads, parts), threads, (*args, part_keys, stats, partials))
+    merge_partitions(context_lens, query_start_loc, capacity, part_keys, stats, partials, out)
     return out
 
 

@@ -19,6 +19,8 @@ import numba
 import numpy as np
 from numba import cuda
 
+from .intrinsics import await_previous_kernels
+
 NEG_INF = np.float32(-np.inf)  # a float32 constant, so that selects with it stay float32
 
 
@@ -127,6 +129,7 @@ def block_kernels(
 
     def whole_range(q, k, v, block_tables, context_lens, query_start_loc, kv_heads, scale, out):
         """One block per (token, KV head): the token's whole causal range, normalised into out."""
+        await_previous_kernels()
         t = cuda.blockIdx.x
         g = cuda.blockIdx.y
         b, key_end = locate(t, query_start_loc, context_lens, block_tables.shape[1] * BS)
@@ -143,6 +146,7 @@ def block_kernels(
         q, k, v, block_tables, context_lens, query_start_loc, kv_heads, scale, part_keys, stats, partials
     ):
         """One block per (token, KV head, partition): an unnormalised partial and its (max, sum)."""
+        await_previous_kernels()
         t = cuda.blockIdx.x
         g = cuda.blockIdx.y
         p = cuda.blockIdx.z

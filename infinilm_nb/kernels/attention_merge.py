@@ -23,8 +23,8 @@ from typing import Any, Callable
 from numba import cuda, float32
 
 from .attention_blocks import NEG_INF, locate
-from .common import SIMULATOR, compiled, numba_type
-from .intrinsics import load_f32x4
+from .common import SIMULATOR, compiled, launch, numba_type
+from .intrinsics import await_previous_kernels, load_f32x4
 from .vector import is_bf16, to_stored
 
 WARP = 32
@@ -80,6 +80,7 @@ def _merge_kernel(head_dim: int, bf16: bool) -> Callable:
                     acc[j] += w * values[u, j]
 
     def merge(context_lens, query_start_loc, capacity, part_keys, stats, partials, out):
+        await_previous_kernels()
         t = cuda.blockIdx.x
         hq = cuda.blockIdx.y
         tid = cuda.threadIdx.x
@@ -132,7 +133,6 @@ def _merge_kernel(head_dim: int, bf16: bool) -> Callable:
 
 def merge_partitions(
     context_lens: Any, query_start_loc: Any, capacity: int, part_keys: int, stats: Any, partials: Any, out: Any,
-    stream: Any,
 ) -> None:
     """Launch the merge of ``partials [tokens, heads, parts, D]`` and ``stats [2, tokens, heads,
     parts]`` (C-contiguous float32, 16-byte aligned) into ``out [tokens, heads, D]`` (float32,
@@ -143,4 +143,4 @@ def merge_partitions(
         "void(int32[::1], int32[::1], int64, int32, float32[:, :, :, ::1], float32[:, :, :, ::1], "
         f"{numba_type(out.dtype)}[:, :, :])",
     )
-    kernel[(tokens, heads), THREADS, stream](context_lens, query_start_loc, capacity, part_keys, stats, partials, out)
+    launch(kernel, (tokens, heads), THREADS, (context_lens, query_start_loc, capacity, part_keys, stats, partials, out))

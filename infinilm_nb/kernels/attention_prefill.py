@@ -50,9 +50,10 @@ from typing import Any, Callable
 import numpy as np
 from numba import cuda, float32, int32, int64, uint32
 
-from .common import STATIC_SHARED_BYTES, TENSOR_CORES, compiled, dynamic_shared_bytes, launch_stream
+from .common import STATIC_SHARED_BYTES, TENSOR_CORES, compiled, dynamic_shared_bytes, launch
 from .intrinsics import (
     aligned16,
+    await_previous_kernels,
     cp_async_16,
     cp_async_commit,
     cp_async_wait_group,
@@ -219,6 +220,7 @@ def prefill_kernel(head_dim: int, kv_stages: int = 1, block_q: int = 64) -> Call
         block_size, block_shift, block_mask, kv_heads, group, scale_log2, out, out_token_stride, out_head_stride,
         tokens,
     ):  # fmt: skip
+        await_previous_kernels()
         tid = cuda.threadIdx.x
         lane = tid % WARP
         warp = tid // WARP
@@ -401,8 +403,8 @@ def prefill_attention(
     kernel = compiled(prefill_kernel(dim, KV_STAGES, QUERY_ROWS), SIGNATURE)
     dynamic = dynamic_shared_bytes(kernel, shared_bytes(dim, KV_STAGES, QUERY_ROWS))
     grid = (q_heads, tokens // QUERY_ROWS + context_lens.shape[0])  # every virtual tile index (module doc)
-    kernel[grid, threads(QUERY_ROWS), launch_stream(), dynamic](
+    launch(kernel, grid, threads(QUERY_ROWS), (
         flat_view("paged_attention", "q", q), q_strides[0], q_strides[1], k_cache.reshape(-1), v_cache.reshape(-1),
         block_tables, context_lens, query_start_loc, block_size, shift, mask, kv_heads, q_heads // kv_heads,
         np.float32(scale * LOG2E), flat_view("paged_attention", "out", out), out_strides[0], out_strides[1], tokens,
-    )
+    ), dynamic)

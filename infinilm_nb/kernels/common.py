@@ -1,13 +1,15 @@
-"""What every launcher shares: argument checks, compiled-kernel caching and the launch stream.
+"""What every launcher shares: argument checks, compiled-kernel caching, the launch stream and the
+launch itself.
 
 Launchers check every argument before anything is launched and raise ``ValueError`` naming the
-argument, the expected and the given shape / dtype. They launch on CuPy's current stream, so that
-``with stream:`` (and CUDA-graph capture on that stream) covers them.
+argument, the expected and the given shape / dtype. They launch through :func:`launch` on CuPy's
+current stream, so that ``with stream:`` (and CUDA-graph capture on that stream) covers them.
 """
 
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -18,6 +20,8 @@ SIMULATOR = bool(config.ENABLE_CUDASIM)
 # unless INFINILM_NB_TENSOR_CORES=0, which keeps every op on the CUDA-core kernels. The simulator
 # cannot run inline PTX, so there they are always off.
 TENSOR_CORES = not SIMULATOR and os.environ.get("INFINILM_NB_TENSOR_CORES", "1") != "0"
+# Programmatic dependent launch (launch) unless INFINILM_NB_PDL=0.
+PDL = not SIMULATOR and os.environ.get("INFINILM_NB_PDL", "1") != "0"
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
 # bfloat16 travels as uint16 bit patterns (NumPy and CuPy have no bfloat16); see reference.BF16
 BFLOAT16 = np.dtype(np.uint16)
@@ -157,3 +161,54 @@ def numba_type(dtype: Any) -> str:
 def cdiv(a: int, b: int) -> int:
     """Ceiling division."""
     return -(-a // b)
+
+
+def launch(kernel: Any, grid: Any, block: Any, args: Sequence[Any], shared: int = 0) -> None:
+    """Launch ``kernel`` (compiled for one signature) on :func:`launch_stream` with ``shared`` bytes
+    of dynamic shared memory.
+
+    A kernel that calls :func:`.intrinsics.await_previous_kernels` is launched with programmatic
+    dependent launch (PDL) while :data:`PDL` is on: it may become resident, and run up to that call
+    (prefetching weights, say), while the kernel before it still runs, and that kernel's blocks
+    call the same function, which lets this launch start. Between two kernels of a decode step that
+    hides the next one's launch and the first loads of its weights; CUDA-graph capture records it
+    as a programmatic edge. Kernels without the call (whose PTX lacks ``griddepcontrol.wait``) are
+    launched plainly, so a kernel never overlaps one it did not wait for.
+    """
+    stream = launch_stream()
+    if not (PDL and _awaits_previous_kernels(kernel) and _programmatic_launch_config()):
+        kernel[grid, block, stream, shared](*args)
+        return
+    from cuda.core import LaunchConfig
+    from cuda.core import launch as core_launch
+    from numba.cuda.cudadrv import driver
+
+    # numba's own launch (dispatcher._Kernel.launch) with the attribute added to its LaunchConfig
+    overload = next(iter(kernel.overloads.values()))
+    core_stream = driver._to_core_stream(stream)
+    retained: list = []
+    kernel_args: list = []
+    for arg_type, value in zip(overload.argument_types, args):
+        overload._prepare_args(arg_type, value, core_stream, retained, kernel_args)
+    config = LaunchConfig(grid=grid, block=block, shmem_size=shared, programmatic_stream_serialization=True)
+    core_launch(core_stream, config, overload._codelibrary.get_cufunc().kernel, *kernel_args)
+
+
+_awaiting: dict[Any, bool] = {}
+
+
+@lru_cache(maxsize=None)
+def _programmatic_launch_config() -> bool:
+    """Whether the installed cuda.core can set PDL on a launch (1.0 and later), and the GPU is a Hopper."""
+    from cuda.core import LaunchConfig
+
+    hopper = cuda.get_current_device().compute_capability >= (9, 0)
+    return hopper and "programmatic_stream_serialization" in dir(LaunchConfig)
+
+
+def _awaits_previous_kernels(kernel: Any) -> bool:
+    """Whether the compiled ``kernel`` waits for the kernels before it (griddepcontrol.wait)."""
+    awaits = _awaiting.get(kernel)
+    if awaits is None:
+        awaits = _awaiting[kernel] = "griddepcontrol.wait" in "".join(kernel.inspect_asm().values())
+    return awaits

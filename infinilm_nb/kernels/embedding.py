@@ -16,7 +16,8 @@ import numba
 import numpy as np
 from numba import cuda
 
-from .common import WITH_BFLOAT16, cdiv, check_array, check_same_dtype, compiled, launch_stream, numba_type
+from .common import WITH_BFLOAT16, cdiv, check_array, check_same_dtype, compiled, launch, numba_type
+from .intrinsics import await_previous_kernels
 from .vector import inline_device, is_bf16, loader, packer, row_grid, storer, vector_width
 
 THREADS = 256
@@ -35,6 +36,7 @@ def _embedding_kernel(vec: int, bf16: bool) -> Callable:
 
     def kernel(ids, weight, vocab_start, out, hidden):
         """Two tokens a thread (``t`` and ``t + gridDim.y``), both loads in flight before the stores."""
+        await_previous_kernels()
         c = (cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x) * vec
         if c >= hidden:
             return
@@ -88,5 +90,5 @@ def embedding(ids: Any, weight: Any, out: Any, vocab_start: int = 0) -> Any:
         out.fill(0)
         return out
     grid, threads = row_grid(cdiv(ids.shape[0], 2), hidden // vec, THREADS)
-    kernel[grid, threads, launch_stream()](ids, weight.reshape(-1), vocab_start, out.reshape(-1), hidden)
+    launch(kernel, grid, threads, (ids, weight.reshape(-1), vocab_start, out.reshape(-1), hidden))
     return out

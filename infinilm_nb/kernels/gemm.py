@@ -43,13 +43,13 @@ import numpy as np
 from numba import cuda, float32
 
 from .common import (
-    TENSOR_CORES, WITH_BFLOAT16, cdiv, check_array, check_same_dtype, compiled, dynamic_shared_bytes, launch_stream,
+    TENSOR_CORES, WITH_BFLOAT16, cdiv, check_array, check_same_dtype, compiled, dynamic_shared_bytes, launch,
     numba_type,
 )
 from . import gemm_tc
 from .gemm_mma import SHARED_BYTES as MMA_SHARED_BYTES, MmaConfig, mma_kernel, silu
 from .gemm_tc import TcConfig, tc_config, tc_kernel
-from .intrinsics import VECTOR_WIDTH, aligned16, as_f32
+from .intrinsics import VECTOR_WIDTH, aligned16, as_f32, await_previous_kernels
 from .vector import is_bf16, loader, to_stored
 
 WARP = 32
@@ -97,6 +97,7 @@ def _decode_kernel(group: int, vec: int, fused: bool = False, bf16: bool = False
     stored = to_stored(bf16)
 
     def kernel(x, weight, bias, residual, out, M, N, K, has_bias, has_residual):
+        await_previous_kernels()
         tid = cuda.threadIdx.x
         threads = cuda.blockDim.x
         n0 = cuda.blockIdx.x * outs
@@ -168,6 +169,7 @@ def _tiled_kernel(vec: int, fused: bool = False, bf16: bool = False) -> Callable
     loads = TILE_M * TILE_K // (TILE_THREADS * vec)  # loads per thread per operand and K step
 
     def kernel(x, weight, bias, residual, out, M, N, K, has_bias, has_residual):
+        await_previous_kernels()
         tid = cuda.threadIdx.x
         tn = tid % THREADS_N
         tm = tid // THREADS_N
@@ -288,7 +290,7 @@ def launch_mma(config: MmaConfig, x: Any, weight: Any, bias: Any, residual: Any,
     """Launch tensor-core variant ``config`` on checked float16 operands (K % 8 == 0, 16-byte aligned)."""
     kernel = compiled(mma_kernel(config), kernel_signature(np.float16))
     grid = cdiv(out.shape[1], config.outputs_per_block)
-    kernel[grid, config.threads, launch_stream()](*_flat_args(x, weight, bias, residual, out))
+    launch(kernel, grid, config.threads, _flat_args(x, weight, bias, residual, out))
 
 
 def launch_tc(config: TcConfig, x: Any, weight: Any, bias: Any, residual: Any, out: Any) -> None:
@@ -296,7 +298,7 @@ def launch_tc(config: TcConfig, x: Any, weight: Any, bias: Any, residual: Any, o
     kernel = compiled(tc_kernel(config), kernel_signature(np.float16))
     grid = cdiv(out.shape[1], config.outputs_n) * cdiv(x.shape[0], config.block_m)
     dynamic = dynamic_shared_bytes(kernel, config.shared_bytes)
-    kernel[grid, config.threads, launch_stream(), dynamic](*_flat_args(x, weight, bias, residual, out))
+    launch(kernel, grid, config.threads, _flat_args(x, weight, bias, residual, out), dynamic)
 
 
 def _launch(x: Any, weight: Any, out: Any, bias: Any, residual: Any, fused: bool, mma: bool | None = None) -> None:
@@ -325,12 +327,12 @@ def _launch(x: Any, weight: Any, out: Any, bias: Any, residual: Any, fused: bool
         kernel = compiled(_decode_kernel(group, vec, fused, bf16), kernel_signature(dtype))
         threads = min(DECODE_THREADS, max(WARP, cdiv(K // vec, WARP) * WARP))
         outs = DECODE_ROWS[group] // (2 if fused else 1)
-        kernel[cdiv(N, outs), threads, launch_stream()](*_flat_args(x, weight, bias, residual, out))
+        launch(kernel, cdiv(N, outs), threads, _flat_args(x, weight, bias, residual, out))
     else:
         kernel = compiled(_tiled_kernel(vec, fused, bf16), kernel_signature(dtype))
         outs = TILE_N // (2 if fused else 1)
         grid = (cdiv(N, outs), cdiv(M, TILE_M))
-        kernel[grid, TILE_THREADS, launch_stream()](*_flat_args(x, weight, bias, residual, out))
+        launch(kernel, grid, TILE_THREADS, _flat_args(x, weight, bias, residual, out))
 
 
 def _check_operands(op: str, x: Any, weight: Any) -> tuple[int, int, int]:

@@ -48,7 +48,9 @@ from numba import cuda, float32, int32, int64, uint32
 
 from .common import STATIC_SHARED_BYTES, TENSOR_CORES
 from .gemm_mma import silu
-from .intrinsics import cp_async_16, cp_async_commit, cp_async_wait_group, ldmatrix_x4, shared_address
+from .intrinsics import (
+    await_previous_kernels, cp_async_16, cp_async_commit, cp_async_wait_group, ldmatrix_x4, shared_address,
+)
 from .mma import mma_accumulate
 from .vector import inline_device
 
@@ -222,6 +224,7 @@ def tc_kernel(config: TcConfig) -> Callable:
             cp_async_16(b_stage + b_dst[i], weight, b_src[i] + kk, b_bytes[i] if inside else 0)
 
     def kernel(x, weight, bias, residual, out, M, N, K, has_bias, has_residual):
+        await_previous_kernels()
         tid = cuda.threadIdx.x
         lane = tid % WARP
         warp = tid // WARP

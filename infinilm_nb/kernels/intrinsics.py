@@ -444,3 +444,74 @@ else:
             return builder.call(asm, list(args))
 
         return types.uint32(lo, hi), codegen
+
+
+# ---------------------------------------------------------------- programmatic dependent launch
+#
+# A kernel that :func:`.common.launch` starts with programmatic dependent launch (PDL, Hopper on)
+# may be resident while the kernel before it in the stream still runs, so it must not touch what
+# earlier kernels write (nor write what they read) before ``await_previous_kernels()``. What no
+# earlier kernel writes, the weights, it may read or prefetch before::
+#
+#     prefetch_l2(weight, i)       # start fetching the line of weight.flat[i] into L2
+#     await_previous_kernels()     # earlier kernels done, their writes visible; the next may launch
+#
+# Built for a GPU before Hopper the wait is no instruction (launches there are never programmatic);
+# in the simulator both are no-ops.
+
+if SIMULATOR:
+
+    @cuda.jit(device=True)
+    def await_previous_kernels():
+        """No-op in the simulator, whose launches run one after another."""
+
+    @cuda.jit(device=True)
+    def prefetch_l2(array, index):
+        """No-op in the simulator."""
+
+else:
+
+    def _on_hopper(builder: Any) -> Any:
+        """A branch taken only when the PTX is built for sm_90 or newer: NVVM folds
+        ``__nvvm_reflect("__CUDA_ARCH")`` to the target's 100 * major + 10 * minor."""
+        module = builder.module
+        reflect = cgutils.get_or_insert_function(module, ir.FunctionType(_I32, [ir.IntType(8).as_pointer()]),
+                                                 "__nvvm_reflect")
+        name = module.globals.get("__cuda_arch_name")
+        if name is None:
+            name = cgutils.global_constant(module, "__cuda_arch_name", cgutils.make_bytearray(b"__CUDA_ARCH\0"))
+        arch = builder.call(reflect, [builder.bitcast(name, ir.IntType(8).as_pointer())])
+        return builder.if_then(builder.icmp_signed(">=", arch, ir.Constant(_I32, 900)))
+
+    @intrinsic
+    def await_previous_kernels(typingctx):
+        """``griddepcontrol.wait`` then ``griddepcontrol.launch_dependents``: wait until the kernels this
+        one was launched after have finished and their memory is visible (returns at once when the
+        launch was not programmatic), then let the kernel after this one launch and wait in turn."""
+
+        def codegen(context, builder, sig, args):
+            with _on_hopper(builder):
+                text = "griddepcontrol.wait; griddepcontrol.launch_dependents;"
+                builder.call(_asm(_VOID, [], text, ""), [])
+            return context.get_dummy_value()
+
+        return types.void(), codegen
+
+    @intrinsic
+    def prefetch_l2(typingctx, array, index):
+        """Type ``prefetch_l2(C-contiguous array, integer)``: ``prefetch.global.L2`` of the line
+        holding ``array.flat[index]``; no register waits on it."""
+        if not (isinstance(array, types.Array) and array.layout == "C" and isinstance(index, types.Integer)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            array_type, index_type = sig.args
+            data = context.make_array(array_type)(context, builder, value=args[0]).data
+            address = builder.gep(data, [context.cast(builder, args[1], index_type, types.intp)])
+            # a side effect (kept) that clobbers no memory (loads and stores may move across it)
+            prefetch = ir.InlineAsm(ir.FunctionType(_VOID, [address.type]), "prefetch.global.L2 [$0];", "l",
+                                    side_effect=True)
+            builder.call(prefetch, [address])
+            return context.get_dummy_value()
+
+        return types.void(array, index), codegen

@@ -18,8 +18,8 @@ import numba
 import numpy as np
 from numba import cuda
 
-from .common import WITH_BFLOAT16, cdiv, check_array, check_same_dtype, compiled, launch_stream, numba_type
-from .intrinsics import bf16_to_f32, f32_to_bf16
+from .common import WITH_BFLOAT16, cdiv, check_array, check_same_dtype, compiled, launch, numba_type
+from .intrinsics import await_previous_kernels, bf16_to_f32, f32_to_bf16
 from .vector import inline_device, is_bf16, loader, packer, storer, vector_width
 
 ITEMS = 4  # chunks per thread kept in registers: 4 (8 with the residual) 16-byte loads in flight
@@ -98,6 +98,7 @@ def _norm_kernel(vec: int, weight_vec: int, add: bool, dtype: str, weight_dtype:
         store(out, at, pack(y, 0))
 
     def kernel(x, residual, weight, eps, out):
+        await_previous_kernels()
         tid = cuda.threadIdx.x
         threads = cuda.blockDim.x
         hidden = weight.shape[0]
@@ -155,7 +156,7 @@ def _launch(x: Any, residual: Any, weight: Any, eps: float, out: Any, add: bool)
         f"void({t}[::1], {t}[::1], {w}[::1], float32, {t}[::1])",
     )
     flat = [a.reshape(-1) for a in (x, residual, out)]
-    kernel[x.shape[0], _block_threads(hidden // vec), launch_stream()](flat[0], flat[1], weight, eps, flat[2])
+    launch(kernel, x.shape[0], _block_threads(hidden // vec), (flat[0], flat[1], weight, eps, flat[2]))
 
 
 def rms_norm(x: Any, weight: Any, eps: float, out: Any) -> Any:

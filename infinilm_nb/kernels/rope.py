@@ -22,7 +22,8 @@ import numpy as np
 from numba import cuda
 
 from .attention import check_store
-from .common import WITH_BFLOAT16, check_array, check_same_dtype, compiled, launch_stream, numba_type
+from .common import WITH_BFLOAT16, check_array, check_same_dtype, compiled, launch, numba_type
+from .intrinsics import await_previous_kernels
 from .vector import (
     element_strides, flat_view, inline_device, is_bf16, loader, packer, row_grid, storer, vector_width,
 )
@@ -70,6 +71,7 @@ def _rope_kernels(vec: int, table_vec: int, half: int, bf16: bool) -> tuple[Call
     def kernel(q, k, positions, cos_sin, q_heads, k_heads, q_token, q_head, k_token, k_head):
         """q, k: flat views from their first element, strided by (``*_token``, ``*_head``) elements;
         cos_sin: flat ``[P * 2 half]``. Threads run over a token's (head, group), blocks' y over tokens."""
+        await_previous_kernels()
         column = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
         if column >= (q_heads + k_heads) * groups:
             return
@@ -88,6 +90,7 @@ def _rope_kernels(vec: int, table_vec: int, half: int, bf16: bool) -> tuple[Call
         """:func:`kernel`, and then a K head's threads write their rotated K and the V at the same
         place into the caches (flat ``[slots * Hk * 2 half]``) at ``slots[t]`` (negative: skipped).
         strides: (q token, q head, k token, k head, v token, v head) in elements."""
+        await_previous_kernels()
         column = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
         if column >= (q_heads + k_heads) * groups:
             return
@@ -149,9 +152,7 @@ def rope(q: Any, k: Any, positions: Any, cos_sin: Any) -> None:
         f"void({t}[::1], {t}[::1], int32[::1], float32[::1], int64, int64, int64, int64, int64, int64)",
     )
     grid, threads = row_grid(tokens, heads * half // vec, THREADS)
-    kernel[grid, threads, launch_stream()](
-        q_flat, k_flat, positions, cos_sin.reshape(-1), q_heads, k.shape[1], *strides
-    )
+    launch(kernel, grid, threads, (q_flat, k_flat, positions, cos_sin.reshape(-1), q_heads, k.shape[1], *strides))
 
 
 def rope_store_kv(
@@ -180,7 +181,7 @@ def rope_store_kv(
         "int64, int64, UniTuple(int64, 6))",
     )
     grid, threads = row_grid(tokens, (q_heads + k_heads) * half // vec, THREADS)
-    kernel[grid, threads, launch_stream()](
+    launch(kernel, grid, threads, (
         *flats, positions, cos_sin.reshape(-1), k_cache.reshape(-1), v_cache.reshape(-1), slot_mapping,
         q_heads, k_heads, strides,
-    )
+    ))

@@ -22,8 +22,8 @@ import numba
 import numpy as np
 from numba import cuda
 
-from .common import SIMULATOR, WITH_BFLOAT16, cdiv, check_array, compiled, launch_stream, numba_type
-from .intrinsics import as_f32
+from .common import SIMULATOR, WITH_BFLOAT16, cdiv, check_array, compiled, launch, numba_type
+from .intrinsics import as_f32, await_previous_kernels
 
 THREADS = 64 if SIMULATOR else 512  # a multiple of WARP, at most WARP * MAX_WARPS
 WARP = 32
@@ -218,6 +218,7 @@ def _cutoff(row, lo, hi, target, floor, row_max, temperature, mass, pivots, sums
 
 def _sample_kernel(logits, temperatures, top_ks, top_ps, seeds, out):
     """One block per row; every branch depends on the row only, so whole blocks take it together."""
+    await_previous_kernels()
     b = cuda.blockIdx.x
     row = logits[b]
     n = row.shape[0]
@@ -327,5 +328,5 @@ def sample(logits: Any, temperatures: Any, top_ks: Any, top_ps: Any, seeds: Any,
         **({} if SIMULATOR else {"max_registers": MAX_REGISTERS}),
     )
     threads = min(THREADS, WARP * cdiv(vocab, WARP))  # no idle warps for a tiny vocabulary
-    kernel[rows, threads, launch_stream()](logits, temperatures, top_ks, top_ps, seeds, out)
+    launch(kernel, rows, threads, (logits, temperatures, top_ks, top_ps, seeds, out))
     return out

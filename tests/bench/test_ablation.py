@@ -58,3 +58,13 @@ def test_a_model_built_with_fusions_undone_gives_the_same_logits(tmp_path):
         got = logits()
     assert backend.ops is fused
     assert rel_err(got, want) < 1e-5
+
+
+def test_plain_launches_turn_pdl_off_within_the_block_only(monkeypatch):
+    from bench.ablation import plain_launches
+    from infinilm_nb.kernels import common
+
+    monkeypatch.setattr(common, "PDL", True)
+    with plain_launches():
+        assert common.PDL is False
+    assert common.PDL is True

@@ -271,3 +271,43 @@ def test_graphed_float16_decode_close_to_eager(graph_model_dir):
     eager = cuda.to_host(model.forward(step.to(cuda), cache))
     graphs.decode(step, sampling_for(5))
     assert rel_err(cuda.to_host(graphs.last_logits).astype(np.float32), eager) < 1e-2
+
+
+@pytest.mark.gpu
+def test_every_kernel_of_float16_decoding_awaits_the_kernels_before_it(llama_dir: Path, monkeypatch):
+    """Every numba kernel of a float16 generate (short prompts, eager prefill, graphed decode) calls
+    await_previous_kernels, so common.launch launches each programmatically, overlapping the one before."""
+    from infinilm_nb.kernels import common
+
+    real = common._awaits_previous_kernels
+    checked, plain = set(), set()
+
+    def spy(kernel):
+        checked.add(kernel.py_func.__qualname__)
+        if not real(kernel):
+            plain.add(kernel.py_func.__qualname__)
+        return real(kernel)
+
+    monkeypatch.setattr(common, "PDL", True)
+    monkeypatch.setattr(common, "_awaits_previous_kernels", spy)
+    llm = LLM(llama_dir, backend="cuda", dtype="float16", max_num_seqs=4, max_model_len=128, num_blocks=64)
+    llm.generate([{"prompt_token_ids": p} for p in PROMPTS[:3]], PARAMS[1])
+    del llm
+    assert len(checked) >= 6 and not plain, (sorted(checked), sorted(plain))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache", ["paged", "static"])
+def test_programmatic_launch_gives_the_tokens_of_plain_launches_on_gpu(llama_dir: Path, monkeypatch, cache: str):
+    """float16 graphed decoding with INFINILM_NB_PDL's switch on and off: the same tokens."""
+    from infinilm_nb.kernels import common
+
+    outputs = {}
+    for pdl in (False, True):
+        monkeypatch.setattr(common, "PDL", pdl)
+        llm = LLM(llama_dir, backend="cuda", dtype="float16", cache=cache, max_num_seqs=8, max_model_len=128,
+                  num_blocks=64 if cache == "paged" else None)
+        prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+        outputs[pdl] = [o.outputs[0].token_ids for o in llm.generate(prompts, [PARAMS[i % 2] for i in range(8)])]
+        del llm
+    assert outputs[True] == outputs[False]
