@@ -168,11 +168,10 @@ def launch(kernel: Any, grid: Any, block: Any, args: Sequence[Any], shared: int 
     of dynamic shared memory.
 
     A kernel that calls :func:`.intrinsics.await_previous_kernels` is launched with programmatic
-    dependent launch (PDL) while :data:`PDL` is on: it may become resident, and run up to that call
-    (prefetching weights, say), while the kernel before it still runs, and that kernel's blocks
-    call the same function, which lets this launch start. Between two kernels of a decode step that
-    hides the next one's launch and the first loads of its weights; CUDA-graph capture records it
-    as a programmatic edge. Kernels without the call (whose PTX lacks ``griddepcontrol.wait``) are
+    dependent launch (PDL) while :data:`PDL` is on: once every block of the kernel before it has
+    made the same call, it is launched and its blocks run up to their call while that kernel still
+    runs, which hides its launch behind that kernel's tail. CUDA-graph capture records it as a
+    programmatic edge. Kernels without the call (whose PTX lacks ``griddepcontrol.wait``) are
     launched plainly, so a kernel never overlaps one it did not wait for.
     """
     stream = launch_stream()

@@ -42,14 +42,13 @@ from typing import Callable
 from numba import cuda, float32, int64, uint32
 
 from .common import SIMULATOR
-from .intrinsics import await_previous_kernels, prefetch_l2
+from .intrinsics import await_previous_kernels
 from .mma import load_words, load_words_stream, mma_16816
 
 WARP = 32
 CHUNK = 8  # float16 per 16-byte load
 STEP_K = 4 * CHUNK  # columns of K per step: 4 lanes of a row, 16 bytes each
 SHARED_BYTES = 48 * 1024
-PREFETCH_ITERATIONS = 2  # of each warp's weights, fetched into L2 before the kernel waits for x
 
 
 @dataclass(frozen=True)
@@ -148,6 +147,7 @@ def mma_kernel(config: MmaConfig) -> Callable:
                             acc[i + q] = d[q]
 
     def kernel(x, weight, bias, residual, out, M, N, K, has_bias, has_residual):
+        await_previous_kernels()
         tid = cuda.threadIdx.x
         lane = tid % WARP
         warp = tid // WARP
@@ -165,14 +165,6 @@ def mma_kernel(config: MmaConfig) -> Callable:
             for h in range(2):
                 n = min(n0 + 16 * (ia % tiles_out) + 8 * h + g, N - 1)
                 w_base[2 * ia + h] = (n + (N if ia >= tiles_out else 0)) * K
-        # The weights are no earlier kernel's output: the first iterations' are on their way to L2
-        # while the kernel before this one finishes (common.launch).
-        for it in range(min(PREFETCH_ITERATIONS, iterations)):
-            for u in range(unroll):
-                k = min(first + it * stride + u * STEP_K, K - CHUNK)
-                for r in range(rows_w):
-                    prefetch_l2(weight, w_base[r] + k)
-        await_previous_kernels()
         x_base = cuda.local.array(tiles_x, int64)
         for ib in range(tiles_x):
             x_base[ib] = min(8 * ib + g, M - 1) * K

@@ -450,24 +450,18 @@ else:
 #
 # A kernel that :func:`.common.launch` starts with programmatic dependent launch (PDL, Hopper on)
 # may be resident while the kernel before it in the stream still runs, so it must not touch what
-# earlier kernels write (nor write what they read) before ``await_previous_kernels()``. What no
-# earlier kernel writes, the weights, it may read or prefetch before::
+# earlier kernels write (nor write what they read) before it calls::
 #
-#     prefetch_l2(weight, i)       # start fetching the line of weight.flat[i] into L2
 #     await_previous_kernels()     # earlier kernels done, their writes visible; the next may launch
 #
-# Built for a GPU before Hopper the wait is no instruction (launches there are never programmatic);
-# in the simulator both are no-ops.
+# Built for a GPU before Hopper it is no instruction (launches there are never programmatic); in the
+# simulator it is a no-op.
 
 if SIMULATOR:
 
     @cuda.jit(device=True)
     def await_previous_kernels():
         """No-op in the simulator, whose launches run one after another."""
-
-    @cuda.jit(device=True)
-    def prefetch_l2(array, index):
-        """No-op in the simulator."""
 
 else:
 
@@ -496,22 +490,3 @@ else:
             return context.get_dummy_value()
 
         return types.void(), codegen
-
-    @intrinsic
-    def prefetch_l2(typingctx, array, index):
-        """Type ``prefetch_l2(C-contiguous array, integer)``: ``prefetch.global.L2`` of the line
-        holding ``array.flat[index]``; no register waits on it."""
-        if not (isinstance(array, types.Array) and array.layout == "C" and isinstance(index, types.Integer)):
-            return None
-
-        def codegen(context, builder, sig, args):
-            array_type, index_type = sig.args
-            data = context.make_array(array_type)(context, builder, value=args[0]).data
-            address = builder.gep(data, [context.cast(builder, args[1], index_type, types.intp)])
-            # a side effect (kept) that clobbers no memory (loads and stores may move across it)
-            prefetch = ir.InlineAsm(ir.FunctionType(_VOID, [address.type]), "prefetch.global.L2 [$0];", "l",
-                                    side_effect=True)
-            builder.call(prefetch, [address])
-            return context.get_dummy_value()
-
-        return types.void(array, index), codegen

@@ -7,7 +7,7 @@ from numba import cuda
 
 from infinilm_nb.kernels import common
 from infinilm_nb.kernels.common import compiled, launch
-from infinilm_nb.kernels.intrinsics import await_previous_kernels, prefetch_l2
+from infinilm_nb.kernels.intrinsics import await_previous_kernels
 from tests.conftest import ON_GPU
 from tests.helpers import poisoned
 
@@ -15,11 +15,9 @@ SPINS = 1_000_000  # atomic reads of the flag before the first kernel gives up o
 
 
 def _affine(x, out):
-    """out = 2 x + 1, the weight-like x prefetched before the wait."""
-    i = cuda.grid(1)
-    if i < x.shape[0]:
-        prefetch_l2(x, i)
+    """out = 2 x + 1, after the wait."""
     await_previous_kernels()
+    i = cuda.grid(1)
     if i < x.shape[0]:
         out[i] = 2 * x[i] + 1
 
