@@ -1,5 +1,5 @@
-"""What each fusion of a decoder layer, and programmatic dependent launch, save in a decode step: the
-step timed with each undone.
+"""What each fusion of a decoder layer saves in a decode step, and what programmatic dependent launch
+changes: the step timed with each fusion undone, and with PDL switched.
 
 The fusions the runtime relies on, each undone by an op table that serves the fused op with the
 unfused kernels (same op names, so the model and its CUDA graphs are unchanged):
@@ -8,10 +8,11 @@ unfused kernels (same op names, so the model and its CUDA graphs are unchanged):
 - ``residual``: o_proj and down adding the residual in their epilogue -> the GEMM, then an add;
 - ``rope``: RoPE with the K/V cache store -> rope, then store_kv.
 
-``pdl`` undoes the overlap of each kernel with the one before (:func:`infinilm_nb.kernels.common.launch`):
-the step's graph is captured with plain launches.
+``pdl on`` / ``pdl off`` switches the overlap of each kernel with the one before
+(:func:`infinilm_nb.kernels.common.launch`; off unless ``INFINILM_NB_PDL=1``): the step's graph is
+captured the other way.
 
-:func:`ablate` runs batch-1 decode on a checkpoint once per fusion undone and once without PDL
+:func:`ablate` runs batch-1 decode on a checkpoint once per fusion undone and once with PDL switched
 (``bench/decode.py --ablate``); :class:`UnfusedOps` is the op table.
 """
 
@@ -67,14 +68,15 @@ class UnfusedOps:
 
 
 @contextmanager
-def plain_launches() -> Iterator[None]:
-    """Within the block, kernels launch without PDL (graphs captured inside keep that)."""
+def pdl_switched() -> Iterator[str]:
+    """Within the block, PDL is the other way (graphs captured inside keep that); yields
+    ``"pdl on"`` or ``"pdl off"``, the way it is."""
     from infinilm_nb.kernels import common
 
     before = common.PDL
-    common.PDL = False
+    common.PDL = not before
     try:
-        yield
+        yield "pdl on" if common.PDL else "pdl off"
     finally:
         common.PDL = before
 
@@ -91,17 +93,23 @@ def undone(backend: Any, fusions: tuple[str, ...]) -> Iterator[None]:
 
 
 def ablate(decode_step: Callable[[Any], float], make_llm: Callable[[], Any]) -> dict[str, float]:
-    """Milliseconds of a batch-1 decode step (``decode_step(llm)``) with all fusions and PDL, then with
-    each fusion undone and without PDL, each on a fresh ``make_llm()`` whose model and graphs are built
-    that way."""
+    """Milliseconds of a batch-1 decode step (``decode_step(llm)``) with all fusions, then with each
+    undone, then with PDL switched (key ``"pdl on"`` or ``"pdl off"``), each on a fresh ``make_llm()``
+    whose model and graphs are built that way."""
     from infinilm_nb.backend import get_backend
 
     backend = get_backend("cuda")
+
+    def timed() -> float:
+        llm = make_llm()
+        ms = decode_step(llm)
+        llm.close()
+        return ms
+
     times = {}
-    for undo in ((), *((fusion,) for fusion in FUSIONS), ("pdl",)):
-        with plain_launches() if undo == ("pdl",) else undone(backend, undo):
-            llm = make_llm()
-            times[undo[0] if undo else "fused"] = decode_step(llm)
-            llm.close()
-            del llm
+    for undo in ((), *((fusion,) for fusion in FUSIONS)):
+        with undone(backend, undo):
+            times[undo[0] if undo else "fused"] = timed()
+    with pdl_switched() as switched:
+        times[switched] = timed()
     return times

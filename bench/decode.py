@@ -8,8 +8,8 @@ Batch 1: tokens/s and ms/token of the decode phase, time to first token, and the
 reached; the host time per decode step (the step's wall time minus the GPU time of its CUDA graph,
 replayed alone), and its parts (timed step by step). Then tokens/s at larger batches, batch 1 and the
 largest batch again step by step (``async_scheduling`` off), the time to first token of one long prompt, how many 4K-token sequences the KV cache holds at
-``gpu_memory_utilization=0.9``, with ``--ablate`` the GPU time of a batch-1 step with each fusion, and PDL,
-undone (:mod:`bench.ablation`), and HF transformers (PyTorch eager, its default attention, float16,
+``gpu_memory_utilization=0.9``, with ``--ablate`` the GPU time of a batch-1 step with each fusion
+undone and with PDL switched (:mod:`bench.ablation`), and HF transformers (PyTorch eager, its default attention, float16,
 greedy ``generate``) on the same GPU in the same run, with fewer new tokens. Prints a table naming the
 GPU; writes ``decode.json`` to DIR.
 """
@@ -272,7 +272,7 @@ def print_report(result: dict[str, Any]) -> None:
         fused = ablation["fused"]
         saved = ", ".join(f"{name} {ms - fused:+.3f} ms ({100 * (ms - fused) / fused:+.1f}%)"
                           for name, ms in ablation.items() if name != "fused")
-        print(f"batch-1 step GPU time {fused:.3f} ms with every fusion and PDL; undone one at a time: {saved}")
+        print(f"batch-1 step GPU time {fused:.3f} ms with every fusion; each undone, then PDL switched: {saved}")
     print(f"roofline: {s['roofline_tok_s']:.0f} tok/s (weights / copy bandwidth {result['copy_gbps']:.0f} GB/s); "
           f"host per decode step {s['host_us_per_step']:.0f} us of {s['ms_per_step']:.2f} ms "
           f"(GPU {s['gpu_ms_per_step']:.2f} ms)")
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",") if b], default=[8, 32, 64],
                         help="comma-separated batch sizes measured after batch 1")
     parser.add_argument("--long-prompt", type=int, default=2048, help="prompt tokens of the time-to-first-token run")
-    parser.add_argument("--ablate", action="store_true", help="time a batch-1 step with each fusion, and PDL, undone")
+    parser.add_argument("--ablate", action="store_true", help="time a batch-1 step with each fusion undone, and with PDL switched")
     parser.add_argument("--hf-tokens", type=int, default=64, help="new tokens for HF transformers (it is slow)")
     parser.add_argument("--no-hf", action="store_true", help="skip HF transformers")
     parser.add_argument("--model-dir", type=Path, help="keep the random checkpoint here (reused if its config matches)")

@@ -67,7 +67,7 @@ def decode_lines(data: dict[str, Any]) -> list[str]:
     ablation = data.get("ablation_gpu_ms")
     if ablation:
         fused = ablation["fused"]
-        lines.append("  fusions and PDL, step GPU time undone: " + ", ".join(
+        lines.append("  fusions undone, PDL switched, step GPU time: " + ", ".join(
             f"{name} {ms - fused:+.3f} ms" for name, ms in ablation.items() if name != "fused"))
     if "long_prompt_ttft_ms" in data:
         peer = f", HF {hf['long_ttft_ms']:.1f} ms" if hf and "long_ttft_ms" in hf else ""

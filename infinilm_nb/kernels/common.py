@@ -20,8 +20,10 @@ SIMULATOR = bool(config.ENABLE_CUDASIM)
 # unless INFINILM_NB_TENSOR_CORES=0, which keeps every op on the CUDA-core kernels. The simulator
 # cannot run inline PTX, so there they are always off.
 TENSOR_CORES = not SIMULATOR and os.environ.get("INFINILM_NB_TENSOR_CORES", "1") != "0"
-# Programmatic dependent launch (launch) unless INFINILM_NB_PDL=0.
-PDL = not SIMULATOR and os.environ.get("INFINILM_NB_PDL", "1") != "0"
+# Programmatic dependent launch (launch) with INFINILM_NB_PDL=1. Off by default: the one end-to-end
+# measurement (an H200, bench/RESULTS.md) was a 1.5% slower batch-1 step, with a since-removed
+# weight prefetch in the decode GEMM confounding it.
+PDL = not SIMULATOR and os.environ.get("INFINILM_NB_PDL", "0") == "1"
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
 # bfloat16 travels as uint16 bit patterns (NumPy and CuPy have no bfloat16); see reference.BF16
 BFLOAT16 = np.dtype(np.uint16)
@@ -198,7 +200,7 @@ _awaiting: dict[Any, bool] = {}
 
 @lru_cache(maxsize=None)
 def _programmatic_launch_config() -> bool:
-    """Whether the installed cuda.core can set PDL on a launch (1.0 and later), and the GPU is a Hopper."""
+    """Whether the GPU is a Hopper or newer and the installed cuda.core's LaunchConfig can ask for PDL."""
     from cuda.core import LaunchConfig
 
     hopper = cuda.get_current_device().compute_capability >= (9, 0)

@@ -60,11 +60,12 @@ def test_a_model_built_with_fusions_undone_gives_the_same_logits(tmp_path):
     assert rel_err(got, want) < 1e-5
 
 
-def test_plain_launches_turn_pdl_off_within_the_block_only(monkeypatch):
-    from bench.ablation import plain_launches
+@pytest.mark.parametrize("pdl", [False, True])
+def test_pdl_is_switched_within_the_block_only(monkeypatch, pdl):
+    from bench.ablation import pdl_switched
     from infinilm_nb.kernels import common
 
-    monkeypatch.setattr(common, "PDL", True)
-    with plain_launches():
-        assert common.PDL is False
-    assert common.PDL is True
+    monkeypatch.setattr(common, "PDL", pdl)
+    with pdl_switched() as switched:
+        assert common.PDL is not pdl and switched == ("pdl on" if not pdl else "pdl off")
+    assert common.PDL is pdl

@@ -43,7 +43,7 @@ def test_kernel_families_decode_throughput_and_tp(tmp_path):
         "  batch 1: 150.0 tok/s, 81% of roofline (target 85%), host 2.7%",
         "  batch 8: 1156 tok/s, host 1.4%, TTFT 55 ms",
         "  HF transformers batch 1: 15.0 tok/s (10.0x)",
-        "  fusions and PDL, step GPU time undone: silu +0.250 ms, rope +0.125 ms",
+        "  fusions undone, PDL switched, step GPU time: silu +0.250 ms, rope +0.125 ms",
         "  TTFT of 2048 tokens: 104.6 ms, HF 65.8 ms",
         "throughput: 3821 output tok/s over 256 requests; HF transformers 178 (21.5x)",
         "tensor parallel tp=2: top-1 agreement 99.2%, decode 100.0 -> 150.0 tok/s",

@@ -51,7 +51,7 @@ def _second(flag, data, out):
 
 
 def _hopper_pdl() -> bool:
-    return ON_GPU and common.PDL and common._programmatic_launch_config()
+    return ON_GPU and common._programmatic_launch_config()
 
 
 @pytest.mark.parametrize("n", [1, 300])
@@ -66,7 +66,7 @@ def test_launch_runs_the_kernel(kb, rng, n):
 @pytest.mark.gpu
 def test_only_kernels_that_await_are_launched_programmatically(kb, monkeypatch):
     if not _hopper_pdl():
-        pytest.skip("programmatic dependent launch needs a Hopper GPU and cuda.core >= 1.0")
+        pytest.skip("programmatic dependent launch needs a Hopper GPU and a cuda.core that sets it")
     import cuda.core
 
     programmatic = []
@@ -77,6 +77,7 @@ def test_only_kernels_that_await_are_launched_programmatically(kb, monkeypatch):
         return real(stream, config, *args)
 
     monkeypatch.setattr(cuda.core, "launch", spy)
+    monkeypatch.setattr(common, "PDL", True)
     x, out = kb.asarray(np.arange(64, dtype=np.float32)), poisoned(kb, (64,), np.float32)
     awaiting = compiled(_affine, "void(float32[::1], float32[::1])")
     plain = compiled(_plain_affine, "void(float32[::1], float32[::1])")
@@ -91,14 +92,15 @@ def test_only_kernels_that_await_are_launched_programmatically(kb, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("captured", [False, True])
-def test_a_dependent_kernel_runs_beside_the_one_before_and_sees_its_writes(kb, captured):
+def test_a_dependent_kernel_runs_beside_the_one_before_and_sees_its_writes(kb, monkeypatch, captured):
     """The second kernel is resident while the first still runs (the first sees the flag it raises
     before its wait), and its wait still gives it everything the first wrote; eagerly and replayed
     from a CUDA graph."""
     if not _hopper_pdl():
-        pytest.skip("programmatic dependent launch needs a Hopper GPU and cuda.core >= 1.0")
+        pytest.skip("programmatic dependent launch needs a Hopper GPU and a cuda.core that sets it")
     import cupy
 
+    monkeypatch.setattr(common, "PDL", True)
     first = compiled(_first, "void(int32[::1], int32[::1], float32[::1])")
     second = compiled(_second, "void(int32[::1], float32[::1], float32[::1])")
     flag, seen = cupy.zeros(1, np.int32), cupy.zeros(1, np.int32)
