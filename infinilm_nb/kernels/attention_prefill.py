@@ -50,7 +50,7 @@ from typing import Any, Callable
 import numpy as np
 from numba import cuda, float32, int32, int64, uint32
 
-from .common import STATIC_SHARED_BYTES, TENSOR_CORES, compiled, dynamic_shared_bytes, launch
+from .common import STATIC_SHARED_BYTES, TENSOR_CORES, compiled, launch
 from .intrinsics import (
     aligned16,
     await_previous_kernels,
@@ -401,10 +401,9 @@ def prefill_attention(
         shift, mask = block_size.bit_length() - 1, block_size - 1
     q_strides, out_strides = element_strides(q), element_strides(out)
     kernel = compiled(prefill_kernel(dim, KV_STAGES, QUERY_ROWS), SIGNATURE)
-    dynamic = dynamic_shared_bytes(kernel, shared_bytes(dim, KV_STAGES, QUERY_ROWS))
     grid = (q_heads, tokens // QUERY_ROWS + context_lens.shape[0])  # every virtual tile index (module doc)
     launch(kernel, grid, threads(QUERY_ROWS), (
         flat_view("paged_attention", "q", q), q_strides[0], q_strides[1], k_cache.reshape(-1), v_cache.reshape(-1),
         block_tables, context_lens, query_start_loc, block_size, shift, mask, kv_heads, q_heads // kv_heads,
         np.float32(scale * LOG2E), flat_view("paged_attention", "out", out), out_strides[0], out_strides[1], tokens,
-    ), dynamic)
+    ), shared_bytes(dim, KV_STAGES, QUERY_ROWS))

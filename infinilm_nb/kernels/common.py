@@ -110,15 +110,20 @@ def compiled(pyfunc: Callable, signature: str, **options: Any) -> Any:
 
 
 # Shared memory a kernel may declare statically. A block that needs more declares it dynamic
-# (``cuda.shared.array(0, ...)``) and launches with :func:`dynamic_shared_bytes`.
+# (``cuda.shared.array(0, ...)``) and gives its size to :func:`launch`.
 STATIC_SHARED_BYTES = 48 * 1024
 _shared_allowed: dict[Any, int] = {}
 
 
-def dynamic_shared_bytes(kernel: Any, nbytes: int) -> int:
-    """The dynamic shared memory to launch ``kernel`` (compiled for one signature) with, for a block
-    of ``nbytes`` of shared memory: 0 up to :data:`STATIC_SHARED_BYTES` (declared statically),
-    else ``nbytes``, with the function opted in.
+def _overload(kernel: Any) -> Any:
+    """The one compiled overload of ``kernel`` (compiled for one signature: :func:`compiled`)."""
+    return next(iter(kernel.overloads.values()))
+
+
+def _dynamic_shared_bytes(kernel: Any, nbytes: int) -> int:
+    """The dynamic shared memory to launch ``kernel`` with, for a block of ``nbytes`` of shared
+    memory: 0 up to :data:`STATIC_SHARED_BYTES` (declared statically), else ``nbytes``, with the
+    function opted in.
 
     Past 48 KB the function must be opted in (``CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES``),
     which numba-cuda has no API for: this sets it on the loaded function, as numba's own
@@ -129,7 +134,7 @@ def dynamic_shared_bytes(kernel: Any, nbytes: int) -> int:
     if not SIMULATOR and _shared_allowed.get(kernel, 0) < nbytes:
         from numba.cuda.cudadrv.driver import binding, driver
 
-        function = next(iter(kernel.overloads.values()))._codelibrary.get_cufunc()
+        function = _overload(kernel)._codelibrary.get_cufunc()
         attribute = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
         driver.cuKernelSetAttribute(attribute, int(nbytes), function.handle, function.device.id)
         _shared_allowed[kernel] = nbytes
@@ -165,9 +170,10 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def launch(kernel: Any, grid: Any, block: Any, args: Sequence[Any], shared: int = 0) -> None:
-    """Launch ``kernel`` (compiled for one signature) on :func:`launch_stream` with ``shared`` bytes
-    of dynamic shared memory.
+def launch(kernel: Any, grid: Any, block: Any, args: Sequence[Any], shared_bytes: int = 0) -> None:
+    """Launch ``kernel`` (compiled for one signature) on :func:`launch_stream`. ``shared_bytes``: the
+    block's shared memory when it may be more than :data:`STATIC_SHARED_BYTES`, which the kernel then
+    declares dynamically (0, or anything up to that, launches with no dynamic shared memory).
 
     A kernel that calls :func:`.intrinsics.await_previous_kernels` is launched with programmatic
     dependent launch (PDL) while :data:`PDL` is on: once every block of the kernel before it has
@@ -177,6 +183,7 @@ def launch(kernel: Any, grid: Any, block: Any, args: Sequence[Any], shared: int 
     launched plainly, so a kernel never overlaps one it did not wait for.
     """
     stream = launch_stream()
+    shared = _dynamic_shared_bytes(kernel, shared_bytes)
     if not (PDL and _awaits_previous_kernels(kernel) and _programmatic_launch_config()):
         kernel[grid, block, stream, shared](*args)
         return
@@ -185,7 +192,7 @@ def launch(kernel: Any, grid: Any, block: Any, args: Sequence[Any], shared: int 
     from numba.cuda.cudadrv import driver
 
     # numba's own launch (dispatcher._Kernel.launch) with the attribute added to its LaunchConfig
-    overload = next(iter(kernel.overloads.values()))
+    overload = _overload(kernel)
     core_stream = driver._to_core_stream(stream)
     retained: list = []
     kernel_args: list = []
@@ -193,9 +200,6 @@ def launch(kernel: Any, grid: Any, block: Any, args: Sequence[Any], shared: int 
         overload._prepare_args(arg_type, value, core_stream, retained, kernel_args)
     config = LaunchConfig(grid=grid, block=block, shmem_size=shared, programmatic_stream_serialization=True)
     core_launch(core_stream, config, overload._codelibrary.get_cufunc().kernel, *kernel_args)
-
-
-_awaiting: dict[Any, bool] = {}
 
 
 @lru_cache(maxsize=None)
@@ -207,9 +211,7 @@ def _programmatic_launch_config() -> bool:
     return hopper and "programmatic_stream_serialization" in dir(LaunchConfig)
 
 
+@lru_cache(maxsize=None)
 def _awaits_previous_kernels(kernel: Any) -> bool:
     """Whether the compiled ``kernel`` waits for the kernels before it (griddepcontrol.wait)."""
-    awaits = _awaiting.get(kernel)
-    if awaits is None:
-        awaits = _awaiting[kernel] = "griddepcontrol.wait" in "".join(kernel.inspect_asm().values())
-    return awaits
+    return "griddepcontrol.wait" in "".join(kernel.inspect_asm().values())

@@ -43,7 +43,7 @@ import numpy as np
 from numba import cuda, float32
 
 from .common import (
-    TENSOR_CORES, WITH_BFLOAT16, cdiv, check_array, check_same_dtype, compiled, dynamic_shared_bytes, launch,
+    TENSOR_CORES, WITH_BFLOAT16, cdiv, check_array, check_same_dtype, compiled, launch,
     numba_type,
 )
 from . import gemm_tc
@@ -297,8 +297,7 @@ def launch_tc(config: TcConfig, x: Any, weight: Any, bias: Any, residual: Any, o
     """Launch tensor-core prefill variant ``config`` on checked float16 operands (K % 8 == 0, 16-byte aligned)."""
     kernel = compiled(tc_kernel(config), kernel_signature(np.float16))
     grid = cdiv(out.shape[1], config.outputs_n) * cdiv(x.shape[0], config.block_m)
-    dynamic = dynamic_shared_bytes(kernel, config.shared_bytes)
-    launch(kernel, grid, config.threads, _flat_args(x, weight, bias, residual, out), dynamic)
+    launch(kernel, grid, config.threads, _flat_args(x, weight, bias, residual, out), config.shared_bytes)
 
 
 def _launch(x: Any, weight: Any, out: Any, bias: Any, residual: Any, fused: bool, mma: bool | None = None) -> None:
