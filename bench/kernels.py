@@ -376,9 +376,7 @@ def bench_prefill(copy_bw: float) -> list[Row]:
             want = out.astype(np.float32)
             variants = {"": lambda: OPS.linear(x, w, out)}
             for config in (gemm_tc.tc_config(64), gemm_tc.tc_config(1 << 30), *deep):
-                label = (f" {config.block_m}x{config.block_n}x{config.block_k}/{config.warps_m * config.warps_n}w"
-                         f" s{config.stages}")
-                variants[label] = lambda config=config: gemm.launch_tc(config, x, w, None, None, out)
+                variants[f" {config.label}"] = lambda config=config: gemm.launch_tc(config, x, w, None, None, out)
             for label, call in variants.items():
                 out.fill(np.nan)
                 call()

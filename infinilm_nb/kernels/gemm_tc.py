@@ -98,6 +98,11 @@ class TcConfig:
         return self.block_n // 2 if self.fused else self.block_n
 
     @property
+    def label(self) -> str:
+        """``block_m x block_n x block_k / warps, stages``, e.g. ``128x128x64/8w s3`` (bench rows)."""
+        return f"{self.block_m}x{self.block_n}x{self.block_k}/{self.threads // WARP}w s{self.stages}"
+
+    @property
     def shared_bytes(self) -> int:
         return self.stages * (self.block_m + self.block_n) * self.row_bytes
 
