@@ -9,7 +9,7 @@ unfused kernels (same op names, so the model and its CUDA graphs are unchanged):
 - ``rope``: RoPE with the K/V cache store -> rope, then store_kv.
 
 ``pdl on`` / ``pdl off`` switches the overlap of each kernel with the one before
-(:func:`infinilm_nb.kernels.common.launch`; off unless ``INFINILM_NB_PDL=1``): the step's graph is
+(:func:`infinilm_nb.kernels.common.launch`; on unless ``INFINILM_NB_PDL=0``): the step's graph is
 captured the other way.
 
 :func:`ablate` runs batch-1 decode on a checkpoint once per fusion undone and once with PDL switched

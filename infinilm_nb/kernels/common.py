@@ -20,10 +20,11 @@ SIMULATOR = bool(config.ENABLE_CUDASIM)
 # unless INFINILM_NB_TENSOR_CORES=0, which keeps every op on the CUDA-core kernels. The simulator
 # cannot run inline PTX, so there they are always off.
 TENSOR_CORES = not SIMULATOR and os.environ.get("INFINILM_NB_TENSOR_CORES", "1") != "0"
-# Programmatic dependent launch (launch) with INFINILM_NB_PDL=1. Off by default: the one end-to-end
-# measurement (an H200, bench/RESULTS.md) was a 1.5% slower batch-1 step, with a since-removed
-# weight prefetch in the decode GEMM confounding it.
-PDL = not SIMULATOR and os.environ.get("INFINILM_NB_PDL", "0") == "1"
+# Programmatic dependent launch (launch) unless INFINILM_NB_PDL=0: it took the batch-1 decode step
+# of the Llama-3-8B shape from 4.75 to 4.65 ms on an H200 (bench/RESULTS.md). The kernels let the
+# next one launch only as they exit: letting it launch as they start (griddepcontrol.launch_dependents)
+# made the step 4.93 ms, and letting it only from the kernels other than the GEMMs 4.64.
+PDL = not SIMULATOR and os.environ.get("INFINILM_NB_PDL", "1") != "0"
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
 # bfloat16 travels as uint16 bit patterns (NumPy and CuPy have no bfloat16); see reference.BF16
 BFLOAT16 = np.dtype(np.uint16)
@@ -177,9 +178,9 @@ def launch(kernel: Any, grid: Any, block: Any, args: Sequence[Any], shared_bytes
 
     A kernel that calls :func:`.intrinsics.await_previous_kernels` is launched with programmatic
     dependent launch (PDL) while :data:`PDL` is on: once every block of the kernel before it has
-    made the same call, it is launched and its blocks run up to their call while that kernel still
-    runs, which hides its launch behind that kernel's tail. CUDA-graph capture records it as a
-    programmatic edge. Kernels without the call (whose PTX lacks ``griddepcontrol.wait``) are
+    exited, it is launched and its blocks run up to their call while that kernel completes (its
+    writes are flushed), which hides the launch gap between the two. CUDA-graph capture records it
+    as a programmatic edge. Kernels without the call (whose PTX lacks ``griddepcontrol.wait``) are
     launched plainly, so a kernel never overlaps one it did not wait for.
     """
     stream = launch_stream()

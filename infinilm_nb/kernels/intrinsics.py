@@ -449,11 +449,13 @@ else:
 # ---------------------------------------------------------------- programmatic dependent launch
 #
 # A kernel that :func:`.common.launch` starts with programmatic dependent launch (PDL, Hopper on)
-# may be resident while the kernel before it in the stream still runs, so it must not touch what
+# may be resident while the kernel before it in the stream completes, so it must not touch what
 # earlier kernels write (nor write what they read) before it calls::
 #
-#     await_previous_kernels()     # earlier kernels done, their writes visible; the next may launch
+#     await_previous_kernels()     # earlier kernels done, their writes visible
 #
+# No kernel lets the next launch early (griddepcontrol.launch_dependents): it launches as the blocks
+# of this one have all exited (common.PDL says what early launches cost).
 # Built for a GPU before Hopper it is no instruction (launches there are never programmatic); in the
 # simulator it is a no-op.
 
@@ -479,14 +481,12 @@ else:
 
     @intrinsic
     def await_previous_kernels(typingctx):
-        """``griddepcontrol.wait`` then ``griddepcontrol.launch_dependents``: wait until the kernels this
-        one was launched after have finished and their memory is visible (returns at once when the
-        launch was not programmatic), then let the kernel after this one launch and wait in turn."""
+        """``griddepcontrol.wait``: wait until the kernels this one was launched after have finished
+        and their memory is visible (returns at once when the launch was not programmatic)."""
 
         def codegen(context, builder, sig, args):
             with _on_hopper(builder):
-                text = "griddepcontrol.wait; griddepcontrol.launch_dependents;"
-                builder.call(_asm(_VOID, [], text, ""), [])
+                builder.call(_asm(_VOID, [], "griddepcontrol.wait;", ""), [])
             return context.get_dummy_value()
 
         return types.void(), codegen

@@ -13,6 +13,24 @@ from tests.helpers import poisoned
 
 SPINS = 1_000_000  # atomic reads of the flag before the first kernel gives up on seeing it
 
+if ON_GPU:
+    from llvmlite import ir
+    from numba.cuda import types
+    from numba.cuda.extending import intrinsic
+
+    @intrinsic
+    def _let_next_kernel_launch(typingctx):
+        """``griddepcontrol.launch_dependents``: the next kernel may launch before this one ends (the
+        kernels do not call it: without it that happens once every block of a kernel has exited)."""
+
+        def codegen(context, builder, sig, args):
+            asm = ir.InlineAsm(ir.FunctionType(ir.VoidType(), []), "griddepcontrol.launch_dependents;", "~{memory}",
+                               side_effect=True)
+            builder.call(asm, [])
+            return context.get_dummy_value()
+
+        return types.void(), codegen
+
 
 def _affine(x, out):
     """out = 2 x + 1, after the wait."""
@@ -31,6 +49,7 @@ def _plain_affine(x, out):
 def _first(flag, seen, data):
     """Lets the next kernel launch, waits (bounded) for it to raise ``flag``, then writes ``data``."""
     await_previous_kernels()
+    _let_next_kernel_launch()
     if cuda.threadIdx.x == 0:
         spins = 0
         while cuda.atomic.add(flag, 0, 0) == 0 and spins < SPINS:
@@ -93,9 +112,9 @@ def test_only_kernels_that_await_are_launched_programmatically(kb, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("captured", [False, True])
 def test_a_dependent_kernel_runs_beside_the_one_before_and_sees_its_writes(kb, monkeypatch, captured):
-    """The second kernel is resident while the first still runs (the first sees the flag it raises
-    before its wait), and its wait still gives it everything the first wrote; eagerly and replayed
-    from a CUDA graph."""
+    """Once the first kernel lets it, the second is resident while the first still runs (the first
+    sees the flag it raises before its wait), and its wait still gives it everything the first
+    wrote; eagerly and replayed from a CUDA graph."""
     if not _hopper_pdl():
         pytest.skip("programmatic dependent launch needs a Hopper GPU and a cuda.core that sets it")
     import cupy
