@@ -4,8 +4,9 @@ Each thread owns the 16-byte chunks ``tid, tid + blockDim, ...`` of its row (8 f
 or 4 float32, see :mod:`.vector`; single elements when the row length or a pointer is not 16-byte aligned) and
 keeps its first ``ITEMS`` chunks in float32 registers, so its loads are independent and in flight
 together, and a row of up to ``ITEMS * MAX_THREADS`` chunks is read once; wider rows re-read the
-chunks past that on the second pass. The sum of squares is reduced in float32 by warp shuffles,
-then across warps through shared memory.
+chunks past that on the second pass. The weights of those first chunks are loaded with the row,
+before the reduction, so a single row (decode at batch 1) waits for memory once, not twice. The
+sum of squares is reduced in float32 by warp shuffles, then across warps through shared memory.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ from .intrinsics import await_previous_kernels, bf16_to_f32, f32_to_bf16
 from .vector import inline_device, is_bf16, loader, packer, storer, vector_width
 
 ITEMS = 4  # chunks per thread kept in registers: 4 (8 with the residual) 16-byte loads in flight
-MAX_THREADS = 1024  # threads per row at most (the hardware's block limit)
+# Threads per row at most: a thread keeps 2 * ITEMS * 8 floats (its chunks and their weights), which
+# at 1024 threads would pass the 64 registers a thread may then have, and the launch would fail.
+MAX_THREADS = 512
 WARP = 32
-MAX_WARPS = 32  # size of the shared scratch of the reduction: 1024 threads, fixed when compiled
+MAX_WARPS = MAX_THREADS // WARP  # size of the shared scratch of the reduction, fixed when compiled
 
 
 @cuda.jit(device=True)
@@ -89,12 +92,18 @@ def _norm_kernel(vec: int, weight_vec: int, add: bool, dtype: str, weight_dtype:
         return total
 
     @inline_device
-    def write(values, offset, out, at, chunk, inv, weight, y):
-        """``out[at : at + vec] = values[offset : offset + vec] * inv * weight[chunk * vec : ...]``."""
+    def read_weight(weight, chunk, into, offset):
+        """``into[offset : offset + vec]`` = ``weight[chunk * vec : ...]`` as float32."""
         for s in range(weight_steps):
             w = weight_load(weight, chunk * vec + s * weight_vec)
             for e in range(weight_vec):
-                y[s * weight_vec + e] = values[offset + s * weight_vec + e] * inv * numba.float32(w[e])
+                into[offset + s * weight_vec + e] = numba.float32(w[e])
+
+    @inline_device
+    def write(values, offset, out, at, inv, weights, y):
+        """``out[at : at + vec] = values[offset : offset + vec] * inv * weights[offset : ...]``."""
+        for e in range(vec):
+            y[e] = values[offset + e] * inv * weights[offset + e]
         store(out, at, pack(y, 0))
 
     def kernel(x, residual, weight, eps, out):
@@ -105,8 +114,14 @@ def _norm_kernel(vec: int, weight_vec: int, add: bool, dtype: str, weight_dtype:
         chunks = hidden // vec
         base = cuda.blockIdx.x * hidden
         cache = cuda.local.array(cached, numba.float32)
+        weights = cuda.local.array(cached, numba.float32)
         y = cuda.local.array(vec, numba.float32)
         partial = cuda.shared.array(MAX_WARPS, numba.float32)
+        # the weights are in flight with the row, rather than one memory latency after the reduction
+        for j in range(ITEMS):
+            c = tid + j * threads
+            if c < chunks:
+                read_weight(weight, c, weights, j * vec)
         sum_squares = numba.float32(0.0)
         for j in range(ITEMS):
             c = tid + j * threads
@@ -122,13 +137,14 @@ def _norm_kernel(vec: int, weight_vec: int, add: bool, dtype: str, weight_dtype:
         for j in range(ITEMS):
             c = tid + j * threads
             if c < chunks:
-                write(cache, j * vec, out, base + c * vec, c, inv, weight, y)
+                write(cache, j * vec, out, base + c * vec, inv, weights, y)
         c = tid + ITEMS * threads
         while c < chunks:  # rows wider than the registers: re-read (the updated residual, or x)
             rv = load(residual, base + c * vec)
             for e in range(vec):
                 cache[e] = numba.float32(rv[e])
-            write(cache, 0, out, base + c * vec, c, inv, weight, y)
+            read_weight(weight, c, weights, 0)
+            write(cache, 0, out, base + c * vec, inv, weights, y)
             c += threads
 
     return kernel
