@@ -1,7 +1,7 @@
 """The short table a GPU session ends with: what its run left in one output folder, against the targets.
 
 Usage: ``python bench/summary.py DIR``. Reads whichever of ``gpu-tests*.xml`` (pytest JUnit),
-``kernels.json``, ``decode.json``, ``throughput.json`` and ``tp.json`` are in DIR and prints one line
+``kernels.json``, ``decode.json``, ``step_profile.json``, ``throughput.json`` and ``tp.json`` are in DIR and prints one line
 per figure; what a run did not produce is left out.
 """
 
@@ -75,6 +75,12 @@ def decode_lines(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def step_profile_lines(data: dict[str, Any]) -> list[str]:
+    """The decode step's costliest kernels and its idle time (bench/step_profile.py)."""
+    top = ", ".join(f"{name} {micros:.0f} us" for name, _, micros in data["kernels"][:4])
+    return [f"step profile ({data['title']}): {top}; idle {data['idle_us']:.1f} us of {data['span_us']:.0f}"]
+
+
 def throughput_lines(data: dict[str, Any]) -> list[str]:
     ours, hf = data["ours"], data.get("hf")
     line = f"throughput: {ours['output_tok_s']:.0f} output tok/s over {ours['requests']} requests"
@@ -96,7 +102,8 @@ def summary(directory: Path) -> list[str]:
     """Every line of the table for what ``directory`` holds."""
     lines = [f"tests{xml.stem[len('gpu-tests'):]}: {test_counts(xml)}" for xml in sorted(directory.glob("gpu-tests*.xml"))]
     for name, describe in (("kernels.json", kernel_lines), ("decode.json", decode_lines),
-                           ("throughput.json", throughput_lines), ("tp.json", tp_lines)):
+                           ("step_profile.json", step_profile_lines), ("throughput.json", throughput_lines),
+                           ("tp.json", tp_lines)):
         path = directory / name
         if path.exists():
             lines += describe(json.loads(path.read_text()))

@@ -4,7 +4,7 @@
 #   bash scripts/gpu_session.sh tests [pytest args and paths]   # default: tests/kernels tests/runtime, then
 #                                                               # tests/runtime again on CUDA cores only
 #   bash scripts/gpu_session.sh bench [bench/kernels.py args]   # e.g. --only gemm,elementwise
-#   bash scripts/gpu_session.sh e2e [--layers N] [--no-hf]      # bench/decode.py then bench/throughput.py
+#   bash scripts/gpu_session.sh e2e [--layers N] [--no-hf]      # bench/decode.py, step_profile.py, throughput.py
 #   bash scripts/gpu_session.sh all                             # tests, kernels bench, e2e
 #   bash scripts/gpu_session.sh tp [bench/tp.py args]           # 2 GPUs: tests/distributed, then tp=2 against tp=1
 #   bash scripts/gpu_session.sh sweep [bench/gemm_sweep.py args] # e.g. --m 32 --budget 120: decode GEMM variants
@@ -42,8 +42,16 @@ run_tests() {
     --junitxml="$OUT/gpu-tests-cuda-cores.xml" tests/runtime 2>&1 | tee "$OUT/gpu-tests-cuda-cores.log" | tail -15
   (( status )) || status=${PIPESTATUS[0]}
 }
+layers() {  # the value of --layers among the e2e arguments (32 without it)
+  local previous=""
+  for a in "$@"; do [[ $previous == --layers ]] && { echo "$a"; return; }; previous=$a; done
+  echo 32
+}
 run_e2e() {
   python3 bench/decode.py --out "$OUT" --model-dir /tmp/rl8b --ablate "$@" 2>&1 | tee "$OUT/decode.log" | tail -25
+  # where the batch-1 step's GPU time goes, kernel by kernel (same checkpoint)
+  python3 bench/step_profile.py --out "$OUT" --model-dir /tmp/rl8b --layers "$(layers "$@")" 2>&1 \
+    | tee "$OUT/step_profile.log" | tail -14
   python3 bench/throughput.py --out "$OUT" --model-dir /tmp/rl8b "$@" 2>&1 | tee "$OUT/throughput.log" | tail -15
 }
 case $what in

@@ -32,7 +32,12 @@ def test_kernel_families_decode_throughput_and_tp(tmp_path):
               "ablation_gpu_ms": {"fused": 6.0, "silu": 6.25, "rope": 6.125}}
     throughput = {"ours": {"output_tok_s": 3821.0, "requests": 256}, "hf": {"output_tok_s": 178.0}}
     tp = {"title": "t", "tp1": {"decode_tok_s": 100.0}, "tp2": {"tp": 2, "agreement": 0.992, "decode_tok_s": 150.0}}
-    for name, data in (("kernels", kernels), ("decode", decode), ("throughput", throughput), ("tp", tp)):
+    step_profile = {"title": "G  commit c  batch 1", "idle_us": 3.04, "span_us": 4650.2, "kernels": [
+        ["gemm_mma.mma_kernel.kernel v33", 32, 1898.2], ["gemm_mma.mma_kernel.kernel v13", 96, 1843.1],
+        ["norm._norm_kernel.kernel v5", 65, 180.9], ["rope._rope_kernels.kernel_store v16", 32, 70.9],
+        ["sampling._sample_kernel v40", 1, 37.1]]}
+    for name, data in (("kernels", kernels), ("decode", decode), ("throughput", throughput), ("tp", tp),
+                       ("step_profile", step_profile)):
         (tmp_path / f"{name}.json").write_text(json.dumps(data))
     assert summary.summary(tmp_path) == [
         "kernels (G, c, copy 3000 GB/s)",
@@ -45,6 +50,8 @@ def test_kernel_families_decode_throughput_and_tp(tmp_path):
         "  HF transformers batch 1: 15.0 tok/s (10.0x)",
         "  fusions undone, PDL switched, step GPU time: silu +0.250 ms, rope +0.125 ms",
         "  TTFT of 2048 tokens: 104.6 ms, HF 65.8 ms",
+        "step profile (G  commit c  batch 1): gemm_mma.mma_kernel.kernel v33 1898 us, gemm_mma.mma_kernel.kernel v13 "
+        "1843 us, norm._norm_kernel.kernel v5 181 us, rope._rope_kernels.kernel_store v16 71 us; idle 3.0 us of 4650",
         "throughput: 3821 output tok/s over 256 requests; HF transformers 178 (21.5x)",
         "tensor parallel tp=2: top-1 agreement 99.2%, decode 100.0 -> 150.0 tok/s",
     ]
