@@ -76,8 +76,9 @@ def kernels() -> list[tuple[str, Callable, str, dict[str, Any]]]:
     for stages, block_q in ((1, 64), (2, 64), (2, 128)):
         rows.append((f"prefill attention d=128, {stages} K/V stage(s), {block_q} queries",
                      attention_prefill.prefill_kernel(dim, stages, block_q), attention_prefill.SIGNATURE, {}))
-    rows.append(("sampler (float32 logits)", sampling._sample_kernel, sampling.kernel_signature("float32"),
-                 {"max_registers": sampling.MAX_REGISTERS}))
+    for dtype, vec in (("float32", 4), ("float16", 8), ("float16", 1)):
+        rows.append((f"sampler ({dtype} logits, {vec} a load)", sampling._sampler(vec, False),
+                     sampling.kernel_signature(dtype), {"max_registers": sampling.MAX_REGISTERS}))
     return rows
 
 

@@ -11,26 +11,37 @@ the 2**32 patterns. Both definitions keep boundary ties, as the reference does: 
 probability of that ``v`` (p is monotone in x). Counts and masses are float32 block sums in a fixed
 order, so a seed gives the same token on every run. The top-p search starts above the tokens too light
 to matter (``NARROW_TOP_P``), which spares most of the row its ``exp`` in every pass.
+
+One block per row is bound by memory latency, so each thread keeps ``CHUNKS`` loads in flight: of
+16 bytes (chunks ``c, c + blockDim, ...`` of 8 float16 or bfloat16, or 4 float32) when the row length
+is a multiple of the chunk and the rows are 16-byte aligned, else of single elements. A thread still
+sees its indices in increasing order.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any
+from typing import Any, Callable
 
 import numba
 import numpy as np
 from numba import cuda
 
 from .common import SIMULATOR, WITH_BFLOAT16, cdiv, check_array, compiled, launch, numba_type
-from .intrinsics import as_f32, await_previous_kernels
+from .intrinsics import await_previous_kernels
+from .vector import inline_device, is_bf16, vector_width, widening_loader
 
 THREADS = 64 if SIMULATOR else 512  # a multiple of WARP, at most WARP * MAX_WARPS
 WARP = 32
 MAX_WARPS = 32
 FULL_MASK = 0xFFFFFFFF
 PIVOTS = 8  # _block_sums is written for 8
-UNROLL = 8  # row elements a thread loads before it uses any: one block per row is latency-bound otherwise
+# Loads a thread issues before it uses any, by load width (elements): one block per row is bound by
+# memory latency, so what counts is the bytes in flight. 16 values a thread (32 bytes of float16 in
+# 16-byte loads, against 16 bytes as single elements): at 24, ptxas (sm_90, 128 registers) puts the
+# buffer on the stack.
+CHUNKS = {1: 8, 4: 4, 8: 2}
 MAX_REGISTERS = 128  # 512 threads of a block fit an SM's 64K registers (NVVM takes 130; ptxas: no spill at 128)
 
 NEG_INF = np.float32(-np.inf)
@@ -93,16 +104,6 @@ def _key_value(key):
     if key < 0:
         key = key ^ SIGN_FLIP
     return _bits_float(numba.int32(key))
-
-
-@cuda.jit(device=True)
-def _load(row, start, buf):
-    """``buf[u] = row[start + u * blockDim]`` as float32 for the indices inside the row: ``UNROLL``
-    independent loads in flight before any is used (the rest of ``buf`` is left as it was)."""
-    for u in range(UNROLL):
-        i = start + u * cuda.blockDim.x
-        if i < row.shape[0]:
-            buf[u] = as_f32(row[i])
 
 
 @cuda.jit(device=True)
@@ -172,137 +173,161 @@ def _block_max(value, partial):
     return value
 
 
-@cuda.jit(device=True)
-def _tails(row, floor, row_max, temperature, mass, pivots, sums, partial):
-    """``sums[j]`` = count (or softmax mass) of the row's ``x >= pivots[j]`` among ``x >= floor``."""
-    for j in range(PIVOTS):
-        sums[j] = ZERO
-    buf = cuda.local.array(UNROLL, numba.float32)
-    i = cuda.threadIdx.x
-    while i < row.shape[0]:
-        _load(row, i, buf)
-        for u in range(UNROLL):
-            x = buf[u]
-            if i + u * cuda.blockDim.x < row.shape[0] and x >= floor:
-                w = ONE
-                if mass:
-                    w = math.exp((x - row_max) / temperature)
-                for j in range(PIVOTS):
-                    if x >= pivots[j]:
-                        sums[j] += w
-        i += UNROLL * cuda.blockDim.x
-    _block_sums(sums, partial)
+@functools.lru_cache(maxsize=None)
+def _sampler(vec: int, bf16: bool) -> Callable:
+    """The sampler kernel for rows read ``vec`` elements at a time (8 float16 or bfloat16, or 4
+    float32, in one 16-byte load, when the row length is a multiple and the rows are 16-byte
+    aligned; else 1). Signature: :func:`kernel_signature`."""
+    load = widening_loader(vec, bf16)
+    chunks = CHUNKS[vec]
+    span = chunks * vec
 
+    @inline_device
+    def load_round(row, c, buf):
+        """``buf[u * vec + e]`` = element ``e`` of the row's chunk ``c + u * blockDim`` as float32, for
+        the ``chunks`` chunks inside the row, all in flight before any is used (the rest of ``buf`` is
+        left as it was)."""
+        for u in range(chunks):
+            at = (c + u * cuda.blockDim.x) * vec
+            if at < row.shape[0]:
+                values = load(row, at)
+                for e in range(vec):
+                    buf[u * vec + e] = values[e]
 
-@cuda.jit(device=True)
-def _cutoff(row, lo, hi, target, floor, row_max, temperature, mass, pivots, sums, partial):
-    """The largest key in ``[lo, hi)`` whose tail (see :func:`_tails`) reaches ``target``; the tail
-    of ``lo`` must reach it. Tails only change at the row's values, so the answer is one of them."""
-    while hi - lo > 1:
-        width = hi - lo
+    @cuda.jit(device=True)
+    def tails(row, floor, row_max, temperature, mass, pivots, sums, partial):
+        """``sums[j]`` = count (or softmax mass) of the row's ``x >= pivots[j]`` among ``x >= floor``."""
         for j in range(PIVOTS):
-            pivots[j] = _key_value(lo + width * (j + 1) // (PIVOTS + 1))
-        _tails(row, floor, row_max, temperature, mass, pivots, sums, partial)
-        new_lo = lo
-        new_hi = hi
-        for j in range(PIVOTS - 1, -1, -1):
-            key = lo + width * (j + 1) // (PIVOTS + 1)
-            if sums[j] >= target:
-                new_lo = key
-                break
-            new_hi = key
-        lo = new_lo
-        hi = new_hi
-    return lo
+            sums[j] = ZERO
+        buf = cuda.local.array(span, numba.float32)
+        c = cuda.threadIdx.x
+        while c * vec < row.shape[0]:
+            load_round(row, c, buf)
+            for u in range(chunks):
+                for e in range(vec):
+                    x = buf[u * vec + e]
+                    if (c + u * cuda.blockDim.x) * vec + e < row.shape[0] and x >= floor:
+                        w = ONE
+                        if mass:
+                            w = math.exp((x - row_max) / temperature)
+                        for j in range(PIVOTS):
+                            if x >= pivots[j]:
+                                sums[j] += w
+            c += chunks * cuda.blockDim.x
+        _block_sums(sums, partial)
 
-
-def _sample_kernel(logits, temperatures, top_ks, top_ps, seeds, out):
-    """One block per row; every branch depends on the row only, so whole blocks take it together."""
-    await_previous_kernels()
-    b = cuda.blockIdx.x
-    row = logits[b]
-    n = row.shape[0]
-    pivots = cuda.local.array(PIVOTS, numba.float32)
-    sums = cuda.local.array(PIVOTS, numba.float32)
-    buf = cuda.local.array(UNROLL, numba.float32)
-    partial = cuda.shared.array((PIVOTS, MAX_WARPS), numba.float32)
-    partial_max = cuda.shared.array(MAX_WARPS, numba.int64)
-
-    temperature = temperatures[b]
-    greedy = temperature <= ZERO
-    top_k = top_ks[b]
-    top_p = top_ps[b]
-    use_k = not greedy and 0 < top_k < n
-    use_p = not greedy and top_p < ONE
-    floor = NEG_INF
-    row_max = ZERO
-    p_floor = ZERO
-    if use_k or use_p:
-        low = POS_INF
-        high = NEG_INF
-        i = cuda.threadIdx.x
-        while i < n:
-            _load(row, i, buf)
-            for u in range(UNROLL):
-                if i + u * cuda.blockDim.x < n:
-                    low = min(low, buf[u])
-                    high = max(high, buf[u])
-            i += UNROLL * cuda.blockDim.x
-        min_key = -_block_max(-_key(low), partial_max)
-        max_key = _block_max(_key(high), partial_max)
-        row_max = _key_value(max_key)
-        if use_k:
-            floor = _key_value(
-                _cutoff(row, min_key, max_key + 1, numba.float32(top_k), NEG_INF, row_max, temperature, False,
-                        pivots, sums, partial)
-            )
-        if use_p:
+    @cuda.jit(device=True)
+    def cutoff(row, lo, hi, target, floor, row_max, temperature, mass, pivots, sums, partial):
+        """The largest key in ``[lo, hi)`` whose tail (see ``tails``) reaches ``target``; the tail of
+        ``lo`` must reach it. Tails only change at the row's values, so the answer is one of them."""
+        while hi - lo > 1:
+            width = hi - lo
             for j in range(PIVOTS):
-                pivots[j] = floor
-            _tails(row, floor, row_max, temperature, True, pivots, sums, partial)
-            total = sums[0]
-            search_floor = floor
-            if top_p <= NARROW_TOP_P:
-                bound = row_max + temperature * math.log(HALF * (ONE - top_p) * total / numba.float32(n))
-                if bound > floor:
-                    search_floor = bound
-            p_cut = _key_value(
-                _cutoff(row, _key(search_floor), max_key + 1, top_p * total, search_floor, row_max, temperature,
-                        True, pivots, sums, partial)
-            )
-            p_floor = math.exp((p_cut - row_max) / temperature)
+                pivots[j] = _key_value(lo + width * (j + 1) // (PIVOTS + 1))
+            tails(row, floor, row_max, temperature, mass, pivots, sums, partial)
+            new_lo = lo
+            new_hi = hi
+            for j in range(PIVOTS - 1, -1, -1):
+                key = lo + width * (j + 1) // (PIVOTS + 1)
+                if sums[j] >= target:
+                    new_lo = key
+                    break
+                new_hi = key
+            lo = new_lo
+            hi = new_hi
+        return lo
 
-    # each thread sees its indices in increasing order, so a strict > keeps the lowest of equals;
-    # a token whose x / T + GUMBEL_BOUND is below the thread's best cannot win: skip its noise
-    seed = seeds[b]
-    best = NEG_INF
-    best_index = cuda.threadIdx.x
-    i = cuda.threadIdx.x
-    while i < n:
-        _load(row, i, buf)
-        for u in range(UNROLL):
-            index = i + u * cuda.blockDim.x
-            x = buf[u]
-            if index >= n:
-                pass
-            elif greedy:
-                if x > best:
-                    best = x
-                    best_index = index
-            elif x >= floor:
-                scaled = x / temperature
-                if scaled + GUMBEL_BOUND >= best and (not use_p or math.exp((x - row_max) / temperature) >= p_floor):
-                    score = scaled + _gumbel(seed, index)
-                    if score > best:
-                        best = score
-                        best_index = index
-        i += UNROLL * cuda.blockDim.x
-    # one int64 orders (score, -index): the max is the argmax with the lowest index among equals
-    # (+ 0 turns -0.0 into +0.0, which compare equal but have different keys)
-    packed = (_key(best + ZERO) << 32) | (LOW32 - numba.int64(best_index))
-    packed = _block_max(packed, partial_max)
-    if cuda.threadIdx.x == 0:
-        out[b] = LOW32 - (packed & LOW32)
+    def kernel(logits, temperatures, top_ks, top_ps, seeds, out):
+        """One block per row; every branch depends on the row only, so whole blocks take it together."""
+        await_previous_kernels()
+        b = cuda.blockIdx.x
+        row = logits[b]
+        n = row.shape[0]
+        pivots = cuda.local.array(PIVOTS, numba.float32)
+        sums = cuda.local.array(PIVOTS, numba.float32)
+        buf = cuda.local.array(span, numba.float32)
+        partial = cuda.shared.array((PIVOTS, MAX_WARPS), numba.float32)
+        partial_max = cuda.shared.array(MAX_WARPS, numba.int64)
+
+        temperature = temperatures[b]
+        greedy = temperature <= ZERO
+        top_k = top_ks[b]
+        top_p = top_ps[b]
+        use_k = not greedy and 0 < top_k < n
+        use_p = not greedy and top_p < ONE
+        floor = NEG_INF
+        row_max = ZERO
+        p_floor = ZERO
+        if use_k or use_p:
+            low = POS_INF
+            high = NEG_INF
+            c = cuda.threadIdx.x
+            while c * vec < n:
+                load_round(row, c, buf)
+                for u in range(chunks):
+                    for e in range(vec):
+                        if (c + u * cuda.blockDim.x) * vec + e < n:
+                            low = min(low, buf[u * vec + e])
+                            high = max(high, buf[u * vec + e])
+                c += chunks * cuda.blockDim.x
+            min_key = -_block_max(-_key(low), partial_max)
+            max_key = _block_max(_key(high), partial_max)
+            row_max = _key_value(max_key)
+            if use_k:
+                floor = _key_value(
+                    cutoff(row, min_key, max_key + 1, numba.float32(top_k), NEG_INF, row_max, temperature, False,
+                            pivots, sums, partial)
+                )
+            if use_p:
+                for j in range(PIVOTS):
+                    pivots[j] = floor
+                tails(row, floor, row_max, temperature, True, pivots, sums, partial)
+                total = sums[0]
+                search_floor = floor
+                if top_p <= NARROW_TOP_P:
+                    bound = row_max + temperature * math.log(HALF * (ONE - top_p) * total / numba.float32(n))
+                    if bound > floor:
+                        search_floor = bound
+                p_cut = _key_value(
+                    cutoff(row, _key(search_floor), max_key + 1, top_p * total, search_floor, row_max, temperature,
+                            True, pivots, sums, partial)
+                )
+                p_floor = math.exp((p_cut - row_max) / temperature)
+
+        # each thread sees its indices in increasing order, so a strict > keeps the lowest of equals;
+        # a token whose x / T + GUMBEL_BOUND is below the thread's best cannot win: skip its noise
+        seed = seeds[b]
+        best = NEG_INF
+        best_index = cuda.threadIdx.x
+        c = cuda.threadIdx.x
+        while c * vec < n:
+            load_round(row, c, buf)
+            for u in range(chunks):
+                for e in range(vec):
+                    index = (c + u * cuda.blockDim.x) * vec + e
+                    x = buf[u * vec + e]
+                    if index >= n:
+                        pass
+                    elif greedy:
+                        if x > best:
+                            best = x
+                            best_index = index
+                    elif x >= floor:
+                        scaled = x / temperature
+                        if scaled + GUMBEL_BOUND >= best and (not use_p or math.exp((x - row_max) / temperature) >= p_floor):
+                            score = scaled + _gumbel(seed, index)
+                            if score > best:
+                                best = score
+                                best_index = index
+            c += chunks * cuda.blockDim.x
+        # one int64 orders (score, -index): the max is the argmax with the lowest index among equals
+        # (+ 0 turns -0.0 into +0.0, which compare equal but have different keys)
+        packed = (_key(best + ZERO) << 32) | (LOW32 - numba.int64(best_index))
+        packed = _block_max(packed, partial_max)
+        if cuda.threadIdx.x == 0:
+            out[b] = LOW32 - (packed & LOW32)
+
+    return kernel
 
 
 def kernel_signature(t: str) -> str:
@@ -323,8 +348,9 @@ def sample(logits: Any, temperatures: Any, top_ks: Any, top_ps: Any, seeds: Any,
         raise ValueError(f"sample: logits must have 1 to 2**31 - 1 columns, got {vocab}")
     if rows == 0:
         return out
+    vec = vector_width(logits.dtype, (logits,), (vocab,))
     kernel = compiled(
-        _sample_kernel, kernel_signature(numba_type(logits.dtype)),
+        _sampler(vec, is_bf16(logits.dtype)), kernel_signature(numba_type(logits.dtype)),
         **({} if SIMULATOR else {"max_registers": MAX_REGISTERS}),
     )
     threads = min(THREADS, WARP * cdiv(vocab, WARP))  # no idle warps for a tiny vocabulary

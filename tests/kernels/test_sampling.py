@@ -78,7 +78,7 @@ def softmax(x):
         (np.uint16, ["greedy", "temperature", "top-k and top-p"]),  # bfloat16 logits
     ],
 )
-@pytest.mark.parametrize("vocab", pick(sim=[157], gpu=[1000, 128256]))
+@pytest.mark.parametrize("vocab", pick(sim=[157, 160], gpu=[1000, 1001, 128256]))  # 16-byte loads but at 157, 1001
 def test_sample_matches_reference(kb, rng, dtype, kinds, vocab):
     logits = random(rng, (len(kinds), vocab), dtype, scale=3.0)
     args = (logits, *settings(kinds, rng))
@@ -234,7 +234,8 @@ def test_sampler_fits_a_full_block_without_spilling(kb, rng, dtype):
 
     logits = random(rng, (2, 1000), dtype)
     kernel_sample(kb, logits, *settings(["greedy", "top-k and top-p"], rng))  # compiles it
-    kernel = common._compiled[(sampling._sample_kernel, sampling.kernel_signature(np.dtype(dtype).name))]
+    sampler = sampling._sampler(8 if dtype != np.float32 else 4, dtype == np.uint16)  # 1000: 16-byte loads
+    kernel = common._compiled[(sampler, sampling.kernel_signature(np.dtype(dtype).name))]
     assert kernel.get_local_mem_per_thread() == 0
     assert kernel.get_regs_per_thread() * sampling.THREADS <= 65536  # a launch of THREADS threads fits an SM
 
