@@ -1,0 +1,153 @@
+"""Hopper's warpgroup MMA (``wgmma.mma_async``) through inline PTX: the tensor-core instruction of
+cuBLAS's sm_90 GEMMs, which reads both operands from shared memory, for 4 warps at once.
+
+The prefill GEMM's ``mma.sync`` (:mod:`.gemm_tc`) stops near 300-345 TFLOP/s on an H200, about half
+of cuBLAS; ``wgmma`` is the next step (issue 8). numba-cuda compiles kernels for ``sm_90a`` on a
+Hopper GPU (``codegen._ensure_cc`` adds the ``a``), which ``wgmma`` needs; ``cuda.compile_ptx``
+needs ``cc=(9, 0, "a")`` for it. The building blocks::
+
+    desc = matrix_descriptor(address, leading_bytes, stride_bytes, swizzle)   # uint64
+    fence_proxy_async()            # this thread's shared-memory stores visible to wgmma
+    wgmma_fence()                  # before the first wgmma, and after touching the accumulators
+    wgmma_m64n64k16(acc, desc_a, desc_b, accumulate)   # acc[0:32] (+)= A[64 x 16] @ B[64 x 16]^T
+    wgmma_commit()                 # the wgmma issued since the last commit form one group
+    wgmma_wait(acc, 0)             # at most 0 groups pending; acc readable again
+
+Operands are K-major in shared memory (A ``[m][k]``, B ``[n][k]``: a weight as it is stored).
+Without swizzling a tile is made of *core matrices* of 8 rows x 16 bytes stored as 128 contiguous
+bytes; ``leading_bytes`` is the distance between core matrices next to each other along K and
+``stride_bytes`` along M (or N). With the 128-byte swizzle (``SWIZZLE_128B``) a tile's rows are 64
+float16 (128 bytes) each, 16-byte chunk ``c`` of row ``r`` stored at chunk ``c ^ (r % 8)``, the tile
+1024-byte aligned; ``stride_bytes`` is 1024 (eight rows), and the k-th 16-column step starts
+``32 k`` bytes in.
+
+The accumulators: lane ``l`` of warp ``w`` holds ``acc[4 j + i]`` = D[16 w + l // 4 + 8 (i // 2),
+8 j + 2 (l % 4) + i % 2] for the 8 column blocks ``j`` (an mma.m16n8 fragment per block).
+
+GPU only (the simulator runs no inline PTX): there every wgmma function raises, and
+:func:`matrix_descriptor` alone runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numba import cuda, uint64
+
+from .common import SIMULATOR
+
+SWIZZLE_NONE = 0
+SWIZZLE_128B = 1
+SWIZZLE_64B = 2
+SWIZZLE_32B = 3
+ACCUMULATORS = 32  # float32 registers a thread holds of an m64n64 tile
+_FIELD = np.uint64(0x3FFFF)  # the 18 address bits a descriptor field encodes, in 16-byte units
+_FOUR = np.uint64(4)
+_LEADING = np.uint64(16)
+_STRIDE = np.uint64(32)
+_SWIZZLE = np.uint64(62)
+
+
+@cuda.jit(device=True)
+def matrix_descriptor(address, leading_bytes, stride_bytes, swizzle):
+    """The 64-bit shared-memory matrix descriptor of a wgmma operand: the tile's shared ``address``
+    (bits 0-13), ``leading_bytes`` (16-29) and ``stride_bytes`` (32-45), each in 16-byte units, and
+    the swizzle mode (bits 62-63); base offset 0."""
+    start = (uint64(address) & _FIELD) >> _FOUR
+    leading = (uint64(leading_bytes) & _FIELD) >> _FOUR
+    stride = (uint64(stride_bytes) & _FIELD) >> _FOUR
+    return start | (leading << _LEADING) | (stride << _STRIDE) | (uint64(swizzle) << _SWIZZLE)
+
+
+if SIMULATOR:
+
+    def _gpu_only(*args: Any) -> Any:
+        raise NotImplementedError("wgmma runs only on a Hopper GPU")
+
+    fence_proxy_async = wgmma_fence = wgmma_commit = wgmma_wait = wgmma_m64n64k16 = _gpu_only
+
+else:
+    from llvmlite import ir
+    from numba.cuda import types
+    from numba.cuda.extending import intrinsic
+
+    _VOID, _I32, _I64, _F32 = ir.VoidType(), ir.IntType(32), ir.IntType(64), ir.FloatType()
+    _TIED = ",".join(str(i) for i in range(ACCUMULATORS))
+    _REGISTERS = ", ".join(f"${i}" for i in range(ACCUMULATORS))
+
+    def _statement(text: str) -> Any:
+        """An intrinsic ``() -> None`` emitting one volatile PTX statement that clobbers memory."""
+
+        def build(typingctx):
+            def codegen(context, builder, sig, args):
+                asm = ir.InlineAsm(ir.FunctionType(_VOID, []), text, "~{memory}", side_effect=True)
+                builder.call(asm, [])
+                return context.get_dummy_value()
+
+            return types.void(), codegen
+
+        build.__doc__ = f"``{text}``"
+        return intrinsic(build)
+
+    fence_proxy_async = _statement("fence.proxy.async.shared::cta;")
+    wgmma_fence = _statement("wgmma.fence.sync.aligned;")
+    wgmma_commit = _statement("wgmma.commit_group.sync.aligned;")
+
+    def _accumulators(array: Any) -> bool:
+        return isinstance(array, types.Array) and array.dtype == types.float32 and array.layout == "C"
+
+    def _through_registers(context: Any, builder: Any, array_type: Any, array: Any, text: str,
+                           inputs: list, input_constraints: str) -> None:
+        """Run ``text`` with ``array[0:32]`` as its tied in/out operands ``$0..$31`` (inputs after),
+        and store what it leaves back into the array."""
+        data = context.make_array(array_type)(context, builder, value=array).data
+        pointers = [builder.gep(data, [ir.Constant(_I64, i)]) for i in range(ACCUMULATORS)]
+        values = [builder.load(p) for p in pointers]
+        constraints = ",".join(["=f"] * ACCUMULATORS) + ("," + input_constraints if input_constraints else "")
+        constraints += "," + _TIED + ",~{memory}"
+        function = ir.FunctionType(ir.LiteralStructType([_F32] * ACCUMULATORS),
+                                   [value.type for value in inputs] + [_F32] * ACCUMULATORS)
+        result = builder.call(ir.InlineAsm(function, text, constraints, side_effect=True), inputs + values)
+        for i, pointer in enumerate(pointers):
+            builder.store(builder.extract_value(result, i), pointer)
+
+    @intrinsic
+    def wgmma_m64n64k16(typingctx, acc, desc_a, desc_b, accumulate):
+        """Type ``wgmma_m64n64k16(float32 local array, uint64, uint64, integer)``: ``acc[0:32] =
+        A @ B^T (+ acc when accumulate != 0)`` for the warpgroup, A ``[64 x 16]`` and B ``[64 x 16]``
+        float16 in shared memory (descriptors), float32 accumulation; asynchronous until
+        :func:`wgmma_wait`. Every thread of the 4 warps must call it."""
+        if not (_accumulators(acc) and isinstance(desc_a, types.Integer) and isinstance(desc_b, types.Integer)
+                and isinstance(accumulate, types.Integer)):
+            return None
+        first = ACCUMULATORS
+        text = (
+            f"{{ .reg .pred p; setp.ne.b32 p, ${first + 2}, 0; "
+            f"wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {{{_REGISTERS}}}, ${first}, ${first + 1}, p, 1, 1, 0, 0; }}"
+        )
+
+        def codegen(context, builder, sig, args):
+            acc_type, a_type, b_type, flag_type = sig.args
+            inputs = [context.cast(builder, args[1], a_type, types.uint64),
+                      context.cast(builder, args[2], b_type, types.uint64),
+                      context.cast(builder, args[3], flag_type, types.int32)]
+            _through_registers(context, builder, acc_type, args[0], text, inputs, "l,l,r")
+            return context.get_dummy_value()
+
+        return types.void(acc, desc_a, desc_b, accumulate), codegen
+
+    @intrinsic
+    def wgmma_wait(typingctx, acc, pending):
+        """Type ``wgmma_wait(float32 local array, integer literal)``: ``wgmma.wait_group.sync.aligned
+        pending``, with ``acc[0:32]`` passed through it, so that no read of the accumulators is moved
+        above the wait."""
+        if not (_accumulators(acc) and isinstance(pending, types.IntegerLiteral)):
+            return None
+        text = f"wgmma.wait_group.sync.aligned {pending.literal_value};"
+
+        def codegen(context, builder, sig, args):
+            _through_registers(context, builder, sig.args[0], args[0], text, [], "")
+            return context.get_dummy_value()
+
+        return types.void(acc, pending), codegen

@@ -1,0 +1,142 @@
+"""The wgmma building blocks against NumPy: the descriptor's bits (anywhere), and on a Hopper GPU one
+warpgroup multiplying float16 tiles from shared memory, unswizzled and with the 128-byte swizzle.
+Each kernel writes back every accumulator register, so a wrong layout shows as a precise mismatch."""
+
+import numpy as np
+import pytest
+from numba import cuda, float32, uint16
+
+from infinilm_nb.kernels import intrinsics
+from infinilm_nb.kernels.common import launch_stream
+from infinilm_nb.kernels.wgmma import (
+    ACCUMULATORS, SWIZZLE_128B, SWIZZLE_NONE, fence_proxy_async, matrix_descriptor, wgmma_commit, wgmma_fence,
+    wgmma_m64n64k16, wgmma_wait,
+)
+from tests.conftest import ON_GPU
+
+THREADS = 128  # one warpgroup
+TILE = 64  # rows of A (M) and of B (N)
+
+
+def _descriptor_kernel(fields, out):
+    i = cuda.grid(1)
+    if i < out.shape[0]:
+        out[i] = matrix_descriptor(fields[i, 0], fields[i, 1], fields[i, 2], fields[i, 3])
+
+
+def test_matrix_descriptor_packs_the_ptx_fields(kb):
+    fields = np.array([[0x400, 128, 256, SWIZZLE_NONE], [0x2400, 16, 1024, SWIZZLE_128B],
+                       [0x3FFF0, 0, 0, 3], [0x40010, 32, 64, 2]], np.int64)  # the last address wraps past 18 bits
+    out = kb.asarray(np.zeros(len(fields), np.uint64))
+    kernel = cuda.jit("void(int64[:, ::1], uint64[::1])")(_descriptor_kernel)
+    kernel[1, 32, launch_stream()](kb.asarray(fields), out)
+    want = [0x40 | 8 << 16 | 16 << 32, 0x240 | 1 << 16 | 64 << 32 | 1 << 62, 0x3FFF | 3 << 62,
+            0x1 | 2 << 16 | 4 << 32 | 2 << 62]
+    assert kb.to_host(out).tolist() == want
+
+
+def _hopper() -> bool:
+    return ON_GPU and cuda.get_current_device().compute_capability >= (9, 0)
+
+
+gpu_only = pytest.mark.skipif(not _hopper(), reason="wgmma needs a Hopper GPU")
+
+
+@cuda.jit(device=True)
+def _unswizzled_index(row, k):
+    """Element (row, k) of a K-major 64 x 16 tile of core matrices (8 rows x 8 columns, 128 bytes
+    each), K-neighbours 128 bytes apart and row-neighbours 256: as float16 elements."""
+    return ((row // 8) * 256 + (k // 8) * 128 + (row % 8) * 16 + (k % 8) * 2) // 2
+
+
+@cuda.jit(device=True)
+def _swizzled_index(row, k):
+    """Element (row, k) of a 64 x 64 tile with the 128-byte swizzle: chunk c of row r at c ^ (r % 8)."""
+    return row * 64 + ((k // 8) ^ (row % 8)) * 8 + k % 8
+
+
+def _unswizzled_kernel(a_src, b_src, out, accumulate):
+    """acc = out's values; one m64n64k16 (accumulating into them or not); out = acc."""
+    tid = cuda.threadIdx.x
+    a = cuda.shared.array(1024, uint16, alignment=1024)
+    b = cuda.shared.array(1024, uint16, alignment=1024)
+    for i in range(tid, TILE * 16, THREADS):
+        at = _unswizzled_index(i // 16, i % 16)
+        a[at] = a_src[i]
+        b[at] = b_src[i]
+    fence_proxy_async()
+    cuda.syncthreads()
+    acc = cuda.local.array(ACCUMULATORS, float32)
+    for i in range(ACCUMULATORS):
+        acc[i] = out[tid, i]
+    desc_a = matrix_descriptor(intrinsics.shared_address(a, 0), 128, 256, SWIZZLE_NONE)
+    desc_b = matrix_descriptor(intrinsics.shared_address(b, 0), 128, 256, SWIZZLE_NONE)
+    wgmma_fence()
+    wgmma_m64n64k16(acc, desc_a, desc_b, accumulate)
+    wgmma_commit()
+    wgmma_wait(acc, 0)
+    for i in range(ACCUMULATORS):
+        out[tid, i] = acc[i]
+
+
+def _swizzled_kernel(a_src, b_src, out):
+    """out = the accumulators of A[64 x 64] @ B[64 x 64]^T, four k16 steps on swizzled tiles."""
+    tid = cuda.threadIdx.x
+    a = cuda.shared.array(4096, uint16, alignment=1024)
+    b = cuda.shared.array(4096, uint16, alignment=1024)
+    for i in range(tid, TILE * 64, THREADS):
+        at = _swizzled_index(i // 64, i % 64)
+        a[at] = a_src[i]
+        b[at] = b_src[i]
+    fence_proxy_async()
+    cuda.syncthreads()
+    acc = cuda.local.array(ACCUMULATORS, float32)
+    base_a = intrinsics.shared_address(a, 0)
+    base_b = intrinsics.shared_address(b, 0)
+    wgmma_fence()
+    for step in range(4):
+        desc_a = matrix_descriptor(base_a + 32 * step, 16, 1024, SWIZZLE_128B)
+        desc_b = matrix_descriptor(base_b + 32 * step, 16, 1024, SWIZZLE_128B)
+        wgmma_m64n64k16(acc, desc_a, desc_b, step)
+    wgmma_commit()
+    wgmma_wait(acc, 0)
+    for i in range(ACCUMULATORS):
+        out[tid, i] = acc[i]
+
+
+def _fragments(d: np.ndarray) -> np.ndarray:
+    """``[128, 32]``: what thread t holds in acc[i] of the 64 x 64 result ``d`` (module doc of .wgmma)."""
+    out = np.zeros((THREADS, ACCUMULATORS), np.float32)
+    for tid in range(THREADS):
+        warp, lane = tid // 32, tid % 32
+        for i in range(ACCUMULATORS):
+            j, e = i // 4, i % 4
+            out[tid, i] = d[16 * warp + lane // 4 + 8 * (e // 2), 8 * j + 2 * (lane % 4) + e % 2]
+    return out
+
+
+@gpu_only
+@pytest.mark.gpu
+def test_wgmma_m64n64k16_unswizzled_sets_then_accumulates(kb, rng):
+    a = rng.standard_normal((TILE, 16)).astype(np.float16)
+    b = rng.standard_normal((TILE, 16)).astype(np.float16)
+    product = _fragments(a.astype(np.float32) @ b.astype(np.float32).T)
+    kernel = cuda.jit("void(uint16[::1], uint16[::1], float32[:, ::1], int32)")(_unswizzled_kernel)
+    a_d, b_d = (kb.asarray(m.view(np.uint16).reshape(-1)) for m in (a, b))
+    out = kb.asarray(np.full((THREADS, ACCUMULATORS), np.nan, np.float32))  # not accumulating: ignored
+    kernel[1, THREADS, launch_stream()](a_d, b_d, out, 0)
+    np.testing.assert_allclose(kb.to_host(out), product, rtol=1e-3, atol=1e-3)
+    kernel[1, THREADS, launch_stream()](a_d, b_d, out, 1)
+    np.testing.assert_allclose(kb.to_host(out), 2 * product, rtol=1e-3, atol=2e-3)
+
+
+@gpu_only
+@pytest.mark.gpu
+def test_wgmma_m64n64k16_on_128_byte_swizzled_tiles(kb, rng):
+    a = rng.standard_normal((TILE, 64)).astype(np.float16)
+    b = rng.standard_normal((TILE, 64)).astype(np.float16)
+    kernel = cuda.jit("void(uint16[::1], uint16[::1], float32[:, ::1])")(_swizzled_kernel)
+    out = kb.asarray(np.full((THREADS, ACCUMULATORS), np.nan, np.float32))
+    kernel[1, THREADS, launch_stream()](*(kb.asarray(m.view(np.uint16).reshape(-1)) for m in (a, b)), out)
+    np.testing.assert_allclose(kb.to_host(out), _fragments(a.astype(np.float32) @ b.astype(np.float32).T),
+                               rtol=1e-3, atol=5e-3)
