@@ -1,13 +1,14 @@
-"""SASS profiles of the kernels that miss their targets, built for an H100 / H200 (sm_90) without a GPU.
+"""SASS profiles of the kernels that miss their targets, built for an H100 / H200 (sm_90a) without a GPU.
 
 Usage: ``python bench/sass.py [--out DIR]``, with ``ptxas`` and ``nvdisasm`` (the CUDA toolkit, or
 the ``nvidia-cuda-nvcc`` / ``nvidia-cuda-nvdisasm`` wheels) on PATH or named by the PTXAS and
 NVDISASM variables. Each kernel's PTX comes from ``cuda.compile_ptx`` with the signature and options
-its launcher uses; ptxas assembles it for sm_90 and nvdisasm lists the SASS. Per kernel: registers,
-spills, instructions, and the instructions of one trip of its hot loop by kind: global
-loads by width, shared loads, ldmatrix, mma, shuffles, MUFU (exp / log), FMA, for the loop that
-does the most loads and mma (the K loop of a GEMM, the key loop of attention). Prints a table;
-writes each listing to DIR. The device's driver may schedule a little differently from this ptxas.
+its launcher uses; ptxas assembles it for sm_90a (what numba-cuda builds for a Hopper) and nvdisasm
+lists the SASS. Per kernel: registers, spills, instructions, and the instructions of one trip of its
+hot loop by kind: global loads by width, shared loads, ldmatrix, mma (HMMA; HGMMA: wgmma), shuffles,
+MUFU (exp / log), FMA, for the loop that does the most loads and mma (the K loop of a GEMM, the key
+loop of attention). Prints a table; writes each listing to DIR. The device's driver may schedule a
+little differently from this ptxas.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ KINDS = {  # instruction kind: SASS opcode pattern (the first that matches count
     "LDS": r"^LDS(?!M)",
     "LDSM": r"^LDSM",
     "HMMA": r"^HMMA",
+    "HGMMA": r"^HGMMA",
     "SHFL": r"^SHFL",
     "MUFU": r"^MUFU",
     "FMA": r"^(FFMA|HFMA2)",
@@ -71,7 +73,8 @@ def kernels() -> list[tuple[str, Callable, str, dict[str, Any]]]:
     _, partition = attention_mma.mma_attention_kernels(dim, group, block)
     rows.append(("decode attention (split, mma)", partition, attention_mma.kernel_signatures()[1], {"fastmath": True}))
     for config in (gemm_tc.tc_config(512), gemm_tc.tc_config(2048), gemm_tc.TcConfig(), gemm_tc.TcConfig(stages=6),
-                   gemm_tc.TcConfig(128, 256, 2, 4, stages=4)):
+                   gemm_tc.TcConfig(128, 256, 2, 4, stages=4),
+                   gemm_tc.TcConfig(block_m=128, block_n=128, warps_m=8, warps_n=1, block_k=64, wgmma=True)):
         rows.append((f"prefill GEMM {config.label}", gemm_tc.tc_kernel(config), f16, {}))
     for stages, block_q in ((1, 64), (2, 64), (2, 128)):
         rows.append((f"prefill attention d=128, {stages} K/V stage(s), {block_q} queries",
@@ -83,11 +86,11 @@ def kernels() -> list[tuple[str, Callable, str, dict[str, Any]]]:
 
 
 def assemble(ptx: str, max_registers: int | None, directory: Path, label: str) -> tuple[str, str]:
-    """(ptxas -v report, nvdisasm listing) of ``ptx`` for sm_90."""
+    """(ptxas -v report, nvdisasm listing) of ``ptx`` for sm_90a."""
     stem = re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_")
     ptx_path, cubin = directory / f"{stem}.ptx", directory / f"{stem}.cubin"
     ptx_path.write_text(ptx)
-    command = [tool("ptxas"), "-arch=sm_90", "-v", str(ptx_path), "-o", str(cubin)]
+    command = [tool("ptxas"), "-arch=sm_90a", "-v", str(ptx_path), "-o", str(cubin)]
     if max_registers:
         command.insert(2, f"-maxrregcount={max_registers}")
     report = subprocess.run(command, capture_output=True, text=True, check=True).stderr
@@ -140,7 +143,8 @@ def hot_loop(ops: list[str], labels: dict[str, int]) -> tuple[int, Counter] | No
     best = None
     for first, last in innermost:
         counts = kinds(ops[first : last + 1])
-        work = counts["HMMA"] + counts["LDSM"] + counts["LDGSTS"] + counts["LDG.128"] + counts["LDG other"]
+        work = (counts["HMMA"] + counts["HGMMA"] + counts["LDSM"] + counts["LDGSTS"] + counts["LDG.128"]
+                + counts["LDG other"])
         key = (work, first - last)
         if work and (best is None or key > best[0]):
             best = (key, last - first + 1, counts)
@@ -150,7 +154,7 @@ def hot_loop(ops: list[str], labels: dict[str, int]) -> tuple[int, Counter] | No
 def profile(label: str, pyfunc: Callable, signature: str, options: dict[str, Any], directory: Path) -> dict[str, Any]:
     from numba import cuda
 
-    ptx, _ = cuda.compile_ptx(pyfunc, signature, cc=(9, 0), fastmath=options.get("fastmath", False))
+    ptx, _ = cuda.compile_ptx(pyfunc, signature, cc=(9, 0, "a"), fastmath=options.get("fastmath", False))
     report, listing = assemble(ptx, options.get("max_registers"), directory, label)
     (directory / f"{re.sub(r'[^A-Za-z0-9]+', '_', label).strip('_')}.sass").write_text(listing)
     registers = int(re.search(r"Used (\d+) registers", report).group(1))

@@ -295,6 +295,8 @@ def launch_mma(config: MmaConfig, x: Any, weight: Any, bias: Any, residual: Any,
 
 def launch_tc(config: TcConfig, x: Any, weight: Any, bias: Any, residual: Any, out: Any) -> None:
     """Launch tensor-core prefill variant ``config`` on checked float16 operands (K % 8 == 0, 16-byte aligned)."""
+    if config.wgmma and cuda.get_current_device().compute_capability != (9, 0):
+        raise ValueError(f"launch_tc: {config.label} uses wgmma, which only a Hopper GPU has (compute capability 9.0)")
     kernel = compiled(tc_kernel(config), kernel_signature(np.float16))
     grid = cdiv(out.shape[1], config.outputs_n) * cdiv(x.shape[0], config.block_m)
     launch(kernel, grid, config.threads, _flat_args(x, weight, bias, residual, out), config.shared_bytes)

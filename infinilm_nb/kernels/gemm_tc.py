@@ -33,6 +33,12 @@
   and writes ``silu(gate) * up``.
 * Blocks are numbered in groups of ``GROUP_M`` tile rows, column by column, so that the blocks
   resident at once share their x rows and weight rows in L2.
+* ``wgmma`` (a variant, sm_90 only, :mod:`.wgmma`): the same ring of 64-column tiles, whose
+  ``c ^ (r & 7)`` chunk order is wgmma's 128-byte swizzle once the ring starts on a 1024-byte
+  boundary. Each warpgroup (4 warps, 16 rows each) multiplies its 64 rows by every column of the
+  block, 64 at a time, straight from shared memory through matrix descriptors; no ldmatrix. It
+  waits for its products at the end of each K tile, so the refill after the next barrier is safe,
+  and the accumulators keep the mma fragment layout, so the epilogue is the same.
 
 Preconditions (the launcher in :mod:`.gemm` checks them): float16, K % 8 == 0, x and weight
 16-byte aligned.
@@ -53,6 +59,10 @@ from .intrinsics import (
 )
 from .mma import mma_accumulate
 from .vector import inline_device
+from .wgmma import (
+    SWIZZLE_128B, fence_proxy_async, hold_accumulators, matrix_descriptor, wgmma_commit, wgmma_fence,
+    wgmma_m64n64k16, wgmma_wait,
+)
 
 # The switch: off (common.TENSOR_CORES, INFINILM_NB_TENSOR_CORES=0) sends every float16 prefill linear
 # to the CUDA-core tiled kernel.
@@ -65,6 +75,7 @@ CHUNK = 8  # float16 per 16-byte copy
 MAX_SHARED_BYTES = 227 * 1024
 PARK_PAD = 4  # float32 of padding per row of parked accumulators (fewer bank conflicts)
 GROUP_M = 8  # tile rows per raster group
+SWIZZLE_ATOM = 1024  # bytes: wgmma's 128-byte swizzle repeats every 8 rows, and its tiles start on it
 
 
 @dataclass(frozen=True)
@@ -78,6 +89,7 @@ class TcConfig:
     stages: int = 3
     fused: bool = False
     block_k: int = 32  # K columns per stage: 64-byte rows, or 128-byte rows at 64
+    wgmma: bool = False  # Hopper's warpgroup MMA from the shared tiles instead of ldmatrix + mma.sync
 
     @property
     def row_bytes(self) -> int:
@@ -100,11 +112,13 @@ class TcConfig:
     @property
     def label(self) -> str:
         """``block_m x block_n x block_k / warps, stages``, e.g. ``128x128x64/8w s3`` (bench rows)."""
-        return f"{self.block_m}x{self.block_n}x{self.block_k}/{self.threads // WARP}w s{self.stages}"
+        wgmma = " wgmma" if self.wgmma else ""
+        return f"{self.block_m}x{self.block_n}x{self.block_k}/{self.threads // WARP}w s{self.stages}{wgmma}"
 
     @property
     def shared_bytes(self) -> int:
-        return self.stages * (self.block_m + self.block_n) * self.row_bytes
+        """The ring of tiles (with wgmma, and room to start it on a swizzle atom)."""
+        return self.stages * (self.block_m + self.block_n) * self.row_bytes + (SWIZZLE_ATOM if self.wgmma else 0)
 
     def check(self) -> None:
         """Raise ``ValueError`` for a geometry the kernel does not support."""
@@ -120,6 +134,10 @@ class TcConfig:
             and self.warps_m * self.warps_n * 16 * (wn + PARK_PAD) * 4 <= self.shared_bytes
             and (not self.fused or (wn // 2) % 8 == 0)
             and wm <= 64  # the epilogue's tile rows are written out, four at most
+            # wgmma: each warpgroup takes 64 rows (a warp 16 of them) and every column of the block,
+            # 64 at a time (32 accumulators each), from 128-byte swizzled rows
+            and (not self.wgmma or (wm == 16 and self.warps_m % 4 == 0 and self.warps_n == 1
+                                    and self.block_n % 64 == 0 and self.block_n <= 128 and self.block_k == 64))
         )
         if not ok:
             raise ValueError(f"unsupported tensor-core GEMM geometry {self}")
@@ -164,6 +182,8 @@ def tc_kernel(config: TcConfig) -> Callable:
     PENDING = STAGES - 2  # groups allowed in flight when a tile must have landed
     ACC = MT * NT * 4
     A_FRAGS, B_FRAGS = MT * 4, NT * 2  # fragment words per k-step
+    WGMMA = config.wgmma
+    GROUP_ROWS = 64 * ROW_BYTES  # wgmma: a warpgroup's A rows (or 64 B rows), in bytes
 
     @inline_device
     def swizzle(r):
@@ -187,6 +207,23 @@ def tc_kernel(config: TcConfig) -> Callable:
                 i = (mi * NT + ni) * 4
                 a = 4 * mi
                 mma_accumulate(acc, i, af[a], af[a + 1], af[a + 2], af[a + 3], bf[2 * ni], bf[2 * ni + 1])
+
+    @inline_device
+    def k_tile_wgmma(a_stage, b_stage, acc):
+        """The warpgroup's 64 rows of the K tile on wgmma: 16 columns at a time (32 bytes into the
+        swizzled rows), each 64 B rows one m64n64k16; waits for them, so the stages may be refilled."""
+        for h in range(BN // 64):
+            hold_accumulators(acc, 32 * h)
+        wgmma_fence()
+        for kk in range(K_STEPS):
+            desc_a = matrix_descriptor(a_stage + 32 * kk, 16, 8 * ROW_BYTES, SWIZZLE_128B)
+            for h in range(BN // 64):
+                desc_b = matrix_descriptor(b_stage + h * GROUP_ROWS + 32 * kk, 16, 8 * ROW_BYTES, SWIZZLE_128B)
+                wgmma_m64n64k16(acc, 32 * h, desc_a, desc_b, 1)
+        wgmma_commit()
+        wgmma_wait(0)
+        for h in range(BN // 64):
+            hold_accumulators(acc, 32 * h)
 
     @inline_device
     def store_tile_row(mi, acc, smem, park, lane, m_warp, n_warp, M, N, bias, residual, out, has_bias, has_residual):
@@ -252,6 +289,8 @@ def tc_kernel(config: TcConfig) -> Callable:
         else:
             smem = cuda.shared.array(SMEM_WORDS, float32, alignment=128)
         base = int32(shared_address(smem, 0))
+        if WGMMA:
+            base = (base + SWIZZLE_ATOM - 1) & -SWIZZLE_ATOM
         k_tiles = int32((K + BLOCK_K - 1) // BLOCK_K)
 
         # This thread's copies: chunk column c of rows tid // 4 + i * ROWS_PER_PASS of each tile.
@@ -310,6 +349,8 @@ def tc_kernel(config: TcConfig) -> Callable:
         write = int32(STAGES - 1)  # the stage refilled
         for kt in range(k_tiles):
             cp_async_wait_group(PENDING)
+            if WGMMA:
+                fence_proxy_async()  # the landed copies visible to wgmma's reads
             cuda.syncthreads()  # tile kt landed for all; all are done with tile kt - 1 (stage `write`)
             if kt + STAGES - 1 < k_tiles:
                 copy_tile(x, weight, base + write * A_STAGE, base + B_OFFSET + write * B_STAGE, k, K,
@@ -319,7 +360,9 @@ def tc_kernel(config: TcConfig) -> Callable:
 
             a_stage = base + read * A_STAGE
             b_stage = base + B_OFFSET + read * B_STAGE
-            if K_STEPS == 2:
+            if WGMMA:
+                k_tile_wgmma(a_stage + (warp // 4) * GROUP_ROWS, b_stage, acc)
+            elif K_STEPS == 2:
                 k_step(a_stage + a_frag, b_stage + b_frag, af, bf, acc)
                 k_step(a_stage + (a_frag ^ 32), b_stage + (b_frag ^ 32), af, bf, acc)
             else:

@@ -314,7 +314,9 @@ def _sampler(vec: int, bf16: bool) -> Callable:
                             best_index = index
                     elif x >= floor:
                         scaled = x / temperature
-                        if scaled + GUMBEL_BOUND >= best and (not use_p or math.exp((x - row_max) / temperature) >= p_floor):
+                        if scaled + GUMBEL_BOUND >= best and (
+                            not use_p or math.exp((x - row_max) / temperature) >= p_floor
+                        ):
                             score = scaled + _gumbel(seed, index)
                             if score > best:
                                 best = score

@@ -2,16 +2,19 @@
 cuBLAS's sm_90 GEMMs, which reads both operands from shared memory, for 4 warps at once.
 
 The prefill GEMM's ``mma.sync`` (:mod:`.gemm_tc`) stops near 300-345 TFLOP/s on an H200, about half
-of cuBLAS; ``wgmma`` is the next step (issue 8). numba-cuda compiles kernels for ``sm_90a`` on a
-Hopper GPU (``codegen._ensure_cc`` adds the ``a``), which ``wgmma`` needs; ``cuda.compile_ptx``
-needs ``cc=(9, 0, "a")`` for it. The building blocks::
+of cuBLAS; ``wgmma`` is the next step (issue 8: :class:`.gemm_tc.TcConfig` ``wgmma``). It exists
+on ``sm_90a`` only (not on later GPUs). numba-cuda compiles kernels for ``sm_90a`` on a Hopper
+(``codegen._ensure_cc`` adds the ``a``); ``cuda.compile_ptx`` needs ``cc=(9, 0, "a")`` for it. The
+building blocks::
 
     desc = matrix_descriptor(address, leading_bytes, stride_bytes, swizzle)   # uint64
     fence_proxy_async()            # this thread's shared-memory stores visible to wgmma
+    hold_accumulators(acc, 0)      # no access to acc[0:32] moves across this point
     wgmma_fence()                  # before the first wgmma, and after touching the accumulators
-    wgmma_m64n64k16(acc, desc_a, desc_b, accumulate)   # acc[0:32] (+)= A[64 x 16] @ B[64 x 16]^T
+    wgmma_m64n64k16(acc, 0, desc_a, desc_b, accumulate)   # acc[0:32] (+)= A[64 x 16] @ B[64 x 16]^T
     wgmma_commit()                 # the wgmma issued since the last commit form one group
-    wgmma_wait(acc, 0)             # at most 0 groups pending; acc readable again
+    wgmma_wait(0)                  # at most 0 groups pending
+    hold_accumulators(acc, 0)      # then acc[0:32] may be read
 
 Operands are K-major in shared memory (A ``[m][k]``, B ``[n][k]``: a weight as it is stored).
 Without swizzling a tile is made of *core matrices* of 8 rows x 16 bytes stored as 128 contiguous
@@ -21,8 +24,10 @@ float16 (128 bytes) each, 16-byte chunk ``c`` of row ``r`` stored at chunk ``c ^
 1024-byte aligned; ``stride_bytes`` is 1024 (eight rows), and the k-th 16-column step starts
 ``32 k`` bytes in.
 
-The accumulators: lane ``l`` of warp ``w`` holds ``acc[4 j + i]`` = D[16 w + l // 4 + 8 (i // 2),
-8 j + 2 (l % 4) + i % 2] for the 8 column blocks ``j`` (an mma.m16n8 fragment per block).
+The accumulators: lane ``l`` of warp ``w`` holds ``acc[first + 4 j + i]`` = D[16 w + l // 4 + 8 (i // 2),
+8 j + 2 (l % 4) + i % 2] for the 8 column blocks ``j`` (an mma.m16n8 fragment per block). The
+compiler sees a wgmma's results as ready when it is issued; ``hold_accumulators`` after the wait
+(and before the fence) keeps it from moving reads (and writes) of them across.
 
 GPU only (the simulator runs no inline PTX): there every wgmma function raises, and
 :func:`matrix_descriptor` alone runs.
@@ -65,7 +70,7 @@ if SIMULATOR:
     def _gpu_only(*args: Any) -> Any:
         raise NotImplementedError("wgmma runs only on a Hopper GPU")
 
-    fence_proxy_async = wgmma_fence = wgmma_commit = wgmma_wait = wgmma_m64n64k16 = _gpu_only
+    fence_proxy_async = wgmma_fence = wgmma_commit = wgmma_wait = wgmma_m64n64k16 = hold_accumulators = _gpu_only
 
 else:
     from llvmlite import ir
@@ -97,12 +102,13 @@ else:
     def _accumulators(array: Any) -> bool:
         return isinstance(array, types.Array) and array.dtype == types.float32 and array.layout == "C"
 
-    def _through_registers(context: Any, builder: Any, array_type: Any, array: Any, text: str,
-                           inputs: list, input_constraints: str) -> None:
-        """Run ``text`` with ``array[0:32]`` as its tied in/out operands ``$0..$31`` (inputs after),
-        and store what it leaves back into the array."""
+    def _through_registers(context: Any, builder: Any, array_type: Any, array: Any, first: Any, first_type: Any,
+                           text: str, inputs: list, input_constraints: str) -> None:
+        """Run ``text`` with ``array[first : first + 32]`` as its tied in/out operands ``$0..$31``
+        (inputs after), and store what it leaves back into the array."""
         data = context.make_array(array_type)(context, builder, value=array).data
-        pointers = [builder.gep(data, [ir.Constant(_I64, i)]) for i in range(ACCUMULATORS)]
+        start = context.cast(builder, first, first_type, types.intp)
+        pointers = [builder.gep(data, [builder.add(start, ir.Constant(_I64, i))]) for i in range(ACCUMULATORS)]
         values = [builder.load(p) for p in pointers]
         constraints = ",".join(["=f"] * ACCUMULATORS) + ("," + input_constraints if input_constraints else "")
         constraints += "," + _TIED + ",~{memory}"
@@ -113,41 +119,55 @@ else:
             builder.store(builder.extract_value(result, i), pointer)
 
     @intrinsic
-    def wgmma_m64n64k16(typingctx, acc, desc_a, desc_b, accumulate):
-        """Type ``wgmma_m64n64k16(float32 local array, uint64, uint64, integer)``: ``acc[0:32] =
-        A @ B^T (+ acc when accumulate != 0)`` for the warpgroup, A ``[64 x 16]`` and B ``[64 x 16]``
-        float16 in shared memory (descriptors), float32 accumulation; asynchronous until
-        :func:`wgmma_wait`. Every thread of the 4 warps must call it."""
-        if not (_accumulators(acc) and isinstance(desc_a, types.Integer) and isinstance(desc_b, types.Integer)
-                and isinstance(accumulate, types.Integer)):
+    def wgmma_m64n64k16(typingctx, acc, first, desc_a, desc_b, accumulate):
+        """Type ``wgmma_m64n64k16(float32 local array, integer, uint64, uint64, integer)``:
+        ``acc[first : first + 32] = A @ B^T (+ those values when accumulate != 0)`` for the warpgroup,
+        A ``[64 x 16]`` and B ``[64 x 16]`` float16 in shared memory (descriptors), float32
+        accumulation; asynchronous until :func:`wgmma_wait`. Every thread of the 4 warps must call it."""
+        if not (_accumulators(acc) and isinstance(first, types.Integer) and isinstance(desc_a, types.Integer)
+                and isinstance(desc_b, types.Integer) and isinstance(accumulate, types.Integer)):
             return None
-        first = ACCUMULATORS
+        n = ACCUMULATORS
         text = (
-            f"{{ .reg .pred p; setp.ne.b32 p, ${first + 2}, 0; "
-            f"wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {{{_REGISTERS}}}, ${first}, ${first + 1}, p, 1, 1, 0, 0; }}"
+            f"{{ .reg .pred p; setp.ne.b32 p, ${n + 2}, 0; "
+            f"wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {{{_REGISTERS}}}, ${n}, ${n + 1}, p, 1, 1, 0, 0; }}"
         )
 
         def codegen(context, builder, sig, args):
-            acc_type, a_type, b_type, flag_type = sig.args
-            inputs = [context.cast(builder, args[1], a_type, types.uint64),
-                      context.cast(builder, args[2], b_type, types.uint64),
-                      context.cast(builder, args[3], flag_type, types.int32)]
-            _through_registers(context, builder, acc_type, args[0], text, inputs, "l,l,r")
+            acc_type, first_type, a_type, b_type, flag_type = sig.args
+            inputs = [context.cast(builder, args[2], a_type, types.uint64),
+                      context.cast(builder, args[3], b_type, types.uint64),
+                      context.cast(builder, args[4], flag_type, types.int32)]
+            _through_registers(context, builder, acc_type, args[0], args[1], first_type, text, inputs, "l,l,r")
             return context.get_dummy_value()
 
-        return types.void(acc, desc_a, desc_b, accumulate), codegen
+        return types.void(acc, first, desc_a, desc_b, accumulate), codegen
 
     @intrinsic
-    def wgmma_wait(typingctx, acc, pending):
-        """Type ``wgmma_wait(float32 local array, integer literal)``: ``wgmma.wait_group.sync.aligned
-        pending``, with ``acc[0:32]`` passed through it, so that no read of the accumulators is moved
-        above the wait."""
-        if not (_accumulators(acc) and isinstance(pending, types.IntegerLiteral)):
+    def hold_accumulators(typingctx, acc, first):
+        """Type ``hold_accumulators(float32 local array, integer)``: an empty statement that takes and
+        gives back ``acc[first : first + 32]``, ordered with the other wgmma statements, so that no
+        access to them moves across it."""
+        if not (_accumulators(acc) and isinstance(first, types.Integer)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            _through_registers(context, builder, sig.args[0], args[0], args[1], sig.args[1], "", [], "")
+            return context.get_dummy_value()
+
+        return types.void(acc, first), codegen
+
+    @intrinsic
+    def wgmma_wait(typingctx, pending):
+        """``wgmma.wait_group.sync.aligned pending`` (a compile-time constant): at most that many of
+        the warpgroup's committed groups still in flight."""
+        if not isinstance(pending, types.IntegerLiteral):
             return None
         text = f"wgmma.wait_group.sync.aligned {pending.literal_value};"
 
         def codegen(context, builder, sig, args):
-            _through_registers(context, builder, sig.args[0], args[0], text, [], "")
+            asm = ir.InlineAsm(ir.FunctionType(_VOID, []), text, "~{memory}", side_effect=True)
+            builder.call(asm, [])
             return context.get_dummy_value()
 
-        return types.void(acc, pending), codegen
+        return types.void(pending), codegen

@@ -32,6 +32,12 @@ CONFIGS = [
 ]
 BIG_TILES = CONFIGS[4:6]
 DEEP = CONFIGS[6:]
+# wgmma from the swizzled tiles (Hopper only): two warpgroups over 128 x 128, and one over 64 x 64
+WGMMA = [
+    gemm_tc.TcConfig(block_m=128, block_n=128, warps_m=8, warps_n=1, block_k=64, wgmma=True),
+    gemm_tc.TcConfig(block_m=64, block_n=64, warps_m=4, warps_n=1, block_k=64, wgmma=True),
+]
+CONFIGS += WGMMA
 # (M, N, K): ragged against 64 / 128-row tiles, 128 / 64-column tiles and 32-deep K tiles;
 # K = 8 is a single partial K tile.
 SHAPES = [(64, 64, 64), (65, 37, 40), (130, 200, 72), (200, 129, 8), (300, 1000, 264), (1030, 260, 136)]
@@ -62,7 +68,15 @@ def _spy_launch_tc(monkeypatch) -> list:
     return launched
 
 
+def _skip_wgmma_before_hopper(config):
+    from numba import cuda
+
+    if config.wgmma and cuda.get_current_device().compute_capability != (9, 0):
+        pytest.skip("wgmma needs a Hopper GPU")
+
+
 def _launch(kb, config, x, weight, bias, residual, N):
+    _skip_wgmma_before_hopper(config)
     out = poisoned(kb, (x.shape[0], N), F16)
     gemm.launch_tc(
         config, kb.asarray(x), kb.asarray(weight), None if bias is None else kb.asarray(bias),
@@ -93,7 +107,7 @@ def test_tc_linear_epilogues(kb, rng, config, with_bias, with_residual):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", CONFIGS[:2] + [DEEP[0], DEEP[2]], ids=str)
+@pytest.mark.parametrize("config", CONFIGS[:2] + [DEEP[0], DEEP[2]] + WGMMA, ids=str)
 @pytest.mark.parametrize("M,N,K", [(65, 37, 40), (130, 300, 72), (300, 1000, 264)])
 def test_tc_linear_silu_mul(kb, rng, config, M, N, K):
     fused = gemm_tc.TcConfig(**{**config.__dict__, "fused": True})
@@ -161,13 +175,18 @@ def test_linear_falls_back_to_cuda_cores(kb, rng, monkeypatch, case):
     "config",
     CONFIGS[:2] + BIG_TILES + DEEP + [gemm_tc.tc_config(M, fused=True) for M in (64, 4096)] + [
         gemm_tc.TcConfig(**{**BIG_TILES[0].__dict__, "fused": True}), gemm_tc.TcConfig(stages=6, fused=True),
-        gemm_tc.TcConfig(fused=True)],
+        gemm_tc.TcConfig(fused=True), gemm_tc.TcConfig(**{**WGMMA[0].__dict__, "fused": True})],
     ids=str,
 )
 def test_tc_kernel_is_tensor_cores_without_local_memory(config):
+    _skip_wgmma_before_hopper(config)
     kernel = compiled(gemm_tc.tc_kernel(config), gemm.kernel_signature(F16))
     ptx = "".join(kernel.inspect_asm().values())
-    for instruction in ("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32", "ldmatrix.sync.aligned", "cp.async.cg"):
+    if config.wgmma:
+        expected = ("wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16", "fence.proxy.async", "cp.async.cg")
+    else:
+        expected = ("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32", "ldmatrix.sync.aligned", "cp.async.cg")
+    for instruction in expected:
         assert instruction in ptx, instruction
     assert kernel.get_local_mem_per_thread() == 0
 
@@ -181,6 +200,19 @@ def test_rings_past_the_opt_in_shared_memory_are_refused():
     gemm_tc.TcConfig(stages=14).check()  # 224 KB
     with pytest.raises(ValueError, match="unsupported tensor-core GEMM geometry"):
         gemm_tc.TcConfig(stages=15).check()  # 240 KB: more than a Hopper block may have
+
+
+@pytest.mark.parametrize("geometry", [
+    dict(block_m=128, block_n=128, warps_m=4, warps_n=2),  # warps side by side along n
+    dict(block_m=64, block_n=128, warps_m=2, warps_n=1),  # a warp over 32 rows
+    dict(block_m=128, block_n=256, warps_m=8, warps_n=1),  # 128 accumulators a thread
+    dict(block_m=128, block_n=128, warps_m=8, warps_n=1, block_k=32, stages=6),  # 64-byte rows: no 128-byte swizzle
+])
+def test_wgmma_geometries_other_than_a_warp_per_16_rows_are_refused(geometry):
+    config = gemm_tc.TcConfig(**{"block_k": 64, **geometry, "wgmma": True})
+    with pytest.raises(ValueError, match="unsupported tensor-core GEMM geometry"):
+        config.check()
+    gemm_tc.TcConfig(**{**config.__dict__, "wgmma": False}).check()  # fine on mma.sync
 
 
 def test_warp_tiles_past_64_rows_are_refused():

@@ -9,8 +9,8 @@ from numba import cuda, float32, uint16
 from infinilm_nb.kernels import intrinsics
 from infinilm_nb.kernels.common import launch_stream
 from infinilm_nb.kernels.wgmma import (
-    ACCUMULATORS, SWIZZLE_128B, SWIZZLE_NONE, fence_proxy_async, matrix_descriptor, wgmma_commit, wgmma_fence,
-    wgmma_m64n64k16, wgmma_wait,
+    ACCUMULATORS, SWIZZLE_128B, SWIZZLE_NONE, fence_proxy_async, hold_accumulators, matrix_descriptor, wgmma_commit,
+    wgmma_fence, wgmma_m64n64k16, wgmma_wait,
 )
 from tests.conftest import ON_GPU
 
@@ -36,7 +36,7 @@ def test_matrix_descriptor_packs_the_ptx_fields(kb):
 
 
 def _hopper() -> bool:
-    return ON_GPU and cuda.get_current_device().compute_capability >= (9, 0)
+    return ON_GPU and cuda.get_current_device().compute_capability == (9, 0)
 
 
 gpu_only = pytest.mark.skipif(not _hopper(), reason="wgmma needs a Hopper GPU")
@@ -71,10 +71,12 @@ def _unswizzled_kernel(a_src, b_src, out, accumulate):
         acc[i] = out[tid, i]
     desc_a = matrix_descriptor(intrinsics.shared_address(a, 0), 128, 256, SWIZZLE_NONE)
     desc_b = matrix_descriptor(intrinsics.shared_address(b, 0), 128, 256, SWIZZLE_NONE)
+    hold_accumulators(acc, 0)
     wgmma_fence()
-    wgmma_m64n64k16(acc, desc_a, desc_b, accumulate)
+    wgmma_m64n64k16(acc, 0, desc_a, desc_b, accumulate)
     wgmma_commit()
-    wgmma_wait(acc, 0)
+    wgmma_wait(0)
+    hold_accumulators(acc, 0)
     for i in range(ACCUMULATORS):
         out[tid, i] = acc[i]
 
@@ -97,9 +99,10 @@ def _swizzled_kernel(a_src, b_src, out):
     for step in range(4):
         desc_a = matrix_descriptor(base_a + 32 * step, 16, 1024, SWIZZLE_128B)
         desc_b = matrix_descriptor(base_b + 32 * step, 16, 1024, SWIZZLE_128B)
-        wgmma_m64n64k16(acc, desc_a, desc_b, step)
+        wgmma_m64n64k16(acc, 0, desc_a, desc_b, step)
     wgmma_commit()
-    wgmma_wait(acc, 0)
+    wgmma_wait(0)
+    hold_accumulators(acc, 0)
     for i in range(ACCUMULATORS):
         out[tid, i] = acc[i]
 
