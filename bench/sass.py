@@ -74,7 +74,9 @@ def kernels() -> list[tuple[str, Callable, str, dict[str, Any]]]:
     rows.append(("decode attention (split, mma)", partition, attention_mma.kernel_signatures()[1], {"fastmath": True}))
     for config in (gemm_tc.tc_config(512), gemm_tc.tc_config(2048), gemm_tc.TcConfig(), gemm_tc.TcConfig(stages=6),
                    gemm_tc.TcConfig(128, 256, 2, 4, stages=4),
-                   gemm_tc.TcConfig(block_m=128, block_n=128, warps_m=8, warps_n=1, block_k=64, wgmma=True)):
+                   gemm_tc.TcConfig(block_m=128, block_n=128, warps_m=8, warps_n=1, block_k=64, wgmma=True),
+                   gemm_tc.TcConfig(block_m=128, block_n=128, warps_m=8, warps_n=1, block_k=64, wgmma=True, stages=4,
+                                    in_flight=1)):
         rows.append((f"prefill GEMM {config.label}", gemm_tc.tc_kernel(config), f16, {}))
     for stages, block_q in ((1, 64), (2, 64), (2, 128)):
         rows.append((f"prefill attention d=128, {stages} K/V stage(s), {block_q} queries",

@@ -37,8 +37,10 @@
   ``c ^ (r & 7)`` chunk order is wgmma's 128-byte swizzle once the ring starts on a 1024-byte
   boundary. Each warpgroup (4 warps, 16 rows each) multiplies its 64 rows by every column of the
   block, 64 at a time, straight from shared memory through matrix descriptors; no ldmatrix. It
-  waits for its products at the end of each K tile, so the refill after the next barrier is safe,
-  and the accumulators keep the mma fragment layout, so the epilogue is the same.
+  waits for its products at the end of each K tile, so the refill after the next barrier is safe;
+  with ``in_flight = 1`` it leaves them running over the next barrier and the refills skip their
+  stage (one tile less of lookahead). The accumulators keep the mma fragment layout, so the
+  epilogue is the same.
 
 Preconditions (the launcher in :mod:`.gemm` checks them): float16, K % 8 == 0, x and weight
 16-byte aligned.
@@ -90,6 +92,10 @@ class TcConfig:
     fused: bool = False
     block_k: int = 32  # K columns per stage: 64-byte rows, or 128-byte rows at 64
     wgmma: bool = False  # Hopper's warpgroup MMA from the shared tiles instead of ldmatrix + mma.sync
+    # wgmma groups left running past a K tile (wgmma only): 1 overlaps the next tile's barrier and
+    # copies with this tile's products, and costs a stage of lookahead (the refill skips the tile
+    # still being read)
+    in_flight: int = 0
 
     @property
     def row_bytes(self) -> int:
@@ -112,7 +118,7 @@ class TcConfig:
     @property
     def label(self) -> str:
         """``block_m x block_n x block_k / warps, stages``, e.g. ``128x128x64/8w s3`` (bench rows)."""
-        wgmma = " wgmma" if self.wgmma else ""
+        wgmma = (" wgmma" + ("+1" if self.in_flight else "")) if self.wgmma else ""
         return f"{self.block_m}x{self.block_n}x{self.block_k}/{self.threads // WARP}w s{self.stages}{wgmma}"
 
     @property
@@ -129,7 +135,8 @@ class TcConfig:
             and self.block_k in (32, 64)
             and (self.block_m * self.chunks_k) % self.threads == 0
             and (self.block_n * self.chunks_k) % self.threads == 0
-            and self.stages >= 2
+            and self.stages >= 2 + self.in_flight
+            and self.in_flight in ((0, 1) if self.wgmma else (0,))
             and self.shared_bytes <= MAX_SHARED_BYTES
             and self.warps_m * self.warps_n * 16 * (wn + PARK_PAD) * 4 <= self.shared_bytes
             and (not self.fused or (wn // 2) % 8 == 0)
@@ -179,7 +186,9 @@ def tc_kernel(config: TcConfig) -> Callable:
     PARK_STRIDE = WN + PARK_PAD  # float32 per parked accumulator row
     PARK_WORDS = 16 * PARK_STRIDE  # one warp's slice: a 16-row tile row
     OUT_W = HALF if FUSED else WN  # output columns per warp
-    PENDING = STAGES - 2  # groups allowed in flight when a tile must have landed
+    IN_FLIGHT = config.in_flight
+    LOOKAHEAD = STAGES - 1 - IN_FLIGHT  # K tiles being copied ahead of the one computed on
+    PENDING = LOOKAHEAD - 1  # copy groups allowed in flight when a tile must have landed
     ACC = MT * NT * 4
     A_FRAGS, B_FRAGS = MT * 4, NT * 2  # fragment words per k-step
     WGMMA = config.wgmma
@@ -211,7 +220,8 @@ def tc_kernel(config: TcConfig) -> Callable:
     @inline_device
     def k_tile_wgmma(a_stage, b_stage, acc):
         """The warpgroup's 64 rows of the K tile on wgmma: 16 columns at a time (32 bytes into the
-        swizzled rows), each 64 B rows one m64n64k16; waits for them, so the stages may be refilled."""
+        swizzled rows), each 64 B rows one m64n64k16; then waits until at most ``IN_FLIGHT`` K tiles'
+        products are running, whose stages the next refills skip."""
         for h in range(BN // 64):
             hold_accumulators(acc, 32 * h)
         wgmma_fence()
@@ -221,7 +231,10 @@ def tc_kernel(config: TcConfig) -> Callable:
                 desc_b = matrix_descriptor(b_stage + h * GROUP_ROWS + 32 * kk, 16, 8 * ROW_BYTES, SWIZZLE_128B)
                 wgmma_m64n64k16(acc, 32 * h, desc_a, desc_b, 1)
         wgmma_commit()
-        wgmma_wait(0)
+        if IN_FLIGHT:
+            wgmma_wait(1)
+        else:
+            wgmma_wait(0)
         for h in range(BN // 64):
             hold_accumulators(acc, 32 * h)
 
@@ -334,9 +347,9 @@ def tc_kernel(config: TcConfig) -> Callable:
         for i in range(ACC):
             acc[i] = 0
 
-        # Prologue: tiles 0 .. STAGES - 2 in flight, one commit group each (empty past K).
+        # Prologue: tiles 0 .. LOOKAHEAD - 1 in flight, one commit group each (empty past K).
         k = c * CHUNK  # this thread's column in the next tile to copy
-        for s in range(STAGES - 1):
+        for s in range(LOOKAHEAD):
             if s < k_tiles:
                 copy_tile(x, weight, base + s * A_STAGE, base + B_OFFSET + s * B_STAGE, k, K,
                           a_src, a_bytes, a_dst, b_src, b_bytes, b_dst)
@@ -346,13 +359,13 @@ def tc_kernel(config: TcConfig) -> Callable:
         af = cuda.local.array(A_FRAGS, uint32)
         bf = cuda.local.array(B_FRAGS, uint32)
         read = int32(0)  # the stage computed on
-        write = int32(STAGES - 1)  # the stage refilled
+        write = int32(LOOKAHEAD)  # the stage refilled
         for kt in range(k_tiles):
             cp_async_wait_group(PENDING)
             if WGMMA:
                 fence_proxy_async()  # the landed copies visible to wgmma's reads
-            cuda.syncthreads()  # tile kt landed for all; all are done with tile kt - 1 (stage `write`)
-            if kt + STAGES - 1 < k_tiles:
+            cuda.syncthreads()  # tile kt landed for all; all are done with stage `write` (tile kt - 1 - IN_FLIGHT)
+            if kt + LOOKAHEAD < k_tiles:
                 copy_tile(x, weight, base + write * A_STAGE, base + B_OFFSET + write * B_STAGE, k, K,
                           a_src, a_bytes, a_dst, b_src, b_bytes, b_dst)
             cp_async_commit()
@@ -379,6 +392,10 @@ def tc_kernel(config: TcConfig) -> Callable:
         # accumulators of tile row mi in its own slice of shared memory (fragment layout: lane
         # (g, t) holds rows g, g + 8 and columns 2t, 2t + 1 of each mma tile), then reads them back
         # a row at a time, lanes along n, so that stores are coalesced and accumulators die early.
+        if IN_FLIGHT:
+            wgmma_wait(0)
+            for h in range(BN // 64):
+                hold_accumulators(acc, 32 * h)
         cp_async_wait_group(0)
         cuda.syncthreads()  # every warp is done reading the pipeline's tiles
         park = warp * PARK_WORDS

@@ -32,10 +32,12 @@ CONFIGS = [
 ]
 BIG_TILES = CONFIGS[4:6]
 DEEP = CONFIGS[6:]
-# wgmma from the swizzled tiles (Hopper only): two warpgroups over 128 x 128, and one over 64 x 64
+# wgmma from the swizzled tiles (Hopper only): two warpgroups over 128 x 128, one over 64 x 64, and
+# a K tile's products left running over the next tile's barrier (4 stages)
 WGMMA = [
     gemm_tc.TcConfig(block_m=128, block_n=128, warps_m=8, warps_n=1, block_k=64, wgmma=True),
     gemm_tc.TcConfig(block_m=64, block_n=64, warps_m=4, warps_n=1, block_k=64, wgmma=True),
+    gemm_tc.TcConfig(block_m=128, block_n=128, warps_m=8, warps_n=1, block_k=64, wgmma=True, stages=4, in_flight=1),
 ]
 CONFIGS += WGMMA
 # (M, N, K): ragged against 64 / 128-row tiles, 128 / 64-column tiles and 32-deep K tiles;
@@ -213,6 +215,15 @@ def test_wgmma_geometries_other_than_a_warp_per_16_rows_are_refused(geometry):
     with pytest.raises(ValueError, match="unsupported tensor-core GEMM geometry"):
         config.check()
     gemm_tc.TcConfig(**{**config.__dict__, "wgmma": False}).check()  # fine on mma.sync
+
+
+def test_wgmma_in_flight_needs_wgmma_and_a_stage_more():
+    wgmma = dict(block_m=128, block_n=128, warps_m=8, warps_n=1, block_k=64, wgmma=True)
+    gemm_tc.TcConfig(**wgmma, stages=3, in_flight=1).check()
+    for config in (gemm_tc.TcConfig(**wgmma, stages=2, in_flight=1), gemm_tc.TcConfig(**wgmma, in_flight=2),
+                   gemm_tc.TcConfig(block_k=64, in_flight=1)):
+        with pytest.raises(ValueError, match="unsupported tensor-core GEMM geometry"):
+            config.check()
 
 
 def test_warp_tiles_past_64_rows_are_refused():
