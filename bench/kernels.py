@@ -363,14 +363,15 @@ def bench_prefill(copy_bw: float) -> list[Row]:
     # dynamic shared memory, a 64 x 64 warp tile (half the shared-memory reads per mma of the 64 x 32
     # ones) and 64 x 64 blocks; 64-column K tiles with a fourth stage (128 KB: one block an SM); on a
     # Hopper, two warpgroups on wgmma over 128 x 128 tiles, waiting for each K tile's products or
-    # (4 stages) leaving them running over the next tile's barrier
+    # (4 stages) leaving them running over the next tile's barrier, and over 128 x 256 (m64n256k16)
     deep = (gemm_tc.TcConfig(), gemm_tc.TcConfig(block_m=64, warps_m=1, warps_n=4, stages=4),
             gemm_tc.TcConfig(stages=6), gemm_tc.TcConfig(block_m=128, block_n=256, warps_m=2, warps_n=4, stages=4),
             gemm_tc.TcConfig(block_m=64, block_n=64, warps_m=2, warps_n=2, stages=6),
             gemm_tc.TcConfig(block_k=64, stages=4))
     if cupy.cuda.Device().compute_capability == "90":  # wgmma from the swizzled tiles: sm_90 only
         wgmma = dict(block_m=128, block_n=128, warps_m=8, warps_n=1, block_k=64, wgmma=True)
-        deep += (gemm_tc.TcConfig(**wgmma), gemm_tc.TcConfig(**wgmma, stages=4, in_flight=1))
+        deep += (gemm_tc.TcConfig(**wgmma), gemm_tc.TcConfig(**wgmma, stages=4, in_flight=1),
+                 gemm_tc.TcConfig(**{**wgmma, "block_n": 256}))
     rows = []
     for name in ("qkv", "o", "gate_up", "down"):
         n, k = GEMM_SHAPES[name]

@@ -76,7 +76,8 @@ def kernels() -> list[tuple[str, Callable, str, dict[str, Any]]]:
                    gemm_tc.TcConfig(128, 256, 2, 4, stages=4),
                    gemm_tc.TcConfig(block_m=128, block_n=128, warps_m=8, warps_n=1, block_k=64, wgmma=True),
                    gemm_tc.TcConfig(block_m=128, block_n=128, warps_m=8, warps_n=1, block_k=64, wgmma=True, stages=4,
-                                    in_flight=1)):
+                                    in_flight=1),
+                   gemm_tc.TcConfig(block_m=128, block_n=256, warps_m=8, warps_n=1, block_k=64, wgmma=True)):
         rows.append((f"prefill GEMM {config.label}", gemm_tc.tc_kernel(config), f16, {}))
     for stages, block_q in ((1, 64), (2, 64), (2, 128)):
         rows.append((f"prefill attention d=128, {stages} K/V stage(s), {block_q} queries",

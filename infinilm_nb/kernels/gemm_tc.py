@@ -36,7 +36,8 @@
 * ``wgmma`` (a variant, sm_90 only, :mod:`.wgmma`): the same ring of 64-column tiles, whose
   ``c ^ (r & 7)`` chunk order is wgmma's 128-byte swizzle once the ring starts on a 1024-byte
   boundary. Each warpgroup (4 warps, 16 rows each) multiplies its 64 rows by every column of the
-  block, 64 at a time, straight from shared memory through matrix descriptors; no ldmatrix. It
+  block (64, 128 or 256) in one m64nNk16 per 16 columns of K, straight from shared memory through
+  matrix descriptors; no ldmatrix. It
   waits for its products at the end of each K tile, so the refill after the next barrier is safe;
   with ``in_flight = 1`` it leaves them running over the next barrier and the refills skip their
   stage (one tile less of lookahead). The accumulators keep the mma fragment layout, so the
@@ -62,8 +63,8 @@ from .intrinsics import (
 from .mma import mma_accumulate
 from .vector import inline_device
 from .wgmma import (
-    SWIZZLE_128B, fence_proxy_async, hold_accumulators, matrix_descriptor, wgmma_commit, wgmma_fence,
-    wgmma_m64n64k16, wgmma_wait,
+    SWIZZLE_128B, WIDTHS, fence_proxy_async, hold_accumulators, matrix_descriptor, wgmma_commit, wgmma_fence,
+    wgmma_m64n64k16, wgmma_m64n128k16, wgmma_m64n256k16, wgmma_wait,
 )
 
 # The switch: off (common.TENSOR_CORES, INFINILM_NB_TENSOR_CORES=0) sends every float16 prefill linear
@@ -141,10 +142,10 @@ class TcConfig:
             and self.warps_m * self.warps_n * 16 * (wn + PARK_PAD) * 4 <= self.shared_bytes
             and (not self.fused or (wn // 2) % 8 == 0)
             and wm <= 64  # the epilogue's tile rows are written out, four at most
-            # wgmma: each warpgroup takes 64 rows (a warp 16 of them) and every column of the block,
-            # 64 at a time (32 accumulators each), from 128-byte swizzled rows
+            # wgmma: each warpgroup takes 64 rows (a warp 16 of them) and every column of the block in
+            # one instruction (block_n / 2 accumulators a thread), from 128-byte swizzled rows
             and (not self.wgmma or (wm == 16 and self.warps_m % 4 == 0 and self.warps_n == 1
-                                    and self.block_n % 64 == 0 and self.block_n <= 128 and self.block_k == 64))
+                                    and self.block_n in WIDTHS and self.block_k == 64))
         )
         if not ok:
             raise ValueError(f"unsupported tensor-core GEMM geometry {self}")
@@ -192,7 +193,9 @@ def tc_kernel(config: TcConfig) -> Callable:
     ACC = MT * NT * 4
     A_FRAGS, B_FRAGS = MT * 4, NT * 2  # fragment words per k-step
     WGMMA = config.wgmma
-    GROUP_ROWS = 64 * ROW_BYTES  # wgmma: a warpgroup's A rows (or 64 B rows), in bytes
+    GROUP_ROWS = 64 * ROW_BYTES  # wgmma: a warpgroup's A rows, in bytes
+    # (the mma.sync configs never call it, but numba types the branch: any intrinsic will do there)
+    wgmma_block = {128: wgmma_m64n128k16, 256: wgmma_m64n256k16}.get(BN, wgmma_m64n64k16)
 
     @inline_device
     def swizzle(r):
@@ -220,16 +223,15 @@ def tc_kernel(config: TcConfig) -> Callable:
     @inline_device
     def k_tile_wgmma(a_stage, b_stage, acc):
         """The warpgroup's 64 rows of the K tile on wgmma: 16 columns at a time (32 bytes into the
-        swizzled rows), each 64 B rows one m64n64k16; then waits until at most ``IN_FLIGHT`` K tiles'
-        products are running, whose stages the next refills skip."""
+        swizzled rows), each one m64n<BN>k16 over every B row; then waits until at most
+        ``IN_FLIGHT`` K tiles' products are running, whose stages the next refills skip."""
         for h in range(BN // 64):
             hold_accumulators(acc, 32 * h)
         wgmma_fence()
         for kk in range(K_STEPS):
             desc_a = matrix_descriptor(a_stage + 32 * kk, 16, 8 * ROW_BYTES, SWIZZLE_128B)
-            for h in range(BN // 64):
-                desc_b = matrix_descriptor(b_stage + h * GROUP_ROWS + 32 * kk, 16, 8 * ROW_BYTES, SWIZZLE_128B)
-                wgmma_m64n64k16(acc, 32 * h, desc_a, desc_b, 1)
+            desc_b = matrix_descriptor(b_stage + 32 * kk, 16, 8 * ROW_BYTES, SWIZZLE_128B)
+            wgmma_block(acc, 0, desc_a, desc_b, 1)
         wgmma_commit()
         if IN_FLIGHT:
             wgmma_wait(1)

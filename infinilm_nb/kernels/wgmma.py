@@ -12,6 +12,7 @@ building blocks::
     hold_accumulators(acc, 0)      # no access to acc[0:32] moves across this point
     wgmma_fence()                  # before the first wgmma, and after touching the accumulators
     wgmma_m64n64k16(acc, 0, desc_a, desc_b, accumulate)   # acc[0:32] (+)= A[64 x 16] @ B[64 x 16]^T
+                                   # (m64n128k16, m64n256k16: B of 128 / 256 rows, acc[0:64] / [0:128])
     wgmma_commit()                 # the wgmma issued since the last commit form one group
     wgmma_wait(0)                  # at most 0 groups pending
     hold_accumulators(acc, 0)      # then acc[0:32] may be read
@@ -25,7 +26,7 @@ float16 (128 bytes) each, 16-byte chunk ``c`` of row ``r`` stored at chunk ``c ^
 ``32 k`` bytes in.
 
 The accumulators: lane ``l`` of warp ``w`` holds ``acc[first + 4 j + i]`` = D[16 w + l // 4 + 8 (i // 2),
-8 j + 2 (l % 4) + i % 2] for the 8 column blocks ``j`` (an mma.m16n8 fragment per block). The
+8 j + 2 (l % 4) + i % 2] for the N / 8 column blocks ``j`` (an mma.m16n8 fragment per block). The
 compiler sees a wgmma's results as ready when it is issued; ``hold_accumulators`` after the wait
 (and before the fence) keeps it from moving reads (and writes) of them across.
 
@@ -46,7 +47,8 @@ SWIZZLE_NONE = 0
 SWIZZLE_128B = 1
 SWIZZLE_64B = 2
 SWIZZLE_32B = 3
-ACCUMULATORS = 32  # float32 registers a thread holds of an m64n64 tile
+ACCUMULATORS = 32  # float32 registers a thread holds of an m64n64 tile (hold_accumulators' unit)
+WIDTHS = (64, 128, 256)  # the N of the wgmma shapes built here
 _FIELD = np.uint64(0x3FFFF)  # the 18 address bits a descriptor field encodes, in 16-byte units
 _FOUR = np.uint64(4)
 _LEADING = np.uint64(16)
@@ -70,7 +72,8 @@ if SIMULATOR:
     def _gpu_only(*args: Any) -> Any:
         raise NotImplementedError("wgmma runs only on a Hopper GPU")
 
-    fence_proxy_async = wgmma_fence = wgmma_commit = wgmma_wait = wgmma_m64n64k16 = hold_accumulators = _gpu_only
+    fence_proxy_async = wgmma_fence = wgmma_commit = wgmma_wait = hold_accumulators = _gpu_only
+    wgmma_m64n64k16 = wgmma_m64n128k16 = wgmma_m64n256k16 = _gpu_only
 
 else:
     from llvmlite import ir
@@ -78,8 +81,6 @@ else:
     from numba.cuda.extending import intrinsic
 
     _VOID, _I32, _I64, _F32 = ir.VoidType(), ir.IntType(32), ir.IntType(64), ir.FloatType()
-    _TIED = ",".join(str(i) for i in range(ACCUMULATORS))
-    _REGISTERS = ", ".join(f"${i}" for i in range(ACCUMULATORS))
 
     def _statement(text: str) -> Any:
         """An intrinsic ``() -> None`` emitting one volatile PTX statement that clobbers memory."""
@@ -103,45 +104,59 @@ else:
         return isinstance(array, types.Array) and array.dtype == types.float32 and array.layout == "C"
 
     def _through_registers(context: Any, builder: Any, array_type: Any, array: Any, first: Any, first_type: Any,
-                           text: str, inputs: list, input_constraints: str) -> None:
-        """Run ``text`` with ``array[first : first + 32]`` as its tied in/out operands ``$0..$31``
-        (inputs after), and store what it leaves back into the array."""
+                           count: int, text: str, inputs: list, input_constraints: str) -> None:
+        """Run ``text`` with ``array[first : first + count]`` as its tied in/out operands
+        ``$0..$(count - 1)`` (inputs after), and store what it leaves back into the array."""
         data = context.make_array(array_type)(context, builder, value=array).data
         start = context.cast(builder, first, first_type, types.intp)
-        pointers = [builder.gep(data, [builder.add(start, ir.Constant(_I64, i))]) for i in range(ACCUMULATORS)]
+        pointers = [builder.gep(data, [builder.add(start, ir.Constant(_I64, i))]) for i in range(count)]
         values = [builder.load(p) for p in pointers]
-        constraints = ",".join(["=f"] * ACCUMULATORS) + ("," + input_constraints if input_constraints else "")
-        constraints += "," + _TIED + ",~{memory}"
-        function = ir.FunctionType(ir.LiteralStructType([_F32] * ACCUMULATORS),
-                                   [value.type for value in inputs] + [_F32] * ACCUMULATORS)
+        constraints = ",".join(["=f"] * count) + ("," + input_constraints if input_constraints else "")
+        constraints += "," + ",".join(str(i) for i in range(count)) + ",~{memory}"
+        function = ir.FunctionType(ir.LiteralStructType([_F32] * count),
+                                   [value.type for value in inputs] + [_F32] * count)
         result = builder.call(ir.InlineAsm(function, text, constraints, side_effect=True), inputs + values)
         for i, pointer in enumerate(pointers):
             builder.store(builder.extract_value(result, i), pointer)
 
-    @intrinsic
-    def wgmma_m64n64k16(typingctx, acc, first, desc_a, desc_b, accumulate):
-        """Type ``wgmma_m64n64k16(float32 local array, integer, uint64, uint64, integer)``:
-        ``acc[first : first + 32] = A @ B^T (+ those values when accumulate != 0)`` for the warpgroup,
-        A ``[64 x 16]`` and B ``[64 x 16]`` float16 in shared memory (descriptors), float32
-        accumulation; asynchronous until :func:`wgmma_wait`. Every thread of the 4 warps must call it."""
-        if not (_accumulators(acc) and isinstance(first, types.Integer) and isinstance(desc_a, types.Integer)
-                and isinstance(desc_b, types.Integer) and isinstance(accumulate, types.Integer)):
-            return None
-        n = ACCUMULATORS
+    def _wgmma(width: int) -> Any:
+        """The intrinsic ``wgmma_m64n<width>k16`` (see :func:`wgmma_m64n64k16`)."""
+        count = width // 2  # accumulators a thread holds
+        registers = ", ".join(f"${i}" for i in range(count))
         text = (
-            f"{{ .reg .pred p; setp.ne.b32 p, ${n + 2}, 0; "
-            f"wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {{{_REGISTERS}}}, ${n}, ${n + 1}, p, 1, 1, 0, 0; }}"
+            f"{{ .reg .pred p; setp.ne.b32 p, ${count + 2}, 0; wgmma.mma_async.sync.aligned.m64n{width}k16.f32.f16.f16 "
+            f"{{{registers}}}, ${count}, ${count + 1}, p, 1, 1, 0, 0; }}"
         )
 
-        def codegen(context, builder, sig, args):
-            acc_type, first_type, a_type, b_type, flag_type = sig.args
-            inputs = [context.cast(builder, args[2], a_type, types.uint64),
-                      context.cast(builder, args[3], b_type, types.uint64),
-                      context.cast(builder, args[4], flag_type, types.int32)]
-            _through_registers(context, builder, acc_type, args[0], args[1], first_type, text, inputs, "l,l,r")
-            return context.get_dummy_value()
+        def wgmma(typingctx, acc, first, desc_a, desc_b, accumulate):
+            if not (_accumulators(acc) and isinstance(first, types.Integer) and isinstance(desc_a, types.Integer)
+                    and isinstance(desc_b, types.Integer) and isinstance(accumulate, types.Integer)):
+                return None
 
-        return types.void(acc, first, desc_a, desc_b, accumulate), codegen
+            def codegen(context, builder, sig, args):
+                acc_type, first_type, a_type, b_type, flag_type = sig.args
+                inputs = [context.cast(builder, args[2], a_type, types.uint64),
+                          context.cast(builder, args[3], b_type, types.uint64),
+                          context.cast(builder, args[4], flag_type, types.int32)]
+                _through_registers(context, builder, acc_type, args[0], args[1], first_type, count, text, inputs,
+                                   "l,l,r")
+                return context.get_dummy_value()
+
+            return types.void(acc, first, desc_a, desc_b, accumulate), codegen
+
+        wgmma.__name__ = wgmma.__qualname__ = f"wgmma_m64n{width}k16"
+        wgmma.__doc__ = (
+            f"Type ``wgmma_m64n{width}k16(float32 local array, integer, uint64, uint64, integer)``: "
+            f"``acc[first : first + {count}] = A @ B^T (+ those values when accumulate != 0)`` for the "
+            f"warpgroup, A ``[64 x 16]`` and B ``[{width} x 16]`` float16 in shared memory (descriptors), "
+            "float32 accumulation; asynchronous until :func:`wgmma_wait`. Every thread of the 4 warps "
+            "must call it."
+        )
+        return intrinsic(wgmma)
+
+    wgmma_m64n64k16 = _wgmma(64)
+    wgmma_m64n128k16 = _wgmma(128)
+    wgmma_m64n256k16 = _wgmma(256)
 
     @intrinsic
     def hold_accumulators(typingctx, acc, first):
@@ -152,7 +167,8 @@ else:
             return None
 
         def codegen(context, builder, sig, args):
-            _through_registers(context, builder, sig.args[0], args[0], args[1], sig.args[1], "", [], "")
+            _through_registers(context, builder, sig.args[0], args[0], args[1], sig.args[1], ACCUMULATORS, "", [],
+                               "")
             return context.get_dummy_value()
 
         return types.void(acc, first), codegen

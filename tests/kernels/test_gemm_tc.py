@@ -32,12 +32,13 @@ CONFIGS = [
 ]
 BIG_TILES = CONFIGS[4:6]
 DEEP = CONFIGS[6:]
-# wgmma from the swizzled tiles (Hopper only): two warpgroups over 128 x 128, one over 64 x 64, and
-# a K tile's products left running over the next tile's barrier (4 stages)
+# wgmma from the swizzled tiles (Hopper only): two warpgroups over 128 x 128, one over 64 x 64, a K
+# tile's products left running over the next tile's barrier (4 stages), and two over 128 x 256
 WGMMA = [
     gemm_tc.TcConfig(block_m=128, block_n=128, warps_m=8, warps_n=1, block_k=64, wgmma=True),
     gemm_tc.TcConfig(block_m=64, block_n=64, warps_m=4, warps_n=1, block_k=64, wgmma=True),
     gemm_tc.TcConfig(block_m=128, block_n=128, warps_m=8, warps_n=1, block_k=64, wgmma=True, stages=4, in_flight=1),
+    gemm_tc.TcConfig(block_m=128, block_n=256, warps_m=8, warps_n=1, block_k=64, wgmma=True),  # m64n256k16
 ]
 CONFIGS += WGMMA
 # (M, N, K): ragged against 64 / 128-row tiles, 128 / 64-column tiles and 32-deep K tiles;
@@ -207,7 +208,7 @@ def test_rings_past_the_opt_in_shared_memory_are_refused():
 @pytest.mark.parametrize("geometry", [
     dict(block_m=128, block_n=128, warps_m=4, warps_n=2),  # warps side by side along n
     dict(block_m=64, block_n=128, warps_m=2, warps_n=1),  # a warp over 32 rows
-    dict(block_m=128, block_n=256, warps_m=8, warps_n=1),  # 128 accumulators a thread
+    dict(block_m=128, block_n=192, warps_m=8, warps_n=1),  # no m64n192 here
     dict(block_m=128, block_n=128, warps_m=8, warps_n=1, block_k=32, stages=6),  # 64-byte rows: no 128-byte swizzle
 ])
 def test_wgmma_geometries_other_than_a_warp_per_16_rows_are_refused(geometry):

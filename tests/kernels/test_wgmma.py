@@ -10,7 +10,7 @@ from infinilm_nb.kernels import intrinsics
 from infinilm_nb.kernels.common import launch_stream
 from infinilm_nb.kernels.wgmma import (
     ACCUMULATORS, SWIZZLE_128B, SWIZZLE_NONE, fence_proxy_async, hold_accumulators, matrix_descriptor, wgmma_commit,
-    wgmma_fence, wgmma_m64n64k16, wgmma_wait,
+    wgmma_fence, wgmma_m64n64k16, wgmma_m64n128k16, wgmma_m64n256k16, wgmma_wait,
 )
 from tests.conftest import ON_GPU
 
@@ -81,38 +81,48 @@ def _unswizzled_kernel(a_src, b_src, out, accumulate):
         out[tid, i] = acc[i]
 
 
-def _swizzled_kernel(a_src, b_src, out):
-    """out = the accumulators of A[64 x 64] @ B[64 x 64]^T, four k16 steps on swizzled tiles."""
-    tid = cuda.threadIdx.x
-    a = cuda.shared.array(4096, uint16, alignment=1024)
-    b = cuda.shared.array(4096, uint16, alignment=1024)
-    for i in range(tid, TILE * 64, THREADS):
-        at = _swizzled_index(i // 64, i % 64)
-        a[at] = a_src[i]
-        b[at] = b_src[i]
-    fence_proxy_async()
-    cuda.syncthreads()
-    acc = cuda.local.array(ACCUMULATORS, float32)
-    base_a = intrinsics.shared_address(a, 0)
-    base_b = intrinsics.shared_address(b, 0)
-    wgmma_fence()
-    for step in range(4):
-        desc_a = matrix_descriptor(base_a + 32 * step, 16, 1024, SWIZZLE_128B)
-        desc_b = matrix_descriptor(base_b + 32 * step, 16, 1024, SWIZZLE_128B)
-        wgmma_m64n64k16(acc, 0, desc_a, desc_b, step)
-    wgmma_commit()
-    wgmma_wait(0)
-    hold_accumulators(acc, 0)
-    for i in range(ACCUMULATORS):
-        out[tid, i] = acc[i]
+def _swizzled_kernel(width):
+    """out = the accumulators of A[64 x 64] @ B[width x 64]^T: four k16 steps of m64n<width>k16 on
+    swizzled tiles."""
+    count = width // 2
+    a_elements, b_elements = TILE * 64, width * 64  # shared array sizes must be plain constants
+    multiply = {64: wgmma_m64n64k16, 128: wgmma_m64n128k16, 256: wgmma_m64n256k16}[width]
+
+    def kernel(a_src, b_src, out):
+        tid = cuda.threadIdx.x
+        a = cuda.shared.array(a_elements, uint16, alignment=1024)
+        b = cuda.shared.array(b_elements, uint16, alignment=1024)
+        for i in range(tid, b_elements, THREADS):
+            at = _swizzled_index(i // 64, i % 64)
+            if i < a_elements:
+                a[at] = a_src[i]
+            b[at] = b_src[i]
+        fence_proxy_async()
+        cuda.syncthreads()
+        acc = cuda.local.array(count, float32)
+        base_a = intrinsics.shared_address(a, 0)
+        base_b = intrinsics.shared_address(b, 0)
+        wgmma_fence()
+        for step in range(4):
+            desc_a = matrix_descriptor(base_a + 32 * step, 16, 1024, SWIZZLE_128B)
+            desc_b = matrix_descriptor(base_b + 32 * step, 16, 1024, SWIZZLE_128B)
+            multiply(acc, 0, desc_a, desc_b, step)
+        wgmma_commit()
+        wgmma_wait(0)
+        for h in range(count // ACCUMULATORS):
+            hold_accumulators(acc, ACCUMULATORS * h)
+        for i in range(count):
+            out[tid, i] = acc[i]
+
+    return kernel
 
 
 def _fragments(d: np.ndarray) -> np.ndarray:
-    """``[128, 32]``: what thread t holds in acc[i] of the 64 x 64 result ``d`` (module doc of .wgmma)."""
-    out = np.zeros((THREADS, ACCUMULATORS), np.float32)
+    """``[128, N / 2]``: what thread t holds in acc[i] of the 64 x N result ``d`` (module doc of .wgmma)."""
+    out = np.zeros((THREADS, d.shape[1] // 2), np.float32)
     for tid in range(THREADS):
         warp, lane = tid // 32, tid % 32
-        for i in range(ACCUMULATORS):
+        for i in range(d.shape[1] // 2):
             j, e = i // 4, i % 4
             out[tid, i] = d[16 * warp + lane // 4 + 8 * (e // 2), 8 * j + 2 * (lane % 4) + e % 2]
     return out
@@ -135,11 +145,12 @@ def test_wgmma_m64n64k16_unswizzled_sets_then_accumulates(kb, rng):
 
 @gpu_only
 @pytest.mark.gpu
-def test_wgmma_m64n64k16_on_128_byte_swizzled_tiles(kb, rng):
+@pytest.mark.parametrize("width", [64, 128, 256])
+def test_wgmma_of_each_width_on_128_byte_swizzled_tiles(kb, rng, width):
     a = rng.standard_normal((TILE, 64)).astype(np.float16)
-    b = rng.standard_normal((TILE, 64)).astype(np.float16)
-    kernel = cuda.jit("void(uint16[::1], uint16[::1], float32[:, ::1])")(_swizzled_kernel)
-    out = kb.asarray(np.full((THREADS, ACCUMULATORS), np.nan, np.float32))
+    b = rng.standard_normal((width, 64)).astype(np.float16)
+    kernel = cuda.jit("void(uint16[::1], uint16[::1], float32[:, ::1])")(_swizzled_kernel(width))
+    out = kb.asarray(np.full((THREADS, width // 2), np.nan, np.float32))
     kernel[1, THREADS, launch_stream()](*(kb.asarray(m.view(np.uint16).reshape(-1)) for m in (a, b)), out)
     np.testing.assert_allclose(kb.to_host(out), _fragments(a.astype(np.float32) @ b.astype(np.float32).T),
                                rtol=1e-3, atol=5e-3)
