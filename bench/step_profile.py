@@ -3,7 +3,7 @@
 kernel, with the idle time between kernels.
 
 Usage: ``python3 bench/step_profile.py [--model-dir DIR] [--layers 32] [--batch 1] [--out DIR]``.
-It prints, per kernel, the launches per step and the microseconds per step, then the step's busy
+It prints, per kernel and grid, the launches per step and the microseconds per step, then the step's busy
 time (the union of the kernels' intervals), its idle time (the gaps), its span and the step's time
 replayed without the profiler (median of 5 runs of 50 replays); with
 programmatic dependent launch on, a kernel waiting for the one before it is counted busy from its
@@ -16,6 +16,7 @@ import argparse
 import json
 import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +37,26 @@ def kernel_name(name: str) -> str:
     return f"{match.group(1).replace('::_3clocals_3e::', '.').replace('::', '.')} {match.group(2)}"
 
 
+def trace_kernels(trace: dict[str, Any]) -> list[tuple[str, float, float]]:
+    """``(name, start_us, end_us)`` of the GPU kernels of a Chrome trace (what torch.profiler
+    exports), sorted by start; the name is :func:`kernel_name` and the launch's grid when the trace
+    has it, so that one kernel launched at several shapes (the decode GEMM's qkv, o and down) shows
+    as several rows."""
+    kernels = []
+    for event in trace.get("traceEvents", []):
+        if event.get("cat") != "kernel":
+            continue
+        name = kernel_name(event["name"])
+        grid = event.get("args", {}).get("grid")
+        if grid:
+            name += " grid " + "x".join(str(g) for g in grid)
+        kernels.append((name, float(event["ts"]), float(event["ts"]) + float(event["dur"])))
+    return sorted(kernels, key=lambda kernel: kernel[1])
+
+
 def step_kernels(replay: Any, steps: int) -> list[tuple[str, float, float]]:
-    """``(name, start_us, end_us)`` of every GPU kernel that ``steps`` calls of ``replay()`` ran."""
+    """The GPU kernels (:func:`trace_kernels`) that ``steps`` calls of ``replay()`` ran."""
     import torch
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     replay()
@@ -48,9 +65,10 @@ def step_kernels(replay: Any, steps: int) -> list[tuple[str, float, float]]:
         for _ in range(steps):
             replay()
         torch.cuda.synchronize()
-    kernels = [(kernel_name(event.name), event.time_range.start, event.time_range.end)
-               for event in trace.events() if event.device_type == DeviceType.CUDA]
-    return sorted(kernels, key=lambda kernel: kernel[1])
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "trace.json"
+        trace.export_chrome_trace(str(path))
+        return trace_kernels(json.loads(path.read_text()))
 
 
 def summarize(kernels: list[tuple[str, float, float]], steps: int) -> dict[str, Any]:
@@ -99,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         llm.close()
     title = f"{gpu_name()}  commit {commit()}  batch {args.batch}  {args.layers} layers  PDL {'on' if common.PDL else 'off'}"
     print(title)
-    print(f"{'kernel':<44} {'per step':>8} {'us/step':>9} {'us each':>8}")
+    print(f"{'kernel':<64} {'per step':>8} {'us/step':>9} {'us each':>8}")
     for name, count, micros in summary["kernels"]:
-        print(f"{name[:44]:<44} {count:>8.0f} {micros:>9.1f} {micros / count:>8.2f}")
+        print(f"{name[:64]:<64} {count:>8.0f} {micros:>9.1f} {micros / count:>8.2f}")
     print(f"busy {summary['busy_us']:.1f} us, idle between kernels {summary['idle_us']:.1f} us, "
           f"span {summary['span_us']:.1f} us a step; unprofiled graph replay {step_ms:.3f} ms a step")
     if args.out is not None:

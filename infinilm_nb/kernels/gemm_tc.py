@@ -37,11 +37,10 @@
   ``c ^ (r & 7)`` chunk order is wgmma's 128-byte swizzle once the ring starts on a 1024-byte
   boundary. Each warpgroup (4 warps, 16 rows each) multiplies its 64 rows by every column of the
   block (64, 128 or 256) in one m64nNk16 per 16 columns of K, straight from shared memory through
-  matrix descriptors; no ldmatrix. It
-  waits for its products at the end of each K tile, so the refill after the next barrier is safe;
-  with ``in_flight = 1`` it leaves them running over the next barrier and the refills skip their
-  stage (one tile less of lookahead). The accumulators keep the mma fragment layout, so the
-  epilogue is the same.
+  matrix descriptors; no ldmatrix. It waits for its products at the end of each K tile, so the
+  refill after the next barrier is safe; with ``in_flight = 1`` it leaves them running over the
+  next barrier and the refills skip their stage (one tile less of lookahead). The accumulators
+  keep the mma fragment layout, so the epilogue is the same.
 
 Preconditions (the launcher in :mod:`.gemm` checks them): float16, K % 8 == 0, x and weight
 16-byte aligned.
