@@ -62,8 +62,8 @@ from .intrinsics import (
 from .mma import mma_accumulate
 from .vector import inline_device
 from .wgmma import (
-    SWIZZLE_128B, WIDTHS, fence_proxy_async, hold_accumulators, matrix_descriptor, wgmma_commit, wgmma_fence,
-    wgmma_m64n64k16, wgmma_m64n128k16, wgmma_m64n256k16, wgmma_wait,
+    MMA_BY_WIDTH, SWIZZLE_128B, fence_proxy_async, hold_accumulators, matrix_descriptor, wgmma_commit, wgmma_fence,
+    wgmma_wait,
 )
 
 # The switch: off (common.TENSOR_CORES, INFINILM_NB_TENSOR_CORES=0) sends every float16 prefill linear
@@ -144,7 +144,7 @@ class TcConfig:
             # wgmma: each warpgroup takes 64 rows (a warp 16 of them) and every column of the block in
             # one instruction (block_n / 2 accumulators a thread), from 128-byte swizzled rows
             and (not self.wgmma or (wm == 16 and self.warps_m % 4 == 0 and self.warps_n == 1
-                                    and self.block_n in WIDTHS and self.block_k == 64))
+                                    and self.block_n in MMA_BY_WIDTH and self.block_k == 64))
         )
         if not ok:
             raise ValueError(f"unsupported tensor-core GEMM geometry {self}")
@@ -193,8 +193,8 @@ def tc_kernel(config: TcConfig) -> Callable:
     A_FRAGS, B_FRAGS = MT * 4, NT * 2  # fragment words per k-step
     WGMMA = config.wgmma
     GROUP_ROWS = 64 * ROW_BYTES  # wgmma: a warpgroup's A rows, in bytes
-    # (the mma.sync configs never call it, but numba types the branch: any intrinsic will do there)
-    wgmma_block = {128: wgmma_m64n128k16, 256: wgmma_m64n256k16}.get(BN, wgmma_m64n64k16)
+    # (the mma.sync configs never call it, but numba types the branch: any width will do there)
+    wgmma_block = MMA_BY_WIDTH.get(BN, MMA_BY_WIDTH[64])
 
     @inline_device
     def swizzle(r):
@@ -220,12 +220,17 @@ def tc_kernel(config: TcConfig) -> Callable:
                 mma_accumulate(acc, i, af[a], af[a + 1], af[a + 2], af[a + 3], bf[2 * ni], bf[2 * ni + 1])
 
     @inline_device
+    def hold(acc):
+        """:func:`.wgmma.hold_accumulators` over all the warpgroup's accumulators."""
+        for h in range(BN // 64):
+            hold_accumulators(acc, 32 * h)
+
+    @inline_device
     def k_tile_wgmma(a_stage, b_stage, acc):
         """The warpgroup's 64 rows of the K tile on wgmma: 16 columns at a time (32 bytes into the
         swizzled rows), each one m64n<BN>k16 over every B row; then waits until at most
         ``IN_FLIGHT`` K tiles' products are running, whose stages the next refills skip."""
-        for h in range(BN // 64):
-            hold_accumulators(acc, 32 * h)
+        hold(acc)
         wgmma_fence()
         for kk in range(K_STEPS):
             desc_a = matrix_descriptor(a_stage + 32 * kk, 16, 8 * ROW_BYTES, SWIZZLE_128B)
@@ -236,8 +241,7 @@ def tc_kernel(config: TcConfig) -> Callable:
             wgmma_wait(1)
         else:
             wgmma_wait(0)
-        for h in range(BN // 64):
-            hold_accumulators(acc, 32 * h)
+        hold(acc)
 
     @inline_device
     def store_tile_row(mi, acc, smem, park, lane, m_warp, n_warp, M, N, bias, residual, out, has_bias, has_residual):
@@ -395,8 +399,7 @@ def tc_kernel(config: TcConfig) -> Callable:
         # a row at a time, lanes along n, so that stores are coalesced and accumulators die early.
         if IN_FLIGHT:
             wgmma_wait(0)
-            for h in range(BN // 64):
-                hold_accumulators(acc, 32 * h)
+            hold(acc)
         cp_async_wait_group(0)
         cuda.syncthreads()  # every warp is done reading the pipeline's tiles
         park = warp * PARK_WORDS

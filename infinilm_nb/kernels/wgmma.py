@@ -48,7 +48,6 @@ SWIZZLE_128B = 1
 SWIZZLE_64B = 2
 SWIZZLE_32B = 3
 ACCUMULATORS = 32  # float32 registers a thread holds of an m64n64 tile (hold_accumulators' unit)
-WIDTHS = (64, 128, 256)  # the N of the wgmma shapes built here
 _FIELD = np.uint64(0x3FFFF)  # the 18 address bits a descriptor field encodes, in 16-byte units
 _FOUR = np.uint64(4)
 _LEADING = np.uint64(16)
@@ -80,15 +79,16 @@ else:
     from numba.cuda import types
     from numba.cuda.extending import intrinsic
 
-    _VOID, _I32, _I64, _F32 = ir.VoidType(), ir.IntType(32), ir.IntType(64), ir.FloatType()
+    from .intrinsics import _asm
+
+    _VOID, _I64, _F32 = ir.VoidType(), ir.IntType(64), ir.FloatType()
 
     def _statement(text: str) -> Any:
         """An intrinsic ``() -> None`` emitting one volatile PTX statement that clobbers memory."""
 
         def build(typingctx):
             def codegen(context, builder, sig, args):
-                asm = ir.InlineAsm(ir.FunctionType(_VOID, []), text, "~{memory}", side_effect=True)
-                builder.call(asm, [])
+                builder.call(_asm(_VOID, [], text, ""), [])
                 return context.get_dummy_value()
 
             return types.void(), codegen
@@ -112,10 +112,10 @@ else:
         pointers = [builder.gep(data, [builder.add(start, ir.Constant(_I64, i))]) for i in range(count)]
         values = [builder.load(p) for p in pointers]
         constraints = ",".join(["=f"] * count) + ("," + input_constraints if input_constraints else "")
-        constraints += "," + ",".join(str(i) for i in range(count)) + ",~{memory}"
-        function = ir.FunctionType(ir.LiteralStructType([_F32] * count),
-                                   [value.type for value in inputs] + [_F32] * count)
-        result = builder.call(ir.InlineAsm(function, text, constraints, side_effect=True), inputs + values)
+        constraints += "," + ",".join(str(i) for i in range(count))
+        asm = _asm(ir.LiteralStructType([_F32] * count), [value.type for value in inputs] + [_F32] * count, text,
+                   constraints)
+        result = builder.call(asm, inputs + values)
         for i, pointer in enumerate(pointers):
             builder.store(builder.extract_value(result, i), pointer)
 
@@ -182,8 +182,11 @@ else:
         text = f"wgmma.wait_group.sync.aligned {pending.literal_value};"
 
         def codegen(context, builder, sig, args):
-            asm = ir.InlineAsm(ir.FunctionType(_VOID, []), text, "~{memory}", side_effect=True)
-            builder.call(asm, [])
+            builder.call(_asm(_VOID, [], text, ""), [])
             return context.get_dummy_value()
 
         return types.void(pending), codegen
+
+
+# the wgmma of each N built here, by N
+MMA_BY_WIDTH = {64: wgmma_m64n64k16, 128: wgmma_m64n128k16, 256: wgmma_m64n256k16}

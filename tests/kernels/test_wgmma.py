@@ -9,8 +9,8 @@ from numba import cuda, float32, uint16
 from infinilm_nb.kernels import intrinsics
 from infinilm_nb.kernels.common import launch_stream
 from infinilm_nb.kernels.wgmma import (
-    ACCUMULATORS, SWIZZLE_128B, SWIZZLE_NONE, fence_proxy_async, hold_accumulators, matrix_descriptor, wgmma_commit,
-    wgmma_fence, wgmma_m64n64k16, wgmma_m64n128k16, wgmma_m64n256k16, wgmma_wait,
+    ACCUMULATORS, MMA_BY_WIDTH, SWIZZLE_128B, SWIZZLE_NONE, fence_proxy_async, hold_accumulators, matrix_descriptor,
+    wgmma_commit, wgmma_fence, wgmma_m64n64k16, wgmma_wait,
 )
 from tests.conftest import ON_GPU
 
@@ -86,7 +86,7 @@ def _swizzled_kernel(width):
     swizzled tiles."""
     count = width // 2
     a_elements, b_elements = TILE * 64, width * 64  # shared array sizes must be plain constants
-    multiply = {64: wgmma_m64n64k16, 128: wgmma_m64n128k16, 256: wgmma_m64n256k16}[width]
+    multiply = MMA_BY_WIDTH[width]
 
     def kernel(a_src, b_src, out):
         tid = cuda.threadIdx.x
