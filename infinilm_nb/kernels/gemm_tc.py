@@ -48,6 +48,7 @@ Preconditions (the launcher in :mod:`.gemm` checks them): float16, K % 8 == 0, x
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
@@ -69,6 +70,8 @@ from .wgmma import (
 # The switch: off (common.TENSOR_CORES, INFINILM_NB_TENSOR_CORES=0) sends every float16 prefill linear
 # to the CUDA-core tiled kernel.
 ENABLED = TENSOR_CORES
+# On a Hopper (compute capability 9.0) the prefill linear runs on wgmma unless INFINILM_NB_WGMMA=0.
+WGMMA = TENSOR_CORES and os.environ.get("INFINILM_NB_WGMMA", "1") != "0"
 MIN_M = 64  # smaller M is decode: gemm_mma.py / the CUDA-core decode kernel
 
 WARP = 32
@@ -150,12 +153,18 @@ class TcConfig:
             raise ValueError(f"unsupported tensor-core GEMM geometry {self}")
 
 
-def tc_config(M: int, fused: bool = False) -> TcConfig:
-    """The variant for M rows: 128 x 128 tiles of 8 warps; 64 x 128 tiles of 4 warps at M <= 512,
-    where 128-row tiles leave SMs idle. Both give each warp a 64 x 32 sub-tile (6 ldmatrix per 16 mma)
-    and walk K 64 columns at a time through 3 stages (96 / 72 KB of dynamic shared memory): half the
-    barriers and waits of 32-column tiles, which won on every shape at M >= 2048 on an H200
-    (bench/RESULTS.md, fifth session)."""
+def tc_config(M: int, fused: bool = False, wgmma: bool = False) -> TcConfig:
+    """The variant for M rows.
+
+    With ``wgmma`` (a Hopper): 128 x 128 tiles of two warpgroups, 64-column K tiles through 3 stages
+    (97 KB): 0.52-0.70x cuBLAS on the Llama-3-8B shapes at M = 512, 2048 and 8192 on an H200, against
+    0.37-0.52x for the best mma.sync variant (bench/RESULTS.md, seventh session). Otherwise mma.sync:
+    128 x 128 tiles of 8 warps; 64 x 128 tiles of 4 warps at M <= 512, where 128-row tiles leave SMs
+    idle. Both give each warp a 64 x 32 sub-tile (6 ldmatrix per 16 mma) and walk K 64 columns at a
+    time through 3 stages (96 / 72 KB of dynamic shared memory): half the barriers and waits of
+    32-column tiles, which won on every shape at M >= 2048 on an H200 (fifth session)."""
+    if wgmma:
+        return TcConfig(block_m=128, block_n=128, warps_m=8, warps_n=1, block_k=64, wgmma=True, fused=fused)
     if M <= 512:
         return TcConfig(block_m=64, block_n=128, warps_m=1, warps_n=4, block_k=64, fused=fused)
     return TcConfig(block_k=64, fused=fused)

@@ -129,7 +129,7 @@ def test_linear_llama_prefill_shapes_take_tensor_cores(kb, rng, monkeypatch, M, 
     x, weight, _, residual = _operands(kb, rng, M, N, K, False, name != "qkv")
     out = poisoned(kb, (M, N), F16)
     kb.ops.linear(kb.asarray(x), kb.asarray(weight), out, residual=None if residual is None else kb.asarray(residual))
-    assert launched == [gemm_tc.tc_config(M)]
+    assert launched == [gemm_tc.tc_config(M, wgmma=gemm.has_wgmma())]
     want = reference.linear(x, weight, np.empty((M, N), np.float32), residual=residual)
     assert rel_err(kb.to_host(out), want) < tolerance(F16)
 
@@ -141,9 +141,25 @@ def test_linear_silu_mul_takes_tensor_cores(kb, rng, monkeypatch):
     x, weight, _, _ = _operands(kb, rng, M, inter, K, False, False, rows=2 * inter)
     out = poisoned(kb, (M, inter), F16)
     kb.ops.linear_silu_mul(kb.asarray(x), kb.asarray(weight), out)
-    assert launched == [gemm_tc.tc_config(M, fused=True)]
+    assert launched == [gemm_tc.tc_config(M, fused=True, wgmma=gemm.has_wgmma())]
     want = reference.linear_silu_mul(x, weight, np.empty((M, inter), np.float32))
     assert rel_err(kb.to_host(out), want) < tolerance(F16)
+
+
+@pytest.mark.gpu
+def test_a_hopper_takes_wgmma_unless_switched_off():
+    from numba import cuda
+
+    if cuda.get_current_device().compute_capability != (9, 0):
+        pytest.skip("wgmma needs a Hopper GPU")
+    assert gemm.has_wgmma() == gemm_tc.WGMMA
+
+
+@pytest.mark.parametrize("M", [64, 512, 8192])
+def test_wgmma_dispatch_config_is_a_valid_wgmma_variant(M):
+    config = gemm_tc.tc_config(M, fused=True, wgmma=True)
+    config.check()
+    assert config.wgmma and config.fused and config.shared_bytes <= gemm_tc.MAX_SHARED_BYTES
 
 
 @pytest.mark.gpu
@@ -186,7 +202,8 @@ def test_tc_kernel_is_tensor_cores_without_local_memory(config):
     kernel = compiled(gemm_tc.tc_kernel(config), gemm.kernel_signature(F16))
     ptx = "".join(kernel.inspect_asm().values())
     if config.wgmma:
-        expected = ("wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16", "fence.proxy.async", "cp.async.cg")
+        mma = f"wgmma.mma_async.sync.aligned.m64n{config.block_n}k16.f32.f16.f16"
+        expected = (mma, "fence.proxy.async", "cp.async.cg")
     else:
         expected = ("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32", "ldmatrix.sync.aligned", "cp.async.cg")
     for instruction in expected:
