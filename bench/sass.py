@@ -61,9 +61,13 @@ def kernels() -> list[tuple[str, Callable, str, dict[str, Any]]]:
 
     f16 = gemm.kernel_signature(np.float16)
     rows = [
-        (f"decode GEMM {name} M={m}", mma_kernel(gemm.mma_config(m, n, k, fused)), f16, {})
-        for name, m, n, k, fused in (("o", 1, 4096, 4096, False), ("qkv", 32, 6144, 4096, False),
-                                     ("gate_up+silu", 32, 14336, 4096, True), ("down", 32, 4096, 14336, False))
+        (f"decode GEMM {name} M={m}", mma_kernel(gemm.mma_config(m, n, k, fused, eps)), f16, {})
+        for name, m, n, k, fused, eps in (
+            ("o", 1, 4096, 4096, False, None), ("qkv", 32, 6144, 4096, False, None),
+            ("gate_up+silu", 32, 14336, 4096, True, None), ("down", 32, 4096, 14336, False, None),
+            ("rms+qkv", 1, 6144, 4096, False, 1e-5), ("rms+gate_up+silu", 1, 14336, 4096, True, 1e-5),
+            ("rms+qkv", 32, 6144, 4096, False, 1e-5), ("rms+gate_up+silu", 32, 14336, 4096, True, 1e-5),
+        )
     ]
     dim, group, vec, block = 128, 4, 8, 16
     warps = attention._warps(dim, group, vec)

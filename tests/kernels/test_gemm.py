@@ -187,13 +187,23 @@ MMA_CASES = [
     (MmaConfig(2, 4, 1, 2, 1, fused=True), 27, 21, 72),
     (MmaConfig(2, 1, 1, 1, 1, fused=True), 1, 9, 40),
     (MmaConfig(1, 8, 1, 2, 1), 61, 19, 72),
+    # normalising x's rows (rms_eps): split K, warps on rows, unrolled, fused, 8 x tiles
+    (MmaConfig(1, 2, 1, 2, 1, rms_eps=1e-5), 11, 37, 136),
+    (MmaConfig(2, 1, 2, 1, 2, rms_eps=1e-6), 5, 45, 200),
+    (MmaConfig(2, 4, 1, 2, 1, fused=True, rms_eps=1e-5), 27, 21, 72),
+    (MmaConfig(1, 8, 1, 2, 1, rms_eps=1e-5), 61, 19, 72),
 ]
+
+
+def _rows_of_many_scales(rng, M, K):
+    """float16 x whose rows' RMS spread over 0.01 .. 10, so that a row's scale taken from another shows."""
+    return (random(rng, (M, K), np.float32) * np.exp(rng.uniform(-4.6, 2.3, (M, 1)))).astype(np.float16)
 
 
 @pytest.mark.parametrize("config,M,N,K", MMA_CASES, ids=[str(i) for i in range(len(MMA_CASES))])
 def test_tensor_core_variants_match_reference(kb, rng, config, M, N, K):
     rows = 2 * N if config.fused else N
-    x = random(rng, (M, K), np.float16)
+    x = _rows_of_many_scales(rng, M, K) if config.rms_eps else random(rng, (M, K), np.float16)
     weight = random(rng, (rows, K), np.float16, scale=0.1)
     bias = None if config.fused else random(rng, N, np.float16)
     residual = None if config.fused else random(rng, (M, N), np.float16)
@@ -206,11 +216,39 @@ def test_tensor_core_variants_match_reference(kb, rng, config, M, N, K):
         None if residual is None else kb.asarray(residual),
         out,
     )
+    eps = config.rms_eps
     if config.fused:
-        want = reference.linear_silu_mul(x, weight, np.empty((M, N), np.float32))
+        want = reference.linear_silu_mul(x, weight, np.empty((M, N), np.float32), rms_eps=eps)
     else:
-        want = reference.linear(x, weight, np.empty((M, N), np.float32), bias=bias, residual=residual)
+        want = reference.linear(x, weight, np.empty((M, N), np.float32), bias=bias, residual=residual, rms_eps=eps)
     assert rel_err(kb.to_host(out), want) < tolerance(np.float16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 8, 32, gemm.MMA_MAX_M])
+@pytest.mark.parametrize("name,N,K", [("qkv", 6144, 4096), ("gate_up", 14336, 4096), ("small", 37, 40)])
+def test_linear_normalises_rows_on_tensor_cores(kb, rng, M, name, N, K):
+    assert gemm.fuses_rms_norm(np.float16, M)
+    x = _rows_of_many_scales(rng, M, K)
+    fused = name == "gate_up"
+    weight = random(rng, (2 * N if fused else N, K), np.float16, scale=K**-0.5)
+    bias = None if fused else random(rng, N, np.float16)
+    out = poisoned(kb, (M, N), np.float16)
+    if fused:
+        kb.ops.linear_silu_mul(kb.asarray(x), kb.asarray(weight), out, rms_eps=1e-5)
+        want = reference.linear_silu_mul(x, weight, np.empty((M, N), np.float32), rms_eps=1e-5)
+    else:
+        kb.ops.linear(kb.asarray(x), kb.asarray(weight), out, bias=kb.asarray(bias), rms_eps=1e-5)
+        want = reference.linear(x, weight, np.empty((M, N), np.float32), bias=bias, rms_eps=1e-5)
+    assert rel_err(kb.to_host(out), want) < tolerance(np.float16)
+
+
+def test_linear_rms_eps_off_the_tensor_core_decode_kernel_is_an_error(kb, rng):
+    M = gemm.MMA_MAX_M + 1  # prefill rows: the norm stays a kernel of its own
+    assert not gemm.fuses_rms_norm(np.float16, M) and not gemm.fuses_rms_norm(np.float32)
+    x, weight = random(rng, (M, 40), np.float16), random(rng, (8, 40), np.float16)
+    with pytest.raises(ValueError, match=r"rms_eps: x \(65, 40\) float16 does not take the tensor-core decode kernel"):
+        kb.ops.linear(kb.asarray(x), kb.asarray(weight), kb.asarray(np.zeros((M, 8), np.float16)), rms_eps=1e-5)
 
 
 def test_linear_silu_mul_rejects_odd_weight_rows(kb, rng):
@@ -243,6 +281,9 @@ def test_tensor_core_variants_keep_their_arrays_in_registers():
     rows = range(1, gemm.MMA_MAX_M + 1)
     configs = {gemm.mma_config(m, n, k) for m in rows for n, k in shapes}
     configs |= {gemm.mma_config(m, 14336, 4096, fused=True) for m in rows}
+    # with the RMSNorm folded in: QKV and gate-up
+    configs |= {gemm.mma_config(m, 6144, 4096, rms_eps=1e-5) for m in rows}
+    configs |= {gemm.mma_config(m, 14336, 4096, fused=True, rms_eps=1e-5) for m in rows}
     for config in configs:
         kernel = compiled(mma_kernel(config), gemm.kernel_signature(np.float16))
         assert kernel.get_local_mem_per_thread() == 0, config

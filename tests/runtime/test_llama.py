@@ -74,6 +74,34 @@ def test_mixed_batch_equals_each_alone(tiny_model_dir, cpu, cache_kind):
     assert np.all(np.isfinite(both))
 
 
+def test_norms_folded_into_the_gemms_match_transformers(tiny_model_dir, tiny_hf_model, cpu, monkeypatch):
+    """A backend whose GEMM normalises rows (the reference linear standing in for the tensor-core
+    kernel, for steps of up to 2 tokens) gets the norms folded into QKV and gate-up: prefill
+    normalises with unit weights, decode inside the GEMM. Logits, tokens and the input-norm hook as
+    without folding."""
+    plain = load_model(tiny_model_dir, cpu, progress=False)
+    monkeypatch.setattr(cpu.ops, "fuses_rms_norm", lambda dtype, rows=None: rows is None or rows <= 2)
+    model = load_model(tiny_model_dir, cpu, progress=False)
+    assert all(layer.input_layernorm.folded and layer.post_attention_layernorm.folded for layer in model.layers)
+    assert not any(layer.input_layernorm.folded for layer in plain.layers)
+    hooked = {}
+    model.hooks.register("layers.1.input_norm.out", lambda name, t: hooked.setdefault("folded", []).append(t.copy()))
+    plain.hooks.register("layers.1.input_norm.out", lambda name, t: hooked.setdefault("plain", []).append(t.copy()))
+
+    want_tokens = hf_greedy(tiny_hf_model, PROMPT, 6)
+    want_logits = hf_logits(tiny_hf_model, PROMPT + want_tokens[:-1])[len(PROMPT) - 1 :]
+    seqs = [CachedSeq(make_cache(m, "paged")) for m in (model, plain)]
+    got = [run_step(model, [(seqs[0], PROMPT)])[0]]
+    run_step(plain, [(seqs[1], PROMPT)])
+    for token in want_tokens[:-1]:
+        got.append(run_step(model, [(seqs[0], [token])])[0])
+        run_step(plain, [(seqs[1], [token])])
+    assert rel_err(np.stack(got), want_logits) < 1e-4
+    assert np.stack(got).argmax(axis=-1).tolist() == want_tokens
+    for folded, unfolded in zip(hooked["folded"], hooked["plain"], strict=True):
+        assert rel_err(folded, unfolded) < 1e-5
+
+
 def test_chunked_prefill_equals_whole_prefill(tiny_model_dir, cpu):
     model = load_model(tiny_model_dir, cpu, progress=False)
     whole = run_step(model, [(CachedSeq(make_cache(model, "paged")), PROMPT)])[0]
