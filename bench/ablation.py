@@ -7,8 +7,7 @@ unfused kernels (same op names, so the model and its CUDA graphs are unchanged):
 - ``silu``: the gate-up GEMM with SiLU-mul in its epilogue -> the GEMM into ``[M, 2I]``, then silu_mul;
 - ``residual``: o_proj and down adding the residual in their epilogue -> the GEMM, then an add;
 - ``rope``: RoPE with the K/V cache store -> rope, then store_kv;
-- ``norm``: QKV and gate-up normalising their input rows, RMSNorm's weight folded into theirs ->
-  RMSNorm, then the GEMM (the model is built without folding).
+- ``norm``: QKV and gate-up with the RMSNorm before them in the GEMM -> RMSNorm, then the GEMM.
 
 ``pdl on`` / ``pdl off`` switches the overlap of each kernel with the one before
 (:func:`infinilm_nb.kernels.common.launch`; on unless ``INFINILM_NB_PDL=0``): the step's graph is
@@ -50,18 +49,18 @@ class UnfusedOps:
     def fuses_rms_norm(self, dtype: Any, rows: int | None = None) -> bool:
         return "norm" not in self._undo and self._ops.fuses_rms_norm(dtype, rows)
 
-    def linear_silu_mul(self, x: Any, weight: Any, out: Any, rms_eps: float | None = None) -> Any:
+    def linear_silu_mul(self, x: Any, weight: Any, out: Any, norm: tuple[Any, float] | None = None) -> Any:
         if "silu" not in self._undo:
-            return self._ops.linear_silu_mul(x, weight, out, rms_eps=rms_eps)
+            return self._ops.linear_silu_mul(x, weight, out, norm=norm)
         gate_up = self._buffer((x.shape[0], weight.shape[0]), out.dtype)
-        self.linear(x, weight, gate_up, rms_eps=rms_eps)
+        self.linear(x, weight, gate_up, norm=norm)
         return self._ops.silu_mul(gate_up, out)
 
     def linear(
-        self, x: Any, weight: Any, out: Any, bias: Any = None, residual: Any = None, rms_eps: float | None = None
+        self, x: Any, weight: Any, out: Any, bias: Any = None, residual: Any = None, norm: tuple[Any, float] | None = None
     ) -> Any:
         if residual is None or "residual" not in self._undo:
-            return self._ops.linear(x, weight, out, bias=bias, residual=residual, rms_eps=rms_eps)
+            return self._ops.linear(x, weight, out, bias=bias, residual=residual, norm=norm)
         product = self._buffer(tuple(out.shape), out.dtype)
         self._ops.linear(x, weight, product, bias=bias)
         return self._xp.add(product, residual, out=out)

@@ -57,16 +57,16 @@ def kernels() -> list[tuple[str, Callable, str, dict[str, Any]]]:
     """(label, Python kernel, signature, compile options) of each profiled kernel, as launched for
     Llama-3-8B shapes in float16."""
     from infinilm_nb.kernels import attention, attention_mma, attention_prefill, gemm, gemm_tc, sampling
-    from infinilm_nb.kernels.gemm_mma import mma_kernel
+    from infinilm_nb.kernels.gemm_mma import SIGNATURE, mma_kernel
 
     f16 = gemm.kernel_signature(np.float16)
     rows = [
-        (f"decode GEMM {name} M={m}", mma_kernel(gemm.mma_config(m, n, k, fused, eps)), f16, {})
-        for name, m, n, k, fused, eps in (
-            ("o", 1, 4096, 4096, False, None), ("qkv", 32, 6144, 4096, False, None),
-            ("gate_up+silu", 32, 14336, 4096, True, None), ("down", 32, 4096, 14336, False, None),
-            ("rms+qkv", 1, 6144, 4096, False, 1e-5), ("rms+gate_up+silu", 1, 14336, 4096, True, 1e-5),
-            ("rms+qkv", 32, 6144, 4096, False, 1e-5), ("rms+gate_up+silu", 32, 14336, 4096, True, 1e-5),
+        (f"decode GEMM {name} M={m}", mma_kernel(gemm.mma_config(m, n, k, fused, rms)), SIGNATURE, {})
+        for name, m, n, k, fused, rms in (
+            ("o", 1, 4096, 4096, False, False), ("qkv", 32, 6144, 4096, False, False),
+            ("gate_up+silu", 32, 14336, 4096, True, False), ("down", 32, 4096, 14336, False, False),
+            ("rms+qkv", 1, 6144, 4096, False, True), ("rms+gate_up+silu", 1, 14336, 4096, True, True),
+            ("rms+qkv", 32, 6144, 4096, False, True), ("rms+gate_up+silu", 32, 14336, 4096, True, True),
         )
     ]
     dim, group, vec, block = 128, 4, 8, 16

@@ -21,9 +21,9 @@ class Linear:
         self.weight = weight
         self.bias = bias
 
-    def __call__(self, x: Any, out: Any, residual: Any = None, rms_eps: float | None = None) -> Any:
-        """``rms_eps``: x's rows are un-normalised, see :meth:`RMSNorm.feed`."""
-        return self.backend.ops.linear(x, self.weight, out, bias=self.bias, residual=residual, rms_eps=rms_eps)
+    def __call__(self, x: Any, out: Any, residual: Any = None, norm: tuple[Any, float] | None = None) -> Any:
+        """``norm``: x's rows still to go through that RMSNorm, see :meth:`RMSNorm.feed`."""
+        return self.backend.ops.linear(x, self.weight, out, bias=self.bias, residual=residual, norm=norm)
 
 
 class QKVParallelLinear(Linear):
@@ -128,38 +128,20 @@ class ParallelLMHead:
 
 
 class RMSNorm:
-    """RMSNorm with weight ``[H]``.
+    """RMSNorm with weight ``[H]``."""
 
-    ``folded``: its weight has been folded into the linear that the norm feeds (:func:`fold_rms_norm`),
-    so that where the backend's GEMM normalises rows itself (``ops.fuses_rms_norm``: float16 decode
-    on tensor cores) the norm launches nothing; :meth:`feed` says how to call that linear.
-    """
-
-    def __init__(self, backend: Any, weight: Any, eps: float, folded: bool = False) -> None:
+    def __init__(self, backend: Any, weight: Any, eps: float) -> None:
         self.backend = backend
         self.weight = weight
         self.eps = eps
-        self.folded = folded
-        self.unit = backend.xp.ones_like(weight) if folded else None
 
     def __call__(self, x: Any, out: Any) -> Any:
-        """``out = rms_norm(x) * weight``, HF's output, folded or not."""
         return self.backend.ops.rms_norm(x, self.weight, self.eps, out)
 
-    def feed(self, x: Any, out: Any) -> tuple[Any, float | None]:
-        """The input of the linear after the norm and the ``rms_eps`` to call it with: ``x`` itself
-        and this eps where that linear normalises x's rows; else ``out`` holding the norm's output
-        (unit weight when folded) and None."""
-        ops = self.backend.ops
-        if self.folded and ops.fuses_rms_norm(x.dtype, x.shape[0]):
-            return x, self.eps
-        ops.rms_norm(x, self.unit if self.folded else self.weight, self.eps, out)
-        return out, None
-
-
-def fold_rms_norm(xp: Any, weight: Any, norm_weight: Any) -> Any:
-    """``weight * norm_weight`` in weight's dtype (column k scaled by ``norm_weight[k]``): the weight
-    of a linear that reads the norm's input divided by its RMS instead of the norm's output. None if
-    a product leaves the dtype's range."""
-    product = weight * norm_weight
-    return product if bool(xp.isfinite(product).all()) else None
+    def feed(self, x: Any, out: Any, fuse: bool = True) -> tuple[Any, tuple[Any, float] | None]:
+        """The input of the linear after the norm and the ``norm`` to call it with: ``x`` itself and
+        (weight, eps) where that linear can normalise x's rows itself (``ops.fuses_rms_norm``, and
+        ``fuse``), which saves the norm's launch; else ``out`` holding the norm's output, and None."""
+        if fuse and self.backend.ops.fuses_rms_norm(x.dtype, x.shape[0]):
+            return x, (self.weight, self.eps)
+        return self(x, out), None

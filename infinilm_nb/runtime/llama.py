@@ -21,7 +21,6 @@ from .config import ModelConfig, ParallelConfig, resolve_dtype
 from .hooks import HookRegistry
 from .layers import (
     GateUpParallelLinear, ParallelLMHead, QKVParallelLinear, RMSNorm, RowParallelLinear, VocabParallelEmbedding,
-    fold_rms_norm,
 )
 from .weights import ModelWeights, expected_shapes
 
@@ -155,11 +154,11 @@ class LlamaAttention:
         self.scale = config.head_dim ** -0.5
 
     def __call__(
-        self, step: StepInput, k_cache: Any, v_cache: Any, buf: StepBuffers, x: Any, rms_eps: float | None
+        self, step: StepInput, k_cache: Any, v_cache: Any, buf: StepBuffers, x: Any, norm: tuple[Any, float] | None
     ) -> None:
-        """``x``: the input norm's output, or with ``rms_eps`` its input (:meth:`RMSNorm.feed`)."""
+        """``x`` and ``norm``: the input norm's :meth:`~infinilm_nb.runtime.layers.RMSNorm.feed`."""
         ops = self.backend.ops
-        self.qkv_proj(x, buf.qkv, rms_eps=rms_eps)
+        self.qkv_proj(x, buf.qkv, norm=norm)
         q, k, v = self.qkv_proj.split(buf.qkv)
         ops.rope_store_kv(q, k, v, step.positions, self.cos_sin, k_cache, v_cache, step.slot_mapping)
         extra = {} if buf.workspace is None else {"workspace": buf.workspace}
@@ -183,12 +182,12 @@ class LlamaMLP:
             backend, weights[prefix + "down_proj.weight"], weights.get(prefix + "down_proj.bias"), group
         )
 
-    def __call__(self, buf: StepBuffers, x: Any, rms_eps: float | None) -> None:
-        """``x``: the post-attention norm's output, or with ``rms_eps`` its input (:meth:`RMSNorm.feed`)."""
+    def __call__(self, buf: StepBuffers, x: Any, norm: tuple[Any, float] | None) -> None:
+        """``x`` and ``norm``: the post-attention norm's :meth:`~infinilm_nb.runtime.layers.RMSNorm.feed`."""
         if self.gate_up_proj.bias is None:  # SiLU-mul in the GEMM's epilogue: gate_up never hits memory
-            self.backend.ops.linear_silu_mul(x, self.gate_up_proj.weight, buf.act, rms_eps=rms_eps)
+            self.backend.ops.linear_silu_mul(x, self.gate_up_proj.weight, buf.act, norm=norm)
         else:
-            self.gate_up_proj(x, buf.gate_up, rms_eps=rms_eps)
+            self.gate_up_proj(x, buf.gate_up, norm=norm)
             self.backend.ops.silu_mul(buf.gate_up, buf.act)
         self.down_proj(buf.act, buf.residual, residual=buf.residual)
 
@@ -197,34 +196,26 @@ class LlamaDecoderLayer:
     """RMSNorm -> attention -> RMSNorm -> MLP, both blocks adding into the residual stream."""
 
     def __init__(
-        self, backend: Any, config: ModelConfig, weights: dict[str, Any], index: int, cos_sin: Any, group: Any = None,
-        folded: frozenset[str] = frozenset(),
+        self, backend: Any, config: ModelConfig, weights: dict[str, Any], index: int, cos_sin: Any, group: Any = None
     ) -> None:
-        """``folded``: the norms (runtime names) whose weights are folded into the linear after them."""
-        self.backend = backend
         prefix = f"layers.{index}."
-        norms = {
-            name: RMSNorm(backend, weights[prefix + name], config.rms_norm_eps, folded=prefix + name in folded)
-            for name in ("input_layernorm", "post_attention_layernorm")
-        }
-        self.input_layernorm = norms["input_layernorm"]
+        self.input_layernorm = RMSNorm(backend, weights[prefix + "input_layernorm"], config.rms_norm_eps)
         self.self_attn = LlamaAttention(backend, config, weights, prefix, cos_sin, group)
-        self.post_attention_layernorm = norms["post_attention_layernorm"]
+        self.post_attention_layernorm = RMSNorm(backend, weights[prefix + "post_attention_layernorm"], config.rms_norm_eps)
         self.mlp = LlamaMLP(backend, weights, prefix, group)
         self.hook_names = {n: prefix + n for n in ("input_norm.out", "attn.qkv", "attn.context", "attn.out", "mlp.out")}
 
     def __call__(self, step: StepInput, k_cache: Any, v_cache: Any, buf: StepBuffers, hooks: HookRegistry | None) -> None:
-        x, rms_eps = self.input_layernorm.feed(buf.residual, buf.hidden)
+        # In decode the norms can run inside QKV and gate-up (RMSNorm.feed); not while hooks want their output.
+        x, norm = self.input_layernorm.feed(buf.residual, buf.hidden, fuse=not hooks)
         if hooks:
-            norm = self.input_layernorm  # folded: x is not HF's norm output, so the hook gets that made
-            normed = norm(buf.residual, self.backend.xp.empty_like(buf.hidden)) if norm.folded else buf.hidden
-            hooks.capture(self.hook_names["input_norm.out"], normed)
-        self.self_attn(step, k_cache, v_cache, buf, x, rms_eps)
+            hooks.capture(self.hook_names["input_norm.out"], buf.hidden)
+        self.self_attn(step, k_cache, v_cache, buf, x, norm)
         if hooks:
             hooks.capture(self.hook_names["attn.qkv"], buf.qkv)
             hooks.capture(self.hook_names["attn.context"], buf.context)
             hooks.capture(self.hook_names["attn.out"], buf.residual)
-        self.mlp(buf, *self.post_attention_layernorm.feed(buf.residual, buf.hidden))
+        self.mlp(buf, *self.post_attention_layernorm.feed(buf.residual, buf.hidden, fuse=not hooks))
         if hooks:
             hooks.capture(self.hook_names["mlp.out"], buf.residual)
 
@@ -264,7 +255,6 @@ class LlamaForCausalLM:
         self.dtype = resolve_dtype(dtype, backend)
         self.hooks = hooks if hooks is not None else HookRegistry()
         arrays = self._upload(weights)
-        folded = self._fold_norms(arrays) if backend.ops.fuses_rms_norm(self.dtype) else frozenset()
         positions = max_model_len or config.max_position_embeddings
         cos_sin = backend.asarray(
             reference.rope_cache(config.head_dim, positions, config.rope_theta, config.rope_scaling)
@@ -273,8 +263,7 @@ class LlamaForCausalLM:
         vocab_start = parallel.rank * local.vocab_size
         self.embed_tokens = VocabParallelEmbedding(backend, arrays["embed_tokens"], vocab_start, group)
         self.layers = [
-            LlamaDecoderLayer(backend, local, arrays, i, cos_sin, group, folded)
-            for i in range(config.num_hidden_layers)
+            LlamaDecoderLayer(backend, local, arrays, i, cos_sin, group) for i in range(config.num_hidden_layers)
         ]
         self.norm = RMSNorm(backend, arrays["norm"], config.rms_norm_eps)
         self.lm_head = ParallelLMHead(backend, arrays.get("lm_head", arrays["embed_tokens"]), group)
@@ -297,21 +286,6 @@ class LlamaForCausalLM:
         if missing:
             raise ValueError(f"missing weight {missing[0]!r} (expected shape {shapes[missing[0]]})")
         return arrays
-
-    def _fold_norms(self, arrays: dict[str, Any]) -> frozenset[str]:
-        """Fold each layer's two RMSNorm weights into the QKV and gate-up weights after them (in
-        ``arrays``), so that decode steps normalise inside those GEMMs and launch no norm
-        (:class:`~infinilm_nb.runtime.layers.RMSNorm`). Returns the norms folded; a product past the
-        dtype's range leaves its pair as it was."""
-        folded = set()
-        for i in range(self.config.num_hidden_layers):
-            for norm, linear in (("input_layernorm", "qkv_proj.weight"), ("post_attention_layernorm", "gate_up_proj.weight")):
-                norm, linear = f"layers.{i}.{norm}", f"layers.{i}.{linear}"
-                product = fold_rms_norm(self.backend.xp, arrays[linear], arrays[norm])
-                if product is not None:
-                    arrays[linear] = product
-                    folded.add(norm)
-        return frozenset(folded)
 
     def reserve_buffers(self, num_tokens: int, num_seqs: int, max_context: int) -> None:
         """Allocate the activation buffers for steps of up to ``num_tokens`` tokens and ``num_seqs``

@@ -18,9 +18,9 @@ from tests.runtime.steps import CachedSeq, run_step
 def test_each_unfused_op_equals_the_fused_one(rng):
     ops = UnfusedOps(get_backend("cpu").ops, np, FUSIONS)
     x, weight = rng.standard_normal((3, 8)).astype(np.float32), rng.standard_normal((10, 8)).astype(np.float32)
-    for eps in (None, 1e-5):
-        want = reference.linear_silu_mul(x, weight, np.empty((3, 5), np.float32), rms_eps=eps)
-        assert rel_err(ops.linear_silu_mul(x, weight, np.empty((3, 5), np.float32), rms_eps=eps), want) < 1e-6
+    for norm in (None, (rng.standard_normal(8).astype(np.float32), 1e-5)):
+        want = reference.linear_silu_mul(x, weight, np.empty((3, 5), np.float32), norm=norm)
+        assert rel_err(ops.linear_silu_mul(x, weight, np.empty((3, 5), np.float32), norm=norm), want) < 1e-6
 
     residual = rng.standard_normal((3, 10)).astype(np.float32)
     want = reference.linear(x, weight, np.empty((3, 10), np.float32), residual=residual)
