@@ -6,8 +6,7 @@ unfused kernels (same op names, so the model and its CUDA graphs are unchanged):
 
 - ``silu``: the gate-up GEMM with SiLU-mul in its epilogue -> the GEMM into ``[M, 2I]``, then silu_mul;
 - ``residual``: o_proj and down adding the residual in their epilogue -> the GEMM, then an add;
-- ``rope``: RoPE with the K/V cache store -> rope, then store_kv;
-- ``norm``: QKV and gate-up with the RMSNorm before them in the GEMM -> RMSNorm, then the GEMM.
+- ``rope``: RoPE with the K/V cache store -> rope, then store_kv.
 
 ``pdl on`` / ``pdl off`` switches the overlap of each kernel with the one before
 (:func:`infinilm_nb.kernels.common.launch`; on unless ``INFINILM_NB_PDL=0``): the step's graph is
@@ -22,7 +21,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
-FUSIONS = ("silu", "residual", "rope", "norm")
+FUSIONS = ("silu", "residual", "rope")
 
 
 class UnfusedOps:
@@ -46,21 +45,16 @@ class UnfusedOps:
             self._buffers[key] = self._xp.empty(shape, dtype=dtype)
         return self._buffers[key]
 
-    def fuses_rms_norm(self, dtype: Any, rows: int | None = None) -> bool:
-        return "norm" not in self._undo and self._ops.fuses_rms_norm(dtype, rows)
-
-    def linear_silu_mul(self, x: Any, weight: Any, out: Any, norm: tuple[Any, float] | None = None) -> Any:
+    def linear_silu_mul(self, x: Any, weight: Any, out: Any) -> Any:
         if "silu" not in self._undo:
-            return self._ops.linear_silu_mul(x, weight, out, norm=norm)
+            return self._ops.linear_silu_mul(x, weight, out)
         gate_up = self._buffer((x.shape[0], weight.shape[0]), out.dtype)
-        self.linear(x, weight, gate_up, norm=norm)
+        self.linear(x, weight, gate_up)
         return self._ops.silu_mul(gate_up, out)
 
-    def linear(
-        self, x: Any, weight: Any, out: Any, bias: Any = None, residual: Any = None, norm: tuple[Any, float] | None = None
-    ) -> Any:
+    def linear(self, x: Any, weight: Any, out: Any, bias: Any = None, residual: Any = None) -> Any:
         if residual is None or "residual" not in self._undo:
-            return self._ops.linear(x, weight, out, bias=bias, residual=residual, norm=norm)
+            return self._ops.linear(x, weight, out, bias=bias, residual=residual)
         product = self._buffer(tuple(out.shape), out.dtype)
         self._ops.linear(x, weight, product, bias=bias)
         return self._xp.add(product, residual, out=out)

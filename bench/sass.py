@@ -57,17 +57,13 @@ def kernels() -> list[tuple[str, Callable, str, dict[str, Any]]]:
     """(label, Python kernel, signature, compile options) of each profiled kernel, as launched for
     Llama-3-8B shapes in float16."""
     from infinilm_nb.kernels import attention, attention_mma, attention_prefill, gemm, gemm_tc, sampling
-    from infinilm_nb.kernels.gemm_mma import SIGNATURE, mma_kernel
+    from infinilm_nb.kernels.gemm_mma import mma_kernel
 
     f16 = gemm.kernel_signature(np.float16)
     rows = [
-        (f"decode GEMM {name} M={m}", mma_kernel(gemm.mma_config(m, n, k, fused, rms)), SIGNATURE, {})
-        for name, m, n, k, fused, rms in (
-            ("o", 1, 4096, 4096, False, False), ("qkv", 32, 6144, 4096, False, False),
-            ("gate_up+silu", 32, 14336, 4096, True, False), ("down", 32, 4096, 14336, False, False),
-            ("rms+qkv", 1, 6144, 4096, False, True), ("rms+gate_up+silu", 1, 14336, 4096, True, True),
-            ("rms+qkv", 32, 6144, 4096, False, True), ("rms+gate_up+silu", 32, 14336, 4096, True, True),
-        )
+        (f"decode GEMM {name} M={m}", mma_kernel(gemm.mma_config(m, n, k, fused)), f16, {})
+        for name, m, n, k, fused in (("o", 1, 4096, 4096, False), ("qkv", 32, 6144, 4096, False),
+                                     ("gate_up+silu", 32, 14336, 4096, True), ("down", 32, 4096, 14336, False))
     ]
     dim, group, vec, block = 128, 4, 8, 16
     warps = attention._warps(dim, group, vec)

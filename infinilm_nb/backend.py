@@ -32,7 +32,6 @@ OP_MODULES = {
     "silu_mul": "activation",
     "linear": "gemm",
     "linear_silu_mul": "gemm",
-    "fuses_rms_norm": "gemm",
     "store_kv": "attention",
     "store_kv_static": "attention",
     "paged_attention": "attention",

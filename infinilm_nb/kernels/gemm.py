@@ -47,7 +47,7 @@ from .common import (
     numba_type,
 )
 from . import gemm_tc
-from .gemm_mma import SHARED_BYTES as MMA_SHARED_BYTES, SIGNATURE as MMA_SIGNATURE, MmaConfig, mma_kernel, silu
+from .gemm_mma import SHARED_BYTES as MMA_SHARED_BYTES, MmaConfig, mma_kernel, silu
 from .gemm_tc import TcConfig, tc_config, tc_kernel
 from .intrinsics import VECTOR_WIDTH, aligned16, as_f32, await_previous_kernels
 from .vector import is_bf16, loader, to_stored
@@ -238,7 +238,7 @@ def _group(m: int) -> int:
     return next((g for g in DECODE_GROUPS if m <= g), DECODE_GROUPS[-1])
 
 
-def mma_config(M: int, N: int, K: int, fused: bool = False, rms: bool = False) -> MmaConfig:
+def mma_config(M: int, N: int, K: int, fused: bool = False) -> MmaConfig:
     """The tensor-core variant for an ``[M, K] x [K, N]`` product (N: output columns).
 
     Chosen by sweeping :mod:`bench.gemm_sweep` over Llama-3-8B shapes on an H200 and an H100 (the
@@ -262,7 +262,7 @@ def mma_config(M: int, N: int, K: int, fused: bool = False, rms: bool = False) -
         tiles_w, warps_n, warps_k, unroll = (1, 1, 16, 2) if N <= 4096 or K >= LONG_K else (1, 1, 8, 2)
     else:
         tiles_w, warps_n, warps_k, unroll = (1, 1, 16, 1) if K >= LONG_K else (1, 1, 8, 2)
-    config = MmaConfig(tiles_w, tiles_x, warps_n, warps_k, unroll, fused, rms)
+    config = MmaConfig(tiles_w, tiles_x, warps_n, warps_k, unroll, fused)
     while config.shared_floats * 4 > MMA_SHARED_BYTES:  # past M = 32 (not swept): fewer warps' partials
         fewer = {"warps_n": config.warps_n // 2} if config.warps_n > 1 else {"warps_k": config.warps_k // 2}
         config = replace(config, **fewer)
@@ -286,17 +286,11 @@ def _flat_args(x: Any, weight: Any, bias: Any, residual: Any, out: Any) -> tuple
     )
 
 
-def launch_mma(
-    config: MmaConfig, x: Any, weight: Any, bias: Any, residual: Any, out: Any, norm: tuple[Any, float] | None = None
-) -> None:
-    """Launch tensor-core variant ``config`` on checked float16 operands (K % 8 == 0, 16-byte aligned);
-    ``norm`` (weight, eps) for an ``rms`` variant."""
-    kernel = compiled(mma_kernel(config), MMA_SIGNATURE)
+def launch_mma(config: MmaConfig, x: Any, weight: Any, bias: Any, residual: Any, out: Any) -> None:
+    """Launch tensor-core variant ``config`` on checked float16 operands (K % 8 == 0, 16-byte aligned)."""
+    kernel = compiled(mma_kernel(config), kernel_signature(np.float16))
     grid = cdiv(out.shape[1], config.outputs_per_block)
-    x_, weight_, bias_, residual_, out_, M, N, K, has_bias, has_residual = _flat_args(x, weight, bias, residual, out)
-    norm_weight, eps = norm if norm is not None else (out_, 0.0)
-    launch(kernel, grid, config.threads,
-           (x_, weight_, bias_, residual_, out_, norm_weight, M, N, K, has_bias, has_residual, np.float32(eps)))
+    launch(kernel, grid, config.threads, _flat_args(x, weight, bias, residual, out))
 
 
 @lru_cache(maxsize=None)
@@ -315,18 +309,7 @@ def launch_tc(config: TcConfig, x: Any, weight: Any, bias: Any, residual: Any, o
     launch(kernel, grid, config.threads, _flat_args(x, weight, bias, residual, out), config.shared_bytes)
 
 
-def fuses_rms_norm(dtype: Any, rows: int | None = None) -> bool:
-    """Whether ``linear(..., norm=)`` takes ``rows`` rows of ``dtype`` (any count: None): float16 on
-    the tensor-core decode kernel (:mod:`.gemm_mma`), up to ``MMA_MAX_M`` rows. The runtime then
-    skips the norm's launch before QKV and gate-up; K % 8 == 0 and 16-byte aligned operands are
-    checked at the call."""
-    return USE_MMA and np.dtype(dtype) == np.float16 and (rows is None or rows <= MMA_MAX_M)
-
-
-def _launch(
-    x: Any, weight: Any, out: Any, bias: Any, residual: Any, fused: bool, mma: bool | None = None,
-    norm: tuple[Any, float] | None = None,
-) -> None:
+def _launch(x: Any, weight: Any, out: Any, bias: Any, residual: Any, fused: bool, mma: bool | None = None) -> None:
     """Pick the kernel for checked operands and launch it (``mma=False``: CUDA cores only).
 
     float16 with K % 8 == 0 and 16-byte aligned x and weight runs on tensor cores: decode
@@ -343,15 +326,7 @@ def _launch(
         vec = 1
     bf16 = is_bf16(dtype)
     tensor_cores = mma and dtype == np.float16 and vec > 1  # the tensor-core kernels are float16 only
-    if norm is not None:
-        if not (tensor_cores and M <= MMA_MAX_M and aligned16(norm[0])):
-            raise ValueError(
-                f"norm: x {tuple(x.shape)} {dtype} does not take the tensor-core decode kernel, the only "
-                f"one that normalises rows (float16, at most {MMA_MAX_M} rows, K % 8 == 0, 16-byte aligned; "
-                "see fuses_rms_norm)"
-            )
-        launch_mma(mma_config(M, N, K, fused, rms=True), x, weight, bias, residual, out, norm)
-    elif tensor_cores and M <= MMA_MAX_M:
+    if tensor_cores and M <= MMA_MAX_M:
         launch_mma(mma_config(M, N, K, fused), x, weight, bias, residual, out)
     elif tensor_cores and M >= gemm_tc.MIN_M and gemm_tc.ENABLED:
         launch_tc(tc_config(M, fused, has_wgmma()), x, weight, bias, residual, out)
@@ -381,22 +356,12 @@ def _check_operands(op: str, x: Any, weight: Any) -> tuple[int, int, int]:
     return M, weight.shape[0], K
 
 
-def _check_norm(op: str, x: Any, norm: tuple[Any, float] | None) -> None:
-    """``norm`` is None or (weight ``[K]`` of x's dtype, eps)."""
-    if norm is not None:
-        check_array(op, "norm weight", norm[0], (x.shape[1],), WITH_BFLOAT16)
-        check_same_dtype(op, "x", x, **{"norm weight": norm[0]})
-
-
-def linear(
-    x: Any, weight: Any, out: Any, bias: Any = None, residual: Any = None, norm: tuple[Any, float] | None = None
-) -> Any:
+def linear(x: Any, weight: Any, out: Any, bias: Any = None, residual: Any = None) -> Any:
     """Launch the fused linear; see :func:`infinilm_nb.kernels.reference.linear`.
 
     x: ``[M, K]``; weight: ``[N, K]``; bias: ``[N]``; residual, out: ``[M, N]`` (out may be
     residual). All C-contiguous and of one dtype (float16, float32 or bfloat16 as uint16 bits);
-    float32 accumulation. ``norm`` = (weight ``[K]``, eps), where :func:`fuses_rms_norm`: x's rows
-    go through that RMSNorm first, in the GEMM; a ValueError elsewhere.
+    float32 accumulation.
     """
     M, N, _ = _check_operands("linear", x, weight)
     check_array("linear", "out", out, (M, N), WITH_BFLOAT16)
@@ -404,27 +369,24 @@ def linear(
         check_array("linear", "bias", bias, (N,), WITH_BFLOAT16)
     if residual is not None:
         check_array("linear", "residual", residual, (M, N), WITH_BFLOAT16)
-    _check_norm("linear", x, norm)
     check_same_dtype("linear", "x", x, weight=weight, out=out, bias=bias, residual=residual)
     if M and N:
-        _launch(x, weight, out, bias, residual, fused=False, norm=norm)
+        _launch(x, weight, out, bias, residual, fused=False)
     return out
 
 
-def linear_silu_mul(x: Any, weight: Any, out: Any, norm: tuple[Any, float] | None = None) -> Any:
+def linear_silu_mul(x: Any, weight: Any, out: Any) -> Any:
     """Launch the gate-up linear with SiLU-mul in its epilogue; see
     :func:`infinilm_nb.kernels.reference.linear_silu_mul`.
 
     x: ``[M, K]``; weight: ``[2I, K]`` (gate rows, then up rows); out: ``[M, I]``. All C-contiguous
     and of one dtype; the gate and up products stay in float32 until ``silu(gate) * up`` is stored.
-    ``norm``: as :func:`linear`.
     """
     M, rows, _ = _check_operands("linear_silu_mul", x, weight)
     if rows % 2:
         raise ValueError(f"linear_silu_mul: weight must have an even number of rows [gate | up], got {rows}")
     check_array("linear_silu_mul", "out", out, (M, rows // 2), WITH_BFLOAT16)
-    _check_norm("linear_silu_mul", x, norm)
     check_same_dtype("linear_silu_mul", "x", x, weight=weight, out=out)
     if M and rows:
-        _launch(x, weight, out, None, None, fused=True, norm=norm)
+        _launch(x, weight, out, None, None, fused=True)
     return out

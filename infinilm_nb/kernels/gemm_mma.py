@@ -21,15 +21,6 @@ B (8 rows of x), so the arithmetic is free and the kernel only streams W.
   atomics: results do not depend on timing), then the epilogue adds bias and residual, or (fused)
   pairs gate row n with up row ``n + N`` and writes ``silu(gate) * up``.
 
-* ``rms`` (QKV and gate-up in decode): RMSNorm in the GEMM, on x's rows as they arrive from the
-  residual stream. Each x word is multiplied by the norm weight's word of the same columns
-  (``mul.rn.f16x2``: the float16 ``x * weight``), and the product is divided by each row's RMS in the
-  epilogue. The sums of squares come from the tensor cores too: each step also multiplies the
-  lane's raw x words by themselves (x as A with rows g + 8 zero, and as B), whose 8 x 8 product
-  accumulates ``X X^T`` over the warp's K slice; the diagonal entry of row g sits in register
-  ``g % 2`` of lane ``4 g + g // 2``. The K slices' sums meet in shared memory like the partial
-  sums. That saves the norm's launch (~2.8 us on an H200), two a layer.
-
 Rows past N and x rows past M are clamped for loading and never stored. K must be a multiple of 8
 and x and weight 16-byte aligned (the launcher checks).
 
@@ -51,16 +42,13 @@ from typing import Callable
 from numba import cuda, float32, int64, uint32
 
 from .common import SIMULATOR
-from .intrinsics import await_previous_kernels, mul_f16x2
+from .intrinsics import await_previous_kernels
 from .mma import load_words, load_words_stream, mma_16816
 
 WARP = 32
 CHUNK = 8  # float16 per 16-byte load
 STEP_K = 4 * CHUNK  # columns of K per step: 4 lanes of a row, 16 bytes each
 SHARED_BYTES = 48 * 1024
-# x, weight, bias, residual, out, norm weight (flat float16; out stands in for those absent), M, N, K,
-# has_bias, has_residual, eps
-SIGNATURE = "void(" + ", ".join(["float16[::1]"] * 6) + ", int64, int64, int64, boolean, boolean, float32)"
 
 
 @dataclass(frozen=True)
@@ -73,7 +61,6 @@ class MmaConfig:
     warps_k: int  # warps splitting K
     unroll: int  # steps whose loads are issued together
     fused: bool = False  # SiLU-mul epilogue over [gate | up] weight rows
-    rms: bool = False  # RMSNorm x's rows first (module doc)
 
     @property
     def threads(self) -> int:
@@ -90,17 +77,14 @@ class MmaConfig:
 
     @property
     def shared_floats(self) -> int:
-        """Shared memory of the split-K reduction: every warp's partial sums (and, normalising, the
-        sums of squares of each K slice of x's rows, then each row's scale)."""
-        squares = self.warps_k * self.tiles_x * 4 * WARP + 8 * self.tiles_x if self.rms else 0
-        return self.warps_k * self.warps_n * self.tiles_w * self.tiles_x * 4 * WARP + squares
+        """Shared memory of the split-K reduction: every warp's partial sums."""
+        return self.warps_k * self.warps_n * self.tiles_w * self.tiles_x * 4 * WARP
 
     @property
     def words(self) -> int:
         """32-bit values a lane keeps in registers: the loaded words and the sums. Past about 160,
         NVVM 12.9 stops unrolling the loops over them and they go to local memory."""
-        squares = 4 * (self.tiles_x + self.unroll) if self.rms else 0  # and the norm weight's words
-        return 4 * self.unroll * (2 * self.tiles_w + self.tiles_x) + 4 * self.tiles_w * self.tiles_x + squares
+        return 4 * self.unroll * (2 * self.tiles_w + self.tiles_x) + 4 * self.tiles_w * self.tiles_x
 
 
 @cuda.jit(device=True)
@@ -111,7 +95,7 @@ def silu(value):
 
 @lru_cache(maxsize=None)
 def mma_kernel(config: MmaConfig) -> Callable:
-    """The kernel for ``config``; signature :data:`SIGNATURE`."""
+    """The kernel for ``config``; signature as :func:`.gemm.kernel_signature` (float16)."""
     tiles_w, tiles_x = config.tiles_w, config.tiles_x
     warps_n, warps_k, unroll, fused = config.warps_n, config.warps_k, config.unroll, config.fused
     assert config.shared_floats * 4 <= SHARED_BYTES, config
@@ -122,20 +106,14 @@ def mma_kernel(config: MmaConfig) -> Callable:
     acc_size = tiles_w * tiles_x * 4
     w_words = unroll * rows_w * 4
     x_words = unroll * tiles_x * 4
-    norm_words = unroll * 4  # the norm weight's words of the loaded columns (rms)
     slot = warps_n * acc_size * WARP  # one warp_k's partial sums in shared memory
     shared_size = config.shared_floats
-    RMS = config.rms
-    squares_size = tiles_x * 4  # a lane's accumulators of the x tiles' Gram matrices
-    squares_at = warps_k * slot  # the sums of squares in shared memory, after the partial sums
-    scale_at = squares_at + warps_k * squares_size * WARP  # then each x row's 1 / RMS
     outputs = warps_n * tiles_out * tiles_x * 4 * WARP  # output values per block, as fragments
     threads = config.threads
 
     @cuda.jit(device=True, **({} if SIMULATOR else {"forceinline": True}))
-    def load_step(x, weight, norm_weight, K, w_base, x_base, first, w, xw, nw):
-        """Load ``unroll`` steps from this lane's column ``first`` on (and the norm weight's words of
-        those columns); columns past K read as zeros."""
+    def load_step(x, weight, K, w_base, x_base, first, w, xw):
+        """Load ``unroll`` steps from this lane's column ``first`` on; columns past K read as zeros."""
         for u in range(unroll):
             k = first + u * STEP_K
             inside = k < K
@@ -148,10 +126,6 @@ def mma_kernel(config: MmaConfig) -> Callable:
                 v = load_words(x, x_base[ib] + k)
                 for q in range(4):
                     xw[(u * tiles_x + ib) * 4 + q] = v[q] if inside else uint32(0)
-            if RMS:
-                v = load_words(norm_weight, k)
-                for q in range(4):
-                    nw[u * 4 + q] = v[q]
 
     @cuda.jit(device=True, **({} if SIMULATOR else {"forceinline": True}))
     def multiply(w, xw, acc):
@@ -172,33 +146,7 @@ def mma_kernel(config: MmaConfig) -> Callable:
                         for q in range(4):
                             acc[i + q] = d[q]
 
-    @cuda.jit(device=True, **({} if SIMULATOR else {"forceinline": True}))
-    def square_sums(xw, squares):
-        """``squares += X X^T`` for each 8-row x tile over the loaded steps (x as both operands, rows
-        g + 8 of A zero): its diagonal is the sum of squares of each row over this warp's columns."""
-        zero = uint32(0)
-        for u in range(unroll):
-            for half in range(2):
-                for ib in range(tiles_x):
-                    xa = (u * tiles_x + ib) * 4 + 2 * half
-                    i = ib * 4
-                    d = mma_16816(
-                        xw[xa], zero, xw[xa + 1], zero, xw[xa], xw[xa + 1],
-                        squares[i], squares[i + 1], squares[i + 2], squares[i + 3],
-                    )  # fmt: skip
-                    for q in range(4):
-                        squares[i + q] = d[q]
-
-    @cuda.jit(device=True, **({} if SIMULATOR else {"forceinline": True}))
-    def apply_norm_weight(xw, nw):
-        """Each loaded x word times the norm weight's word of its columns, in float16."""
-        for u in range(unroll):
-            for ib in range(tiles_x):
-                for q in range(4):
-                    i = (u * tiles_x + ib) * 4 + q
-                    xw[i] = mul_f16x2(xw[i], nw[u * 4 + q])
-
-    def kernel(x, weight, bias, residual, out, norm_weight, M, N, K, has_bias, has_residual, eps):
+    def kernel(x, weight, bias, residual, out, M, N, K, has_bias, has_residual):
         await_previous_kernels()
         tid = cuda.threadIdx.x
         lane = tid % WARP
@@ -224,17 +172,10 @@ def mma_kernel(config: MmaConfig) -> Callable:
         acc = cuda.local.array(acc_size, float32)
         for i in range(acc_size):
             acc[i] = 0
-        squares = cuda.local.array(squares_size, float32)
-        for i in range(squares_size):
-            squares[i] = 0
         w = cuda.local.array(w_words, uint32)
         xw = cuda.local.array(x_words, uint32)
-        nw = cuda.local.array(norm_words, uint32)
         for it in range(iterations):
-            load_step(x, weight, norm_weight, K, w_base, x_base, first + it * stride, w, xw, nw)
-            if RMS:
-                square_sums(xw, squares)
-                apply_norm_weight(xw, nw)
+            load_step(x, weight, K, w_base, x_base, first + it * stride, w, xw)
             multiply(w, xw, acc)
 
         # Each warp parks its partial sums in its slot; then each output's thread adds the warps_k
@@ -244,19 +185,6 @@ def mma_kernel(config: MmaConfig) -> Callable:
         partial = cuda.shared.array(shared_size, float32)
         for i in range(acc_size):
             partial[wk * slot + (wn * acc_size + i) * WARP + lane] = acc[i]
-        if RMS:
-            if wn == 0:  # every wn walks all of K: one set of sums is enough
-                for i in range(squares_size):
-                    partial[squares_at + (wk * squares_size + i) * WARP + lane] = squares[i]
-            cuda.syncthreads()
-            # x row r = 8 ib + g: its diagonal entry is c (g % 2) of tile ib in lane 4 g + g // 2
-            if tid < 8 * tiles_x:
-                g_r = tid % 8
-                at = squares_at + ((tid // 8) * 4 + g_r % 2) * WARP + 4 * g_r + g_r // 2
-                sum_sq = float32(0)
-                for s in range(warps_k):
-                    sum_sq += partial[at + s * squares_size * WARP]
-                partial[scale_at + tid] = float32(1) / math.sqrt(sum_sq / float32(K) + eps)
         cuda.syncthreads()
         for e in range(tid, outputs, threads):
             src_lane = e % WARP
@@ -272,13 +200,11 @@ def mma_kernel(config: MmaConfig) -> Callable:
                 total = float32(0)
                 for s in range(warps_k):
                     total += partial[s * slot + at]
-                scale = partial[scale_at + m] if RMS else float32(1)
-                total *= scale
                 if fused:
                     up = float32(0)
                     for s in range(warps_k):
                         up += partial[s * slot + at + tiles_out * tiles_x * 4 * WARP]
-                    total = silu(total) * (up * scale)
+                    total = silu(total) * up
                 else:
                     if has_bias:
                         total += float32(bias[n])

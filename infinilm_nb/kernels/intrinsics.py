@@ -289,7 +289,6 @@ else:
 #     cp_async_16(base + offset, x, i, 16)      # 16 bytes x.flat[i : i + 8] -> shared, asynchronously
 #     cp_async_commit(); cp_async_wait_group(1) # close a group; wait until at most 1 group is pending
 #     w = pack_f16x2(lo, hi)                    # two float32 -> one f16x2 word, lo in the low half
-#     w = mul_f16x2(a, b)                       # the two float16 products of two f16x2 words, rounded
 #
 # ldmatrix (m8n8, b16): lane ``8 j + r`` gives the address of row r of matrix j (16 contiguous bytes,
 # 16-byte aligned; for x1 / x2 only lanes 0-7 / 0-15 are read, the others must still execute). Word
@@ -314,12 +313,6 @@ if SIMULATOR:
     def pack_f16x2(lo, hi):
         """Both rounded to float16 in one word, ``lo`` in the low half (simulator: NumPy)."""
         return np.array([lo, hi], np.float16).view(np.uint32)[0]
-
-    @cuda.jit(device=True)
-    def mul_f16x2(a, b):
-        """The two float16 products of two f16x2 words, each rounded to float16 (simulator: NumPy)."""
-        halves = [np.array([w], np.uint32).view(np.float16).astype(np.float32) for w in (a, b)]
-        return (halves[0] * halves[1]).astype(np.float16).view(np.uint32)[0]
 
 else:
     _VOID = ir.VoidType()
@@ -451,18 +444,6 @@ else:
             return builder.call(asm, list(args))
 
         return types.uint32(lo, hi), codegen
-
-    @intrinsic
-    def mul_f16x2(typingctx, a, b):
-        """Type ``mul_f16x2(uint32, uint32) -> uint32``: ``mul.rn.f16x2``, two float16 products."""
-        if not all(isinstance(w, types.Integer) and w.bitwidth == 32 for w in (a, b)):
-            return None
-
-        def codegen(context, builder, sig, args):
-            asm = _asm(_I32, [_I32, _I32], "mul.rn.f16x2 $0, $1, $2;", "=r,r,r", volatile=False)
-            return builder.call(asm, [_u32(context, builder, v, t) for v, t in zip(args, sig.args)])
-
-        return types.uint32(a, b), codegen
 
 
 # ---------------------------------------------------------------- programmatic dependent launch

@@ -158,18 +158,12 @@ def linear(
     out: np.ndarray,
     bias: np.ndarray | None = None,
     residual: np.ndarray | None = None,
-    norm: tuple[np.ndarray, float] | None = None,
 ) -> np.ndarray:
     """``out = x @ weight.T (+ bias) (+ residual)``, accumulated in float32.
 
     x: ``[M, K]``; weight: ``[N, K]`` row-major, as HF stores it; bias: ``[N]``; residual, out:
     ``[M, N]`` (out may be residual: the fused residual add of o_proj and down_proj).
-
-    ``norm`` = (weight ``[K]``, eps): x's rows go through :func:`rms_norm` with them first, in
-    float32 and not rounded (the fusion of the norm before QKV and gate-up in decode).
     """
-    if norm is not None:
-        x = rms_norm(x, norm[0], norm[1], np.empty(x.shape, F32))
     acc = _f32_view(x) @ _f32_view(weight).T
     if bias is not None:
         acc += to_f32(bias)
@@ -184,23 +178,15 @@ def _f32_view(x: np.ndarray) -> np.ndarray:
     return x if x.dtype == F32 else to_f32(x)
 
 
-def linear_silu_mul(
-    x: np.ndarray, weight: np.ndarray, out: np.ndarray, norm: tuple[np.ndarray, float] | None = None
-) -> np.ndarray:
+def linear_silu_mul(x: np.ndarray, weight: np.ndarray, out: np.ndarray) -> np.ndarray:
     """The gate-up projection with SwiGLU fused: ``out = silu_mul(x @ weight.T)``.
 
     x: ``[M, K]``; weight: ``[2I, K]``, the gate rows then the up rows (the fused gate-up weight);
     out: ``[M, I]``. The products stay in float32 (never rounded to out's dtype) until
-    ``silu(gate) * up`` is stored. ``norm``: as :func:`linear`.
+    ``silu(gate) * up`` is stored.
     """
-    gate_up = linear(x, weight, np.empty((x.shape[0], weight.shape[0]), F32), norm=norm)
+    gate_up = linear(x, weight, np.empty((x.shape[0], weight.shape[0]), F32))
     return silu_mul(gate_up, out)
-
-
-def fuses_rms_norm(dtype: np.dtype, rows: int | None = None) -> bool:
-    """Whether ``linear(..., norm=)`` is the faster way to normalise here: never on the CPU, where the
-    separate RMSNorm costs no launch."""
-    return False
 
 
 def store_kv(

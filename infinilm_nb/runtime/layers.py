@@ -21,9 +21,8 @@ class Linear:
         self.weight = weight
         self.bias = bias
 
-    def __call__(self, x: Any, out: Any, residual: Any = None, norm: tuple[Any, float] | None = None) -> Any:
-        """``norm``: x's rows still to go through that RMSNorm, see :meth:`RMSNorm.feed`."""
-        return self.backend.ops.linear(x, self.weight, out, bias=self.bias, residual=residual, norm=norm)
+    def __call__(self, x: Any, out: Any, residual: Any = None) -> Any:
+        return self.backend.ops.linear(x, self.weight, out, bias=self.bias, residual=residual)
 
 
 class QKVParallelLinear(Linear):
@@ -137,11 +136,3 @@ class RMSNorm:
 
     def __call__(self, x: Any, out: Any) -> Any:
         return self.backend.ops.rms_norm(x, self.weight, self.eps, out)
-
-    def feed(self, x: Any, out: Any, fuse: bool = True) -> tuple[Any, tuple[Any, float] | None]:
-        """The input of the linear after the norm and the ``norm`` to call it with: ``x`` itself and
-        (weight, eps) where that linear can normalise x's rows itself (``ops.fuses_rms_norm``, and
-        ``fuse``), which saves the norm's launch; else ``out`` holding the norm's output, and None."""
-        if fuse and self.backend.ops.fuses_rms_norm(x.dtype, x.shape[0]):
-            return x, (self.weight, self.eps)
-        return self(x, out), None

@@ -153,12 +153,9 @@ class LlamaAttention:
         self.cos_sin = cos_sin
         self.scale = config.head_dim ** -0.5
 
-    def __call__(
-        self, step: StepInput, k_cache: Any, v_cache: Any, buf: StepBuffers, x: Any, norm: tuple[Any, float] | None
-    ) -> None:
-        """``x`` and ``norm``: the input norm's :meth:`~infinilm_nb.runtime.layers.RMSNorm.feed`."""
+    def __call__(self, step: StepInput, k_cache: Any, v_cache: Any, buf: StepBuffers) -> None:
         ops = self.backend.ops
-        self.qkv_proj(x, buf.qkv, norm=norm)
+        self.qkv_proj(buf.hidden, buf.qkv)
         q, k, v = self.qkv_proj.split(buf.qkv)
         ops.rope_store_kv(q, k, v, step.positions, self.cos_sin, k_cache, v_cache, step.slot_mapping)
         extra = {} if buf.workspace is None else {"workspace": buf.workspace}
@@ -182,12 +179,11 @@ class LlamaMLP:
             backend, weights[prefix + "down_proj.weight"], weights.get(prefix + "down_proj.bias"), group
         )
 
-    def __call__(self, buf: StepBuffers, x: Any, norm: tuple[Any, float] | None) -> None:
-        """``x`` and ``norm``: the post-attention norm's :meth:`~infinilm_nb.runtime.layers.RMSNorm.feed`."""
+    def __call__(self, buf: StepBuffers) -> None:
         if self.gate_up_proj.bias is None:  # SiLU-mul in the GEMM's epilogue: gate_up never hits memory
-            self.backend.ops.linear_silu_mul(x, self.gate_up_proj.weight, buf.act, norm=norm)
+            self.backend.ops.linear_silu_mul(buf.hidden, self.gate_up_proj.weight, buf.act)
         else:
-            self.gate_up_proj(x, buf.gate_up, norm=norm)
+            self.gate_up_proj(buf.hidden, buf.gate_up)
             self.backend.ops.silu_mul(buf.gate_up, buf.act)
         self.down_proj(buf.act, buf.residual, residual=buf.residual)
 
@@ -206,16 +202,16 @@ class LlamaDecoderLayer:
         self.hook_names = {n: prefix + n for n in ("input_norm.out", "attn.qkv", "attn.context", "attn.out", "mlp.out")}
 
     def __call__(self, step: StepInput, k_cache: Any, v_cache: Any, buf: StepBuffers, hooks: HookRegistry | None) -> None:
-        # In decode the norms can run inside QKV and gate-up (RMSNorm.feed); not while hooks want their output.
-        x, norm = self.input_layernorm.feed(buf.residual, buf.hidden, fuse=not hooks)
+        self.input_layernorm(buf.residual, buf.hidden)
         if hooks:
             hooks.capture(self.hook_names["input_norm.out"], buf.hidden)
-        self.self_attn(step, k_cache, v_cache, buf, x, norm)
+        self.self_attn(step, k_cache, v_cache, buf)
         if hooks:
             hooks.capture(self.hook_names["attn.qkv"], buf.qkv)
             hooks.capture(self.hook_names["attn.context"], buf.context)
             hooks.capture(self.hook_names["attn.out"], buf.residual)
-        self.mlp(buf, *self.post_attention_layernorm.feed(buf.residual, buf.hidden, fuse=not hooks))
+        self.post_attention_layernorm(buf.residual, buf.hidden)
+        self.mlp(buf)
         if hooks:
             hooks.capture(self.hook_names["mlp.out"], buf.residual)
 

@@ -3,7 +3,7 @@ import pytest
 
 from infinilm_nb.kernels import gemm, gemm_tc, reference
 from infinilm_nb.kernels.common import compiled
-from infinilm_nb.kernels.gemm_mma import SIGNATURE, MmaConfig, mma_kernel
+from infinilm_nb.kernels.gemm_mma import MmaConfig, mma_kernel
 from infinilm_nb.kernels.intrinsics import VECTOR_WIDTH
 from tests.helpers import pick, poisoned, random, rel_err, tolerance
 
@@ -187,27 +187,13 @@ MMA_CASES = [
     (MmaConfig(2, 4, 1, 2, 1, fused=True), 27, 21, 72),
     (MmaConfig(2, 1, 1, 1, 1, fused=True), 1, 9, 40),
     (MmaConfig(1, 8, 1, 2, 1), 61, 19, 72),
-    # RMSNorm of x's rows in the GEMM: split K, warps on rows, unrolled, fused, 8 x tiles
-    (MmaConfig(1, 2, 1, 2, 1, rms=True), 11, 37, 136),
-    (MmaConfig(2, 1, 2, 1, 2, rms=True), 5, 45, 200),
-    (MmaConfig(2, 4, 1, 2, 1, fused=True, rms=True), 27, 21, 72),
-    (MmaConfig(1, 8, 1, 2, 1, rms=True), 61, 19, 72),
 ]
-
-
-def _norm_operands(rng, M, K):
-    """float16 x whose rows' RMS spread over 0.01 .. 10 (a row's scale taken from another shows), and
-    a norm weight around 1 with an eps."""
-    x = (random(rng, (M, K), np.float32) * np.exp(rng.uniform(-4.6, 2.3, (M, 1)))).astype(np.float16)
-    return x, (1 + random(rng, K, np.float32, scale=0.5)).astype(np.float16), 1e-5
 
 
 @pytest.mark.parametrize("config,M,N,K", MMA_CASES, ids=[str(i) for i in range(len(MMA_CASES))])
 def test_tensor_core_variants_match_reference(kb, rng, config, M, N, K):
     rows = 2 * N if config.fused else N
-    x, norm_weight, eps = _norm_operands(rng, M, K)
-    if not config.rms:
-        x = random(rng, (M, K), np.float16)
+    x = random(rng, (M, K), np.float16)
     weight = random(rng, (rows, K), np.float16, scale=0.1)
     bias = None if config.fused else random(rng, N, np.float16)
     residual = None if config.fused else random(rng, (M, N), np.float16)
@@ -219,47 +205,12 @@ def test_tensor_core_variants_match_reference(kb, rng, config, M, N, K):
         None if bias is None else kb.asarray(bias),
         None if residual is None else kb.asarray(residual),
         out,
-        (kb.asarray(norm_weight), eps) if config.rms else None,
     )
-    norm = (norm_weight, eps) if config.rms else None
     if config.fused:
-        want = reference.linear_silu_mul(x, weight, np.empty((M, N), np.float32), norm=norm)
+        want = reference.linear_silu_mul(x, weight, np.empty((M, N), np.float32))
     else:
-        want = reference.linear(x, weight, np.empty((M, N), np.float32), bias=bias, residual=residual, norm=norm)
+        want = reference.linear(x, weight, np.empty((M, N), np.float32), bias=bias, residual=residual)
     assert rel_err(kb.to_host(out), want) < tolerance(np.float16)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("M", [1, 8, 32, gemm.MMA_MAX_M])
-@pytest.mark.parametrize("name,N,K", [("qkv", 6144, 4096), ("gate_up", 14336, 4096), ("small", 37, 40)])
-def test_linear_normalises_rows_on_tensor_cores(kb, rng, M, name, N, K):
-    assert gemm.fuses_rms_norm(np.float16, M)
-    x, norm_weight, eps = _norm_operands(rng, M, K)
-    fused = name == "gate_up"
-    weight = random(rng, (2 * N if fused else N, K), np.float16, scale=K**-0.5)
-    bias = None if fused else random(rng, N, np.float16)
-    out = poisoned(kb, (M, N), np.float16)
-    norm = (kb.asarray(norm_weight), eps)
-    if fused:
-        kb.ops.linear_silu_mul(kb.asarray(x), kb.asarray(weight), out, norm=norm)
-        want = reference.linear_silu_mul(x, weight, np.empty((M, N), np.float32), norm=(norm_weight, eps))
-    else:
-        kb.ops.linear(kb.asarray(x), kb.asarray(weight), out, bias=kb.asarray(bias), norm=norm)
-        want = reference.linear(x, weight, np.empty((M, N), np.float32), bias=bias, norm=(norm_weight, eps))
-    assert rel_err(kb.to_host(out), want) < tolerance(np.float16)
-
-
-def test_linear_norm_off_the_tensor_core_decode_kernel_is_an_error(kb, rng):
-    M = gemm.MMA_MAX_M + 1  # prefill rows: the norm stays a kernel of its own
-    assert not gemm.fuses_rms_norm(np.float16, M) and not gemm.fuses_rms_norm(np.float32)
-    x, weight = random(rng, (M, 40), np.float16), random(rng, (8, 40), np.float16)
-    out, norm_weight = kb.asarray(np.zeros((M, 8), np.float16)), kb.asarray(np.ones(40, np.float16))
-    with pytest.raises(ValueError, match=r"norm: x \(65, 40\) float16 does not take the tensor-core decode kernel"):
-        kb.ops.linear(kb.asarray(x), kb.asarray(weight), out, norm=(norm_weight, 1e-5))
-    with pytest.raises(ValueError, match=r"linear: norm weight must have shape \(40,\), got \(39,\)"):
-        kb.ops.linear(kb.asarray(x[:1]), kb.asarray(weight), out[:1], norm=(norm_weight[:39], 1e-5))
-    with pytest.raises(ValueError, match=r"linear_silu_mul: norm weight must have the dtype of x \(float16\), got float32"):
-        kb.ops.linear_silu_mul(kb.asarray(x[:1]), kb.asarray(weight), out[:1, :4], norm=(kb.asarray(np.ones(40, np.float32)), 1e-5))
 
 
 def test_linear_silu_mul_rejects_odd_weight_rows(kb, rng):
@@ -292,11 +243,8 @@ def test_tensor_core_variants_keep_their_arrays_in_registers():
     rows = range(1, gemm.MMA_MAX_M + 1)
     configs = {gemm.mma_config(m, n, k) for m in rows for n, k in shapes}
     configs |= {gemm.mma_config(m, 14336, 4096, fused=True) for m in rows}
-    # with the RMSNorm in: QKV and gate-up
-    configs |= {gemm.mma_config(m, 6144, 4096, rms=True) for m in rows}
-    configs |= {gemm.mma_config(m, 14336, 4096, fused=True, rms=True) for m in rows}
     for config in configs:
-        kernel = compiled(mma_kernel(config), SIGNATURE)
+        kernel = compiled(mma_kernel(config), gemm.kernel_signature(np.float16))
         assert kernel.get_local_mem_per_thread() == 0, config
         ptx = "".join(kernel.inspect_asm().values())  # a dict: one entry per signature
         assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in ptx, config

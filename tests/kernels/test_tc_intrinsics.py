@@ -154,20 +154,6 @@ def test_pack_f16x2_rounds_and_puts_lo_first(kb, rng):
     np.testing.assert_array_equal(kb.to_host(out), values.astype(np.float16).view(np.uint32))
 
 
-def _mul_kernel(a, b, out):
-    i = cuda.threadIdx.x
-    out[i] = intrinsics.mul_f16x2(a[i], b[i])
-
-
-def test_mul_f16x2_rounds_each_half_product(kb, rng):
-    a, b = ((rng.standard_normal(64) * 30).astype(np.float16) for _ in range(2))
-    kernel = cuda.jit("void(uint32[::1], uint32[::1], uint32[::1])")(_mul_kernel)
-    out = kb.asarray(np.zeros(32, np.uint32))
-    kernel[1, 32, launch_stream()](kb.asarray(a.view(np.uint32)), kb.asarray(b.view(np.uint32)), out)
-    want = (a.astype(np.float32) * b.astype(np.float32)).astype(np.float16)
-    np.testing.assert_array_equal(kb.to_host(out).view(np.float16), want)
-
-
 def _address_kernel(out):
     tile = cuda.shared.array(64, float32)
     i = cuda.threadIdx.x

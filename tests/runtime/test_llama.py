@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from infinilm_nb.backend import get_backend
-from infinilm_nb.kernels import reference
 from infinilm_nb.runtime.cache import PagedKVCache, StaticKVCache
 from infinilm_nb.runtime.llama import MODEL_REGISTRY, LlamaForCausalLM, Qwen2ForCausalLM, load_model
 from tests.helpers import rel_err
@@ -73,42 +72,6 @@ def test_mixed_batch_equals_each_alone(tiny_model_dir, cpu, cache_kind):
     # and then both decode together
     both = run_step(model, [(b, [12]), (a, [13])])
     assert np.all(np.isfinite(both))
-
-
-def test_norms_inside_the_gemms_match_transformers(tiny_model_dir, tiny_hf_model, cpu, monkeypatch):
-    """A backend whose GEMM does the RMSNorm before it (the reference linear standing in for the
-    tensor-core kernel, for steps of up to 2 tokens): decode passes the norms' weights to QKV and
-    gate-up instead of launching them, prefill does not; logits and tokens as transformers'. With a
-    hook registered, the norm runs on its own so that the hook sees its output."""
-    normed = []  # per GEMM call: whether it was given a norm
-    for op in ("linear", "linear_silu_mul"):
-        def spy(*args, _op=getattr(cpu.ops, op), norm=None, **kwargs):
-            normed.append(norm is not None)
-            return _op(*args, norm=norm, **kwargs)
-
-        monkeypatch.setattr(cpu.ops, op, spy)
-    monkeypatch.setattr(cpu.ops, "fuses_rms_norm", lambda dtype, rows=None: rows is None or rows <= 2)
-    model = load_model(tiny_model_dir, cpu, progress=False)
-    want_tokens = hf_greedy(tiny_hf_model, PROMPT, 6)
-    want_logits = hf_logits(tiny_hf_model, PROMPT + want_tokens[:-1])[len(PROMPT) - 1 :]
-    seq = CachedSeq(make_cache(model, "paged"))
-    got = [run_step(model, [(seq, PROMPT)])[0]]
-    assert not any(normed)  # 9 tokens: the norms ran on their own
-    for token in want_tokens[:-1]:
-        got.append(run_step(model, [(seq, [token])])[0])
-    assert rel_err(np.stack(got), want_logits) < 1e-4
-    assert np.stack(got).argmax(axis=-1).tolist() == want_tokens
-    assert normed.count(True) == 5 * 2 * model.config.num_hidden_layers  # QKV and gate-up of each decode step
-
-    hooked, residual = [], {}
-    model.hooks.register("layers.1.input_norm.out", lambda name, t: hooked.append(t.copy()))
-    model.hooks.register("layers.0.mlp.out", lambda name, t: residual.setdefault("layer 1 in", t.copy()))
-    normed.clear()
-    run_step(model, [(seq, [want_tokens[-1]])])
-    assert not any(normed)
-    norm = model.layers[1].input_layernorm
-    x = residual["layer 1 in"]
-    assert rel_err(hooked[0], reference.rms_norm(x, norm.weight, norm.eps, np.empty_like(x))) < 1e-6
 
 
 def test_chunked_prefill_equals_whole_prefill(tiny_model_dir, cpu):
