@@ -35,6 +35,14 @@ one) K and V tiles instead go through a ring of that many tile pairs in dynamic 
 wait and one barrier per tile, after which the copies of the tile ``kv_stages - 1`` ahead start and
 have the whole tile's compute to land.
 
+With ``wgmma`` (a variant, Hopper only, ring of 2 or more) each warpgroup computes its 64 rows of
+``S = Q K^T`` with one ``wgmma`` m64n64k16 per 16 columns of the head (:mod:`.wgmma`), both operands
+read from shared memory, so the Q fragments no longer take 4 registers per k-step for the whole
+block and K needs no ldmatrix. The Q and K tiles are then stored in panels of 64 columns (128-byte
+rows, chunk ``c`` of row ``r`` at ``c ^ (r % 8)``, each panel 1024-byte aligned: wgmma's 128-byte
+swizzle); V keeps its layout for ``ldmatrix.trans``. wgmma's accumulators are laid out as mma.sync's
+S fragments, so the softmax and ``P V`` do not change.
+
 Query rows past the sequence's end are zero-filled, computed and never stored; keys past the
 causal range are zero-filled and masked. Preconditions (checked by the dispatcher): float16, head
 dim 64 or 128, paged block size a power of two (any static length), q 16-byte aligned with
@@ -64,6 +72,10 @@ from .intrinsics import (
 )
 from .mma import mma_accumulate
 from .vector import element_strides, flat_view, inline_device
+from .wgmma import (
+    SWIZZLE_128B, fence_proxy_async, hold_accumulators, matrix_descriptor, wgmma_commit, wgmma_fence,
+    wgmma_m64n64k16, wgmma_wait,
+)
 
 # The switch: off (common.TENSOR_CORES, INFINILM_NB_TENSOR_CORES=0) keeps every step on the CUDA-core
 # attention kernel.
@@ -82,11 +94,16 @@ STATIC_SHIFT = 31  # a static cache is one block per sequence: every key is in l
 # pair by 4% at 2K and 8K on an H200; 3 pairs and 128-query blocks did not beat it (bench/RESULTS.md).
 KV_STAGES = 2
 QUERY_ROWS = 64
+# S on wgmma (Hopper only): a kernel-bench and GPU-test variant, not dispatched until measured.
+USE_WGMMA = False
+PANEL = 128  # wgmma: bytes of a panel row (64 float16), the 128-byte swizzle's row
+SWIZZLE_ATOM = 1024  # wgmma: the swizzle repeats every 8 panel rows, and a panel starts on it
 
 
-def shared_bytes(head_dim: int, kv_stages: int, block_q: int = 64) -> int:
-    """Shared memory of a block: the Q tile of ``block_q`` rows, then ``kv_stages`` (K, V) tile pairs."""
-    return (block_q + 2 * BKV * kv_stages) * 2 * head_dim
+def shared_bytes(head_dim: int, kv_stages: int, block_q: int = 64, wgmma: bool = False) -> int:
+    """Shared memory of a block: the Q tile of ``block_q`` rows, then ``kv_stages`` (K, V) tile pairs
+    (with wgmma, and room to start them on a swizzle atom)."""
+    return (block_q + 2 * BKV * kv_stages) * 2 * head_dim + (SWIZZLE_ATOM if wgmma else 0)
 
 
 def threads(block_q: int) -> int:
@@ -95,16 +112,19 @@ def threads(block_q: int) -> int:
 
 
 @lru_cache(maxsize=None)
-def prefill_kernel(head_dim: int, kv_stages: int = 1, block_q: int = 64) -> Callable:
+def prefill_kernel(head_dim: int, kv_stages: int = 1, block_q: int = 64, wgmma: bool = False) -> Callable:
     """The kernel for one head dim (64 or 128); signature :data:`SIGNATURE`, grid ``(Hq, T // block_q
     + B)`` of :func:`threads` threads, :func:`shared_bytes` of shared memory (dynamic past 48 KB).
 
     ``kv_stages``: 1 is the single K and V tile pipeline of the module doc; from 2 on, a ring of that
     many (K, V) tile pairs in which tile ``j + kv_stages - 1`` is copied while the warps compute on
     tile ``j``, one barrier per tile. ``block_q``: 64 (4 warps) or 128 queries (8 warps, which halves
-    the K and V bytes copied per query)."""
+    the K and V bytes copied per query). ``wgmma``: S on Hopper's wgmma (module doc; a ring of 2 or
+    more)."""
     if kv_stages < 1:
         raise ValueError(f"kv_stages must be at least 1, got {kv_stages}")
+    if wgmma and kv_stages < 2:
+        raise ValueError(f"the wgmma variant needs a ring of K/V tiles (kv_stages >= 2), got {kv_stages}")
     if block_q not in BLOCK_QUERIES:
         raise ValueError(f"block_q must be one of {BLOCK_QUERIES}, got {block_q}")
     D = head_dim
@@ -127,7 +147,11 @@ def prefill_kernel(head_dim: int, kv_stages: int = 1, block_q: int = 64) -> Call
     K_OFFSET = BQ * ROW  # stage s: its K tile at K_OFFSET + s * STAGE_BYTES, its V tile BKV rows on
     V_OFFSET = K_OFFSET + BKV * ROW
     STAGE_BYTES = 2 * BKV * ROW
-    SMEM_WORDS = shared_bytes(head_dim, kv_stages, block_q) // 4
+    SMEM_WORDS = shared_bytes(head_dim, kv_stages, block_q, wgmma) // 4
+    WGMMA = wgmma
+    # Q and K rows: D * 2 bytes with mma.sync; 128-byte rows of 64-column panels with wgmma
+    QK_ROW = PANEL if WGMMA else ROW
+    Q_PANEL, K_PANEL = BQ * PANEL, BKV * PANEL  # wgmma: bytes from one panel of a tile to the next
     DYNAMIC = SMEM_WORDS * 4 > STATIC_SHARED_BYTES  # then opted in at launch
     Q_PENDING = STAGES - 1 if RING else 1  # commit groups after Q's (the K/V tiles of the prologue)
     TILE_PENDING = max(STAGES - 2, 0)  # ring: groups allowed in flight once a tile must have landed
@@ -145,12 +169,13 @@ def prefill_kernel(head_dim: int, kv_stages: int = 1, block_q: int = 64) -> Call
             kv_row[i] = row if key < kv_end else -1
 
     @inline_device
-    def copy_tile(cache, kv_row, dst, c):
-        """cp.async this thread's chunks of one K or V tile (zeros for rows of -1) to ``dst``."""
+    def copy_tile(cache, kv_row, dst, c, row_bytes):
+        """cp.async this thread's chunks of one K or V tile (zeros for rows of -1) to ``dst``, its
+        rows ``row_bytes`` apart."""
         for i in range(KV_LOADS):
             row = kv_row[i]
             src = int64(row) * D + c * 8 if row >= 0 else 0
-            cp_async_16(dst + i * PER_PASS * ROW, cache, src, 16 if row >= 0 else 0)
+            cp_async_16(dst + i * PER_PASS * row_bytes, cache, src, 16 if row >= 0 else 0)
 
     @inline_device
     def scores(s, qf, k_tile, k_frag):
@@ -164,6 +189,22 @@ def prefill_kernel(head_dim: int, kv_stages: int = 1, block_q: int = 64) -> Call
                     i = (2 * p + half) * 4
                     a = 4 * kk
                     mma_accumulate(s, i, qf[a], qf[a + 1], qf[a + 2], qf[a + 3], v[2 * half], v[2 * half + 1])
+
+    @inline_device
+    def scores_wgmma(s, q_rows, k_tile):
+        """``s = Q K^T`` on wgmma for the warpgroup's 64 Q rows (from shared address ``q_rows`` in
+        each Q panel) and the K tile at ``k_tile``: an m64n64k16 per 16 head columns, the first one
+        overwriting ``s``; waits for the products."""
+        hold_accumulators(s, 0)
+        wgmma_fence()
+        for kk in range(KT):
+            step = (kk // 4) * Q_PANEL + 32 * (kk % 4)  # panel kk // 4, 16 columns at a time
+            desc_q = matrix_descriptor(q_rows + step, 16, 8 * PANEL, SWIZZLE_128B)
+            desc_k = matrix_descriptor(k_tile + (kk // 4) * K_PANEL + 32 * (kk % 4), 16, 8 * PANEL, SWIZZLE_128B)
+            wgmma_m64n64k16(s, 0, desc_q, desc_k, kk)
+        wgmma_commit()
+        wgmma_wait(0)
+        hold_accumulators(s, 0)
 
     @inline_device
     def softmax(s, o, kv0, kv_min, key_end, row_max, row_sum, t, scale_log2):
@@ -261,42 +302,52 @@ def prefill_kernel(head_dim: int, kv_stages: int = 1, block_q: int = 64) -> Call
         else:
             smem = cuda.shared.array(SMEM_WORDS, float32, alignment=128)
         base = int32(shared_address(smem, 0))
+        if WGMMA:
+            base = (base + SWIZZLE_ATOM - 1) & -SWIZZLE_ATOM
         c = tid % CH
         key0 = tid // CH  # this thread copies chunk c of rows key0 + i * PER_PASS
         swizzled = (c ^ (key0 % 8)) << 4  # PER_PASS is a multiple of 8: one swizzle for all its rows
+        kv_dst = key0 * ROW + swizzled  # V (and with mma.sync K and Q): this thread's first chunk
+        # wgmma: chunk c of a Q or K row is chunk c % 8 of panel c // 8
+        qk_dst = key0 * PANEL + (((c % 8) ^ (key0 % 8)) << 4) if WGMMA else kv_dst
+        q_dst = qk_dst + (c // 8) * Q_PANEL if WGMMA else kv_dst
+        k_dst = qk_dst + (c // 8) * K_PANEL if WGMMA else kv_dst
 
         # Q tile (rows past the sequence zero-filled), then K tile 0: two commit groups.
         for i in range(Q_LOADS):
             r = key0 + i * PER_PASS
             src = (token0 + r) * q_token_stride + h * q_head_stride + c * 8
-            cp_async_16(base + r * ROW + swizzled, q, src if r < rows else 0, 16 if r < rows else 0)
+            cp_async_16(base + q_dst + i * PER_PASS * QK_ROW, q, src if r < rows else 0, 16 if r < rows else 0)
         cp_async_commit()
         kv_row = cuda.local.array(KV_LOADS, int32)
-        kv_dst = key0 * ROW + swizzled
         if RING:  # tiles 0 .. STAGES - 2, K and V, one commit group each (empty past the keys)
             for stage in range(STAGES - 1):
                 if stage * BKV < kv_end:
                     fill_rows(kv_row, table, int32(stage * BKV), kv_end, key0, block_size, block_shift, block_mask,
                               kv_heads, kvh)
-                    copy_tile(k_cache, kv_row, base + K_OFFSET + stage * STAGE_BYTES + kv_dst, c)
-                    copy_tile(v_cache, kv_row, base + V_OFFSET + stage * STAGE_BYTES + kv_dst, c)
+                    copy_tile(k_cache, kv_row, base + K_OFFSET + stage * STAGE_BYTES + k_dst, c, QK_ROW)
+                    copy_tile(v_cache, kv_row, base + V_OFFSET + stage * STAGE_BYTES + kv_dst, c, ROW)
                 cp_async_commit()
         else:
             fill_rows(kv_row, table, int32(0), kv_end, key0, block_size, block_shift, block_mask, kv_heads, kvh)
-            copy_tile(k_cache, kv_row, base + K_OFFSET + kv_dst, c)
+            copy_tile(k_cache, kv_row, base + K_OFFSET + kv_dst, c, ROW)
             cp_async_commit()
 
         # Q fragments, kept for the whole block: A tile of the warp's 16 rows at k-step kk. Lane l
         # addresses row l % 16, chunk 2 kk + l // 16; with row % 8 == l % 8 the swizzled chunk is
         # (l // 16 ^ l % 8) ^ 2 kk, i.e. the k-step XORs bits 5.. of the byte offset.
         cp_async_wait_group(Q_PENDING)  # Q landed; the K/V groups after it may not have
+        if WGMMA:
+            fence_proxy_async()  # the landed copies visible to wgmma's reads
         cuda.syncthreads()
         qf = cuda.local.array(QF, uint32)
-        q_frag = (warp * 16 + lane % 16) * ROW + (((lane // 16) ^ (lane % 8)) << 4)
-        for kk in range(KT):
-            v = ldmatrix_x4(base + (q_frag ^ (kk << 5)))
-            for j in range(4):
-                qf[4 * kk + j] = v[j]
+        if not WGMMA:
+            q_frag = (warp * 16 + lane % 16) * ROW + (((lane // 16) ^ (lane % 8)) << 4)
+            for kk in range(KT):
+                v = ldmatrix_x4(base + (q_frag ^ (kk << 5)))
+                for j in range(4):
+                    qf[4 * kk + j] = v[j]
+        q_rows = base + (warp // 4) * 64 * PANEL  # wgmma: the warpgroup's first Q row in a panel
         # K pair p (keys 16p ..): lane l addresses key l % 8 + 8 (l // 16), chunk 2 kk + (l // 8) % 2.
         k_frag = (lane % 8 + 8 * (lane // 16)) * ROW + ((((lane // 8) % 2) ^ (lane % 8)) << 4)
         # V at k-step kk (keys 16 kk ..), d pair dp: lane l addresses key l % 8 + 8 ((l // 8) % 2),
@@ -321,14 +372,19 @@ def prefill_kernel(head_dim: int, kv_stages: int = 1, block_q: int = 64) -> Call
             write = int32(STAGES - 1)  # the stage refilled
             for kv0 in range(int32(0), kv_end, BKV):
                 cp_async_wait_group(TILE_PENDING)
+                if WGMMA:
+                    fence_proxy_async()
                 cuda.syncthreads()  # tile kv0 landed for all; all are done with the previous tile (stage `write`)
                 ahead = kv0 + (STAGES - 1) * BKV
                 if ahead < kv_end:
                     fill_rows(kv_row, table, ahead, kv_end, key0, block_size, block_shift, block_mask, kv_heads, kvh)
-                    copy_tile(k_cache, kv_row, base + K_OFFSET + write * STAGE_BYTES + kv_dst, c)
-                    copy_tile(v_cache, kv_row, base + V_OFFSET + write * STAGE_BYTES + kv_dst, c)
+                    copy_tile(k_cache, kv_row, base + K_OFFSET + write * STAGE_BYTES + k_dst, c, QK_ROW)
+                    copy_tile(v_cache, kv_row, base + V_OFFSET + write * STAGE_BYTES + kv_dst, c, ROW)
                 cp_async_commit()
-                scores(s, qf, base + K_OFFSET + read * STAGE_BYTES, k_frag)
+                if WGMMA:
+                    scores_wgmma(s, q_rows, base + K_OFFSET + read * STAGE_BYTES)
+                else:
+                    scores(s, qf, base + K_OFFSET + read * STAGE_BYTES, k_frag)
                 softmax(s, o, kv0, kv_min, key_end, row_max, row_sum, t, scale_log2)
                 accumulate(o, s, base + V_OFFSET + read * STAGE_BYTES, v_frag)
                 read = read + 1 if read < STAGES - 1 else 0
@@ -337,14 +393,14 @@ def prefill_kernel(head_dim: int, kv_stages: int = 1, block_q: int = 64) -> Call
             for kv0 in range(int32(0), kv_end, BKV):
                 cp_async_wait_group(0)
                 cuda.syncthreads()  # K tile landed for all; all are done with the previous V tile
-                copy_tile(v_cache, kv_row, base + V_OFFSET + kv_dst, c)
+                copy_tile(v_cache, kv_row, base + V_OFFSET + kv_dst, c, ROW)
                 cp_async_commit()
                 scores(s, qf, base + K_OFFSET, k_frag)
                 cuda.syncthreads()  # all are done with the K tile
                 if kv0 + BKV < kv_end:
                     fill_rows(kv_row, table, kv0 + BKV, kv_end, key0, block_size, block_shift, block_mask,
                               kv_heads, kvh)
-                    copy_tile(k_cache, kv_row, base + K_OFFSET + kv_dst, c)
+                    copy_tile(k_cache, kv_row, base + K_OFFSET + kv_dst, c, ROW)
                 cp_async_commit()
                 softmax(s, o, kv0, kv_min, key_end, row_max, row_sum, t, scale_log2)
                 cp_async_wait_group(1)
@@ -400,10 +456,10 @@ def prefill_attention(
     else:
         shift, mask = block_size.bit_length() - 1, block_size - 1
     q_strides, out_strides = element_strides(q), element_strides(out)
-    kernel = compiled(prefill_kernel(dim, KV_STAGES, QUERY_ROWS), SIGNATURE)
+    kernel = compiled(prefill_kernel(dim, KV_STAGES, QUERY_ROWS, USE_WGMMA), SIGNATURE)
     grid = (q_heads, tokens // QUERY_ROWS + context_lens.shape[0])  # every virtual tile index (module doc)
     launch(kernel, grid, threads(QUERY_ROWS), (
         flat_view("paged_attention", "q", q), q_strides[0], q_strides[1], k_cache.reshape(-1), v_cache.reshape(-1),
         block_tables, context_lens, query_start_loc, block_size, shift, mask, kv_heads, q_heads // kv_heads,
         np.float32(scale * LOG2E), flat_view("paged_attention", "out", out), out_strides[0], out_strides[1], tokens,
-    ), shared_bytes(dim, KV_STAGES, QUERY_ROWS))
+    ), shared_bytes(dim, KV_STAGES, QUERY_ROWS, USE_WGMMA))

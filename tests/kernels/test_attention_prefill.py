@@ -16,17 +16,28 @@ from tests.helpers import pick, poisoned, random, rel_err, tolerance
 from tests.kernels.test_attention import _paged_batch
 
 F16 = np.float16
-# (K / V tile pairs, queries per block): the single-tile pipeline of 64 queries, the dispatched ring of
-# 2 tile pairs and a ring of 3 (dynamic shared memory), blocks of 128 queries (8 warps)
-VARIANTS = [(1, 64), (2, 64), (3, 64), (1, 128), (2, 128)]
+# (K / V tile pairs, queries per block, S on wgmma): the single-tile pipeline of 64 queries, the
+# dispatched ring of 2 tile pairs and a ring of 3 (dynamic shared memory), blocks of 128 queries (8
+# warps), and S on wgmma (Hopper only) for one and two warpgroups
+VARIANTS = [(1, 64, False), (2, 64, False), (3, 64, False), (1, 128, False), (2, 128, False), (2, 64, True),
+            (2, 128, True)]
 
 
-@pytest.fixture(params=VARIANTS, ids=lambda v: f"stages{v[0]}-q{v[1]}")
+def _skip_wgmma_before_hopper(wgmma):
+    from numba import cuda
+
+    if wgmma and cuda.get_current_device().compute_capability != (9, 0):
+        pytest.skip("wgmma needs a Hopper GPU")
+
+
+@pytest.fixture(params=VARIANTS, ids=lambda v: f"stages{v[0]}-q{v[1]}" + ("-wgmma" if v[2] else ""))
 def variant(request, monkeypatch):
-    """Dispatch the prefill variant ``(kv_stages, block_q)`` for the test."""
-    kv_stages, block_q = request.param
+    """Dispatch the prefill variant ``(kv_stages, block_q, wgmma)`` for the test."""
+    kv_stages, block_q, wgmma = request.param
+    _skip_wgmma_before_hopper(wgmma)
     monkeypatch.setattr(attention_prefill, "KV_STAGES", kv_stages)
     monkeypatch.setattr(attention_prefill, "QUERY_ROWS", block_q)
+    monkeypatch.setattr(attention_prefill, "USE_WGMMA", wgmma)
     return request.param
 # (q heads, kv heads, head_dim, block_size): GQA 4, 3 and 1
 CONFIGS = [(32, 8, 128, 16), (9, 3, 64, 32), (4, 4, 128, 32), (12, 4, 64, 16)]
@@ -136,12 +147,16 @@ def test_prefill_attention_falls_back_to_cuda_cores(kb, rng, monkeypatch, case):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kv_stages,block_q", VARIANTS)
+@pytest.mark.parametrize("kv_stages,block_q,wgmma", VARIANTS)
 @pytest.mark.parametrize("dim", attention_prefill.HEAD_DIMS)
-def test_prefill_kernel_is_tensor_cores_without_local_memory(dim, kv_stages, block_q):
-    kernel = compiled(attention_prefill.prefill_kernel(dim, kv_stages, block_q), attention_prefill.SIGNATURE)
+def test_prefill_kernel_is_tensor_cores_without_local_memory(dim, kv_stages, block_q, wgmma):
+    _skip_wgmma_before_hopper(wgmma)
+    kernel = compiled(attention_prefill.prefill_kernel(dim, kv_stages, block_q, wgmma), attention_prefill.SIGNATURE)
     ptx = "".join(kernel.inspect_asm().values())
-    for instruction in ("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32", "ldmatrix.sync.aligned.m8n8.x4.trans"):
+    expected = ["mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32", "ldmatrix.sync.aligned.m8n8.x4.trans"]
+    if wgmma:  # S on wgmma, P V still on mma.sync
+        expected += ["wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16", "fence.proxy.async"]
+    for instruction in expected:
         assert instruction in ptx, instruction
     assert kernel.get_local_mem_per_thread() == 0
 
@@ -151,3 +166,5 @@ def test_prefill_kernel_variants_are_checked():
         attention_prefill.prefill_kernel(128, 0)
     with pytest.raises(ValueError, match="block_q must be one of"):
         attention_prefill.prefill_kernel(128, 1, 96)
+    with pytest.raises(ValueError, match=r"the wgmma variant needs a ring of K/V tiles \(kv_stages >= 2\), got 1"):
+        attention_prefill.prefill_kernel(128, 1, 64, wgmma=True)
