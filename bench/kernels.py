@@ -435,25 +435,31 @@ def _bench_prefill_attention() -> list[Row]:
         peer = time_torch_graph([sdpa], reps=10)
         want = cupy.from_dlpack(sdpa()[0].transpose(0, 1).float().contiguous())
         # as dispatched; one K / V tile pair, or a ring of 3 (attention_prefill.KV_STAGES); blocks of
-        # 128 queries (QUERY_ROWS); S on wgmma (USE_WGMMA, Hopper only); CUDA cores
-        dispatched = attention_prefill.KV_STAGES, attention_prefill.QUERY_ROWS, attention_prefill.USE_WGMMA
-        variants = (("", length, dispatched), (" ring1", length, (1, 64, False)), (" ring3", length, (3, 64, False)),
-                    (" q128", length, (1, 128, False)), (" q128 ring2", length, (2, 128, False)),
-                    (" cuda-core", None, (1, 64, False)))
+        # 128 queries (QUERY_ROWS); S on wgmma (USE_WGMMA, Hopper only), also overlapped with the
+        # softmax (OVERLAP_SCORES, a ring of 3); CUDA cores
+        knobs = ("KV_STAGES", "QUERY_ROWS", "USE_WGMMA", "OVERLAP_SCORES")
+        dispatched = tuple(getattr(attention_prefill, knob) for knob in knobs)
+        variants = (("", length, dispatched), (" ring1", length, (1, 64, False, False)),
+                    (" ring3", length, (3, 64, False, False)), (" q128", length, (1, 128, False, False)),
+                    (" q128 ring2", length, (2, 128, False, False)), (" cuda-core", None, (1, 64, False, False)))
         if cupy.cuda.Device().compute_capability == "90":
-            variants += ((" wgmma", length, (2, 64, True)), (" q128 wgmma", length, (2, 128, True)))
+            variants += ((" wgmma", length, (2, 64, True, False)), (" q128 wgmma", length, (2, 128, True, False)),
+                         (" wgmma overlap", length, (3, 64, True, True)),
+                         (" q128 wgmma overlap", length, (3, 128, True, True)))
         for label, hint, variant in variants:
             def call(hint=hint):
                 OPS.paged_attention(q, k_cache, v_cache, tables, context_lens, query_start, HEAD_DIM**-0.5, out,
                                     max_query_len=hint)
-            attention_prefill.KV_STAGES, attention_prefill.QUERY_ROWS, attention_prefill.USE_WGMMA = variant
+            for knob, value in zip(knobs, variant):
+                setattr(attention_prefill, knob, value)
             out.fill(np.nan)
             call()
             err = float(cupy.linalg.norm(out.astype(np.float32) - want) / cupy.linalg.norm(want))
             if err > 2e-3:
                 print(f"prefill_attn{label} L={length}: relative error {err:.2e} against SDPA")
             t = time_graph([call], reps=10 if hint else 2, rounds=7 if hint else 3)
-            attention_prefill.KV_STAGES, attention_prefill.QUERY_ROWS, attention_prefill.USE_WGMMA = dispatched
+            for knob, value in zip(knobs, dispatched):
+                setattr(attention_prefill, knob, value)
             rows.append(Row(f"prefill_attn{label}", f"L={length} {HEADS}/{KV_HEADS}x{HEAD_DIM}", t * 1e6,
                             flops / t / 1e12, "TFLOP/s", None, "SDPA", peer * 1e6))
         del k_cache, v_cache, k_rows, v_rows, sdpa

@@ -41,7 +41,10 @@ read from shared memory, so the Q fragments no longer take 4 registers per k-ste
 block and K needs no ldmatrix. The Q and K tiles are then stored in panels of 64 columns (128-byte
 rows, chunk ``c`` of row ``r`` at ``c ^ (r % 8)``, each panel 1024-byte aligned: wgmma's 128-byte
 swizzle); V keeps its layout for ``ldmatrix.trans``. wgmma's accumulators are laid out as mma.sync's
-S fragments, so the softmax and ``P V`` do not change.
+S fragments, so the softmax and ``P V`` do not change. With ``overlap`` too (a ring of 3 or more),
+the warpgroup issues tile ``j + 1``'s ``S`` before tile ``j``'s softmax and ``P V`` and collects it
+after them, so that the tensor cores work through the next scores while the exponentials run
+(FlashAttention-3's overlap within a warpgroup); the scores are then held twice (32 more registers).
 
 Query rows past the sequence's end are zero-filled, computed and never stored; keys past the
 causal range are zero-filled and masked. Preconditions (checked by the dispatcher): float16, head
@@ -94,8 +97,10 @@ STATIC_SHIFT = 31  # a static cache is one block per sequence: every key is in l
 # pair by 4% at 2K and 8K on an H200; 3 pairs and 128-query blocks did not beat it (bench/RESULTS.md).
 KV_STAGES = 2
 QUERY_ROWS = 64
-# S on wgmma (Hopper only): a kernel-bench and GPU-test variant, not dispatched until measured.
+# S on wgmma (Hopper only), and the next tile's S during this tile's softmax: kernel-bench and GPU-test
+# variants, not dispatched until measured.
 USE_WGMMA = False
+OVERLAP_SCORES = False
 PANEL = 128  # wgmma: bytes of a panel row (64 float16), the 128-byte swizzle's row
 SWIZZLE_ATOM = 1024  # wgmma: the swizzle repeats every 8 panel rows, and a panel starts on it
 
@@ -112,7 +117,9 @@ def threads(block_q: int) -> int:
 
 
 @lru_cache(maxsize=None)
-def prefill_kernel(head_dim: int, kv_stages: int = 1, block_q: int = 64, wgmma: bool = False) -> Callable:
+def prefill_kernel(
+    head_dim: int, kv_stages: int = 1, block_q: int = 64, wgmma: bool = False, overlap: bool = False
+) -> Callable:
     """The kernel for one head dim (64 or 128); signature :data:`SIGNATURE`, grid ``(Hq, T // block_q
     + B)`` of :func:`threads` threads, :func:`shared_bytes` of shared memory (dynamic past 48 KB).
 
@@ -120,11 +127,14 @@ def prefill_kernel(head_dim: int, kv_stages: int = 1, block_q: int = 64, wgmma: 
     many (K, V) tile pairs in which tile ``j + kv_stages - 1`` is copied while the warps compute on
     tile ``j``, one barrier per tile. ``block_q``: 64 (4 warps) or 128 queries (8 warps, which halves
     the K and V bytes copied per query). ``wgmma``: S on Hopper's wgmma (module doc; a ring of 2 or
+    more); ``overlap``: the next tile's S computed during this tile's softmax (wgmma, a ring of 3 or
     more)."""
     if kv_stages < 1:
         raise ValueError(f"kv_stages must be at least 1, got {kv_stages}")
     if wgmma and kv_stages < 2:
         raise ValueError(f"the wgmma variant needs a ring of K/V tiles (kv_stages >= 2), got {kv_stages}")
+    if overlap and not (wgmma and kv_stages >= 3):
+        raise ValueError(f"overlap needs wgmma and a ring of 3 or more K/V tiles, got wgmma={wgmma}, kv_stages={kv_stages}")
     if block_q not in BLOCK_QUERIES:
         raise ValueError(f"block_q must be one of {BLOCK_QUERIES}, got {block_q}")
     D = head_dim
@@ -149,12 +159,17 @@ def prefill_kernel(head_dim: int, kv_stages: int = 1, block_q: int = 64, wgmma: 
     STAGE_BYTES = 2 * BKV * ROW
     SMEM_WORDS = shared_bytes(head_dim, kv_stages, block_q, wgmma) // 4
     WGMMA = wgmma
+    OVERLAP = overlap
     # Q and K rows: D * 2 bytes with mma.sync; 128-byte rows of 64-column panels with wgmma
     QK_ROW = PANEL if WGMMA else ROW
     Q_PANEL, K_PANEL = BQ * PANEL, BKV * PANEL  # wgmma: bytes from one panel of a tile to the next
     DYNAMIC = SMEM_WORDS * 4 > STATIC_SHARED_BYTES  # then opted in at launch
     Q_PENDING = STAGES - 1 if RING else 1  # commit groups after Q's (the K/V tiles of the prologue)
     TILE_PENDING = max(STAGES - 2, 0)  # ring: groups allowed in flight once a tile must have landed
+    # ring: commit groups allowed in flight at the top of tile j (which must have landed; with overlap,
+    # tile j + 1 too), and before tile 0's scores (overlap)
+    TOP_PENDING = max(STAGES - 3, 0) if OVERLAP else TILE_PENDING
+    FIRST_PENDING = TILE_PENDING
 
     @inline_device
     def fill_rows(kv_row, table, start, kv_end, key0, block_size, block_shift, block_mask, kv_heads, kvh):
@@ -191,10 +206,10 @@ def prefill_kernel(head_dim: int, kv_stages: int = 1, block_q: int = 64, wgmma: 
                     mma_accumulate(s, i, qf[a], qf[a + 1], qf[a + 2], qf[a + 3], v[2 * half], v[2 * half + 1])
 
     @inline_device
-    def scores_wgmma(s, q_rows, k_tile):
-        """``s = Q K^T`` on wgmma for the warpgroup's 64 Q rows (from shared address ``q_rows`` in
-        each Q panel) and the K tile at ``k_tile``: an m64n64k16 per 16 head columns, the first one
-        overwriting ``s``; waits for the products."""
+    def issue_scores(s, q_rows, k_tile):
+        """Start ``s = Q K^T`` on wgmma for the warpgroup's 64 Q rows (from shared address ``q_rows``
+        in each Q panel) and the K tile at ``k_tile``: an m64n64k16 per 16 head columns, the first
+        one overwriting ``s``; one commit group."""
         hold_accumulators(s, 0)
         wgmma_fence()
         for kk in range(KT):
@@ -203,8 +218,18 @@ def prefill_kernel(head_dim: int, kv_stages: int = 1, block_q: int = 64, wgmma: 
             desc_k = matrix_descriptor(k_tile + (kk // 4) * K_PANEL + 32 * (kk % 4), 16, 8 * PANEL, SWIZZLE_128B)
             wgmma_m64n64k16(s, 0, desc_q, desc_k, kk)
         wgmma_commit()
+
+    @inline_device
+    def collect_scores(s):
+        """Wait for the scores started into ``s``."""
         wgmma_wait(0)
         hold_accumulators(s, 0)
+
+    @inline_device
+    def scores_wgmma(s, q_rows, k_tile):
+        """:func:`issue_scores`, then :func:`collect_scores`."""
+        issue_scores(s, q_rows, k_tile)
+        collect_scores(s)
 
     @inline_device
     def softmax(s, o, kv0, kv_min, key_end, row_max, row_sum, t, scale_log2):
@@ -366,28 +391,45 @@ def prefill_kernel(head_dim: int, kv_stages: int = 1, block_q: int = 64, wgmma: 
         for i in range(O_ACC):
             o[i] = 0
         s = cuda.local.array(S_ACC, float32)
+        s_next = cuda.local.array(S_ACC, float32)  # overlap: the next tile's scores
+        if OVERLAP:  # tile 0's scores before the loop, which computes each next tile's ahead
+            cp_async_wait_group(FIRST_PENDING)
+            fence_proxy_async()
+            cuda.syncthreads()
+            scores_wgmma(s, q_rows, base + K_OFFSET)
 
         if RING:
             read = int32(0)  # the stage computed on
             write = int32(STAGES - 1)  # the stage refilled
             for kv0 in range(int32(0), kv_end, BKV):
-                cp_async_wait_group(TILE_PENDING)
+                cp_async_wait_group(TOP_PENDING)
                 if WGMMA:
                     fence_proxy_async()
-                cuda.syncthreads()  # tile kv0 landed for all; all are done with the previous tile (stage `write`)
+                # tile kv0 (and with overlap kv0 + BKV) landed for all; all are done with the previous
+                # tile (stage `write`)
+                cuda.syncthreads()
                 ahead = kv0 + (STAGES - 1) * BKV
                 if ahead < kv_end:
                     fill_rows(kv_row, table, ahead, kv_end, key0, block_size, block_shift, block_mask, kv_heads, kvh)
                     copy_tile(k_cache, kv_row, base + K_OFFSET + write * STAGE_BYTES + k_dst, c, QK_ROW)
                     copy_tile(v_cache, kv_row, base + V_OFFSET + write * STAGE_BYTES + kv_dst, c, ROW)
                 cp_async_commit()
-                if WGMMA:
+                following = read + 1 if read < STAGES - 1 else 0
+                more = kv0 + BKV < kv_end
+                if OVERLAP:  # s holds this tile's scores already; the next tile's run meanwhile
+                    if more:
+                        issue_scores(s_next, q_rows, base + K_OFFSET + following * STAGE_BYTES)
+                elif WGMMA:
                     scores_wgmma(s, q_rows, base + K_OFFSET + read * STAGE_BYTES)
                 else:
                     scores(s, qf, base + K_OFFSET + read * STAGE_BYTES, k_frag)
                 softmax(s, o, kv0, kv_min, key_end, row_max, row_sum, t, scale_log2)
                 accumulate(o, s, base + V_OFFSET + read * STAGE_BYTES, v_frag)
-                read = read + 1 if read < STAGES - 1 else 0
+                if OVERLAP and more:
+                    collect_scores(s_next)
+                    for i in range(S_ACC):
+                        s[i] = s_next[i]
+                read = following
                 write = write + 1 if write < STAGES - 1 else 0
         else:
             for kv0 in range(int32(0), kv_end, BKV):
@@ -456,7 +498,7 @@ def prefill_attention(
     else:
         shift, mask = block_size.bit_length() - 1, block_size - 1
     q_strides, out_strides = element_strides(q), element_strides(out)
-    kernel = compiled(prefill_kernel(dim, KV_STAGES, QUERY_ROWS, USE_WGMMA), SIGNATURE)
+    kernel = compiled(prefill_kernel(dim, KV_STAGES, QUERY_ROWS, USE_WGMMA, OVERLAP_SCORES), SIGNATURE)
     grid = (q_heads, tokens // QUERY_ROWS + context_lens.shape[0])  # every virtual tile index (module doc)
     launch(kernel, grid, threads(QUERY_ROWS), (
         flat_view("paged_attention", "q", q), q_strides[0], q_strides[1], k_cache.reshape(-1), v_cache.reshape(-1),

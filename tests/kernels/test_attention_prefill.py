@@ -16,11 +16,13 @@ from tests.helpers import pick, poisoned, random, rel_err, tolerance
 from tests.kernels.test_attention import _paged_batch
 
 F16 = np.float16
-# (K / V tile pairs, queries per block, S on wgmma): the single-tile pipeline of 64 queries, the
-# dispatched ring of 2 tile pairs and a ring of 3 (dynamic shared memory), blocks of 128 queries (8
-# warps), and S on wgmma (Hopper only) for one and two warpgroups
-VARIANTS = [(1, 64, False), (2, 64, False), (3, 64, False), (1, 128, False), (2, 128, False), (2, 64, True),
-            (2, 128, True)]
+# (K / V tile pairs, queries per block, S on wgmma, the next S during the softmax): the single-tile
+# pipeline of 64 queries, the dispatched ring of 2 tile pairs and a ring of 3 (dynamic shared memory),
+# blocks of 128 queries (8 warps), and S on wgmma (Hopper only) for one and two warpgroups, and
+# overlapped with the softmax (a ring of 3)
+VARIANTS = [(1, 64, False, False), (2, 64, False, False), (3, 64, False, False), (1, 128, False, False),
+            (2, 128, False, False), (2, 64, True, False), (2, 128, True, False), (3, 64, True, True),
+            (3, 128, True, True)]
 
 
 def _skip_wgmma_before_hopper(wgmma):
@@ -30,14 +32,20 @@ def _skip_wgmma_before_hopper(wgmma):
         pytest.skip("wgmma needs a Hopper GPU")
 
 
-@pytest.fixture(params=VARIANTS, ids=lambda v: f"stages{v[0]}-q{v[1]}" + ("-wgmma" if v[2] else ""))
+def _variant_id(variant) -> str:
+    kv_stages, block_q, wgmma, overlap = variant
+    return f"stages{kv_stages}-q{block_q}" + ("-wgmma" if wgmma else "") + ("-overlap" if overlap else "")
+
+
+@pytest.fixture(params=VARIANTS, ids=_variant_id)
 def variant(request, monkeypatch):
-    """Dispatch the prefill variant ``(kv_stages, block_q, wgmma)`` for the test."""
-    kv_stages, block_q, wgmma = request.param
+    """Dispatch the prefill variant ``(kv_stages, block_q, wgmma, overlap)`` for the test."""
+    kv_stages, block_q, wgmma, overlap = request.param
     _skip_wgmma_before_hopper(wgmma)
     monkeypatch.setattr(attention_prefill, "KV_STAGES", kv_stages)
     monkeypatch.setattr(attention_prefill, "QUERY_ROWS", block_q)
     monkeypatch.setattr(attention_prefill, "USE_WGMMA", wgmma)
+    monkeypatch.setattr(attention_prefill, "OVERLAP_SCORES", overlap)
     return request.param
 # (q heads, kv heads, head_dim, block_size): GQA 4, 3 and 1
 CONFIGS = [(32, 8, 128, 16), (9, 3, 64, 32), (4, 4, 128, 32), (12, 4, 64, 16)]
@@ -147,11 +155,12 @@ def test_prefill_attention_falls_back_to_cuda_cores(kb, rng, monkeypatch, case):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kv_stages,block_q,wgmma", VARIANTS)
+@pytest.mark.parametrize("kv_stages,block_q,wgmma,overlap", VARIANTS, ids=[_variant_id(v) for v in VARIANTS])
 @pytest.mark.parametrize("dim", attention_prefill.HEAD_DIMS)
-def test_prefill_kernel_is_tensor_cores_without_local_memory(dim, kv_stages, block_q, wgmma):
+def test_prefill_kernel_is_tensor_cores_without_local_memory(dim, kv_stages, block_q, wgmma, overlap):
     _skip_wgmma_before_hopper(wgmma)
-    kernel = compiled(attention_prefill.prefill_kernel(dim, kv_stages, block_q, wgmma), attention_prefill.SIGNATURE)
+    kernel = compiled(attention_prefill.prefill_kernel(dim, kv_stages, block_q, wgmma, overlap),
+                      attention_prefill.SIGNATURE)
     ptx = "".join(kernel.inspect_asm().values())
     expected = ["mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32", "ldmatrix.sync.aligned.m8n8.x4.trans"]
     if wgmma:  # S on wgmma, P V still on mma.sync
@@ -168,3 +177,5 @@ def test_prefill_kernel_variants_are_checked():
         attention_prefill.prefill_kernel(128, 1, 96)
     with pytest.raises(ValueError, match=r"the wgmma variant needs a ring of K/V tiles \(kv_stages >= 2\), got 1"):
         attention_prefill.prefill_kernel(128, 1, 64, wgmma=True)
+    with pytest.raises(ValueError, match="overlap needs wgmma and a ring of 3 or more K/V tiles, got wgmma=True, kv_stages=2"):
+        attention_prefill.prefill_kernel(128, 2, 64, wgmma=True, overlap=True)
