@@ -80,7 +80,7 @@ def kernels() -> list[tuple[str, Callable, str, dict[str, Any]]]:
                    gemm_tc.TcConfig(block_m=128, block_n=256, warps_m=8, warps_n=1, block_k=64, wgmma=True)):
         rows.append((f"prefill GEMM {config.label}", gemm_tc.tc_kernel(config), f16, {}))
     for stages, block_q, wgmma, overlap in ((1, 64, False, False), (2, 64, False, False), (2, 128, False, False),
-                                            (2, 64, True, False), (2, 128, True, False), (3, 64, True, True)):
+                                            (2, 64, True, False), (2, 128, True, False), (2, 64, True, True)):
         label = f"prefill attention d=128, {stages} K/V stage(s), {block_q} queries" + (", wgmma" if wgmma else "")
         rows.append((label + (" overlapped" if overlap else ""),
                      attention_prefill.prefill_kernel(dim, stages, block_q, wgmma, overlap), attention_prefill.SIGNATURE,

@@ -41,10 +41,12 @@ read from shared memory, so the Q fragments no longer take 4 registers per k-ste
 block and K needs no ldmatrix. The Q and K tiles are then stored in panels of 64 columns (128-byte
 rows, chunk ``c`` of row ``r`` at ``c ^ (r % 8)``, each panel 1024-byte aligned: wgmma's 128-byte
 swizzle); V keeps its layout for ``ldmatrix.trans``. wgmma's accumulators are laid out as mma.sync's
-S fragments, so the softmax and ``P V`` do not change. With ``overlap`` too (a ring of 3 or more),
-the warpgroup issues tile ``j + 1``'s ``S`` before tile ``j``'s softmax and ``P V`` and collects it
-after them, so that the tensor cores work through the next scores while the exponentials run
-(FlashAttention-3's overlap within a warpgroup); the scores are then held twice (32 more registers).
+S fragments, so the softmax and ``P V`` do not change. With ``overlap`` too, the warpgroup issues
+tile ``j + 1``'s ``S`` before tile ``j``'s softmax and ``P V`` and collects it after them, so that the
+tensor cores work through the next scores while the exponentials run (FlashAttention-3's overlap
+within a warpgroup); the scores are then held twice (32 more registers). The ring of 2 then runs K
+a tile ahead of V: at the top of tile ``j``, K ``j + 1`` and V ``j`` have landed, and the copies of K
+``j + 2`` (into K ``j``'s slot, whose scores are collected) and V ``j + 1`` (into V ``j - 1``'s) start.
 
 Query rows past the sequence's end are zero-filled, computed and never stored; keys past the
 causal range are zero-filled and masked. Preconditions (checked by the dispatcher): float16, head
@@ -127,14 +129,13 @@ def prefill_kernel(
     many (K, V) tile pairs in which tile ``j + kv_stages - 1`` is copied while the warps compute on
     tile ``j``, one barrier per tile. ``block_q``: 64 (4 warps) or 128 queries (8 warps, which halves
     the K and V bytes copied per query). ``wgmma``: S on Hopper's wgmma (module doc; a ring of 2 or
-    more); ``overlap``: the next tile's S computed during this tile's softmax (wgmma, a ring of 3 or
-    more)."""
+    more); ``overlap``: the next tile's S computed during this tile's softmax (wgmma, a ring of 2)."""
     if kv_stages < 1:
         raise ValueError(f"kv_stages must be at least 1, got {kv_stages}")
     if wgmma and kv_stages < 2:
         raise ValueError(f"the wgmma variant needs a ring of K/V tiles (kv_stages >= 2), got {kv_stages}")
-    if overlap and not (wgmma and kv_stages >= 3):
-        raise ValueError(f"overlap needs wgmma and a ring of 3 or more K/V tiles, got wgmma={wgmma}, kv_stages={kv_stages}")
+    if overlap and not (wgmma and kv_stages == 2):
+        raise ValueError(f"overlap needs wgmma and a ring of 2 K/V tiles, got wgmma={wgmma}, kv_stages={kv_stages}")
     if block_q not in BLOCK_QUERIES:
         raise ValueError(f"block_q must be one of {BLOCK_QUERIES}, got {block_q}")
     D = head_dim
@@ -164,12 +165,9 @@ def prefill_kernel(
     QK_ROW = PANEL if WGMMA else ROW
     Q_PANEL, K_PANEL = BQ * PANEL, BKV * PANEL  # wgmma: bytes from one panel of a tile to the next
     DYNAMIC = SMEM_WORDS * 4 > STATIC_SHARED_BYTES  # then opted in at launch
-    Q_PENDING = STAGES - 1 if RING else 1  # commit groups after Q's (the K/V tiles of the prologue)
+    # commit groups after Q's: the K/V tiles of the prologue (with overlap, and K tile 1)
+    Q_PENDING = STAGES if OVERLAP else STAGES - 1 if RING else 1
     TILE_PENDING = max(STAGES - 2, 0)  # ring: groups allowed in flight once a tile must have landed
-    # ring: commit groups allowed in flight at the top of tile j (which must have landed; with overlap,
-    # tile j + 1 too), and before tile 0's scores (overlap)
-    TOP_PENDING = max(STAGES - 3, 0) if OVERLAP else TILE_PENDING
-    FIRST_PENDING = TILE_PENDING
 
     @inline_device
     def fill_rows(kv_row, table, start, kv_end, key0, block_size, block_shift, block_mask, kv_heads, kvh):
@@ -353,6 +351,12 @@ def prefill_kernel(
                     copy_tile(k_cache, kv_row, base + K_OFFSET + stage * STAGE_BYTES + k_dst, c, QK_ROW)
                     copy_tile(v_cache, kv_row, base + V_OFFSET + stage * STAGE_BYTES + kv_dst, c, ROW)
                 cp_async_commit()
+            if OVERLAP:  # K runs a tile ahead: K tile 1 into stage 1
+                if BKV < kv_end:
+                    fill_rows(kv_row, table, int32(BKV), kv_end, key0, block_size, block_shift, block_mask, kv_heads,
+                              kvh)
+                    copy_tile(k_cache, kv_row, base + K_OFFSET + STAGE_BYTES + k_dst, c, QK_ROW)
+                cp_async_commit()
         else:
             fill_rows(kv_row, table, int32(0), kv_end, key0, block_size, block_shift, block_mask, kv_heads, kvh)
             copy_tile(k_cache, kv_row, base + K_OFFSET + kv_dst, c, ROW)
@@ -393,7 +397,7 @@ def prefill_kernel(
         s = cuda.local.array(S_ACC, float32)
         s_next = cuda.local.array(S_ACC, float32)  # overlap: the next tile's scores
         if OVERLAP:  # tile 0's scores before the loop, which computes each next tile's ahead
-            cp_async_wait_group(FIRST_PENDING)
+            cp_async_wait_group(1)  # K tile 1 may still be in flight
             fence_proxy_async()
             cuda.syncthreads()
             scores_wgmma(s, q_rows, base + K_OFFSET)
@@ -402,17 +406,28 @@ def prefill_kernel(
             read = int32(0)  # the stage computed on
             write = int32(STAGES - 1)  # the stage refilled
             for kv0 in range(int32(0), kv_end, BKV):
-                cp_async_wait_group(TOP_PENDING)
+                cp_async_wait_group(0 if OVERLAP else TILE_PENDING)
                 if WGMMA:
                     fence_proxy_async()
-                # tile kv0 (and with overlap kv0 + BKV) landed for all; all are done with the previous
-                # tile (stage `write`)
+                # tile kv0 (with overlap: V kv0, K kv0 + BKV) landed for all; all are done with the
+                # previous tile (stage `write`; with overlap, K tile kv0 too, whose scores are in)
                 cuda.syncthreads()
-                ahead = kv0 + (STAGES - 1) * BKV
-                if ahead < kv_end:
-                    fill_rows(kv_row, table, ahead, kv_end, key0, block_size, block_shift, block_mask, kv_heads, kvh)
-                    copy_tile(k_cache, kv_row, base + K_OFFSET + write * STAGE_BYTES + k_dst, c, QK_ROW)
-                    copy_tile(v_cache, kv_row, base + V_OFFSET + write * STAGE_BYTES + kv_dst, c, ROW)
+                if OVERLAP:  # K kv0 + 2 BKV into stage `read`, V kv0 + BKV into stage `write`
+                    if kv0 + 2 * BKV < kv_end:
+                        fill_rows(kv_row, table, kv0 + 2 * BKV, kv_end, key0, block_size, block_shift, block_mask,
+                                  kv_heads, kvh)
+                        copy_tile(k_cache, kv_row, base + K_OFFSET + read * STAGE_BYTES + k_dst, c, QK_ROW)
+                    if kv0 + BKV < kv_end:
+                        fill_rows(kv_row, table, kv0 + BKV, kv_end, key0, block_size, block_shift, block_mask,
+                                  kv_heads, kvh)
+                        copy_tile(v_cache, kv_row, base + V_OFFSET + write * STAGE_BYTES + kv_dst, c, ROW)
+                else:
+                    ahead = kv0 + (STAGES - 1) * BKV
+                    if ahead < kv_end:
+                        fill_rows(kv_row, table, ahead, kv_end, key0, block_size, block_shift, block_mask, kv_heads,
+                                  kvh)
+                        copy_tile(k_cache, kv_row, base + K_OFFSET + write * STAGE_BYTES + k_dst, c, QK_ROW)
+                        copy_tile(v_cache, kv_row, base + V_OFFSET + write * STAGE_BYTES + kv_dst, c, ROW)
                 cp_async_commit()
                 following = read + 1 if read < STAGES - 1 else 0
                 more = kv0 + BKV < kv_end
