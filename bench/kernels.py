@@ -477,7 +477,8 @@ def commit() -> str:
     if os.environ.get("INFINILM_NB_COMMIT"):
         return os.environ["INFINILM_NB_COMMIT"]
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        # "-dirty" when the tree is not HEAD's (the GPU machine's copy of .git can lag the tree it runs)
+        return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
     except OSError:
         return "unknown"
 

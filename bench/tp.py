@@ -192,7 +192,8 @@ def commit() -> str:
     """The commit measured: INFINILM_NB_COMMIT (the GPU machine gets no .git), else git's HEAD."""
     if os.environ.get("INFINILM_NB_COMMIT"):
         return os.environ["INFINILM_NB_COMMIT"]
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    # "-dirty" when the tree is not HEAD's (the GPU machine's copy of .git can lag the tree it runs)
+    done = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=REPO)
     return done.stdout.strip() or "unknown"
 
 

@@ -10,7 +10,8 @@
 #   bash scripts/gpu_session.sh sweep [bench/gemm_sweep.py args] # e.g. --m 32 --budget 120: decode GEMM variants
 # Each ends with bench/summary.py: one short table of what the run produced.
 # The machine has no network: tests/convert (model downloads) stays out by default. Carry .whl
-# (NumPy 2.4, gguf, pytest-xdist + execnet) with the call.
+# (NumPy 2.4, gguf, pytest-xdist + execnet) with the call, and name the commit the figures are of:
+#   INFINILM_NB_COMMIT=$(git rev-parse --short HEAD) bash scripts/gpu_session.sh ...   (composed here)
 set -uo pipefail
 what=${1:-all}; shift || true
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -23,6 +24,7 @@ else
   export PYTHONPATH=$PWD
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+[[ -n ${INFINILM_NB_COMMIT:-} ]] || echo "INFINILM_NB_COMMIT is not set: the benches label their figures with this machine's git, which may lag the tree"
 python3 -c "import numpy, numba, numba_cuda, cupy; print('numpy', numpy.__version__, 'numba', numba.__version__, 'numba-cuda', numba_cuda.__version__, 'cupy', cupy.__version__)"
 status=0
 run_tests() {
