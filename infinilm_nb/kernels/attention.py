@@ -23,7 +23,10 @@ in a fixed order (the blocks around the lane groups: :mod:`.attention_blocks`). 
 Without a workspace a block covers a token's whole causal range and writes ``out``. With an
 :class:`AttentionWorkspace` the range is cut into partitions processed by separate blocks (so that
 few long decode sequences fill the GPU); each writes its unnormalised partial and (max, sum), and a
-second kernel merges them with the online-softmax rule.
+second kernel merges them with the online-softmax rule. The host picks the number of partitions
+from the block table's capacity (a CUDA graph is captured before the contexts are known); each
+token then cuts its own causal range into that many, ``KEY_GRAIN`` keys at a time, so that a short
+context is spread over short partitions too instead of filling the first ones.
 
 A float16 step that the caller marks as holding prefills (``max_query_len``) runs instead on tensor
 cores, FlashAttention-2 style: :mod:`.attention_prefill`. Other float16 steps (head dim 64 or 128,
@@ -411,8 +414,8 @@ def _attention(
         return out
     parts = cdiv(capacity, part_keys)
     stats, partials = _workspace_views(workspace, tokens, q_heads, parts, dim)
-    launch(split, (tokens, kv_heads, parts), threads, (*args, part_keys, stats, partials))
-    merge_partitions(context_lens, query_start_loc, capacity, part_keys, stats, partials, out)
+    launch(split, (tokens, kv_heads, parts), threads, (*args, KEY_GRAIN, stats, partials))
+    merge_partitions(context_lens, query_start_loc, capacity, KEY_GRAIN, stats, partials, out)
     return out
 
 

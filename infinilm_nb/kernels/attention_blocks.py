@@ -25,6 +25,14 @@ NEG_INF = np.float32(-np.inf)  # a float32 constant, so that selects with it sta
 
 
 @cuda.jit(device=True)
+def partition_keys(key_end, grain, parts):
+    """Keys per partition of a token whose causal range ends at ``key_end``, cut into ``parts``
+    partitions of a multiple of ``grain`` keys (the last ones may be empty)."""
+    grains = (key_end + grain - 1) // grain
+    return grain * ((grains + parts - 1) // parts)
+
+
+@cuda.jit(device=True)
 def locate(t, query_start_loc, context_lens, capacity):
     """The sequence of query token ``t`` and the end of its causal key range (0: no sequence)."""
     num_seqs = context_lens.shape[0]
@@ -143,14 +151,16 @@ def block_kernels(
             out[t, g * G + h, i - h * D] = as_stored(combined(part_s, state_s, i) / state_s[G + h])
 
     def partition(
-        q, k, v, block_tables, context_lens, query_start_loc, kv_heads, scale, part_keys, stats, partials
+        q, k, v, block_tables, context_lens, query_start_loc, kv_heads, scale, grain, stats, partials
     ):
-        """One block per (token, KV head, partition): an unnormalised partial and its (max, sum)."""
+        """One block per (token, KV head, partition): an unnormalised partial and its (max, sum). The
+        token's range is cut into ``gridDim.z`` partitions of :func:`partition_keys` keys."""
         await_previous_kernels()
         t = cuda.blockIdx.x
         g = cuda.blockIdx.y
         p = cuda.blockIdx.z
         b, key_end = locate(t, query_start_loc, context_lens, block_tables.shape[1] * BS)
+        part_keys = partition_keys(key_end, grain, cuda.gridDim.z)
         key_start = p * part_keys
         if key_start >= key_end:
             return

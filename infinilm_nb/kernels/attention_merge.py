@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from numba import cuda, float32
 
-from .attention_blocks import NEG_INF, locate
+from .attention_blocks import NEG_INF, locate, partition_keys
 from .common import SIMULATOR, compiled, launch, numba_type
 from .intrinsics import await_previous_kernels, load_f32x4
 from .vector import is_bf16, to_stored
@@ -79,7 +79,7 @@ def _merge_kernel(head_dim: int, bf16: bool) -> Callable:
                 for j in range(4):
                     acc[j] += w * values[u, j]
 
-    def merge(context_lens, query_start_loc, capacity, part_keys, stats, partials, out):
+    def merge(context_lens, query_start_loc, capacity, grain, stats, partials, out):
         await_previous_kernels()
         t = cuda.blockIdx.x
         hq = cuda.blockIdx.y
@@ -87,6 +87,7 @@ def _merge_kernel(head_dim: int, bf16: bool) -> Callable:
         _, key_end = locate(t, query_start_loc, context_lens, capacity)
         if key_end <= 0:
             return
+        part_keys = partition_keys(key_end, grain, partials.shape[2])
         parts = (key_end + part_keys - 1) // part_keys
         scratch = cuda.shared.array(WARPS, float32)
         sums = cuda.shared.array(SUMS, float32)
@@ -132,15 +133,16 @@ def _merge_kernel(head_dim: int, bf16: bool) -> Callable:
 
 
 def merge_partitions(
-    context_lens: Any, query_start_loc: Any, capacity: int, part_keys: int, stats: Any, partials: Any, out: Any,
+    context_lens: Any, query_start_loc: Any, capacity: int, grain: int, stats: Any, partials: Any, out: Any,
 ) -> None:
     """Launch the merge of ``partials [tokens, heads, parts, D]`` and ``stats [2, tokens, heads,
     parts]`` (C-contiguous float32, 16-byte aligned) into ``out [tokens, heads, D]`` (float32,
-    float16 or bfloat16 bits), partitions of ``part_keys`` keys."""
+    float16 or bfloat16 bits): each token's range cut into ``parts`` partitions of a multiple of
+    ``grain`` keys (:func:`.attention_blocks.partition_keys`), as the partition kernels cut it."""
     tokens, heads, _, dim = partials.shape
     kernel = compiled(
         _merge_kernel(dim, is_bf16(out.dtype)),
         "void(int32[::1], int32[::1], int64, int32, float32[:, :, :, ::1], float32[:, :, :, ::1], "
         f"{numba_type(out.dtype)}[:, :, :])",
     )
-    launch(kernel, (tokens, heads), THREADS, (context_lens, query_start_loc, capacity, part_keys, stats, partials, out))
+    launch(kernel, (tokens, heads), THREADS, (context_lens, query_start_loc, capacity, grain, stats, partials, out))

@@ -169,6 +169,30 @@ def test_paged_attention_few_tokens_split_finer_than_the_workspace_shape(kb, rng
     assert launched == [16]
 
 
+@pytest.mark.parametrize("dtype", [F32, F16])
+def test_a_short_context_spreads_over_every_partition(kb, rng, monkeypatch, dtype):
+    # a block table far wider than the context (as a CUDA graph captures it): the host splits for the
+    # table's 32 grains of keys into 4 partitions, and the token cuts its 3 grains into 3 of them
+    q_heads, kv_heads, dim, block_size = CONFIGS[0][:4]
+    grain = attention.KEY_GRAIN
+    length, capacity = 3 * grain, 32 * grain
+    tables = rng.permutation(capacity // block_size).astype(np.int32)[None]
+    context_lens, qsl = np.array([length], np.int32), np.array([0, 1], np.int32)
+    k_cache, v_cache = (random(rng, (capacity // block_size, block_size, kv_heads, dim), dtype) for _ in range(2))
+    (q, _, _), (q_dev, _, _) = _qkv_views(kb, rng, 1, q_heads, kv_heads, dim, dtype)
+    workspace = AttentionWorkspace.allocate(kb.xp, 1, q_heads, dim, capacity, partition_keys=capacity // 4)
+    workspace.stats.fill(np.nan)
+    monkeypatch.setattr(attention, "_partitions", lambda blocks, keys, most, *rest: most)  # all 4, on a GPU too
+    out = poisoned(kb, (1, q_heads, dim), dtype)
+    kb.ops.paged_attention(q_dev, kb.asarray(k_cache), kb.asarray(v_cache), kb.asarray(tables), kb.asarray(context_lens),
+                           kb.asarray(qsl), dim**-0.5, out, workspace=workspace)
+    want = reference.paged_attention(q, k_cache, v_cache, tables, context_lens, qsl, dim**-0.5,
+                                     np.empty((1, q_heads, dim), np.float32))
+    assert rel_err(kb.to_host(out), want) < tolerance(dtype)
+    maxima = kb.to_host(workspace.stats)[0, 0]  # [heads, partitions]
+    assert maxima.shape[1] == 4 and np.isfinite(maxima[:, :3]).all() and np.isnan(maxima[:, 3]).all()
+
+
 def test_attention_workspace_shapes():
     shapes = attention_workspace_shapes(8, 32, 128, 4097, partition_keys=256)
     assert shapes == {"stats": (2, 8, 32, 17), "partials": (8, 32, 17, 128)}

@@ -6,7 +6,7 @@ import pytest
 from infinilm_nb.kernels import attention_merge
 from tests.helpers import pick, poisoned, rel_err, tolerance
 
-PART_KEYS = 64
+GRAIN = 64
 
 
 @pytest.mark.parametrize("dim", pick(sim=[8, 64], gpu=[64, 128, 256]))
@@ -15,7 +15,8 @@ def test_merge_matches_the_online_softmax_rule(kb, rng, dim, dtype):
     # partition counts: one, a few, past the rows summed side by side and past the block's threads
     parts = np.array(pick(sim=[1, 3, 9, 70], gpu=[1, 3, 9, 43, 133, 300]), np.int32)
     tokens, heads, room = len(parts), 3, int(parts.max()) + 2
-    context_lens = parts * PART_KEYS - rng.integers(0, PART_KEYS, tokens).astype(np.int32)
+    # each token's range within room * GRAIN keys: partitions of GRAIN keys, `parts` of them holding keys
+    context_lens = parts * GRAIN - rng.integers(0, GRAIN, tokens).astype(np.int32)
     query_start_loc = np.arange(tokens + 1, dtype=np.int32)  # one decode token per sequence
     maxima = rng.normal(0, 4, (tokens, heads, room)).astype(np.float32)
     sums = rng.uniform(0.5, 20, (tokens, heads, room)).astype(np.float32)
@@ -28,7 +29,7 @@ def test_merge_matches_the_online_softmax_rule(kb, rng, dim, dtype):
         want[t] = (w[:, :, None] * o).sum(axis=1) / (w * s).sum(axis=1)[:, None]
     out = poisoned(kb, (tokens, heads, dim), dtype)
     attention_merge.merge_partitions(
-        kb.asarray(context_lens), kb.asarray(query_start_loc), 1 << 30, PART_KEYS, kb.asarray(stats),
+        kb.asarray(context_lens), kb.asarray(query_start_loc), 1 << 30, GRAIN, kb.asarray(stats),
         kb.asarray(partials), out,
     )
     assert rel_err(kb.to_host(out), want) < tolerance(dtype)
