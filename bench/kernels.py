@@ -357,7 +357,7 @@ def bench_prefill(copy_bw: float) -> list[Row]:
     paged, block 16) against torch SDPA (``is_causal``, GQA), and against our CUDA-core kernel.
     Attention FLOPs count the causal half: ``2 * Hq * D * L^2``.
     """
-    from infinilm_nb.kernels import gemm, gemm_tc
+    from infinilm_nb.kernels import gemm, gemm_tc, wgmma
 
     # 32-column K tiles: the 48 KB static rings (dispatched before the fifth session), deeper ones in
     # dynamic shared memory, a 64 x 64 warp tile (half the shared-memory reads per mma of the 64 x 32
@@ -368,10 +368,10 @@ def bench_prefill(copy_bw: float) -> list[Row]:
             gemm_tc.TcConfig(stages=6), gemm_tc.TcConfig(block_m=128, block_n=256, warps_m=2, warps_n=4, stages=4),
             gemm_tc.TcConfig(block_m=64, block_n=64, warps_m=2, warps_n=2, stages=6),
             gemm_tc.TcConfig(block_k=64, stages=4))
-    if cupy.cuda.Device().compute_capability == "90":  # wgmma from the swizzled tiles: sm_90 only
-        wgmma = dict(block_m=128, block_n=128, warps_m=8, warps_n=1, block_k=64, wgmma=True)
-        deep += (gemm_tc.TcConfig(**wgmma), gemm_tc.TcConfig(**wgmma, stages=4, in_flight=1),
-                 gemm_tc.TcConfig(**{**wgmma, "block_n": 256}))
+    if wgmma.supported():  # wgmma from the swizzled tiles: sm_90 only
+        on_wgmma = dict(block_m=128, block_n=128, warps_m=8, warps_n=1, block_k=64, wgmma=True)
+        deep += (gemm_tc.TcConfig(**on_wgmma), gemm_tc.TcConfig(**on_wgmma, stages=4, in_flight=1),
+                 gemm_tc.TcConfig(**{**on_wgmma, "block_n": 256}))
     rows = []
     for name in ("qkv", "o", "gate_up", "down"):
         n, k = GEMM_SHAPES[name]
@@ -414,7 +414,7 @@ def _sdpa_prefill(q: Any, k: Any, v: Any) -> Callable[[], Any]:
 def _bench_prefill_attention() -> list[Row]:
     import torch
 
-    from infinilm_nb.kernels import attention_prefill
+    from infinilm_nb.kernels import attention_prefill, wgmma
 
     rows = []
     for length in PREFILL_LENGTHS:
@@ -442,7 +442,7 @@ def _bench_prefill_attention() -> list[Row]:
         variants = (("", length, dispatched), (" ring1", length, (1, 64, False, False)),
                     (" ring3", length, (3, 64, False, False)), (" q128", length, (1, 128, False, False)),
                     (" q128 ring2", length, (2, 128, False, False)), (" cuda-core", None, (1, 64, False, False)))
-        if cupy.cuda.Device().compute_capability == "90":
+        if wgmma.supported():
             variants += ((" wgmma", length, (2, 64, True, False)), (" q128 wgmma", length, (2, 128, True, False)),
                          (" wgmma overlap", length, (2, 64, True, True)),
                          (" q128 wgmma overlap", length, (2, 128, True, True)))

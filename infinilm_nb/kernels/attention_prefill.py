@@ -78,8 +78,8 @@ from .intrinsics import (
 from .mma import mma_accumulate
 from .vector import element_strides, flat_view, inline_device
 from .wgmma import (
-    SWIZZLE_128B, fence_proxy_async, hold_accumulators, matrix_descriptor, wgmma_commit, wgmma_fence,
-    wgmma_m64n64k16, wgmma_wait,
+    SWIZZLE_ROW, fence_proxy_async, hold_accumulators, swizzled_k_step, wgmma_commit, wgmma_fence, wgmma_m64n64k16,
+    wgmma_wait,
 )
 
 # The switch: off (common.TENSOR_CORES, INFINILM_NB_TENSOR_CORES=0) keeps every step on the CUDA-core
@@ -103,7 +103,7 @@ QUERY_ROWS = 64
 # variants, not dispatched until measured.
 USE_WGMMA = False
 OVERLAP_SCORES = False
-PANEL = 128  # wgmma: bytes of a panel row (64 float16), the 128-byte swizzle's row
+PANEL = SWIZZLE_ROW  # wgmma: bytes of a panel row (64 float16), the 128-byte swizzle's row
 SWIZZLE_ATOM = 1024  # wgmma: the swizzle repeats every 8 panel rows, and a panel starts on it
 
 
@@ -211,10 +211,7 @@ def prefill_kernel(
         hold_accumulators(s, 0)
         wgmma_fence()
         for kk in range(KT):
-            step = (kk // 4) * Q_PANEL + 32 * (kk % 4)  # panel kk // 4, 16 columns at a time
-            desc_q = matrix_descriptor(q_rows + step, 16, 8 * PANEL, SWIZZLE_128B)
-            desc_k = matrix_descriptor(k_tile + (kk // 4) * K_PANEL + 32 * (kk % 4), 16, 8 * PANEL, SWIZZLE_128B)
-            wgmma_m64n64k16(s, 0, desc_q, desc_k, kk)
+            wgmma_m64n64k16(s, 0, swizzled_k_step(q_rows, kk, Q_PANEL), swizzled_k_step(k_tile, kk, K_PANEL), kk)
         wgmma_commit()
 
     @inline_device

@@ -46,7 +46,7 @@ from .common import (
     TENSOR_CORES, WITH_BFLOAT16, cdiv, check_array, check_same_dtype, compiled, launch,
     numba_type,
 )
-from . import gemm_tc
+from . import gemm_tc, wgmma
 from .gemm_mma import SHARED_BYTES as MMA_SHARED_BYTES, MmaConfig, mma_kernel, silu
 from .gemm_tc import TcConfig, tc_config, tc_kernel
 from .intrinsics import VECTOR_WIDTH, aligned16, as_f32, await_previous_kernels
@@ -293,16 +293,15 @@ def launch_mma(config: MmaConfig, x: Any, weight: Any, bias: Any, residual: Any,
     launch(kernel, grid, config.threads, _flat_args(x, weight, bias, residual, out))
 
 
-@lru_cache(maxsize=None)
 def has_wgmma() -> bool:
-    """Whether the prefill linear takes wgmma: a Hopper (compute capability 9.0, one per process)
-    with ``gemm_tc.WGMMA`` on."""
-    return gemm_tc.WGMMA and cuda.get_current_device().compute_capability == (9, 0)
+    """Whether the prefill linear takes wgmma: a Hopper (:func:`.wgmma.supported`) with
+    ``gemm_tc.WGMMA`` on."""
+    return gemm_tc.WGMMA and wgmma.supported()
 
 
 def launch_tc(config: TcConfig, x: Any, weight: Any, bias: Any, residual: Any, out: Any) -> None:
     """Launch tensor-core prefill variant ``config`` on checked float16 operands (K % 8 == 0, 16-byte aligned)."""
-    if config.wgmma and cuda.get_current_device().compute_capability != (9, 0):
+    if config.wgmma and not wgmma.supported():
         raise ValueError(f"launch_tc: {config.label} uses wgmma, which only a Hopper GPU has (compute capability 9.0)")
     kernel = compiled(tc_kernel(config), kernel_signature(np.float16))
     grid = cdiv(out.shape[1], config.outputs_n) * cdiv(x.shape[0], config.block_m)

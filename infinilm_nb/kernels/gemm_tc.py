@@ -63,8 +63,7 @@ from .intrinsics import (
 from .mma import mma_accumulate
 from .vector import inline_device
 from .wgmma import (
-    MMA_BY_WIDTH, SWIZZLE_128B, fence_proxy_async, hold_accumulators, matrix_descriptor, wgmma_commit, wgmma_fence,
-    wgmma_wait,
+    MMA_BY_WIDTH, fence_proxy_async, hold_accumulators, swizzled_k_step, wgmma_commit, wgmma_fence, wgmma_wait,
 )
 
 # The switch: off (common.TENSOR_CORES, INFINILM_NB_TENSOR_CORES=0) sends every float16 prefill linear
@@ -241,10 +240,8 @@ def tc_kernel(config: TcConfig) -> Callable:
         ``IN_FLIGHT`` K tiles' products are running, whose stages the next refills skip."""
         hold(acc)
         wgmma_fence()
-        for kk in range(K_STEPS):
-            desc_a = matrix_descriptor(a_stage + 32 * kk, 16, 8 * ROW_BYTES, SWIZZLE_128B)
-            desc_b = matrix_descriptor(b_stage + 32 * kk, 16, 8 * ROW_BYTES, SWIZZLE_128B)
-            wgmma_block(acc, 0, desc_a, desc_b, 1)
+        for kk in range(K_STEPS):  # the tiles are one 64-column panel each
+            wgmma_block(acc, 0, swizzled_k_step(a_stage, kk, 0), swizzled_k_step(b_stage, kk, 0), 1)
         wgmma_commit()
         if IN_FLIGHT:
             wgmma_wait(1)

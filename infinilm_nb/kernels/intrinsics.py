@@ -403,29 +403,45 @@ else:
 
         return types.void(address, array, index, src_bytes), codegen
 
-    @intrinsic
-    def cp_async_commit(typingctx):
-        """``cp.async.commit_group``: the cp.async issued since the last commit form one group."""
+    def _statement(name: str, text: str, doc: str) -> Any:
+        """The intrinsic ``name() -> None``: one volatile PTX statement that clobbers memory."""
 
-        def codegen(context, builder, sig, args):
-            builder.call(_asm(_VOID, [], "cp.async.commit_group;", ""), [])
-            return context.get_dummy_value()
+        def build(typingctx):
+            def codegen(context, builder, sig, args):
+                builder.call(_asm(_VOID, [], text, ""), [])
+                return context.get_dummy_value()
 
-        return types.void(), codegen
+            return types.void(), codegen
 
-    @intrinsic
-    def cp_async_wait_group(typingctx, pending):
-        """``cp.async.wait_group n``: wait until at most ``pending`` (a compile-time constant) of this
-        thread's committed groups are still in flight. Other threads' copies need a barrier after."""
-        if not isinstance(pending, types.IntegerLiteral):
-            return None
-        text = f"cp.async.wait_group {pending.literal_value};"
+        build.__name__, build.__doc__ = name, doc
+        return intrinsic(build)
 
-        def codegen(context, builder, sig, args):
-            builder.call(_asm(_VOID, [], text, ""), [])
-            return context.get_dummy_value()
+    def _wait_group(name: str, instruction: str, doc: str) -> Any:
+        """The intrinsic ``name(pending)``: ``instruction pending;`` for a compile-time constant ``pending``."""
 
-        return types.void(pending), codegen
+        def build(typingctx, pending):
+            if not isinstance(pending, types.IntegerLiteral):
+                return None
+            text = f"{instruction} {pending.literal_value};"
+
+            def codegen(context, builder, sig, args):
+                builder.call(_asm(_VOID, [], text, ""), [])
+                return context.get_dummy_value()
+
+            return types.void(pending), codegen
+
+        build.__name__, build.__doc__ = name, doc
+        return intrinsic(build)
+
+    cp_async_commit = _statement(
+        "cp_async_commit", "cp.async.commit_group;",
+        "``cp.async.commit_group``: the cp.async issued since the last commit form one group.",
+    )
+    cp_async_wait_group = _wait_group(
+        "cp_async_wait_group", "cp.async.wait_group",
+        "``cp.async.wait_group n``: wait until at most ``pending`` (a compile-time constant) of this "
+        "thread's committed groups are still in flight. Other threads' copies need a barrier after.",
+    )
 
     @intrinsic
     def pack_f16x2(typingctx, lo, hi):

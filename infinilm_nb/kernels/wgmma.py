@@ -7,7 +7,9 @@ on ``sm_90a`` only (not on later GPUs). numba-cuda compiles kernels for ``sm_90a
 (``codegen._ensure_cc`` adds the ``a``); ``cuda.compile_ptx`` needs ``cc=(9, 0, "a")`` for it. The
 building blocks::
 
+    supported()                    # whether this process's GPU has it (a Hopper)
     desc = matrix_descriptor(address, leading_bytes, stride_bytes, swizzle)   # uint64
+    desc = swizzled_k_step(tile, kk, panel_bytes)   # step kk of a 128-byte-swizzled K-major tile
     fence_proxy_async()            # this thread's shared-memory stores visible to wgmma
     hold_accumulators(acc, 0)      # no access to acc[0:32] moves across this point
     wgmma_fence()                  # before the first wgmma, and after touching the accumulators
@@ -23,7 +25,8 @@ bytes; ``leading_bytes`` is the distance between core matrices next to each othe
 ``stride_bytes`` along M (or N). With the 128-byte swizzle (``SWIZZLE_128B``) a tile's rows are 64
 float16 (128 bytes) each, 16-byte chunk ``c`` of row ``r`` stored at chunk ``c ^ (r % 8)``, the tile
 1024-byte aligned; ``stride_bytes`` is 1024 (eight rows), and the k-th 16-column step starts
-``32 k`` bytes in.
+``32 k`` bytes in. A tile wider than 64 columns is stored as panels of 64 columns, each such a tile
+(:func:`swizzled_k_step`).
 
 The accumulators: lane ``l`` of warp ``w`` holds ``acc[first + 4 j + i]`` = D[16 w + l // 4 + 8 (i // 2),
 8 j + 2 (l % 4) + i % 2] for the N / 8 column blocks ``j`` (an mma.m16n8 fragment per block). The
@@ -36,6 +39,7 @@ GPU only (the simulator runs no inline PTX): there every wgmma function raises, 
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -47,6 +51,7 @@ SWIZZLE_NONE = 0
 SWIZZLE_128B = 1
 SWIZZLE_64B = 2
 SWIZZLE_32B = 3
+SWIZZLE_ROW = 128  # bytes of a 128-byte-swizzled row: 64 float16
 ACCUMULATORS = 32  # float32 registers a thread holds of an m64n64 tile (hold_accumulators' unit)
 _FIELD = np.uint64(0x3FFFF)  # the 18 address bits a descriptor field encodes, in 16-byte units
 _FOUR = np.uint64(4)
@@ -66,6 +71,21 @@ def matrix_descriptor(address, leading_bytes, stride_bytes, swizzle):
     return start | (leading << _LEADING) | (stride << _STRIDE) | (uint64(swizzle) << _SWIZZLE)
 
 
+@cuda.jit(device=True)
+def swizzled_k_step(tile, kk, panel_bytes):
+    """The descriptor of 16-column step ``kk`` of a K-major float16 tile at shared address ``tile``
+    stored with the 128-byte swizzle in panels of 64 columns, ``panel_bytes`` apart (a tile of one
+    panel: any), each 1024-byte aligned."""
+    start = tile + (kk // 4) * panel_bytes + 32 * (kk % 4)
+    return matrix_descriptor(start, 16, 8 * SWIZZLE_ROW, SWIZZLE_128B)
+
+
+@lru_cache(maxsize=None)
+def supported() -> bool:
+    """Whether this process's GPU has wgmma: a Hopper (compute capability 9.0; never the simulator)."""
+    return not SIMULATOR and cuda.get_current_device().compute_capability == (9, 0)
+
+
 if SIMULATOR:
 
     def _gpu_only(*args: Any) -> Any:
@@ -79,26 +99,22 @@ else:
     from numba.cuda import types
     from numba.cuda.extending import intrinsic
 
-    from .intrinsics import _asm
+    from .intrinsics import _asm, _statement, _wait_group
 
-    _VOID, _I64, _F32 = ir.VoidType(), ir.IntType(64), ir.FloatType()
+    _I64, _F32 = ir.IntType(64), ir.FloatType()
 
-    def _statement(text: str) -> Any:
-        """An intrinsic ``() -> None`` emitting one volatile PTX statement that clobbers memory."""
-
-        def build(typingctx):
-            def codegen(context, builder, sig, args):
-                builder.call(_asm(_VOID, [], text, ""), [])
-                return context.get_dummy_value()
-
-            return types.void(), codegen
-
-        build.__doc__ = f"``{text}``"
-        return intrinsic(build)
-
-    fence_proxy_async = _statement("fence.proxy.async.shared::cta;")
-    wgmma_fence = _statement("wgmma.fence.sync.aligned;")
-    wgmma_commit = _statement("wgmma.commit_group.sync.aligned;")
+    fence_proxy_async = _statement(
+        "fence_proxy_async", "fence.proxy.async.shared::cta;",
+        "``fence.proxy.async.shared::cta``: this thread's shared-memory writes visible to wgmma.",
+    )
+    wgmma_fence = _statement(
+        "wgmma_fence", "wgmma.fence.sync.aligned;",
+        "``wgmma.fence.sync.aligned``: before the first wgmma, and after touching its registers.",
+    )
+    wgmma_commit = _statement(
+        "wgmma_commit", "wgmma.commit_group.sync.aligned;",
+        "``wgmma.commit_group.sync.aligned``: the wgmma issued since the last commit form one group.",
+    )
 
     def _accumulators(array: Any) -> bool:
         return isinstance(array, types.Array) and array.dtype == types.float32 and array.layout == "C"
@@ -173,19 +189,11 @@ else:
 
         return types.void(acc, first), codegen
 
-    @intrinsic
-    def wgmma_wait(typingctx, pending):
-        """``wgmma.wait_group.sync.aligned pending`` (a compile-time constant): at most that many of
-        the warpgroup's committed groups still in flight."""
-        if not isinstance(pending, types.IntegerLiteral):
-            return None
-        text = f"wgmma.wait_group.sync.aligned {pending.literal_value};"
-
-        def codegen(context, builder, sig, args):
-            builder.call(_asm(_VOID, [], text, ""), [])
-            return context.get_dummy_value()
-
-        return types.void(pending), codegen
+    wgmma_wait = _wait_group(
+        "wgmma_wait", "wgmma.wait_group.sync.aligned",
+        "``wgmma.wait_group.sync.aligned pending`` (a compile-time constant): at most that many of the "
+        "warpgroup's committed groups still in flight.",
+    )
 
 
 # the wgmma of each N built here, by N

@@ -12,6 +12,7 @@ import pytest
 
 from infinilm_nb.kernels import attention_prefill, reference
 from infinilm_nb.kernels.common import compiled
+from infinilm_nb.kernels.wgmma import supported
 from tests.helpers import pick, poisoned, random, rel_err, tolerance
 from tests.kernels.test_attention import _paged_batch
 
@@ -26,9 +27,7 @@ VARIANTS = [(1, 64, False, False), (2, 64, False, False), (3, 64, False, False),
 
 
 def _skip_wgmma_before_hopper(wgmma):
-    from numba import cuda
-
-    if wgmma and cuda.get_current_device().compute_capability != (9, 0):
+    if wgmma and not supported():
         pytest.skip("wgmma needs a Hopper GPU")
 
 

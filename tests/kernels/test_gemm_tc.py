@@ -8,7 +8,7 @@ the simulator, where gemm.linear never takes this path (the fallback test runs t
 import numpy as np
 import pytest
 
-from infinilm_nb.kernels import gemm, gemm_tc, reference
+from infinilm_nb.kernels import gemm, gemm_tc, reference, wgmma
 from infinilm_nb.kernels.common import compiled
 from tests.helpers import poisoned, random, rel_err, tolerance
 
@@ -72,9 +72,7 @@ def _spy_launch_tc(monkeypatch) -> list:
 
 
 def _skip_wgmma_before_hopper(config):
-    from numba import cuda
-
-    if config.wgmma and cuda.get_current_device().compute_capability != (9, 0):
+    if config.wgmma and not wgmma.supported():
         pytest.skip("wgmma needs a Hopper GPU")
 
 
@@ -148,9 +146,7 @@ def test_linear_silu_mul_takes_tensor_cores(kb, rng, monkeypatch):
 
 @pytest.mark.gpu
 def test_a_hopper_takes_wgmma_unless_switched_off():
-    from numba import cuda
-
-    if cuda.get_current_device().compute_capability != (9, 0):
+    if not wgmma.supported():
         pytest.skip("wgmma needs a Hopper GPU")
     assert gemm.has_wgmma() == gemm_tc.WGMMA
 

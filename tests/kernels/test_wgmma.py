@@ -10,7 +10,7 @@ from infinilm_nb.kernels import intrinsics
 from infinilm_nb.kernels.common import launch_stream
 from infinilm_nb.kernels.wgmma import (
     ACCUMULATORS, MMA_BY_WIDTH, SWIZZLE_128B, SWIZZLE_NONE, fence_proxy_async, hold_accumulators, matrix_descriptor,
-    wgmma_commit, wgmma_fence, wgmma_m64n64k16, wgmma_wait,
+    supported, wgmma_commit, wgmma_fence, wgmma_m64n64k16, wgmma_wait,
 )
 from tests.conftest import ON_GPU
 
@@ -35,11 +35,7 @@ def test_matrix_descriptor_packs_the_ptx_fields(kb):
     assert kb.to_host(out).tolist() == want
 
 
-def _hopper() -> bool:
-    return ON_GPU and cuda.get_current_device().compute_capability == (9, 0)
-
-
-gpu_only = pytest.mark.skipif(not _hopper(), reason="wgmma needs a Hopper GPU")
+gpu_only = pytest.mark.skipif(not (ON_GPU and supported()), reason="wgmma needs a Hopper GPU")
 
 
 @cuda.jit(device=True)
