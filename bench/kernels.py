@@ -436,16 +436,20 @@ def _bench_prefill_attention() -> list[Row]:
         want = cupy.from_dlpack(sdpa()[0].transpose(0, 1).float().contiguous())
         # as dispatched; one K / V tile pair, or a ring of 3 (attention_prefill.KV_STAGES); blocks of
         # 128 queries (QUERY_ROWS); S on wgmma (USE_WGMMA, Hopper only), also overlapped with the
-        # softmax (OVERLAP_SCORES); CUDA cores
-        knobs = ("KV_STAGES", "QUERY_ROWS", "USE_WGMMA", "OVERLAP_SCORES")
+        # softmax (OVERLAP_SCORES), and P V on wgmma too (WGMMA_PV); CUDA cores
+        knobs = ("KV_STAGES", "QUERY_ROWS", "USE_WGMMA", "OVERLAP_SCORES", "WGMMA_PV")
         dispatched = tuple(getattr(attention_prefill, knob) for knob in knobs)
-        variants = (("", length, dispatched), (" ring1", length, (1, 64, False, False)),
-                    (" ring3", length, (3, 64, False, False)), (" q128", length, (1, 128, False, False)),
-                    (" q128 ring2", length, (2, 128, False, False)), (" cuda-core", None, (1, 64, False, False)))
+        variants = (("", length, dispatched), (" ring1", length, (1, 64, False, False, False)),
+                    (" ring3", length, (3, 64, False, False, False)), (" q128", length, (1, 128, False, False, False)),
+                    (" q128 ring2", length, (2, 128, False, False, False)),
+                    (" cuda-core", None, (1, 64, False, False, False)))
         if wgmma.supported():
-            variants += ((" wgmma", length, (2, 64, True, False)), (" q128 wgmma", length, (2, 128, True, False)),
-                         (" wgmma overlap", length, (2, 64, True, True)),
-                         (" q128 wgmma overlap", length, (2, 128, True, True)))
+            variants += ((" wgmma", length, (2, 64, True, False, False)),
+                         (" q128 wgmma", length, (2, 128, True, False, False)),
+                         (" wgmma overlap", length, (2, 64, True, True, False)),
+                         (" q128 wgmma overlap", length, (2, 128, True, True, False)),
+                         (" wgmma pv", length, (2, 64, True, False, True)),
+                         (" q128 wgmma pv", length, (2, 128, True, False, True)))
         for label, hint, variant in variants:
             def call(hint=hint):
                 OPS.paged_attention(q, k_cache, v_cache, tables, context_lens, query_start, HEAD_DIM**-0.5, out,

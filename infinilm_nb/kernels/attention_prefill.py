@@ -78,8 +78,8 @@ from .intrinsics import (
 from .mma import mma_accumulate
 from .vector import element_strides, flat_view, inline_device
 from .wgmma import (
-    SWIZZLE_ROW, fence_proxy_async, hold_accumulators, swizzled_k_step, wgmma_commit, wgmma_fence, wgmma_m64n64k16,
-    wgmma_wait,
+    A_FRAGMENT_WORDS, ACCUMULATORS, MMA_RS_BY_WIDTH, SWIZZLE_ROW, fence_proxy_async, hold_accumulators, hold_fragments,
+    mn_major_k_step, swizzled_k_step, wgmma_commit, wgmma_fence, wgmma_m64n64k16, wgmma_wait,
 )
 
 # The switch: off (common.TENSOR_CORES, INFINILM_NB_TENSOR_CORES=0) keeps every step on the CUDA-core
@@ -99,10 +99,11 @@ STATIC_SHIFT = 31  # a static cache is one block per sequence: every key is in l
 # pair by 4% at 2K and 8K on an H200; 3 pairs and 128-query blocks did not beat it (bench/RESULTS.md).
 KV_STAGES = 2
 QUERY_ROWS = 64
-# S on wgmma (Hopper only), and the next tile's S during this tile's softmax: kernel-bench and GPU-test
-# variants, not dispatched until measured.
+# S on wgmma (Hopper only), the next tile's S during this tile's softmax, and P V on wgmma too:
+# kernel-bench and GPU-test variants, not dispatched until measured.
 USE_WGMMA = False
 OVERLAP_SCORES = False
+WGMMA_PV = False
 PANEL = SWIZZLE_ROW  # wgmma: bytes of a panel row (64 float16), the 128-byte swizzle's row
 SWIZZLE_ATOM = 1024  # wgmma: the swizzle repeats every 8 panel rows, and a panel starts on it
 
@@ -120,7 +121,8 @@ def threads(block_q: int) -> int:
 
 @lru_cache(maxsize=None)
 def prefill_kernel(
-    head_dim: int, kv_stages: int = 1, block_q: int = 64, wgmma: bool = False, overlap: bool = False
+    head_dim: int, kv_stages: int = 1, block_q: int = 64, wgmma: bool = False, overlap: bool = False,
+    wgmma_pv: bool = False,
 ) -> Callable:
     """The kernel for one head dim (64 or 128); signature :data:`SIGNATURE`, grid ``(Hq, T // block_q
     + B)`` of :func:`threads` threads, :func:`shared_bytes` of shared memory (dynamic past 48 KB).
@@ -129,13 +131,16 @@ def prefill_kernel(
     many (K, V) tile pairs in which tile ``j + kv_stages - 1`` is copied while the warps compute on
     tile ``j``, one barrier per tile. ``block_q``: 64 (4 warps) or 128 queries (8 warps, which halves
     the K and V bytes copied per query). ``wgmma``: S on Hopper's wgmma (module doc; a ring of 2 or
-    more); ``overlap``: the next tile's S computed during this tile's softmax (wgmma, a ring of 2)."""
+    more); ``overlap``: the next tile's S computed during this tile's softmax (wgmma, a ring of 2);
+    ``wgmma_pv``: ``O += P V`` on wgmma too (P from registers, V in panels; with wgmma)."""
     if kv_stages < 1:
         raise ValueError(f"kv_stages must be at least 1, got {kv_stages}")
     if wgmma and kv_stages < 2:
         raise ValueError(f"the wgmma variant needs a ring of K/V tiles (kv_stages >= 2), got {kv_stages}")
     if overlap and not (wgmma and kv_stages == 2):
         raise ValueError(f"overlap needs wgmma and a ring of 2 K/V tiles, got wgmma={wgmma}, kv_stages={kv_stages}")
+    if wgmma_pv and (not wgmma or overlap):
+        raise ValueError(f"wgmma_pv needs wgmma without overlap, got wgmma={wgmma}, overlap={overlap}")
     if block_q not in BLOCK_QUERIES:
         raise ValueError(f"block_q must be one of {BLOCK_QUERIES}, got {block_q}")
     D = head_dim
@@ -151,7 +156,7 @@ def prefill_kernel(
     KT = D // 16  # k-steps of S = Q K^T
     NT_S = BKV // 8  # 8-key n tiles of S
     NT_O = D // 8  # 8-wide n tiles of O
-    PK = BKV // 16  # k-steps of O += P V
+    PK = BKV // 16  # k-steps of O += P V (their A fragments: A_FRAGMENT_WORDS words)
     QF = KT * 4  # Q fragment words
     S_ACC = NT_S * 4
     O_ACC = NT_O * 4
@@ -161,6 +166,9 @@ def prefill_kernel(
     SMEM_WORDS = shared_bytes(head_dim, kv_stages, block_q, wgmma) // 4
     WGMMA = wgmma
     OVERLAP = overlap
+    PV_WGMMA = wgmma_pv
+    PV_MMA = MMA_RS_BY_WIDTH[D]
+    V_ROW = PANEL if PV_WGMMA else ROW  # V rows: panel rows when wgmma reads it
     # Q and K rows: D * 2 bytes with mma.sync; 128-byte rows of 64-column panels with wgmma
     QK_ROW = PANEL if WGMMA else ROW
     Q_PANEL, K_PANEL = BQ * PANEL, BKV * PANEL  # wgmma: bytes from one panel of a tile to the next
@@ -225,6 +233,24 @@ def prefill_kernel(
         """:func:`issue_scores`, then :func:`collect_scores`."""
         issue_scores(s, q_rows, k_tile)
         collect_scores(s)
+
+    @inline_device
+    def accumulate_wgmma(o, s, v_tile):
+        """``o += P V`` on wgmma for the warpgroup: P's A fragments from ``s`` as in :func:`accumulate`,
+        V (MN-major panels) at shared address ``v_tile``; waits for it."""
+        p = cuda.local.array(A_FRAGMENT_WORDS, uint32)  # P: the A fragments of the PK k-steps
+        for i in range(A_FRAGMENT_WORDS):
+            p[i] = pack_f16x2(s[2 * i], s[2 * i + 1])
+        for h in range(O_ACC // ACCUMULATORS):
+            hold_accumulators(o, ACCUMULATORS * h)
+        hold_fragments(p, 0)
+        wgmma_fence()
+        for kk in range(PK):
+            PV_MMA(o, 0, p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3], mn_major_k_step(v_tile, kk, K_PANEL), 1)
+        wgmma_commit()
+        wgmma_wait(0)
+        for h in range(O_ACC // ACCUMULATORS):
+            hold_accumulators(o, ACCUMULATORS * h)
 
     @inline_device
     def softmax(s, o, kv0, kv_min, key_end, row_max, row_sum, t, scale_log2):
@@ -332,6 +358,7 @@ def prefill_kernel(
         qk_dst = key0 * PANEL + (((c % 8) ^ (key0 % 8)) << 4) if WGMMA else kv_dst
         q_dst = qk_dst + (c // 8) * Q_PANEL if WGMMA else kv_dst
         k_dst = qk_dst + (c // 8) * K_PANEL if WGMMA else kv_dst
+        v_dst = k_dst if PV_WGMMA else kv_dst
 
         # Q tile (rows past the sequence zero-filled), then K tile 0: two commit groups.
         for i in range(Q_LOADS):
@@ -346,7 +373,7 @@ def prefill_kernel(
                     fill_rows(kv_row, table, int32(stage * BKV), kv_end, key0, block_size, block_shift, block_mask,
                               kv_heads, kvh)
                     copy_tile(k_cache, kv_row, base + K_OFFSET + stage * STAGE_BYTES + k_dst, c, QK_ROW)
-                    copy_tile(v_cache, kv_row, base + V_OFFSET + stage * STAGE_BYTES + kv_dst, c, ROW)
+                    copy_tile(v_cache, kv_row, base + V_OFFSET + stage * STAGE_BYTES + v_dst, c, V_ROW)
                 cp_async_commit()
             if OVERLAP:  # K runs a tile ahead: K tile 1 into stage 1
                 if BKV < kv_end:
@@ -417,14 +444,14 @@ def prefill_kernel(
                     if kv0 + BKV < kv_end:
                         fill_rows(kv_row, table, kv0 + BKV, kv_end, key0, block_size, block_shift, block_mask,
                                   kv_heads, kvh)
-                        copy_tile(v_cache, kv_row, base + V_OFFSET + write * STAGE_BYTES + kv_dst, c, ROW)
+                        copy_tile(v_cache, kv_row, base + V_OFFSET + write * STAGE_BYTES + v_dst, c, V_ROW)
                 else:
                     ahead = kv0 + (STAGES - 1) * BKV
                     if ahead < kv_end:
                         fill_rows(kv_row, table, ahead, kv_end, key0, block_size, block_shift, block_mask, kv_heads,
                                   kvh)
                         copy_tile(k_cache, kv_row, base + K_OFFSET + write * STAGE_BYTES + k_dst, c, QK_ROW)
-                        copy_tile(v_cache, kv_row, base + V_OFFSET + write * STAGE_BYTES + kv_dst, c, ROW)
+                        copy_tile(v_cache, kv_row, base + V_OFFSET + write * STAGE_BYTES + v_dst, c, V_ROW)
                 cp_async_commit()
                 following = read + 1 if read < STAGES - 1 else 0
                 more = kv0 + BKV < kv_end
@@ -436,7 +463,10 @@ def prefill_kernel(
                 else:
                     scores(s, qf, base + K_OFFSET + read * STAGE_BYTES, k_frag)
                 softmax(s, o, kv0, kv_min, key_end, row_max, row_sum, t, scale_log2)
-                accumulate(o, s, base + V_OFFSET + read * STAGE_BYTES, v_frag)
+                if PV_WGMMA:
+                    accumulate_wgmma(o, s, base + V_OFFSET + read * STAGE_BYTES)
+                else:
+                    accumulate(o, s, base + V_OFFSET + read * STAGE_BYTES, v_frag)
                 if OVERLAP and more:
                     collect_scores(s_next)
                     for i in range(S_ACC):
@@ -510,7 +540,7 @@ def prefill_attention(
     else:
         shift, mask = block_size.bit_length() - 1, block_size - 1
     q_strides, out_strides = element_strides(q), element_strides(out)
-    kernel = compiled(prefill_kernel(dim, KV_STAGES, QUERY_ROWS, USE_WGMMA, OVERLAP_SCORES), SIGNATURE)
+    kernel = compiled(prefill_kernel(dim, KV_STAGES, QUERY_ROWS, USE_WGMMA, OVERLAP_SCORES, WGMMA_PV), SIGNATURE)
     grid = (q_heads, tokens // QUERY_ROWS + context_lens.shape[0])  # every virtual tile index (module doc)
     launch(kernel, grid, threads(QUERY_ROWS), (
         flat_view("paged_attention", "q", q), q_strides[0], q_strides[1], k_cache.reshape(-1), v_cache.reshape(-1),

@@ -15,6 +15,8 @@ building blocks::
     wgmma_fence()                  # before the first wgmma, and after touching the accumulators
     wgmma_m64n64k16(acc, 0, desc_a, desc_b, accumulate)   # acc[0:32] (+)= A[64 x 16] @ B[64 x 16]^T
                                    # (m64n128k16, m64n256k16: B of 128 / 256 rows, acc[0:64] / [0:128])
+    wgmma_m64n128k16_rs(acc, 0, a0, a1, a2, a3, desc_b, accumulate)   # acc[0:64] (+)= A @ B, A from
+                                   # registers, B [16 x 128] MN-major (:func:`mn_major_k_step`); also n64
     wgmma_commit()                 # the wgmma issued since the last commit form one group
     wgmma_wait(0)                  # at most 0 groups pending
     hold_accumulators(acc, 0)      # then acc[0:32] may be read
@@ -27,6 +29,13 @@ float16 (128 bytes) each, 16-byte chunk ``c`` of row ``r`` stored at chunk ``c ^
 1024-byte aligned; ``stride_bytes`` is 1024 (eight rows), and the k-th 16-column step starts
 ``32 k`` bytes in. A tile wider than 64 columns is stored as panels of 64 columns, each such a tile
 (:func:`swizzled_k_step`).
+
+The ``_rs`` forms take A from registers instead: each warp's 16 rows as an ``mma.m16n8k16`` A
+fragment (so an accumulator block of a previous product, packed to float16, is one), and B
+MN-major (``[k][n]``: a V tile as the KV cache stores it). With the 128-byte swizzle such a B is
+stored in panels of 64 columns (rows of 128 bytes along N, chunk ``c`` of row ``k`` at ``c ^ (k % 8)``):
+``stride_bytes`` is then the distance between groups of 8 rows along K (1024) and ``leading_bytes``
+between panels along N (:func:`mn_major_k_step`).
 
 The accumulators: lane ``l`` of warp ``w`` holds ``acc[first + 4 j + i]`` = D[16 w + l // 4 + 8 (i // 2),
 8 j + 2 (l % 4) + i % 2] for the N / 8 column blocks ``j`` (an mma.m16n8 fragment per block). The
@@ -53,6 +62,7 @@ SWIZZLE_64B = 2
 SWIZZLE_32B = 3
 SWIZZLE_ROW = 128  # bytes of a 128-byte-swizzled row: 64 float16
 ACCUMULATORS = 32  # float32 registers a thread holds of an m64n64 tile (hold_accumulators' unit)
+A_FRAGMENT_WORDS = 16  # packed float16 pairs of the A fragments of four k16 steps (hold_fragments' unit)
 _FIELD = np.uint64(0x3FFFF)  # the 18 address bits a descriptor field encodes, in 16-byte units
 _FOUR = np.uint64(4)
 _LEADING = np.uint64(16)
@@ -80,6 +90,14 @@ def swizzled_k_step(tile, kk, panel_bytes):
     return matrix_descriptor(start, 16, 8 * SWIZZLE_ROW, SWIZZLE_128B)
 
 
+@cuda.jit(device=True)
+def mn_major_k_step(tile, kk, panel_bytes):
+    """The descriptor of 16-row step ``kk`` of an MN-major float16 B (``[k][n]``) at shared address
+    ``tile``, stored with the 128-byte swizzle in panels of 64 columns ``panel_bytes`` apart, each
+    1024-byte aligned (for the ``_rs`` wgmma)."""
+    return matrix_descriptor(tile + kk * 16 * SWIZZLE_ROW, panel_bytes, 8 * SWIZZLE_ROW, SWIZZLE_128B)
+
+
 @lru_cache(maxsize=None)
 def supported() -> bool:
     """Whether this process's GPU has wgmma: a Hopper (compute capability 9.0; never the simulator)."""
@@ -91,8 +109,9 @@ if SIMULATOR:
     def _gpu_only(*args: Any) -> Any:
         raise NotImplementedError("wgmma runs only on a Hopper GPU")
 
-    fence_proxy_async = wgmma_fence = wgmma_commit = wgmma_wait = hold_accumulators = _gpu_only
+    fence_proxy_async = wgmma_fence = wgmma_commit = wgmma_wait = hold_accumulators = hold_fragments = _gpu_only
     wgmma_m64n64k16 = wgmma_m64n128k16 = wgmma_m64n256k16 = _gpu_only
+    wgmma_m64n64k16_rs = wgmma_m64n128k16_rs = _gpu_only
 
 else:
     from llvmlite import ir
@@ -101,7 +120,7 @@ else:
 
     from .intrinsics import _asm, _statement, _wait_group
 
-    _I64, _F32 = ir.IntType(64), ir.FloatType()
+    _I32, _I64, _F32 = ir.IntType(32), ir.IntType(64), ir.FloatType()
 
     fence_proxy_async = _statement(
         "fence_proxy_async", "fence.proxy.async.shared::cta;",
@@ -119,18 +138,22 @@ else:
     def _accumulators(array: Any) -> bool:
         return isinstance(array, types.Array) and array.dtype == types.float32 and array.layout == "C"
 
+    def _words(array: Any) -> bool:
+        return isinstance(array, types.Array) and array.dtype == types.uint32 and array.layout == "C"
+
     def _through_registers(context: Any, builder: Any, array_type: Any, array: Any, first: Any, first_type: Any,
                            count: int, text: str, inputs: list, input_constraints: str) -> None:
-        """Run ``text`` with ``array[first : first + count]`` as its tied in/out operands
-        ``$0..$(count - 1)`` (inputs after), and store what it leaves back into the array."""
+        """Run ``text`` with ``array[first : first + count]`` (float32 or uint32) as its tied in/out
+        operands ``$0..$(count - 1)`` (inputs after), and store what it leaves back into the array."""
+        element, letter = (_F32, "f") if array_type.dtype == types.float32 else (_I32, "r")
         data = context.make_array(array_type)(context, builder, value=array).data
         start = context.cast(builder, first, first_type, types.intp)
         pointers = [builder.gep(data, [builder.add(start, ir.Constant(_I64, i))]) for i in range(count)]
         values = [builder.load(p) for p in pointers]
-        constraints = ",".join(["=f"] * count) + ("," + input_constraints if input_constraints else "")
+        constraints = ",".join([f"={letter}"] * count) + ("," + input_constraints if input_constraints else "")
         constraints += "," + ",".join(str(i) for i in range(count))
-        asm = _asm(ir.LiteralStructType([_F32] * count), [value.type for value in inputs] + [_F32] * count, text,
-                   constraints)
+        asm = _asm(ir.LiteralStructType([element] * count), [value.type for value in inputs] + [element] * count,
+                   text, constraints)
         result = builder.call(asm, inputs + values)
         for i, pointer in enumerate(pointers):
             builder.store(builder.extract_value(result, i), pointer)
@@ -174,6 +197,46 @@ else:
     wgmma_m64n128k16 = _wgmma(128)
     wgmma_m64n256k16 = _wgmma(256)
 
+    def _wgmma_rs(width: int) -> Any:
+        """The intrinsic ``wgmma_m64n<width>k16_rs`` (see :func:`wgmma_m64n128k16_rs`)."""
+        count = width // 2
+        registers = ", ".join(f"${i}" for i in range(count))
+        a = ", ".join(f"${count + i}" for i in range(4))
+        text = (
+            f"{{ .reg .pred p; setp.ne.b32 p, ${count + 5}, 0; wgmma.mma_async.sync.aligned.m64n{width}k16.f32.f16.f16 "
+            f"{{{registers}}}, {{{a}}}, ${count + 4}, p, 1, 1, 1; }}"
+        )
+
+        def wgmma_rs(typingctx, acc, first, a0, a1, a2, a3, desc_b, accumulate):
+            words = (a0, a1, a2, a3)
+            if not (_accumulators(acc) and isinstance(first, types.Integer)
+                    and all(isinstance(w, types.Integer) for w in words) and isinstance(desc_b, types.Integer)
+                    and isinstance(accumulate, types.Integer)):
+                return None
+
+            def codegen(context, builder, sig, args):
+                inputs = [context.cast(builder, args[2 + i], sig.args[2 + i], types.uint32) for i in range(4)]
+                inputs += [context.cast(builder, args[6], sig.args[6], types.uint64),
+                           context.cast(builder, args[7], sig.args[7], types.int32)]
+                _through_registers(context, builder, sig.args[0], args[0], args[1], sig.args[1], count, text, inputs,
+                                   "r,r,r,r,l,r")
+                return context.get_dummy_value()
+
+            return types.void(acc, first, a0, a1, a2, a3, desc_b, accumulate), codegen
+
+        wgmma_rs.__name__ = wgmma_rs.__qualname__ = f"wgmma_m64n{width}k16_rs"
+        wgmma_rs.__doc__ = (
+            f"Type ``wgmma_m64n{width}k16_rs(float32 local array, integer, 4 x uint32, uint64, integer)``: "
+            f"``acc[first : first + {count}] = A @ B (+ those values when accumulate != 0)`` for the warpgroup, "
+            "A ``[64 x 16]`` float16 from registers (each warp's 16 rows as an mma.m16n8k16 A fragment), "
+            f"B ``[16 x {width}]`` MN-major in shared memory (descriptor); asynchronous until "
+            ":func:`wgmma_wait`. Every thread of the 4 warps must call it."
+        )
+        return intrinsic(wgmma_rs)
+
+    wgmma_m64n64k16_rs = _wgmma_rs(64)
+    wgmma_m64n128k16_rs = _wgmma_rs(128)
+
     @intrinsic
     def hold_accumulators(typingctx, acc, first):
         """Type ``hold_accumulators(float32 local array, integer)``: an empty statement that takes and
@@ -189,6 +252,22 @@ else:
 
         return types.void(acc, first), codegen
 
+    @intrinsic
+    def hold_fragments(typingctx, words, first):
+        """Type ``hold_fragments(uint32 local array, integer)``: :func:`hold_accumulators` for the
+        ``A_FRAGMENT_WORDS`` packed A fragment words ``words[first : ...]`` of an ``_rs`` wgmma, so that
+        they are computed before a :func:`wgmma_fence` (else ptxas adds a warpgroup arrive before each
+        wgmma reading them)."""
+        if not (_words(words) and isinstance(first, types.Integer)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            _through_registers(context, builder, sig.args[0], args[0], args[1], sig.args[1], A_FRAGMENT_WORDS, "",
+                               [], "")
+            return context.get_dummy_value()
+
+        return types.void(words, first), codegen
+
     wgmma_wait = _wait_group(
         "wgmma_wait", "wgmma.wait_group.sync.aligned",
         "``wgmma.wait_group.sync.aligned pending`` (a compile-time constant): at most that many of the "
@@ -198,3 +277,5 @@ else:
 
 # the wgmma of each N built here, by N
 MMA_BY_WIDTH = {64: wgmma_m64n64k16, 128: wgmma_m64n128k16, 256: wgmma_m64n256k16}
+# the A-from-registers, MN-major-B wgmma of each N built here, by N
+MMA_RS_BY_WIDTH = {64: wgmma_m64n64k16_rs, 128: wgmma_m64n128k16_rs}

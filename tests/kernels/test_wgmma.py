@@ -9,8 +9,8 @@ from numba import cuda, float32, uint16
 from infinilm_nb.kernels import intrinsics
 from infinilm_nb.kernels.common import launch_stream
 from infinilm_nb.kernels.wgmma import (
-    ACCUMULATORS, MMA_BY_WIDTH, SWIZZLE_128B, SWIZZLE_NONE, fence_proxy_async, hold_accumulators, matrix_descriptor,
-    supported, wgmma_commit, wgmma_fence, wgmma_m64n64k16, wgmma_wait,
+    ACCUMULATORS, MMA_BY_WIDTH, MMA_RS_BY_WIDTH, SWIZZLE_128B, SWIZZLE_NONE, fence_proxy_async, hold_accumulators,
+    matrix_descriptor, mn_major_k_step, supported, wgmma_commit, wgmma_fence, wgmma_m64n64k16, wgmma_wait,
 )
 from tests.conftest import ON_GPU
 
@@ -113,6 +113,46 @@ def _swizzled_kernel(width):
     return kernel
 
 
+PANEL = 64 * 64  # float16 elements of a 64 x 64 panel of an MN-major B
+
+
+def _registers_kernel(width):
+    """out = the accumulators of A[64 x 64] @ B[64 x width]: four k16 steps of m64n<width>k16_rs, A
+    from registers (mma A fragments packed from a float32 copy), B MN-major in swizzled panels."""
+    count = width // 2
+    b_elements = width * 64
+    multiply = MMA_RS_BY_WIDTH[width]
+
+    def kernel(a_src, b_src, out):
+        tid = cuda.threadIdx.x
+        warp, g, t = tid // 32, tid % 32 // 4, tid % 4
+        b = cuda.shared.array(b_elements, uint16, alignment=1024)
+        for i in range(tid, b_elements, THREADS):
+            k, n = i // width, i % width
+            b[(n // 64) * PANEL + _swizzled_index(k, n % 64)] = b_src[i]
+        fence_proxy_async()
+        cuda.syncthreads()
+        acc = cuda.local.array(count, float32)
+        base_b = intrinsics.shared_address(b, 0)
+        row = 16 * warp + g
+        wgmma_fence()
+        for step in range(4):
+            col = 16 * step + 2 * t
+            a0 = intrinsics.pack_f16x2(a_src[row, col], a_src[row, col + 1])
+            a1 = intrinsics.pack_f16x2(a_src[row + 8, col], a_src[row + 8, col + 1])
+            a2 = intrinsics.pack_f16x2(a_src[row, col + 8], a_src[row, col + 9])
+            a3 = intrinsics.pack_f16x2(a_src[row + 8, col + 8], a_src[row + 8, col + 9])
+            multiply(acc, 0, a0, a1, a2, a3, mn_major_k_step(base_b, step, 2 * PANEL), step)
+        wgmma_commit()
+        wgmma_wait(0)
+        for h in range(count // ACCUMULATORS):
+            hold_accumulators(acc, ACCUMULATORS * h)
+        for i in range(count):
+            out[tid, i] = acc[i]
+
+    return kernel
+
+
 def _fragments(d: np.ndarray) -> np.ndarray:
     """``[128, N / 2]``: what thread t holds in acc[i] of the 64 x N result ``d`` (module doc of .wgmma)."""
     out = np.zeros((THREADS, d.shape[1] // 2), np.float32)
@@ -149,4 +189,18 @@ def test_wgmma_of_each_width_on_128_byte_swizzled_tiles(kb, rng, width):
     out = kb.asarray(np.full((THREADS, width // 2), np.nan, np.float32))
     kernel[1, THREADS, launch_stream()](*(kb.asarray(m.view(np.uint16).reshape(-1)) for m in (a, b)), out)
     np.testing.assert_allclose(kb.to_host(out), _fragments(a.astype(np.float32) @ b.astype(np.float32).T),
+                               rtol=1e-3, atol=5e-3)
+
+
+@gpu_only
+@pytest.mark.gpu
+@pytest.mark.parametrize("width", [64, 128])
+def test_wgmma_with_a_from_registers_and_an_mn_major_b(kb, rng, width):
+    a = rng.standard_normal((TILE, 64)).astype(np.float16)
+    b = rng.standard_normal((64, width)).astype(np.float16)  # [k][n], as a V tile is stored
+    kernel = cuda.jit("void(float32[:, ::1], uint16[::1], float32[:, ::1])")(_registers_kernel(width))
+    out = kb.asarray(np.full((THREADS, width // 2), np.nan, np.float32))
+    kernel[1, THREADS, launch_stream()](kb.asarray(a.astype(np.float32)), kb.asarray(b.view(np.uint16).reshape(-1)),
+                                       out)
+    np.testing.assert_allclose(kb.to_host(out), _fragments(a.astype(np.float32) @ b.astype(np.float32)),
                                rtol=1e-3, atol=5e-3)
