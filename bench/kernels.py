@@ -434,36 +434,26 @@ def _bench_prefill_attention() -> list[Row]:
         sdpa = _sdpa_prefill(heads_first(q), heads_first(k_rows), heads_first(v_rows))
         peer = time_torch_graph([sdpa], reps=10)
         want = cupy.from_dlpack(sdpa()[0].transpose(0, 1).float().contiguous())
-        # as dispatched; one K / V tile pair, or a ring of 3 (attention_prefill.KV_STAGES); blocks of
-        # 128 queries (QUERY_ROWS); S on wgmma (USE_WGMMA, Hopper only), also overlapped with the
-        # softmax (OVERLAP_SCORES), and P V on wgmma too (WGMMA_PV); CUDA cores
-        knobs = ("KV_STAGES", "QUERY_ROWS", "USE_WGMMA", "OVERLAP_SCORES", "WGMMA_PV")
-        dispatched = tuple(getattr(attention_prefill, knob) for knob in knobs)
-        variants = (("", length, dispatched), (" ring1", length, (1, 64, False, False, False)),
-                    (" ring3", length, (3, 64, False, False, False)), (" q128", length, (1, 128, False, False, False)),
-                    (" q128 ring2", length, (2, 128, False, False, False)),
-                    (" cuda-core", None, (1, 64, False, False, False)))
+        # as dispatched (wgmma with 128-query blocks on a Hopper); there also mma.sync (dispatched
+        # elsewhere) and wgmma with 64-query blocks; CUDA cores
+        as_dispatched = attention_prefill.variant
+        dispatched = as_dispatched()
+        variants = (("", length, dispatched), (" cuda-core", None, dispatched))
         if wgmma.supported():
-            variants += ((" wgmma", length, (2, 64, True, False, False)),
-                         (" q128 wgmma", length, (2, 128, True, False, False)),
-                         (" wgmma overlap", length, (2, 64, True, True, False)),
-                         (" q128 wgmma overlap", length, (2, 128, True, True, False)),
-                         (" wgmma pv", length, (2, 64, True, False, True)),
-                         (" q128 wgmma pv", length, (2, 128, True, False, True)))
+            variants += ((" mma.sync", length, (attention_prefill.KV_STAGES, attention_prefill.QUERY_ROWS, False)),
+                         (" q64 wgmma", length, (attention_prefill.KV_STAGES, 64, True)))
         for label, hint, variant in variants:
             def call(hint=hint):
                 OPS.paged_attention(q, k_cache, v_cache, tables, context_lens, query_start, HEAD_DIM**-0.5, out,
                                     max_query_len=hint)
-            for knob, value in zip(knobs, variant):
-                setattr(attention_prefill, knob, value)
+            attention_prefill.variant = lambda variant=variant: variant
             out.fill(np.nan)
             call()
             err = float(cupy.linalg.norm(out.astype(np.float32) - want) / cupy.linalg.norm(want))
             if err > 2e-3:
                 print(f"prefill_attn{label} L={length}: relative error {err:.2e} against SDPA")
             t = time_graph([call], reps=10 if hint else 2, rounds=7 if hint else 3)
-            for knob, value in zip(knobs, dispatched):
-                setattr(attention_prefill, knob, value)
+            attention_prefill.variant = as_dispatched
             rows.append(Row(f"prefill_attn{label}", f"L={length} {HEADS}/{KV_HEADS}x{HEAD_DIM}", t * 1e6,
                             flops / t / 1e12, "TFLOP/s", None, "SDPA", peer * 1e6))
         del k_cache, v_cache, k_rows, v_rows, sdpa

@@ -79,14 +79,10 @@ def kernels() -> list[tuple[str, Callable, str, dict[str, Any]]]:
                                     in_flight=1),
                    gemm_tc.TcConfig(block_m=128, block_n=256, warps_m=8, warps_n=1, block_k=64, wgmma=True)):
         rows.append((f"prefill GEMM {config.label}", gemm_tc.tc_kernel(config), f16, {}))
-    for stages, block_q, wgmma, overlap, pv in ((1, 64, False, False, False), (2, 64, False, False, False),
-                                                (2, 128, False, False, False), (2, 64, True, False, False),
-                                                (2, 128, True, False, False), (2, 64, True, True, False),
-                                                (2, 64, True, False, True), (2, 128, True, False, True)):
+    for stages, block_q, wgmma in ((1, 64, False), (2, 64, False), (2, 128, False), (2, 64, True), (2, 128, True)):
         label = f"prefill attention d=128, {stages} K/V stage(s), {block_q} queries" + (", wgmma" if wgmma else "")
-        rows.append((label + (" overlapped" if overlap else "") + (", P V on wgmma" if pv else ""),
-                     attention_prefill.prefill_kernel(dim, stages, block_q, wgmma, overlap, pv),
-                     attention_prefill.SIGNATURE, {}))
+        rows.append((label, attention_prefill.prefill_kernel(dim, stages, block_q, wgmma), attention_prefill.SIGNATURE,
+                     {}))
     for dtype, vec in (("float32", 4), ("float16", 8), ("float16", 1)):
         rows.append((f"sampler ({dtype} logits, {vec} a load)", sampling._sampler(vec, False),
                      sampling.kernel_signature(dtype), {"max_registers": sampling.MAX_REGISTERS}))

@@ -35,18 +35,15 @@ one) K and V tiles instead go through a ring of that many tile pairs in dynamic 
 wait and one barrier per tile, after which the copies of the tile ``kv_stages - 1`` ahead start and
 have the whole tile's compute to land.
 
-With ``wgmma`` (a variant, Hopper only, ring of 2 or more) each warpgroup computes its 64 rows of
-``S = Q K^T`` with one ``wgmma`` m64n64k16 per 16 columns of the head (:mod:`.wgmma`), both operands
-read from shared memory, so the Q fragments no longer take 4 registers per k-step for the whole
-block and K needs no ldmatrix. The Q and K tiles are then stored in panels of 64 columns (128-byte
-rows, chunk ``c`` of row ``r`` at ``c ^ (r % 8)``, each panel 1024-byte aligned: wgmma's 128-byte
-swizzle); V keeps its layout for ``ldmatrix.trans``. wgmma's accumulators are laid out as mma.sync's
-S fragments, so the softmax and ``P V`` do not change. With ``overlap`` too, the warpgroup issues
-tile ``j + 1``'s ``S`` before tile ``j``'s softmax and ``P V`` and collects it after them, so that the
-tensor cores work through the next scores while the exponentials run (FlashAttention-3's overlap
-within a warpgroup); the scores are then held twice (32 more registers). The ring of 2 then runs K
-a tile ahead of V: at the top of tile ``j``, K ``j + 1`` and V ``j`` have landed, and the copies of K
-``j + 2`` (into K ``j``'s slot, whose scores are collected) and V ``j + 1`` (into V ``j - 1``'s) start.
+With ``wgmma`` (Hopper only, a ring of 2 or more; dispatched there with blocks of 128 queries:
+:func:`variant`) each warpgroup of 4 warps runs its 64 rows on :mod:`.wgmma`. ``S = Q K^T`` is one
+m64n64k16 per 16 columns of the head, both operands read from shared memory, so the Q fragments no
+longer take 4 registers per k-step for the whole block and K needs no ldmatrix. ``O += P V`` is
+one m64n<head_dim>k16 per 16 keys with P from registers (the S accumulators packed as in step 5:
+wgmma's accumulators are laid out as mma.sync's fragments) and V read MN-major, so V needs no
+``ldmatrix.trans``. Q, K and V tiles are then stored in panels of 64 columns (128-byte rows,
+chunk ``c`` of row ``r`` at ``c ^ (r % 8)``, each panel 1024-byte aligned: wgmma's 128-byte swizzle).
+On an H200 this took 8K prefill attention from 0.44x to 0.56x of SDPA (bench/RESULTS.md).
 
 Query rows past the sequence's end are zero-filled, computed and never stored; keys past the
 causal range are zero-filled and masked. Preconditions (checked by the dispatcher): float16, head
@@ -81,6 +78,7 @@ from .wgmma import (
     A_FRAGMENT_WORDS, ACCUMULATORS, MMA_RS_BY_WIDTH, SWIZZLE_ROW, fence_proxy_async, hold_accumulators, hold_fragments,
     mn_major_k_step, swizzled_k_step, wgmma_commit, wgmma_fence, wgmma_m64n64k16, wgmma_wait,
 )
+from .wgmma import enabled as wgmma_enabled
 
 # The switch: off (common.TENSOR_CORES, INFINILM_NB_TENSOR_CORES=0) keeps every step on the CUDA-core
 # attention kernel.
@@ -95,17 +93,22 @@ FULL_MASK = 0xFFFFFFFF
 NEG_INF = np.float32(-np.inf)
 LOG2E = 1.4426950408889634
 STATIC_SHIFT = 31  # a static cache is one block per sequence: every key is in logical block 0
-# The dispatched variant: (K, V) tile pairs in flight and queries per block. A ring of 2 beat one
-# pair by 4% at 2K and 8K on an H200; 3 pairs and 128-query blocks did not beat it (bench/RESULTS.md).
+# The dispatched variants (:func:`variant`): (K, V) tile pairs in flight, and queries per block on
+# mma.sync and on wgmma. On an H200 a ring of 2 beat one pair by 4% at 2K and 8K, 3 pairs did not beat
+# it; on mma.sync 128-query blocks did not beat 64, on wgmma they did at 8K (bench/RESULTS.md).
 KV_STAGES = 2
 QUERY_ROWS = 64
-# S on wgmma (Hopper only), the next tile's S during this tile's softmax, and P V on wgmma too:
-# kernel-bench and GPU-test variants, not dispatched until measured.
-USE_WGMMA = False
-OVERLAP_SCORES = False
-WGMMA_PV = False
+WGMMA_QUERY_ROWS = 128
 PANEL = SWIZZLE_ROW  # wgmma: bytes of a panel row (64 float16), the 128-byte swizzle's row
 SWIZZLE_ATOM = 1024  # wgmma: the swizzle repeats every 8 panel rows, and a panel starts on it
+
+
+def variant() -> tuple[int, int, bool]:
+    """``(kv_stages, block_q, wgmma)`` of the kernel a launch takes: wgmma where
+    :func:`.wgmma.enabled` (a Hopper), else mma.sync."""
+    if wgmma_enabled():
+        return KV_STAGES, WGMMA_QUERY_ROWS, True
+    return KV_STAGES, QUERY_ROWS, False
 
 
 def shared_bytes(head_dim: int, kv_stages: int, block_q: int = 64, wgmma: bool = False) -> int:
@@ -120,27 +123,19 @@ def threads(block_q: int) -> int:
 
 
 @lru_cache(maxsize=None)
-def prefill_kernel(
-    head_dim: int, kv_stages: int = 1, block_q: int = 64, wgmma: bool = False, overlap: bool = False,
-    wgmma_pv: bool = False,
-) -> Callable:
+def prefill_kernel(head_dim: int, kv_stages: int = 1, block_q: int = 64, wgmma: bool = False) -> Callable:
     """The kernel for one head dim (64 or 128); signature :data:`SIGNATURE`, grid ``(Hq, T // block_q
     + B)`` of :func:`threads` threads, :func:`shared_bytes` of shared memory (dynamic past 48 KB).
 
     ``kv_stages``: 1 is the single K and V tile pipeline of the module doc; from 2 on, a ring of that
     many (K, V) tile pairs in which tile ``j + kv_stages - 1`` is copied while the warps compute on
     tile ``j``, one barrier per tile. ``block_q``: 64 (4 warps) or 128 queries (8 warps, which halves
-    the K and V bytes copied per query). ``wgmma``: S on Hopper's wgmma (module doc; a ring of 2 or
-    more); ``overlap``: the next tile's S computed during this tile's softmax (wgmma, a ring of 2);
-    ``wgmma_pv``: ``O += P V`` on wgmma too (P from registers, V in panels; with wgmma)."""
+    the K and V bytes copied per query). ``wgmma``: ``S = Q K^T`` and ``O += P V`` on Hopper's wgmma
+    (module doc; a ring of 2 or more)."""
     if kv_stages < 1:
         raise ValueError(f"kv_stages must be at least 1, got {kv_stages}")
     if wgmma and kv_stages < 2:
         raise ValueError(f"the wgmma variant needs a ring of K/V tiles (kv_stages >= 2), got {kv_stages}")
-    if overlap and not (wgmma and kv_stages == 2):
-        raise ValueError(f"overlap needs wgmma and a ring of 2 K/V tiles, got wgmma={wgmma}, kv_stages={kv_stages}")
-    if wgmma_pv and (not wgmma or overlap):
-        raise ValueError(f"wgmma_pv needs wgmma without overlap, got wgmma={wgmma}, overlap={overlap}")
     if block_q not in BLOCK_QUERIES:
         raise ValueError(f"block_q must be one of {BLOCK_QUERIES}, got {block_q}")
     D = head_dim
@@ -165,16 +160,12 @@ def prefill_kernel(
     STAGE_BYTES = 2 * BKV * ROW
     SMEM_WORDS = shared_bytes(head_dim, kv_stages, block_q, wgmma) // 4
     WGMMA = wgmma
-    OVERLAP = overlap
-    PV_WGMMA = wgmma_pv
     PV_MMA = MMA_RS_BY_WIDTH[D]
-    V_ROW = PANEL if PV_WGMMA else ROW  # V rows: panel rows when wgmma reads it
-    # Q and K rows: D * 2 bytes with mma.sync; 128-byte rows of 64-column panels with wgmma
-    QK_ROW = PANEL if WGMMA else ROW
-    Q_PANEL, K_PANEL = BQ * PANEL, BKV * PANEL  # wgmma: bytes from one panel of a tile to the next
+    # Q, K and V rows: D * 2 bytes with mma.sync; 128-byte rows of 64-column panels with wgmma
+    PANEL_ROW = PANEL if WGMMA else ROW
+    Q_PANEL, KV_PANEL = BQ * PANEL, BKV * PANEL  # wgmma: bytes from one panel of a tile to the next
     DYNAMIC = SMEM_WORDS * 4 > STATIC_SHARED_BYTES  # then opted in at launch
-    # commit groups after Q's: the K/V tiles of the prologue (with overlap, and K tile 1)
-    Q_PENDING = STAGES if OVERLAP else STAGES - 1 if RING else 1
+    Q_PENDING = STAGES - 1 if RING else 1  # commit groups after Q's: the K/V tiles of the prologue
     TILE_PENDING = max(STAGES - 2, 0)  # ring: groups allowed in flight once a tile must have landed
 
     @inline_device
@@ -212,27 +203,17 @@ def prefill_kernel(
                     mma_accumulate(s, i, qf[a], qf[a + 1], qf[a + 2], qf[a + 3], v[2 * half], v[2 * half + 1])
 
     @inline_device
-    def issue_scores(s, q_rows, k_tile):
-        """Start ``s = Q K^T`` on wgmma for the warpgroup's 64 Q rows (from shared address ``q_rows``
-        in each Q panel) and the K tile at ``k_tile``: an m64n64k16 per 16 head columns, the first
-        one overwriting ``s``; one commit group."""
+    def scores_wgmma(s, q_rows, k_tile):
+        """``s = Q K^T`` on wgmma for the warpgroup's 64 Q rows (from shared address ``q_rows`` in each
+        Q panel) and the K tile at ``k_tile``: an m64n64k16 per 16 head columns, the first one
+        overwriting ``s``; waits for them."""
         hold_accumulators(s, 0)
         wgmma_fence()
         for kk in range(KT):
-            wgmma_m64n64k16(s, 0, swizzled_k_step(q_rows, kk, Q_PANEL), swizzled_k_step(k_tile, kk, K_PANEL), kk)
+            wgmma_m64n64k16(s, 0, swizzled_k_step(q_rows, kk, Q_PANEL), swizzled_k_step(k_tile, kk, KV_PANEL), kk)
         wgmma_commit()
-
-    @inline_device
-    def collect_scores(s):
-        """Wait for the scores started into ``s``."""
         wgmma_wait(0)
         hold_accumulators(s, 0)
-
-    @inline_device
-    def scores_wgmma(s, q_rows, k_tile):
-        """:func:`issue_scores`, then :func:`collect_scores`."""
-        issue_scores(s, q_rows, k_tile)
-        collect_scores(s)
 
     @inline_device
     def accumulate_wgmma(o, s, v_tile):
@@ -246,7 +227,7 @@ def prefill_kernel(
         hold_fragments(p, 0)
         wgmma_fence()
         for kk in range(PK):
-            PV_MMA(o, 0, p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3], mn_major_k_step(v_tile, kk, K_PANEL), 1)
+            PV_MMA(o, 0, p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3], mn_major_k_step(v_tile, kk, KV_PANEL), 1)
         wgmma_commit()
         wgmma_wait(0)
         for h in range(O_ACC // ACCUMULATORS):
@@ -357,14 +338,13 @@ def prefill_kernel(
         # wgmma: chunk c of a Q or K row is chunk c % 8 of panel c // 8
         qk_dst = key0 * PANEL + (((c % 8) ^ (key0 % 8)) << 4) if WGMMA else kv_dst
         q_dst = qk_dst + (c // 8) * Q_PANEL if WGMMA else kv_dst
-        k_dst = qk_dst + (c // 8) * K_PANEL if WGMMA else kv_dst
-        v_dst = k_dst if PV_WGMMA else kv_dst
+        k_dst = qk_dst + (c // 8) * KV_PANEL if WGMMA else kv_dst  # K, and with wgmma V
 
         # Q tile (rows past the sequence zero-filled), then K tile 0: two commit groups.
         for i in range(Q_LOADS):
             r = key0 + i * PER_PASS
             src = (token0 + r) * q_token_stride + h * q_head_stride + c * 8
-            cp_async_16(base + q_dst + i * PER_PASS * QK_ROW, q, src if r < rows else 0, 16 if r < rows else 0)
+            cp_async_16(base + q_dst + i * PER_PASS * PANEL_ROW, q, src if r < rows else 0, 16 if r < rows else 0)
         cp_async_commit()
         kv_row = cuda.local.array(KV_LOADS, int32)
         if RING:  # tiles 0 .. STAGES - 2, K and V, one commit group each (empty past the keys)
@@ -372,14 +352,8 @@ def prefill_kernel(
                 if stage * BKV < kv_end:
                     fill_rows(kv_row, table, int32(stage * BKV), kv_end, key0, block_size, block_shift, block_mask,
                               kv_heads, kvh)
-                    copy_tile(k_cache, kv_row, base + K_OFFSET + stage * STAGE_BYTES + k_dst, c, QK_ROW)
-                    copy_tile(v_cache, kv_row, base + V_OFFSET + stage * STAGE_BYTES + v_dst, c, V_ROW)
-                cp_async_commit()
-            if OVERLAP:  # K runs a tile ahead: K tile 1 into stage 1
-                if BKV < kv_end:
-                    fill_rows(kv_row, table, int32(BKV), kv_end, key0, block_size, block_shift, block_mask, kv_heads,
-                              kvh)
-                    copy_tile(k_cache, kv_row, base + K_OFFSET + STAGE_BYTES + k_dst, c, QK_ROW)
+                    copy_tile(k_cache, kv_row, base + K_OFFSET + stage * STAGE_BYTES + k_dst, c, PANEL_ROW)
+                    copy_tile(v_cache, kv_row, base + V_OFFSET + stage * STAGE_BYTES + k_dst, c, PANEL_ROW)
                 cp_async_commit()
         else:
             fill_rows(kv_row, table, int32(0), kv_end, key0, block_size, block_shift, block_mask, kv_heads, kvh)
@@ -419,59 +393,31 @@ def prefill_kernel(
         for i in range(O_ACC):
             o[i] = 0
         s = cuda.local.array(S_ACC, float32)
-        s_next = cuda.local.array(S_ACC, float32)  # overlap: the next tile's scores
-        if OVERLAP:  # tile 0's scores before the loop, which computes each next tile's ahead
-            cp_async_wait_group(1)  # K tile 1 may still be in flight
-            fence_proxy_async()
-            cuda.syncthreads()
-            scores_wgmma(s, q_rows, base + K_OFFSET)
 
         if RING:
             read = int32(0)  # the stage computed on
             write = int32(STAGES - 1)  # the stage refilled
             for kv0 in range(int32(0), kv_end, BKV):
-                cp_async_wait_group(0 if OVERLAP else TILE_PENDING)
+                cp_async_wait_group(TILE_PENDING)
                 if WGMMA:
                     fence_proxy_async()
-                # tile kv0 (with overlap: V kv0, K kv0 + BKV) landed for all; all are done with the
-                # previous tile (stage `write`; with overlap, K tile kv0 too, whose scores are in)
-                cuda.syncthreads()
-                if OVERLAP:  # K kv0 + 2 BKV into stage `read`, V kv0 + BKV into stage `write`
-                    if kv0 + 2 * BKV < kv_end:
-                        fill_rows(kv_row, table, kv0 + 2 * BKV, kv_end, key0, block_size, block_shift, block_mask,
-                                  kv_heads, kvh)
-                        copy_tile(k_cache, kv_row, base + K_OFFSET + read * STAGE_BYTES + k_dst, c, QK_ROW)
-                    if kv0 + BKV < kv_end:
-                        fill_rows(kv_row, table, kv0 + BKV, kv_end, key0, block_size, block_shift, block_mask,
-                                  kv_heads, kvh)
-                        copy_tile(v_cache, kv_row, base + V_OFFSET + write * STAGE_BYTES + v_dst, c, V_ROW)
-                else:
-                    ahead = kv0 + (STAGES - 1) * BKV
-                    if ahead < kv_end:
-                        fill_rows(kv_row, table, ahead, kv_end, key0, block_size, block_shift, block_mask, kv_heads,
-                                  kvh)
-                        copy_tile(k_cache, kv_row, base + K_OFFSET + write * STAGE_BYTES + k_dst, c, QK_ROW)
-                        copy_tile(v_cache, kv_row, base + V_OFFSET + write * STAGE_BYTES + v_dst, c, V_ROW)
+                cuda.syncthreads()  # tile kv0 landed for all; all are done with the previous (stage `write`)
+                ahead = kv0 + (STAGES - 1) * BKV
+                if ahead < kv_end:
+                    fill_rows(kv_row, table, ahead, kv_end, key0, block_size, block_shift, block_mask, kv_heads, kvh)
+                    copy_tile(k_cache, kv_row, base + K_OFFSET + write * STAGE_BYTES + k_dst, c, PANEL_ROW)
+                    copy_tile(v_cache, kv_row, base + V_OFFSET + write * STAGE_BYTES + k_dst, c, PANEL_ROW)
                 cp_async_commit()
-                following = read + 1 if read < STAGES - 1 else 0
-                more = kv0 + BKV < kv_end
-                if OVERLAP:  # s holds this tile's scores already; the next tile's run meanwhile
-                    if more:
-                        issue_scores(s_next, q_rows, base + K_OFFSET + following * STAGE_BYTES)
-                elif WGMMA:
+                if WGMMA:
                     scores_wgmma(s, q_rows, base + K_OFFSET + read * STAGE_BYTES)
                 else:
                     scores(s, qf, base + K_OFFSET + read * STAGE_BYTES, k_frag)
                 softmax(s, o, kv0, kv_min, key_end, row_max, row_sum, t, scale_log2)
-                if PV_WGMMA:
+                if WGMMA:
                     accumulate_wgmma(o, s, base + V_OFFSET + read * STAGE_BYTES)
                 else:
                     accumulate(o, s, base + V_OFFSET + read * STAGE_BYTES, v_frag)
-                if OVERLAP and more:
-                    collect_scores(s_next)
-                    for i in range(S_ACC):
-                        s[i] = s_next[i]
-                read = following
+                read = read + 1 if read < STAGES - 1 else 0
                 write = write + 1 if write < STAGES - 1 else 0
         else:
             for kv0 in range(int32(0), kv_end, BKV):
@@ -540,10 +486,11 @@ def prefill_attention(
     else:
         shift, mask = block_size.bit_length() - 1, block_size - 1
     q_strides, out_strides = element_strides(q), element_strides(out)
-    kernel = compiled(prefill_kernel(dim, KV_STAGES, QUERY_ROWS, USE_WGMMA, OVERLAP_SCORES, WGMMA_PV), SIGNATURE)
-    grid = (q_heads, tokens // QUERY_ROWS + context_lens.shape[0])  # every virtual tile index (module doc)
-    launch(kernel, grid, threads(QUERY_ROWS), (
+    kv_stages, block_q, wgmma = variant()
+    kernel = compiled(prefill_kernel(dim, kv_stages, block_q, wgmma), SIGNATURE)
+    grid = (q_heads, tokens // block_q + context_lens.shape[0])  # every virtual tile index (module doc)
+    launch(kernel, grid, threads(block_q), (
         flat_view("paged_attention", "q", q), q_strides[0], q_strides[1], k_cache.reshape(-1), v_cache.reshape(-1),
         block_tables, context_lens, query_start_loc, block_size, shift, mask, kv_heads, q_heads // kv_heads,
         np.float32(scale * LOG2E), flat_view("paged_attention", "out", out), out_strides[0], out_strides[1], tokens,
-    ), shared_bytes(dim, KV_STAGES, QUERY_ROWS, USE_WGMMA))
+    ), shared_bytes(dim, kv_stages, block_q, wgmma))

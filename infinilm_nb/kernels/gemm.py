@@ -293,12 +293,6 @@ def launch_mma(config: MmaConfig, x: Any, weight: Any, bias: Any, residual: Any,
     launch(kernel, grid, config.threads, _flat_args(x, weight, bias, residual, out))
 
 
-def has_wgmma() -> bool:
-    """Whether the prefill linear takes wgmma: a Hopper (:func:`.wgmma.supported`) with
-    ``gemm_tc.WGMMA`` on."""
-    return gemm_tc.WGMMA and wgmma.supported()
-
-
 def launch_tc(config: TcConfig, x: Any, weight: Any, bias: Any, residual: Any, out: Any) -> None:
     """Launch tensor-core prefill variant ``config`` on checked float16 operands (K % 8 == 0, 16-byte aligned)."""
     if config.wgmma and not wgmma.supported():
@@ -328,7 +322,7 @@ def _launch(x: Any, weight: Any, out: Any, bias: Any, residual: Any, fused: bool
     if tensor_cores and M <= MMA_MAX_M:
         launch_mma(mma_config(M, N, K, fused), x, weight, bias, residual, out)
     elif tensor_cores and M >= gemm_tc.MIN_M and gemm_tc.ENABLED:
-        launch_tc(tc_config(M, fused, has_wgmma()), x, weight, bias, residual, out)
+        launch_tc(tc_config(M, fused, wgmma.enabled()), x, weight, bias, residual, out)
     elif M <= DECODE_MAX_M:
         group = _group(M)
         kernel = compiled(_decode_kernel(group, vec, fused, bf16), kernel_signature(dtype))

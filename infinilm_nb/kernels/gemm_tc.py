@@ -48,7 +48,6 @@ Preconditions (the launcher in :mod:`.gemm` checks them): float16, K % 8 == 0, x
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
@@ -69,8 +68,6 @@ from .wgmma import (
 # The switch: off (common.TENSOR_CORES, INFINILM_NB_TENSOR_CORES=0) sends every float16 prefill linear
 # to the CUDA-core tiled kernel.
 ENABLED = TENSOR_CORES
-# On a Hopper (compute capability 9.0) the prefill linear runs on wgmma unless INFINILM_NB_WGMMA=0.
-WGMMA = TENSOR_CORES and os.environ.get("INFINILM_NB_WGMMA", "1") != "0"
 MIN_M = 64  # smaller M is decode: gemm_mma.py / the CUDA-core decode kernel
 
 WARP = 32

@@ -48,13 +48,14 @@ GPU only (the simulator runs no inline PTX): there every wgmma function raises, 
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
 from numba import cuda, uint64
 
-from .common import SIMULATOR
+from .common import SIMULATOR, TENSOR_CORES
 
 SWIZZLE_NONE = 0
 SWIZZLE_128B = 1
@@ -102,6 +103,16 @@ def mn_major_k_step(tile, kk, panel_bytes):
 def supported() -> bool:
     """Whether this process's GPU has wgmma: a Hopper (compute capability 9.0; never the simulator)."""
     return not SIMULATOR and cuda.get_current_device().compute_capability == (9, 0)
+
+
+# The switch: on a Hopper the prefill GEMM and attention run on wgmma unless INFINILM_NB_WGMMA=0
+# (or INFINILM_NB_TENSOR_CORES=0), which keeps them on mma.sync.
+ENABLED = TENSOR_CORES and os.environ.get("INFINILM_NB_WGMMA", "1") != "0"
+
+
+def enabled() -> bool:
+    """Whether the prefill kernels take wgmma: the switch :data:`ENABLED` is on and :func:`supported`."""
+    return ENABLED and supported()
 
 
 if SIMULATOR:

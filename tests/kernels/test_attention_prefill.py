@@ -10,44 +10,34 @@ the fallback test, which also checks in the simulator that the hint is accepted 
 import numpy as np
 import pytest
 
-from infinilm_nb.kernels import attention_prefill, reference
+from infinilm_nb.kernels import attention_prefill, reference, wgmma
 from infinilm_nb.kernels.common import compiled
-from infinilm_nb.kernels.wgmma import supported
 from tests.helpers import pick, poisoned, random, rel_err, tolerance
 from tests.kernels.test_attention import _paged_batch
 
 F16 = np.float16
-# (K / V tile pairs, queries per block, S on wgmma, the next S during the softmax, P V on wgmma): the
-# single-tile pipeline of 64 queries, the dispatched ring of 2 tile pairs and a ring of 3 (dynamic
-# shared memory), blocks of 128 queries (8 warps), and S on wgmma (Hopper only) for one and two
-# warpgroups, overlapped with the softmax (K a tile ahead of V), and with P V on wgmma too
-VARIANTS = [(1, 64, False, False, False), (2, 64, False, False, False), (3, 64, False, False, False),
-            (1, 128, False, False, False), (2, 128, False, False, False), (2, 64, True, False, False),
-            (2, 128, True, False, False), (2, 64, True, True, False), (2, 128, True, True, False),
-            (2, 64, True, False, True), (2, 128, True, False, True)]
+# (K / V tile pairs, queries per block, wgmma): the single-tile pipeline of 64 queries, the ring of 2
+# tile pairs dispatched on mma.sync and a ring of 3 (dynamic shared memory), blocks of 128 queries
+# (8 warps), and wgmma (Hopper only) for one and two warpgroups (dispatched there: 128 queries)
+VARIANTS = [(1, 64, False), (2, 64, False), (3, 64, False), (1, 128, False), (2, 128, False), (2, 64, True),
+            (2, 128, True)]
 
 
-def _skip_wgmma_before_hopper(wgmma):
-    if wgmma and not supported():
+def _skip_wgmma_before_hopper(on_wgmma):
+    if on_wgmma and not wgmma.supported():
         pytest.skip("wgmma needs a Hopper GPU")
 
 
 def _variant_id(variant) -> str:
-    kv_stages, block_q, wgmma, overlap, pv = variant
-    return (f"stages{kv_stages}-q{block_q}" + ("-wgmma" if wgmma else "") + ("-overlap" if overlap else "")
-            + ("-pv" if pv else ""))
+    kv_stages, block_q, on_wgmma = variant
+    return f"stages{kv_stages}-q{block_q}" + ("-wgmma" if on_wgmma else "")
 
 
 @pytest.fixture(params=VARIANTS, ids=_variant_id)
 def variant(request, monkeypatch):
-    """Dispatch the prefill variant ``(kv_stages, block_q, wgmma, overlap, wgmma_pv)`` for the test."""
-    kv_stages, block_q, wgmma, overlap, pv = request.param
-    _skip_wgmma_before_hopper(wgmma)
-    monkeypatch.setattr(attention_prefill, "KV_STAGES", kv_stages)
-    monkeypatch.setattr(attention_prefill, "QUERY_ROWS", block_q)
-    monkeypatch.setattr(attention_prefill, "USE_WGMMA", wgmma)
-    monkeypatch.setattr(attention_prefill, "OVERLAP_SCORES", overlap)
-    monkeypatch.setattr(attention_prefill, "WGMMA_PV", pv)
+    """Dispatch the prefill variant ``(kv_stages, block_q, wgmma)`` for the test."""
+    _skip_wgmma_before_hopper(request.param[2])
+    monkeypatch.setattr(attention_prefill, "variant", lambda: request.param)
     return request.param
 # (q heads, kv heads, head_dim, block_size): GQA 4, 3 and 1
 CONFIGS = [(32, 8, 128, 16), (9, 3, 64, 32), (4, 4, 128, 32), (12, 4, 64, 16)]
@@ -157,22 +147,19 @@ def test_prefill_attention_falls_back_to_cuda_cores(kb, rng, monkeypatch, case):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kv_stages,block_q,wgmma,overlap,pv", VARIANTS, ids=[_variant_id(v) for v in VARIANTS])
+@pytest.mark.parametrize("kv_stages,block_q,on_wgmma", VARIANTS, ids=[_variant_id(v) for v in VARIANTS])
 @pytest.mark.parametrize("dim", attention_prefill.HEAD_DIMS)
-def test_prefill_kernel_is_tensor_cores_without_local_memory(dim, kv_stages, block_q, wgmma, overlap, pv):
-    _skip_wgmma_before_hopper(wgmma)
-    kernel = compiled(attention_prefill.prefill_kernel(dim, kv_stages, block_q, wgmma, overlap, pv),
+def test_prefill_kernel_is_tensor_cores_without_local_memory(dim, kv_stages, block_q, on_wgmma):
+    _skip_wgmma_before_hopper(on_wgmma)
+    kernel = compiled(attention_prefill.prefill_kernel(dim, kv_stages, block_q, on_wgmma),
                       attention_prefill.SIGNATURE)
     ptx = "".join(kernel.inspect_asm().values())
     mma_sync = ["mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32", "ldmatrix.sync.aligned.m8n8.x4.trans"]
-    expected = [] if pv else mma_sync
-    if wgmma:  # S on wgmma; P V on mma.sync, or on wgmma from registers
-        expected += ["wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16", "fence.proxy.async"]
-    if pv:
-        expected += [f"wgmma.mma_async.sync.aligned.m64n{dim}k16.f32.f16.f16"]
-    for instruction in expected:
+    wgmma_ops = ["wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16", "fence.proxy.async",
+                 f"wgmma.mma_async.sync.aligned.m64n{dim}k16.f32.f16.f16", ", p, 1, 1, 1;"]  # P V: transposed B
+    for instruction in wgmma_ops if on_wgmma else mma_sync:
         assert instruction in ptx, instruction
-    for instruction in mma_sync if pv else []:
+    for instruction in mma_sync if on_wgmma else []:
         assert instruction not in ptx, instruction
     assert kernel.get_local_mem_per_thread() == 0
 
@@ -184,7 +171,11 @@ def test_prefill_kernel_variants_are_checked():
         attention_prefill.prefill_kernel(128, 1, 96)
     with pytest.raises(ValueError, match=r"the wgmma variant needs a ring of K/V tiles \(kv_stages >= 2\), got 1"):
         attention_prefill.prefill_kernel(128, 1, 64, wgmma=True)
-    with pytest.raises(ValueError, match="overlap needs wgmma and a ring of 2 K/V tiles, got wgmma=True, kv_stages=3"):
-        attention_prefill.prefill_kernel(128, 3, 64, wgmma=True, overlap=True)
-    with pytest.raises(ValueError, match="wgmma_pv needs wgmma without overlap, got wgmma=False, overlap=False"):
-        attention_prefill.prefill_kernel(128, 2, 64, wgmma_pv=True)
+
+
+def test_a_hopper_takes_wgmma_with_128_queries_unless_switched_off(monkeypatch):
+    on_hopper = wgmma.supported()
+    stages = attention_prefill.KV_STAGES
+    assert attention_prefill.variant() == ((stages, 128, True) if on_hopper and wgmma.ENABLED else (stages, 64, False))
+    monkeypatch.setattr(wgmma, "ENABLED", False)
+    assert attention_prefill.variant() == (stages, 64, False)

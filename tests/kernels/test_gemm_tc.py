@@ -127,7 +127,7 @@ def test_linear_llama_prefill_shapes_take_tensor_cores(kb, rng, monkeypatch, M, 
     x, weight, _, residual = _operands(kb, rng, M, N, K, False, name != "qkv")
     out = poisoned(kb, (M, N), F16)
     kb.ops.linear(kb.asarray(x), kb.asarray(weight), out, residual=None if residual is None else kb.asarray(residual))
-    assert launched == [gemm_tc.tc_config(M, wgmma=gemm.has_wgmma())]
+    assert launched == [gemm_tc.tc_config(M, wgmma=wgmma.enabled())]
     want = reference.linear(x, weight, np.empty((M, N), np.float32), residual=residual)
     assert rel_err(kb.to_host(out), want) < tolerance(F16)
 
@@ -139,16 +139,9 @@ def test_linear_silu_mul_takes_tensor_cores(kb, rng, monkeypatch):
     x, weight, _, _ = _operands(kb, rng, M, inter, K, False, False, rows=2 * inter)
     out = poisoned(kb, (M, inter), F16)
     kb.ops.linear_silu_mul(kb.asarray(x), kb.asarray(weight), out)
-    assert launched == [gemm_tc.tc_config(M, fused=True, wgmma=gemm.has_wgmma())]
+    assert launched == [gemm_tc.tc_config(M, fused=True, wgmma=wgmma.enabled())]
     want = reference.linear_silu_mul(x, weight, np.empty((M, inter), np.float32))
     assert rel_err(kb.to_host(out), want) < tolerance(F16)
-
-
-@pytest.mark.gpu
-def test_a_hopper_takes_wgmma_unless_switched_off():
-    if not wgmma.supported():
-        pytest.skip("wgmma needs a Hopper GPU")
-    assert gemm.has_wgmma() == gemm_tc.WGMMA
 
 
 @pytest.mark.parametrize("M", [64, 512, 8192])
