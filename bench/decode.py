@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    from bench.kernels import commit
+    from bench.provenance import commit
     from bench.timing import gpu_name
 
     config = llama_config(args.layers)

@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import subprocess
 import sys
 import traceback
 from dataclasses import asdict, dataclass
@@ -25,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cupy  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.provenance import commit  # noqa: E402
 from bench.timing import (  # noqa: E402
     copies_needed, copy_bandwidth, gpu_name, time_cublas, time_graph, time_torch_graph,
 )
@@ -464,17 +463,6 @@ SUITES = {
     "gemm": bench_gemm, "fusion": bench_fusion, "elementwise": bench_elementwise, "attention": bench_attention,
     "prefill": bench_prefill, "bfloat16": bench_bfloat16,
 }
-
-
-def commit() -> str:
-    """The commit measured: INFINILM_NB_COMMIT (the GPU machine gets no .git), else git's HEAD."""
-    if os.environ.get("INFINILM_NB_COMMIT"):
-        return os.environ["INFINILM_NB_COMMIT"]
-    try:
-        # "-dirty" when the tree is not HEAD's (the GPU machine's copy of .git can lag the tree it runs)
-        return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 def print_table(rows: list[Row], title: str) -> None:

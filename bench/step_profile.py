@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from bench.decode import graph_step_seconds, run_batch
-    from bench.kernels import commit
+    from bench.provenance import commit
     from bench.timing import gpu_name
     from infinilm_nb import LLM
     from infinilm_nb.kernels import common

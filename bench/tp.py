@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from bench.model import llama_config, model_directory  # noqa: E402
+from bench.provenance import commit  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"vocab_size": 512, "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4,
@@ -186,15 +187,6 @@ def device_name(backend: str) -> str:
     import cupy
 
     return cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
-
-
-def commit() -> str:
-    """The commit measured: INFINILM_NB_COMMIT (the GPU machine gets no .git), else git's HEAD."""
-    if os.environ.get("INFINILM_NB_COMMIT"):
-        return os.environ["INFINILM_NB_COMMIT"]
-    # "-dirty" when the tree is not HEAD's (the GPU machine's copy of .git can lag the tree it runs)
-    done = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=REPO)
-    return done.stdout.strip() or "unknown"
 
 
 def print_report(one: dict[str, Any], many: dict[str, Any], args: argparse.Namespace, title: str) -> None:

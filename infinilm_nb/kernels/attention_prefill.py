@@ -4,13 +4,13 @@ Same semantics as :func:`.reference.paged_attention`; :func:`.attention.paged_at
 float16 step here when the caller says it holds long prefills (``max_query_len``).
 
 Geometry (from shapes only: the host cannot read ``query_start_loc`` without a sync). A block
-owns up to ``BQ`` consecutive queries (64 dispatched, or 128) of ONE sequence and one query head,
-so K/V tiles always come from one block table and tiles never straddle sequences. Sequence b's
-query tiles get the virtual indices ``qsl[b] // BQ + b + i`` (i = 0 .. ceil(n_b / BQ) - 1): these
-ranges are disjoint and increasing in b, and all lie below ``T // BQ + B``, so the grid is
-``(Hq, T // BQ + B)`` and a block finds its sequence by binary search over
-``qsl[b] // BQ + b`` (a block landing in a gap between two sequences' ranges exits at once). A
-decode token in a mixed batch thus gets a block of its own, which streams its context once.
+owns up to ``BQ`` consecutive queries (64 on mma.sync, 128 on wgmma: :func:`variant`) of ONE
+sequence and one query head, so K/V tiles always come from one block table and tiles never
+straddle sequences. Sequence b's query tiles get the virtual indices ``qsl[b] // BQ + b + i``
+(i = 0 .. ceil(n_b / BQ) - 1): these ranges are disjoint and increasing in b, and all lie below
+``T // BQ + B``, so the grid is ``(Hq, T // BQ + B)`` and a block finds its sequence by binary
+search over ``qsl[b] // BQ + b`` (a block landing in a gap between two sequences' ranges exits at
+once). A decode token in a mixed batch thus gets a block of its own, which streams its context once.
 Blocks run in reverse order of that index so that the long tails of causal prefills start first;
 the query heads of one GQA group are neighbouring blocks, so they read the same K/V tiles out of L2.
 
@@ -43,7 +43,7 @@ one m64n<head_dim>k16 per 16 keys with P from registers (the S accumulators pack
 wgmma's accumulators are laid out as mma.sync's fragments) and V read MN-major, so V needs no
 ``ldmatrix.trans``. Q, K and V tiles are then stored in panels of 64 columns (128-byte rows,
 chunk ``c`` of row ``r`` at ``c ^ (r % 8)``, each panel 1024-byte aligned: wgmma's 128-byte swizzle).
-On an H200 this took 8K prefill attention from 0.44x to 0.56x of SDPA (bench/RESULTS.md).
+On an H200 this took 8K prefill attention from 0.43x of SDPA (mma.sync) to 0.56x (bench/RESULTS.md).
 
 Query rows past the sequence's end are zero-filled, computed and never stored; keys past the
 causal range are zero-filled and masked. Preconditions (checked by the dispatcher): float16, head
@@ -227,7 +227,8 @@ def prefill_kernel(head_dim: int, kv_stages: int = 1, block_q: int = 64, wgmma: 
         hold_fragments(p, 0)
         wgmma_fence()
         for kk in range(PK):
-            PV_MMA(o, 0, p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3], mn_major_k_step(v_tile, kk, KV_PANEL), 1)
+            v_step = mn_major_k_step(v_tile, kk, KV_PANEL)
+            PV_MMA(o, 0, p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3], v_step, 1)
         wgmma_commit()
         wgmma_wait(0)
         for h in range(O_ACC // ACCUMULATORS):

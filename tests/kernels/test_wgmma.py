@@ -77,12 +77,28 @@ def _unswizzled_kernel(a_src, b_src, out, accumulate):
         out[tid, i] = acc[i]
 
 
+def _collector(count):
+    """A device function that waits for the warpgroup's wgmma and stores its ``count`` accumulators
+    into ``out[tid]``."""
+
+    @cuda.jit(device=True)
+    def collect(acc, out, tid):
+        wgmma_wait(0)
+        for h in range(count // ACCUMULATORS):
+            hold_accumulators(acc, ACCUMULATORS * h)
+        for i in range(count):
+            out[tid, i] = acc[i]
+
+    return collect
+
+
 def _swizzled_kernel(width):
     """out = the accumulators of A[64 x 64] @ B[width x 64]^T: four k16 steps of m64n<width>k16 on
     swizzled tiles."""
     count = width // 2
     a_elements, b_elements = TILE * 64, width * 64  # shared array sizes must be plain constants
     multiply = MMA_BY_WIDTH[width]
+    collect = _collector(count)
 
     def kernel(a_src, b_src, out):
         tid = cuda.threadIdx.x
@@ -104,11 +120,7 @@ def _swizzled_kernel(width):
             desc_b = matrix_descriptor(base_b + 32 * step, 16, 1024, SWIZZLE_128B)
             multiply(acc, 0, desc_a, desc_b, step)
         wgmma_commit()
-        wgmma_wait(0)
-        for h in range(count // ACCUMULATORS):
-            hold_accumulators(acc, ACCUMULATORS * h)
-        for i in range(count):
-            out[tid, i] = acc[i]
+        collect(acc, out, tid)
 
     return kernel
 
@@ -122,6 +134,7 @@ def _registers_kernel(width):
     count = width // 2
     b_elements = width * 64
     multiply = MMA_RS_BY_WIDTH[width]
+    collect = _collector(count)
 
     def kernel(a_src, b_src, out):
         tid = cuda.threadIdx.x
@@ -144,11 +157,7 @@ def _registers_kernel(width):
             a3 = intrinsics.pack_f16x2(a_src[row + 8, col + 8], a_src[row + 8, col + 9])
             multiply(acc, 0, a0, a1, a2, a3, mn_major_k_step(base_b, step, 2 * PANEL), step)
         wgmma_commit()
-        wgmma_wait(0)
-        for h in range(count // ACCUMULATORS):
-            hold_accumulators(acc, ACCUMULATORS * h)
-        for i in range(count):
-            out[tid, i] = acc[i]
+        collect(acc, out, tid)
 
     return kernel
 
