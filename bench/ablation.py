@@ -10,10 +10,11 @@ unfused kernels (same op names, so the model and its CUDA graphs are unchanged):
 
 ``pdl on`` / ``pdl off`` switches the overlap of each kernel with the one before
 (:func:`infinilm_nb.kernels.common.launch`; on unless ``INFINILM_NB_PDL=0``): the step's graph is
-captured the other way.
+captured the other way. ``early weights off`` makes the decode GEMMs wait for the kernel before them
+before their first weight loads (``gemm.EARLY_WEIGHTS``).
 
-:func:`ablate` runs batch-1 decode on a checkpoint once per fusion undone and once with PDL switched
-(``bench/decode.py --ablate``); :class:`UnfusedOps` is the op table.
+:func:`ablate` runs batch-1 decode on a checkpoint once per fusion undone, once with PDL switched and
+once without early weights (``bench/decode.py --ablate``); :class:`UnfusedOps` is the op table.
 """
 
 from __future__ import annotations
@@ -82,6 +83,20 @@ def pdl_switched() -> Iterator[str]:
 
 
 @contextmanager
+def late_weights() -> Iterator[str]:
+    """Within the block, the decode GEMMs load no weight before their wait (graphs captured inside
+    keep that); yields ``"early weights off"``."""
+    from infinilm_nb.kernels import gemm
+
+    before = gemm.EARLY_WEIGHTS
+    gemm.EARLY_WEIGHTS = False
+    try:
+        yield "early weights off"
+    finally:
+        gemm.EARLY_WEIGHTS = before
+
+
+@contextmanager
 def undone(backend: Any, fusions: tuple[str, ...]) -> Iterator[None]:
     """Within the block, ``backend.ops`` serves ``fusions`` unfused (for models built inside it)."""
     fused = backend.ops
@@ -94,8 +109,8 @@ def undone(backend: Any, fusions: tuple[str, ...]) -> Iterator[None]:
 
 def ablate(decode_step: Callable[[Any], float], make_llm: Callable[[], Any]) -> dict[str, float]:
     """Milliseconds of a batch-1 decode step (``decode_step(llm)``) with all fusions, then with each
-    undone, then with PDL switched (key ``"pdl on"`` or ``"pdl off"``), each on a fresh ``make_llm()``
-    whose model and graphs are built that way."""
+    undone, then with PDL switched (key ``"pdl on"`` or ``"pdl off"``), then without early weights,
+    each on a fresh ``make_llm()`` whose model and graphs are built that way."""
     from infinilm_nb.backend import get_backend
 
     backend = get_backend("cuda")
@@ -110,6 +125,7 @@ def ablate(decode_step: Callable[[Any], float], make_llm: Callable[[], Any]) -> 
     for undo in ((), *((fusion,) for fusion in FUSIONS)):
         with undone(backend, undo):
             times[undo[0] if undo else "fused"] = timed()
-    with pdl_switched() as switched:
-        times[switched] = timed()
+    for switch in (pdl_switched, late_weights):
+        with switch() as switched:
+            times[switched] = timed()
     return times

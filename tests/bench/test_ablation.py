@@ -69,3 +69,14 @@ def test_pdl_is_switched_within_the_block_only(monkeypatch, pdl):
     with pdl_switched() as switched:
         assert common.PDL is not pdl and switched == ("pdl on" if not pdl else "pdl off")
     assert common.PDL is pdl
+
+
+def test_early_weights_are_off_within_the_block_only():
+    from bench.ablation import late_weights
+    from infinilm_nb.kernels import gemm
+
+    assert gemm.EARLY_WEIGHTS
+    with late_weights() as switched:
+        assert switched == "early weights off" and not gemm.EARLY_WEIGHTS
+        assert not gemm.mma_config(1, 4096, 4096).early_weights
+    assert gemm.EARLY_WEIGHTS and gemm.mma_config(1, 4096, 4096).early_weights
