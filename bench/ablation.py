@@ -11,10 +11,12 @@ unfused kernels (same op names, so the model and its CUDA graphs are unchanged):
 ``pdl on`` / ``pdl off`` switches the overlap of each kernel with the one before
 (:func:`infinilm_nb.kernels.common.launch`; on unless ``INFINILM_NB_PDL=0``): the step's graph is
 captured the other way. ``early weights off`` makes the decode GEMMs wait for the kernel before them
-before their first weight loads (``gemm.EARLY_WEIGHTS``).
+before their first weight loads (``gemm.EARLY_WEIGHTS``); ``early launch off`` keeps RMSNorm and the
+attention merge from letting the GEMM after them launch before they exit (``common.LAUNCH_NEXT_EARLY``).
 
-:func:`ablate` runs batch-1 decode on a checkpoint once per fusion undone, once with PDL switched and
-once without early weights (``bench/decode.py --ablate``); :class:`UnfusedOps` is the op table.
+:func:`ablate` runs batch-1 decode on a checkpoint once per fusion undone, once with PDL switched, once
+without early weights and once without early launches (``bench/decode.py --ablate``);
+:class:`UnfusedOps` is the op table.
 """
 
 from __future__ import annotations
@@ -69,31 +71,36 @@ class UnfusedOps:
 
 
 @contextmanager
-def pdl_switched() -> Iterator[str]:
-    """Within the block, PDL is the other way (graphs captured inside keep that); yields
-    ``"pdl on"`` or ``"pdl off"``, the way it is."""
+def _set(module: Any, name: str, value: Any, label: str) -> Iterator[str]:
+    """Within the block, ``module.name`` is ``value`` (graphs captured inside keep what it builds);
+    yields ``label``."""
+    before = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield label
+    finally:
+        setattr(module, name, before)
+
+
+def pdl_switched() -> Any:
+    """PDL the other way; yields ``"pdl on"`` or ``"pdl off"``, the way it is within the block."""
     from infinilm_nb.kernels import common
 
-    before = common.PDL
-    common.PDL = not before
-    try:
-        yield "pdl on" if common.PDL else "pdl off"
-    finally:
-        common.PDL = before
+    return _set(common, "PDL", not common.PDL, "pdl off" if common.PDL else "pdl on")
 
 
-@contextmanager
-def late_weights() -> Iterator[str]:
-    """Within the block, the decode GEMMs load no weight before their wait (graphs captured inside
-    keep that); yields ``"early weights off"``."""
+def late_weights() -> Any:
+    """The decode GEMMs load no weight before their wait; yields ``"early weights off"``."""
     from infinilm_nb.kernels import gemm
 
-    before = gemm.EARLY_WEIGHTS
-    gemm.EARLY_WEIGHTS = False
-    try:
-        yield "early weights off"
-    finally:
-        gemm.EARLY_WEIGHTS = before
+    return _set(gemm, "EARLY_WEIGHTS", False, "early weights off")
+
+
+def late_launches() -> Any:
+    """No kernel lets the next launch before it exits; yields ``"early launch off"``."""
+    from infinilm_nb.kernels import common
+
+    return _set(common, "LAUNCH_NEXT_EARLY", False, "early launch off")
 
 
 @contextmanager
@@ -110,7 +117,8 @@ def undone(backend: Any, fusions: tuple[str, ...]) -> Iterator[None]:
 def ablate(decode_step: Callable[[Any], float], make_llm: Callable[[], Any]) -> dict[str, float]:
     """Milliseconds of a batch-1 decode step (``decode_step(llm)``) with all fusions, then with each
     undone, then with PDL switched (key ``"pdl on"`` or ``"pdl off"``), then without early weights,
-    each on a fresh ``make_llm()`` whose model and graphs are built that way."""
+    then without early launches, each on a fresh ``make_llm()`` whose model and graphs are built that
+    way."""
     from infinilm_nb.backend import get_backend
 
     backend = get_backend("cuda")
@@ -125,7 +133,7 @@ def ablate(decode_step: Callable[[Any], float], make_llm: Callable[[], Any]) -> 
     for undo in ((), *((fusion,) for fusion in FUSIONS)):
         with undone(backend, undo):
             times[undo[0] if undo else "fused"] = timed()
-    for switch in (pdl_switched, late_weights):
+    for switch in (pdl_switched, late_weights, late_launches):
         with switch() as switched:
             times[switched] = timed()
     return times

@@ -23,8 +23,9 @@ from typing import Any, Callable
 from numba import cuda, float32
 
 from .attention_blocks import NEG_INF, locate, partition_keys
+from . import common
 from .common import SIMULATOR, compiled, launch, numba_type
-from .intrinsics import await_previous_kernels, load_f32x4
+from .intrinsics import await_previous_kernels, let_next_kernel_launch, load_f32x4
 from .vector import is_bf16, to_stored
 
 WARP = 32
@@ -34,8 +35,9 @@ FULL_MASK = 0xFFFFFFFF
 
 
 @functools.lru_cache(maxsize=None)
-def _merge_kernel(head_dim: int, bf16: bool) -> Callable:
-    """The merge kernel function for one head dim (a multiple of 4); ``bf16``: out holds bfloat16 bits."""
+def _merge_kernel(head_dim: int, bf16: bool, launch_next: bool) -> Callable:
+    """The merge kernel function for one head dim (a multiple of 4); ``bf16``: out holds bfloat16 bits;
+    ``launch_next``: the next kernel may launch once this one has waited (``common.LAUNCH_NEXT_EARLY``)."""
     D = head_dim
     CHUNKS = D // 4  # 16-byte float32 chunks of a partial
     ROWS = max(1, THREADS // CHUNKS)  # partitions summed side by side
@@ -81,6 +83,8 @@ def _merge_kernel(head_dim: int, bf16: bool) -> Callable:
 
     def merge(context_lens, query_start_loc, capacity, grain, stats, partials, out):
         await_previous_kernels()
+        if launch_next:
+            let_next_kernel_launch()
         t = cuda.blockIdx.x
         hq = cuda.blockIdx.y
         tid = cuda.threadIdx.x
@@ -141,7 +145,7 @@ def merge_partitions(
     ``grain`` keys (:func:`.attention_blocks.partition_keys`), as the partition kernels cut it."""
     tokens, heads, _, dim = partials.shape
     kernel = compiled(
-        _merge_kernel(dim, is_bf16(out.dtype)),
+        _merge_kernel(dim, is_bf16(out.dtype), common.LAUNCH_NEXT_EARLY),
         "void(int32[::1], int32[::1], int64, int32, float32[:, :, :, ::1], float32[:, :, :, ::1], "
         f"{numba_type(out.dtype)}[:, :, :])",
     )

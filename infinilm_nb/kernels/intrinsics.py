@@ -470,16 +470,20 @@ else:
 #
 #     await_previous_kernels()     # earlier kernels done, their writes visible
 #
-# No kernel lets the next launch early (griddepcontrol.launch_dependents): it launches as the blocks
-# of this one have all exited (common.PDL says what early launches cost).
-# Built for a GPU before Hopper it is no instruction (launches there are never programmatic); in the
-# simulator it is a no-op.
+# Without a call to let_next_kernel_launch() (griddepcontrol.launch_dependents) the next kernel
+# launches as the blocks of this one have all exited; with it, once every block has called it
+# (common.LAUNCH_NEXT_EARLY says which kernels do). Built for a GPU before Hopper both are no
+# instruction (launches there are never programmatic); in the simulator they are no-ops.
 
 if SIMULATOR:
 
     @cuda.jit(device=True)
     def await_previous_kernels():
         """No-op in the simulator, whose launches run one after another."""
+
+    @cuda.jit(device=True)
+    def let_next_kernel_launch():
+        """No-op in the simulator."""
 
 else:
 
@@ -503,6 +507,19 @@ else:
         def codegen(context, builder, sig, args):
             with _on_hopper(builder):
                 builder.call(_asm(_VOID, [], "griddepcontrol.wait;", ""), [])
+            return context.get_dummy_value()
+
+        return types.void(), codegen
+
+    @intrinsic
+    def let_next_kernel_launch(typingctx):
+        """``griddepcontrol.launch_dependents``: the next kernel in the stream, when it is launched
+        programmatically, may launch once every block of this one has called this, rather than once
+        they have exited (it still waits for this kernel in its :func:`await_previous_kernels`)."""
+
+        def codegen(context, builder, sig, args):
+            with _on_hopper(builder):
+                builder.call(_asm(_VOID, [], "griddepcontrol.launch_dependents;", ""), [])
             return context.get_dummy_value()
 
         return types.void(), codegen

@@ -19,8 +19,9 @@ import numba
 import numpy as np
 from numba import cuda
 
+from . import common
 from .common import WITH_BFLOAT16, cdiv, check_array, check_same_dtype, compiled, launch, numba_type
-from .intrinsics import await_previous_kernels, bf16_to_f32, f32_to_bf16
+from .intrinsics import await_previous_kernels, bf16_to_f32, f32_to_bf16, let_next_kernel_launch
 from .vector import inline_device, is_bf16, loader, packer, storer, vector_width
 
 ITEMS = 4  # chunks per thread kept in registers: 4 (8 with the residual) 16-byte loads in flight
@@ -29,6 +30,9 @@ ITEMS = 4  # chunks per thread kept in registers: 4 (8 with the residual) 16-byt
 MAX_THREADS = 512
 WARP = 32
 MAX_WARPS = MAX_THREADS // WARP  # size of the shared scratch of the reduction, fixed when compiled
+# Rows up to which a norm lets the next kernel launch early (common.LAUNCH_NEXT_EARLY): decode steps,
+# whose next GEMM loads weights while it waits; a prefill GEMM's blocks would only sit beside the norm's.
+LAUNCH_NEXT_MAX_ROWS = 64
 
 
 @cuda.jit(device=True)
@@ -61,11 +65,12 @@ def _round_to_bf16(value):
 
 
 @functools.lru_cache(maxsize=None)
-def _norm_kernel(vec: int, weight_vec: int, add: bool, dtype: str, weight_dtype: str) -> Callable:
+def _norm_kernel(vec: int, weight_vec: int, add: bool, dtype: str, weight_dtype: str, launch_next: bool) -> Callable:
     """The kernel ``(x, residual, weight, eps, out)`` over flat ``[T * H]`` arrays.
 
     ``vec`` elements of x / residual / out and ``weight_vec`` of weight move per load; with ``add``
     the residual is updated first (rounded to ``dtype``) and normalised; without, ``residual`` is x.
+    ``launch_next``: the next kernel may launch once this one has waited (``common.LAUNCH_NEXT_EARLY``).
     """
     bf16 = is_bf16(dtype)
     load, store, pack = loader(vec, bf16), storer(vec, bf16), packer(vec)
@@ -108,6 +113,8 @@ def _norm_kernel(vec: int, weight_vec: int, add: bool, dtype: str, weight_dtype:
 
     def kernel(x, residual, weight, eps, out):
         await_previous_kernels()
+        if launch_next:
+            let_next_kernel_launch()
         tid = cuda.threadIdx.x
         threads = cuda.blockDim.x
         hidden = weight.shape[0]
@@ -167,8 +174,9 @@ def _launch(x: Any, residual: Any, weight: Any, eps: float, out: Any, add: bool)
     vec = vector_width(x.dtype, (x, residual, out), (hidden,))
     weight_vec = vector_width(weight.dtype, (weight,), (vec,))
     t, w = numba_type(x.dtype), numba_type(weight.dtype)
+    names = np.dtype(x.dtype).name, np.dtype(weight.dtype).name
     kernel = compiled(
-        _norm_kernel(vec, weight_vec, add, np.dtype(x.dtype).name, np.dtype(weight.dtype).name),
+        _norm_kernel(vec, weight_vec, add, *names, common.LAUNCH_NEXT_EARLY and x.shape[0] <= LAUNCH_NEXT_MAX_ROWS),
         f"void({t}[::1], {t}[::1], {w}[::1], float32, {t}[::1])",
     )
     flat = [a.reshape(-1) for a in (x, residual, out)]

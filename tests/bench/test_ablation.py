@@ -71,6 +71,16 @@ def test_pdl_is_switched_within_the_block_only(monkeypatch, pdl):
     assert common.PDL is pdl
 
 
+def test_early_launches_are_off_within_the_block_only():
+    from bench.ablation import late_launches
+    from infinilm_nb.kernels import common
+
+    assert common.LAUNCH_NEXT_EARLY
+    with late_launches() as switched:
+        assert switched == "early launch off" and not common.LAUNCH_NEXT_EARLY
+    assert common.LAUNCH_NEXT_EARLY
+
+
 def test_early_weights_are_off_within_the_block_only():
     from bench.ablation import late_weights
     from infinilm_nb.kernels import gemm

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from infinilm_nb.kernels import attention_merge
+from infinilm_nb.kernels import attention_merge, common
 from tests.helpers import pick, poisoned, rel_err, tolerance
 
 GRAIN = 64
@@ -11,7 +11,9 @@ GRAIN = 64
 
 @pytest.mark.parametrize("dim", pick(sim=[8, 64], gpu=[64, 128, 256]))
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-def test_merge_matches_the_online_softmax_rule(kb, rng, dim, dtype):
+@pytest.mark.parametrize("early", [True, False])  # letting the next kernel launch early, or not
+def test_merge_matches_the_online_softmax_rule(kb, rng, monkeypatch, dim, dtype, early):
+    monkeypatch.setattr(common, "LAUNCH_NEXT_EARLY", early)
     # partition counts: one, a few, past the rows summed side by side and past the block's threads
     parts = np.array(pick(sim=[1, 3, 9, 70], gpu=[1, 3, 9, 43, 133, 300]), np.int32)
     tokens, heads, room = len(parts), 3, int(parts.max()) + 2

@@ -7,30 +7,11 @@ from numba import cuda
 
 from infinilm_nb.kernels import common
 from infinilm_nb.kernels.common import compiled, launch
-from infinilm_nb.kernels.intrinsics import await_previous_kernels
+from infinilm_nb.kernels.intrinsics import await_previous_kernels, let_next_kernel_launch
 from tests.conftest import ON_GPU
 from tests.helpers import poisoned
 
 SPINS = 1_000_000  # atomic reads of the flag before the first kernel gives up on seeing it
-
-if ON_GPU:
-    from llvmlite import ir
-    from numba.cuda import types
-    from numba.cuda.extending import intrinsic
-
-    @intrinsic
-    def _let_next_kernel_launch(typingctx):
-        """``griddepcontrol.launch_dependents``: the next kernel may launch before this one ends (the
-        kernels do not call it: without it that happens once every block of a kernel has exited)."""
-
-        def codegen(context, builder, sig, args):
-            asm = ir.InlineAsm(ir.FunctionType(ir.VoidType(), []), "griddepcontrol.launch_dependents;", "~{memory}",
-                               side_effect=True)
-            builder.call(asm, [])
-            return context.get_dummy_value()
-
-        return types.void(), codegen
-
 
 def _affine(x, out):
     """out = 2 x + 1, after the wait."""
@@ -49,7 +30,7 @@ def _plain_affine(x, out):
 def _first(flag, seen, data):
     """Lets the next kernel launch, waits (bounded) for it to raise ``flag``, then writes ``data``."""
     await_previous_kernels()
-    _let_next_kernel_launch()
+    let_next_kernel_launch()
     if cuda.threadIdx.x == 0:
         spins = 0
         while cuda.atomic.add(flag, 0, 0) == 0 and spins < SPINS:

@@ -120,3 +120,23 @@ def test_norms_reject_bad_arguments(kb, rng):
         norm.add_rms_norm(x, kb.asarray(random(rng, (4, 6), np.float16)), weight, EPS, x)
     with pytest.raises(ValueError, match="add_rms_norm: residual must be C-contiguous"):
         norm.add_rms_norm(x, kb.asarray(random(rng, (6, 4))).T, weight, EPS, x)
+
+
+@pytest.mark.parametrize("early", [False, True])
+@pytest.mark.parametrize("tokens", [1, norm.LAUNCH_NEXT_MAX_ROWS + 1])
+def test_decode_norms_let_the_next_kernel_launch_early_and_compute_the_same(kb, rng, monkeypatch, early, tokens):
+    from infinilm_nb.kernels import common
+
+    monkeypatch.setattr(common, "LAUNCH_NEXT_EARLY", early)
+    built = []
+    kernel = norm._norm_kernel
+    monkeypatch.setattr(norm, "_norm_kernel", lambda *args: built.append(args[-1]) or kernel(*args))
+    x, residual = random(rng, (tokens, 64), np.float16), random(rng, (tokens, 64), np.float16)
+    weight = random(rng, 64, np.float16)
+    out, residual_d = poisoned(kb, (tokens, 64), np.float16), kb.asarray(residual.copy())
+    norm.add_rms_norm(kb.asarray(x), residual_d, kb.asarray(weight), EPS, out)
+    assert built == [early and tokens <= norm.LAUNCH_NEXT_MAX_ROWS]
+    want_residual = residual.copy()
+    want = reference.add_rms_norm(x, want_residual, weight, EPS, np.empty((tokens, 64), np.float32))
+    assert rel_err(kb.to_host(out), want) < tolerance(np.float16)
+    assert rel_err(kb.to_host(residual_d), want_residual) < tolerance(np.float16)
