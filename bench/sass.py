@@ -79,7 +79,7 @@ def kernels() -> list[tuple[str, Callable, str, dict[str, Any]]]:
                                     in_flight=1),
                    gemm_tc.TcConfig(block_m=128, block_n=256, warps_m=8, warps_n=1, block_k=64, wgmma=True)):
         rows.append((f"prefill GEMM {config.label}", gemm_tc.tc_kernel(config), f16, {}))
-    for stages, block_q, wgmma in ((1, 64, False), (2, 64, False), (2, 128, False), (2, 64, True), (2, 128, True)):
+    for stages, block_q, wgmma in ((2, 64, False), (2, 128, False), (2, 64, True), (2, 128, True)):
         label = f"prefill attention d=128, {stages} K/V stage(s), {block_q} queries" + (", wgmma" if wgmma else "")
         rows.append((label, attention_prefill.prefill_kernel(dim, stages, block_q, wgmma), attention_prefill.SIGNATURE,
                      {}))

@@ -14,32 +14,32 @@ once). A decode token in a mixed batch thus gets a block of its own, which strea
 Blocks run in reverse order of that index so that the long tails of causal prefills start first;
 the query heads of one GQA group are neighbouring blocks, so they read the same K/V tiles out of L2.
 
-In a block, ``BQ / 16`` warps each own 16 query rows. Shared memory (48 KB at head_dim 128 and 64
-queries) holds the Q tile, one K tile and one V tile of ``BKV = 64`` keys, rows of ``2 * head_dim``
-bytes whose 16-byte chunk c is stored at ``c ^ (row % 8)`` so that ldmatrix (8 rows, one chunk
-column per phase) reads every bank once. Per K/V tile:
+In a block, ``BQ / 16`` warps each own 16 query rows. Shared memory (dynamic: 80 KB at head_dim
+128, 64 queries and the dispatched ring of 2) holds the Q tile and a ring of ``kv_stages`` (K, V)
+tile pairs of ``BKV = 64`` keys, rows of ``2 * head_dim`` bytes whose 16-byte chunk c is stored at
+``c ^ (row % 8)`` so that ldmatrix (8 rows, one chunk column per phase) reads every bank once. Per
+K/V tile j, one wait and one barrier:
 
-1. wait for K_j, barrier (everyone is also done with V_{j-1}); issue V_j (cp.async);
+1. wait for tile j's copies, barrier (everyone is also done with tile j - 1); issue the copies of
+   tile ``j + kv_stages - 1`` into tile j - 1's stage (cp.async), which have the whole tile's
+   compute to land;
 2. ``S = Q K_j^T`` on mma.sync m16n8k16 (Q fragments stay in registers for the whole block; K
    fragments by ldmatrix, K stored ``[key][d]`` being mma's "col" B operand);
-3. barrier (everyone is done with K_j); issue K_{j+1};
-4. online softmax in float32 on S in registers: causal mask only on tiles that cross the diagonal
+3. online softmax in float32 on S in registers: causal mask only on tiles that cross the diagonal
    (query row r sees keys ``0 .. L - n + first + r``), row max and the rescale factor through two
    quad shuffles (the 4 lanes of a row), exp2 with the scale folded in; each lane keeps its own
    part of the row sum, added across the quad once at the end;
-5. wait for V_j, barrier; ``O += P V_j``: the S accumulators of two neighbouring 8-key tiles are
-   exactly the A fragment of one 16-key step (packed to f16x2), V by ``ldmatrix.trans``.
+4. ``O += P V_j``: the S accumulators of two neighbouring 8-key tiles are exactly the A fragment of
+   one 16-key step (packed to f16x2), V by ``ldmatrix.trans``.
 
-With ``kv_stages`` of 2 or more (:func:`prefill_kernel`; :data:`KV_STAGES` picks the dispatched
-one) K and V tiles instead go through a ring of that many tile pairs in dynamic shared memory: one
-wait and one barrier per tile, after which the copies of the tile ``kv_stages - 1`` ahead start and
-have the whole tile's compute to land.
+On an H200 the ring of 2 beat a single K and V tile pipeline (two barriers a tile) by 4%, and a
+ring of 3 did not beat it (bench/RESULTS.md).
 
-With ``wgmma`` (Hopper only, a ring of 2 or more; dispatched there with blocks of 128 queries:
+With ``wgmma`` (Hopper only; dispatched there with blocks of 128 queries:
 :func:`variant`) each warpgroup of 4 warps runs its 64 rows on :mod:`.wgmma`. ``S = Q K^T`` is one
 m64n64k16 per 16 columns of the head, both operands read from shared memory, so the Q fragments no
 longer take 4 registers per k-step for the whole block and K needs no ldmatrix. ``O += P V`` is
-one m64n<head_dim>k16 per 16 keys with P from registers (the S accumulators packed as in step 5:
+one m64n<head_dim>k16 per 16 keys with P from registers (the S accumulators packed as in step 4:
 wgmma's accumulators are laid out as mma.sync's fragments) and V read MN-major, so V needs no
 ``ldmatrix.trans``. Q, K and V tiles are then stored in panels of 64 columns (128-byte rows,
 chunk ``c`` of row ``r`` at ``c ^ (r % 8)``, each panel 1024-byte aligned: wgmma's 128-byte swizzle).
@@ -93,9 +93,9 @@ FULL_MASK = 0xFFFFFFFF
 NEG_INF = np.float32(-np.inf)
 LOG2E = 1.4426950408889634
 STATIC_SHIFT = 31  # a static cache is one block per sequence: every key is in logical block 0
-# The dispatched variants (:func:`variant`): (K, V) tile pairs in flight, and queries per block on
-# mma.sync and on wgmma. On an H200 a ring of 2 beat one pair by 4% at 2K and 8K, 3 pairs did not beat
-# it; on mma.sync 128-query blocks did not beat 64, on wgmma they did at 8K (bench/RESULTS.md).
+# The dispatched variants (:func:`variant`): (K, V) tile pairs of the ring, and queries per block on
+# mma.sync and on wgmma. On an H200 3 pairs did not beat 2; on mma.sync 128-query blocks did not beat
+# 64, on wgmma they did at 8K (bench/RESULTS.md).
 KV_STAGES = 2
 QUERY_ROWS = 64
 WGMMA_QUERY_ROWS = 128
@@ -123,25 +123,21 @@ def threads(block_q: int) -> int:
 
 
 @lru_cache(maxsize=None)
-def prefill_kernel(head_dim: int, kv_stages: int = 1, block_q: int = 64, wgmma: bool = False) -> Callable:
+def prefill_kernel(head_dim: int, kv_stages: int = 2, block_q: int = 64, wgmma: bool = False) -> Callable:
     """The kernel for one head dim (64 or 128); signature :data:`SIGNATURE`, grid ``(Hq, T // block_q
     + B)`` of :func:`threads` threads, :func:`shared_bytes` of shared memory (dynamic past 48 KB).
 
-    ``kv_stages``: 1 is the single K and V tile pipeline of the module doc; from 2 on, a ring of that
-    many (K, V) tile pairs in which tile ``j + kv_stages - 1`` is copied while the warps compute on
-    tile ``j``, one barrier per tile. ``block_q``: 64 (4 warps) or 128 queries (8 warps, which halves
-    the K and V bytes copied per query). ``wgmma``: ``S = Q K^T`` and ``O += P V`` on Hopper's wgmma
-    (module doc; a ring of 2 or more)."""
-    if kv_stages < 1:
-        raise ValueError(f"kv_stages must be at least 1, got {kv_stages}")
-    if wgmma and kv_stages < 2:
-        raise ValueError(f"the wgmma variant needs a ring of K/V tiles (kv_stages >= 2), got {kv_stages}")
+    ``kv_stages``: the (K, V) tile pairs of the ring (2 or more): tile ``j + kv_stages - 1`` is copied
+    while the warps compute on tile ``j``. ``block_q``: 64 (4 warps) or 128 queries (8 warps, which
+    halves the K and V bytes copied per query). ``wgmma``: ``S = Q K^T`` and ``O += P V`` on Hopper's
+    wgmma (module doc)."""
+    if kv_stages < 2:
+        raise ValueError(f"kv_stages must be at least 2 (a ring of K/V tile pairs), got {kv_stages}")
     if block_q not in BLOCK_QUERIES:
         raise ValueError(f"block_q must be one of {BLOCK_QUERIES}, got {block_q}")
     D = head_dim
     BQ = block_q
     THREADS = threads(block_q)
-    RING = kv_stages > 1
     STAGES = kv_stages
     CH = D // 8  # 16-byte chunks per row
     ROW = 2 * D  # bytes per shared row
@@ -165,8 +161,8 @@ def prefill_kernel(head_dim: int, kv_stages: int = 1, block_q: int = 64, wgmma: 
     PANEL_ROW = PANEL if WGMMA else ROW
     Q_PANEL, KV_PANEL = BQ * PANEL, BKV * PANEL  # wgmma: bytes from one panel of a tile to the next
     DYNAMIC = SMEM_WORDS * 4 > STATIC_SHARED_BYTES  # then opted in at launch
-    Q_PENDING = STAGES - 1 if RING else 1  # commit groups after Q's: the K/V tiles of the prologue
-    TILE_PENDING = max(STAGES - 2, 0)  # ring: groups allowed in flight once a tile must have landed
+    Q_PENDING = STAGES - 1  # commit groups after Q's: the K/V tiles of the prologue
+    TILE_PENDING = STAGES - 2  # groups allowed in flight once a tile must have landed
 
     @inline_device
     def fill_rows(kv_row, table, start, kv_end, key0, block_size, block_shift, block_mask, kv_heads, kvh):
@@ -341,24 +337,20 @@ def prefill_kernel(head_dim: int, kv_stages: int = 1, block_q: int = 64, wgmma: 
         q_dst = qk_dst + (c // 8) * Q_PANEL if WGMMA else kv_dst
         k_dst = qk_dst + (c // 8) * KV_PANEL if WGMMA else kv_dst  # K, and with wgmma V
 
-        # Q tile (rows past the sequence zero-filled), then K tile 0: two commit groups.
+        # Q tile (rows past the sequence zero-filled): one commit group.
         for i in range(Q_LOADS):
             r = key0 + i * PER_PASS
             src = (token0 + r) * q_token_stride + h * q_head_stride + c * 8
             cp_async_16(base + q_dst + i * PER_PASS * PANEL_ROW, q, src if r < rows else 0, 16 if r < rows else 0)
         cp_async_commit()
         kv_row = cuda.local.array(KV_LOADS, int32)
-        if RING:  # tiles 0 .. STAGES - 2, K and V, one commit group each (empty past the keys)
-            for stage in range(STAGES - 1):
-                if stage * BKV < kv_end:
-                    fill_rows(kv_row, table, int32(stage * BKV), kv_end, key0, block_size, block_shift, block_mask,
-                              kv_heads, kvh)
-                    copy_tile(k_cache, kv_row, base + K_OFFSET + stage * STAGE_BYTES + k_dst, c, PANEL_ROW)
-                    copy_tile(v_cache, kv_row, base + V_OFFSET + stage * STAGE_BYTES + k_dst, c, PANEL_ROW)
-                cp_async_commit()
-        else:
-            fill_rows(kv_row, table, int32(0), kv_end, key0, block_size, block_shift, block_mask, kv_heads, kvh)
-            copy_tile(k_cache, kv_row, base + K_OFFSET + kv_dst, c, ROW)
+        # tiles 0 .. STAGES - 2, K and V: one commit group each (empty past the keys)
+        for stage in range(STAGES - 1):
+            if stage * BKV < kv_end:
+                fill_rows(kv_row, table, int32(stage * BKV), kv_end, key0, block_size, block_shift, block_mask,
+                          kv_heads, kvh)
+                copy_tile(k_cache, kv_row, base + K_OFFSET + stage * STAGE_BYTES + k_dst, c, PANEL_ROW)
+                copy_tile(v_cache, kv_row, base + V_OFFSET + stage * STAGE_BYTES + k_dst, c, PANEL_ROW)
             cp_async_commit()
 
         # Q fragments, kept for the whole block: A tile of the warp's 16 rows at k-step kk. Lane l
@@ -395,48 +387,30 @@ def prefill_kernel(head_dim: int, kv_stages: int = 1, block_q: int = 64, wgmma: 
             o[i] = 0
         s = cuda.local.array(S_ACC, float32)
 
-        if RING:
-            read = int32(0)  # the stage computed on
-            write = int32(STAGES - 1)  # the stage refilled
-            for kv0 in range(int32(0), kv_end, BKV):
-                cp_async_wait_group(TILE_PENDING)
-                if WGMMA:
-                    fence_proxy_async()
-                cuda.syncthreads()  # tile kv0 landed for all; all are done with the previous (stage `write`)
-                ahead = kv0 + (STAGES - 1) * BKV
-                if ahead < kv_end:
-                    fill_rows(kv_row, table, ahead, kv_end, key0, block_size, block_shift, block_mask, kv_heads, kvh)
-                    copy_tile(k_cache, kv_row, base + K_OFFSET + write * STAGE_BYTES + k_dst, c, PANEL_ROW)
-                    copy_tile(v_cache, kv_row, base + V_OFFSET + write * STAGE_BYTES + k_dst, c, PANEL_ROW)
-                cp_async_commit()
-                if WGMMA:
-                    scores_wgmma(s, q_rows, base + K_OFFSET + read * STAGE_BYTES)
-                else:
-                    scores(s, qf, base + K_OFFSET + read * STAGE_BYTES, k_frag)
-                softmax(s, o, kv0, kv_min, key_end, row_max, row_sum, t, scale_log2)
-                if WGMMA:
-                    accumulate_wgmma(o, s, base + V_OFFSET + read * STAGE_BYTES)
-                else:
-                    accumulate(o, s, base + V_OFFSET + read * STAGE_BYTES, v_frag)
-                read = read + 1 if read < STAGES - 1 else 0
-                write = write + 1 if write < STAGES - 1 else 0
-        else:
-            for kv0 in range(int32(0), kv_end, BKV):
-                cp_async_wait_group(0)
-                cuda.syncthreads()  # K tile landed for all; all are done with the previous V tile
-                copy_tile(v_cache, kv_row, base + V_OFFSET + kv_dst, c, ROW)
-                cp_async_commit()
-                scores(s, qf, base + K_OFFSET, k_frag)
-                cuda.syncthreads()  # all are done with the K tile
-                if kv0 + BKV < kv_end:
-                    fill_rows(kv_row, table, kv0 + BKV, kv_end, key0, block_size, block_shift, block_mask,
-                              kv_heads, kvh)
-                    copy_tile(k_cache, kv_row, base + K_OFFSET + kv_dst, c, ROW)
-                cp_async_commit()
-                softmax(s, o, kv0, kv_min, key_end, row_max, row_sum, t, scale_log2)
-                cp_async_wait_group(1)
-                cuda.syncthreads()  # V tile landed for all
-                accumulate(o, s, base + V_OFFSET, v_frag)
+        read = int32(0)  # the stage computed on
+        write = int32(STAGES - 1)  # the stage refilled
+        for kv0 in range(int32(0), kv_end, BKV):
+            cp_async_wait_group(TILE_PENDING)
+            if WGMMA:
+                fence_proxy_async()
+            cuda.syncthreads()  # tile kv0 landed for all; all are done with the previous (stage `write`)
+            ahead = kv0 + (STAGES - 1) * BKV
+            if ahead < kv_end:
+                fill_rows(kv_row, table, ahead, kv_end, key0, block_size, block_shift, block_mask, kv_heads, kvh)
+                copy_tile(k_cache, kv_row, base + K_OFFSET + write * STAGE_BYTES + k_dst, c, PANEL_ROW)
+                copy_tile(v_cache, kv_row, base + V_OFFSET + write * STAGE_BYTES + k_dst, c, PANEL_ROW)
+            cp_async_commit()
+            if WGMMA:
+                scores_wgmma(s, q_rows, base + K_OFFSET + read * STAGE_BYTES)
+            else:
+                scores(s, qf, base + K_OFFSET + read * STAGE_BYTES, k_frag)
+            softmax(s, o, kv0, kv_min, key_end, row_max, row_sum, t, scale_log2)
+            if WGMMA:
+                accumulate_wgmma(o, s, base + V_OFFSET + read * STAGE_BYTES)
+            else:
+                accumulate(o, s, base + V_OFFSET + read * STAGE_BYTES, v_frag)
+            read = read + 1 if read < STAGES - 1 else 0
+            write = write + 1 if write < STAGES - 1 else 0
 
         for r in range(2):
             total = row_sum[r]

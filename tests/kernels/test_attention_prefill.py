@@ -16,11 +16,10 @@ from tests.helpers import pick, poisoned, random, rel_err, tolerance
 from tests.kernels.test_attention import _paged_batch
 
 F16 = np.float16
-# (K / V tile pairs, queries per block, wgmma): the single-tile pipeline of 64 queries, the ring of 2
-# tile pairs dispatched on mma.sync and a ring of 3 (dynamic shared memory), blocks of 128 queries
-# (8 warps), and wgmma (Hopper only) for one and two warpgroups (dispatched there: 128 queries)
-VARIANTS = [(1, 64, False), (2, 64, False), (3, 64, False), (1, 128, False), (2, 128, False), (2, 64, True),
-            (2, 128, True)]
+# (K / V tile pairs, queries per block, wgmma): the ring of 2 tile pairs dispatched on mma.sync and a
+# ring of 3 (more dynamic shared memory), blocks of 128 queries (8 warps), and wgmma (Hopper only)
+# for one and two warpgroups (dispatched there: 128 queries)
+VARIANTS = [(2, 64, False), (3, 64, False), (2, 128, False), (2, 64, True), (2, 128, True)]
 
 
 def _skip_wgmma_before_hopper(on_wgmma):
@@ -165,12 +164,10 @@ def test_prefill_kernel_is_tensor_cores_without_local_memory(dim, kv_stages, blo
 
 
 def test_prefill_kernel_variants_are_checked():
-    with pytest.raises(ValueError, match="kv_stages must be at least 1"):
-        attention_prefill.prefill_kernel(128, 0)
+    with pytest.raises(ValueError, match=r"kv_stages must be at least 2 \(a ring of K/V tile pairs\), got 1"):
+        attention_prefill.prefill_kernel(128, 1)
     with pytest.raises(ValueError, match="block_q must be one of"):
-        attention_prefill.prefill_kernel(128, 1, 96)
-    with pytest.raises(ValueError, match=r"the wgmma variant needs a ring of K/V tiles \(kv_stages >= 2\), got 1"):
-        attention_prefill.prefill_kernel(128, 1, 64, wgmma=True)
+        attention_prefill.prefill_kernel(128, 2, 96)
 
 
 def test_a_hopper_takes_wgmma_with_128_queries_unless_switched_off(monkeypatch):
