@@ -4,11 +4,9 @@ Each thread owns the 16-byte chunks ``tid, tid + blockDim, ...`` of its row (8 f
 or 4 float32, see :mod:`.vector`; single elements when the row length or a pointer is not 16-byte aligned) and
 keeps its first ``ITEMS`` chunks in float32 registers, so its loads are independent and in flight
 together, and a row of up to ``ITEMS * MAX_THREADS`` chunks is read once; wider rows re-read the
-chunks past that on the second pass. In a decode-sized launch (:data:`FEW_ROWS`) the weights of
-those first chunks are loaded with the row, before the reduction, so a single row (decode at batch
-1) waits for memory once, not twice; with more rows each weight chunk is read (from L2) as its chunk
-is written, which leaves registers for more rows in flight. The sum of squares is reduced in float32
-by warp shuffles, then across warps through shared memory.
+chunks past that on the second pass. The weights of those first chunks are loaded with the row,
+before the reduction, so a single row (decode at batch 1) waits for memory once, not twice. The
+sum of squares is reduced in float32 by warp shuffles, then across warps through shared memory.
 """
 
 from __future__ import annotations
@@ -32,12 +30,9 @@ ITEMS = 4  # chunks per thread kept in registers: 4 (8 with the residual) 16-byt
 MAX_THREADS = 512
 WARP = 32
 MAX_WARPS = MAX_THREADS // WARP  # size of the shared scratch of the reduction, fixed when compiled
-# Launches of up to FEW_ROWS rows (decode steps) load the weights with the row, so that one row waits
-# for memory once, and let the next kernel launch early (common.LAUNCH_NEXT_EARLY: the decode GEMM
-# after them loads weights while it waits). More rows read each weight chunk as they write it: 32 fewer
-# registers a thread, more blocks and bytes in flight an SM, and a prefill GEMM's blocks would only
-# sit beside the norm's.
-FEW_ROWS = 64
+# Rows up to which a norm lets the next kernel launch early (common.LAUNCH_NEXT_EARLY): decode steps,
+# whose next GEMM loads weights while it waits; a prefill GEMM's blocks would only sit beside the norm's.
+LAUNCH_NEXT_MAX_ROWS = 64
 
 
 @cuda.jit(device=True)
@@ -70,23 +65,18 @@ def _round_to_bf16(value):
 
 
 @functools.lru_cache(maxsize=None)
-def _norm_kernel(
-    vec: int, weight_vec: int, add: bool, dtype: str, weight_dtype: str, weights_first: bool, launch_next: bool
-) -> Callable:
+def _norm_kernel(vec: int, weight_vec: int, add: bool, dtype: str, weight_dtype: str, launch_next: bool) -> Callable:
     """The kernel ``(x, residual, weight, eps, out)`` over flat ``[T * H]`` arrays.
 
     ``vec`` elements of x / residual / out and ``weight_vec`` of weight move per load; with ``add``
     the residual is updated first (rounded to ``dtype``) and normalised; without, ``residual`` is x.
-    ``weights_first``: the weights of the chunks held in registers are loaded with the row (else each
-    as its chunk is written); ``launch_next``: the next kernel may launch once this one has waited
-    (see :data:`FEW_ROWS`).
+    ``launch_next``: the next kernel may launch once this one has waited (``common.LAUNCH_NEXT_EARLY``).
     """
     bf16 = is_bf16(dtype)
     load, store, pack = loader(vec, bf16), storer(vec, bf16), packer(vec)
     weight_load = loader(weight_vec, is_bf16(weight_dtype))
     weight_steps = vec // weight_vec
     cached = ITEMS * vec
-    weights_held = cached if weights_first else vec
     to_dtype = _round_to_bf16 if bf16 else numba.types.float16 if dtype == "float16" else numba.float32
 
     @inline_device
@@ -115,10 +105,10 @@ def _norm_kernel(
                 into[offset + s * weight_vec + e] = numba.float32(w[e])
 
     @inline_device
-    def write(values, offset, out, at, inv, weights, y, weight_offset):
-        """``out[at : at + vec] = values[offset : offset + vec] * inv * weights[weight_offset : ...]``."""
+    def write(values, offset, out, at, inv, weights, y):
+        """``out[at : at + vec] = values[offset : offset + vec] * inv * weights[offset : ...]``."""
         for e in range(vec):
-            y[e] = values[offset + e] * inv * weights[weight_offset + e]
+            y[e] = values[offset + e] * inv * weights[offset + e]
         store(out, at, pack(y, 0))
 
     def kernel(x, residual, weight, eps, out):
@@ -131,14 +121,14 @@ def _norm_kernel(
         chunks = hidden // vec
         base = cuda.blockIdx.x * hidden
         cache = cuda.local.array(cached, numba.float32)
-        weights = cuda.local.array(weights_held, numba.float32)
+        weights = cuda.local.array(cached, numba.float32)
         y = cuda.local.array(vec, numba.float32)
         partial = cuda.shared.array(MAX_WARPS, numba.float32)
-        if weights_first:  # in flight with the row, rather than one memory latency after the reduction
-            for j in range(ITEMS):
-                c = tid + j * threads
-                if c < chunks:
-                    read_weight(weight, c, weights, j * vec)
+        # the weights are in flight with the row, rather than one memory latency after the reduction
+        for j in range(ITEMS):
+            c = tid + j * threads
+            if c < chunks:
+                read_weight(weight, c, weights, j * vec)
         sum_squares = numba.float32(0.0)
         for j in range(ITEMS):
             c = tid + j * threads
@@ -154,18 +144,14 @@ def _norm_kernel(
         for j in range(ITEMS):
             c = tid + j * threads
             if c < chunks:
-                if weights_first:
-                    write(cache, j * vec, out, base + c * vec, inv, weights, y, j * vec)
-                else:
-                    read_weight(weight, c, weights, 0)
-                    write(cache, j * vec, out, base + c * vec, inv, weights, y, 0)
+                write(cache, j * vec, out, base + c * vec, inv, weights, y)
         c = tid + ITEMS * threads
         while c < chunks:  # rows wider than the registers: re-read (the updated residual, or x)
             rv = load(residual, base + c * vec)
             for e in range(vec):
                 cache[e] = numba.float32(rv[e])
             read_weight(weight, c, weights, 0)
-            write(cache, 0, out, base + c * vec, inv, weights, y, 0)
+            write(cache, 0, out, base + c * vec, inv, weights, y)
             c += threads
 
     return kernel
@@ -189,9 +175,8 @@ def _launch(x: Any, residual: Any, weight: Any, eps: float, out: Any, add: bool)
     weight_vec = vector_width(weight.dtype, (weight,), (vec,))
     t, w = numba_type(x.dtype), numba_type(weight.dtype)
     names = np.dtype(x.dtype).name, np.dtype(weight.dtype).name
-    few = x.shape[0] <= FEW_ROWS
     kernel = compiled(
-        _norm_kernel(vec, weight_vec, add, *names, few, few and common.LAUNCH_NEXT_EARLY),
+        _norm_kernel(vec, weight_vec, add, *names, common.LAUNCH_NEXT_EARLY and x.shape[0] <= LAUNCH_NEXT_MAX_ROWS),
         f"void({t}[::1], {t}[::1], {w}[::1], float32, {t}[::1])",
     )
     flat = [a.reshape(-1) for a in (x, residual, out)]

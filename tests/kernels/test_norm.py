@@ -7,10 +7,9 @@ from tests.kernels.widths import placed, record_widths
 
 EPS = 1e-5
 # (tokens, hidden): rows of 37 take the element path, 64 the 16-byte path, 300 the 16-byte path in
-# float32 only; past norm.FEW_ROWS rows (65) the weights are read as each chunk is written; the GPU
-# list adds Llama-3-8B (4096), SmolLM2 (576), 8192 and a row wider than the registers hold (40000),
-# which re-reads memory on the second pass
-SHAPES = pick(sim=[(3, 37), (2, 64), (2, 300), (65, 37)], gpu=[(3, 37), (77, 576), (33, 4096), (5, 8192), (3, 40000)])
+# float32 only; the GPU list adds Llama-3-8B (4096), SmolLM2 (576), 8192 and a row wider than the
+# registers hold (40000), which re-reads memory on the second pass
+SHAPES = pick(sim=[(3, 37), (2, 64), (2, 300)], gpu=[(3, 37), (77, 576), (33, 4096), (5, 8192), (3, 40000)])
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint16])  # uint16: bfloat16
@@ -124,22 +123,19 @@ def test_norms_reject_bad_arguments(kb, rng):
 
 
 @pytest.mark.parametrize("early", [False, True])
-@pytest.mark.parametrize("tokens", [1, norm.FEW_ROWS + 1])
-def test_decode_norms_load_weights_first_and_let_the_next_kernel_launch_early(kb, rng, monkeypatch, early, tokens):
-    """Decode-sized launches take the weights with the row and (when switched on) let the next kernel
-    launch early; larger ones read the weights as they write; all compute the same."""
+@pytest.mark.parametrize("tokens", [1, norm.LAUNCH_NEXT_MAX_ROWS + 1])
+def test_decode_norms_let_the_next_kernel_launch_early_and_compute_the_same(kb, rng, monkeypatch, early, tokens):
     from infinilm_nb.kernels import common
 
     monkeypatch.setattr(common, "LAUNCH_NEXT_EARLY", early)
     built = []
     kernel = norm._norm_kernel
-    monkeypatch.setattr(norm, "_norm_kernel", lambda *args: built.append(args[-2:]) or kernel(*args))
+    monkeypatch.setattr(norm, "_norm_kernel", lambda *args: built.append(args[-1]) or kernel(*args))
     x, residual = random(rng, (tokens, 64), np.float16), random(rng, (tokens, 64), np.float16)
     weight = random(rng, 64, np.float16)
     out, residual_d = poisoned(kb, (tokens, 64), np.float16), kb.asarray(residual.copy())
     norm.add_rms_norm(kb.asarray(x), residual_d, kb.asarray(weight), EPS, out)
-    few = tokens <= norm.FEW_ROWS
-    assert built == [(few, early and few)]
+    assert built == [early and tokens <= norm.LAUNCH_NEXT_MAX_ROWS]
     want_residual = residual.copy()
     want = reference.add_rms_norm(x, want_residual, weight, EPS, np.empty((tokens, 64), np.float32))
     assert rel_err(kb.to_host(out), want) < tolerance(np.float16)
