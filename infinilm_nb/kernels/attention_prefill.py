@@ -75,8 +75,8 @@ from .intrinsics import (
 from .mma import mma_accumulate
 from .vector import element_strides, flat_view, inline_device
 from .wgmma import (
-    A_FRAGMENT_WORDS, ACCUMULATORS, MMA_RS_BY_WIDTH, SWIZZLE_ROW, fence_proxy_async, hold_accumulators, hold_fragments,
-    mn_major_k_step, swizzled_k_step, wgmma_commit, wgmma_fence, wgmma_m64n64k16, wgmma_wait,
+    MMA_RS_BY_WIDTH, SWIZZLE_ROW, fence_proxy_async, hold_registers, mn_major_k_step, swizzled_k_step, wgmma_commit,
+    wgmma_fence, wgmma_m64n64k16, wgmma_wait,
 )
 from .wgmma import enabled as wgmma_enabled
 
@@ -147,7 +147,8 @@ def prefill_kernel(head_dim: int, kv_stages: int = 2, block_q: int = 64, wgmma: 
     KT = D // 16  # k-steps of S = Q K^T
     NT_S = BKV // 8  # 8-key n tiles of S
     NT_O = D // 8  # 8-wide n tiles of O
-    PK = BKV // 16  # k-steps of O += P V (their A fragments: A_FRAGMENT_WORDS words)
+    PK = BKV // 16  # k-steps of O += P V
+    P_WORDS = PK * 4  # wgmma: P's A fragments, packed float16 pairs
     QF = KT * 4  # Q fragment words
     S_ACC = NT_S * 4
     O_ACC = NT_O * 4
@@ -203,32 +204,30 @@ def prefill_kernel(head_dim: int, kv_stages: int = 2, block_q: int = 64, wgmma: 
         """``s = Q K^T`` on wgmma for the warpgroup's 64 Q rows (from shared address ``q_rows`` in each
         Q panel) and the K tile at ``k_tile``: an m64n64k16 per 16 head columns, the first one
         overwriting ``s``; waits for them."""
-        hold_accumulators(s, 0)
+        hold_registers(s, S_ACC)
         wgmma_fence()
         for kk in range(KT):
             wgmma_m64n64k16(s, 0, swizzled_k_step(q_rows, kk, Q_PANEL), swizzled_k_step(k_tile, kk, KV_PANEL), kk)
         wgmma_commit()
         wgmma_wait(0)
-        hold_accumulators(s, 0)
+        hold_registers(s, S_ACC)
 
     @inline_device
     def accumulate_wgmma(o, s, v_tile):
         """``o += P V`` on wgmma for the warpgroup: P's A fragments from ``s`` as in :func:`accumulate`,
         V (MN-major panels) at shared address ``v_tile``; waits for it."""
-        p = cuda.local.array(A_FRAGMENT_WORDS, uint32)  # P: the A fragments of the PK k-steps
-        for i in range(A_FRAGMENT_WORDS):
+        p = cuda.local.array(P_WORDS, uint32)
+        for i in range(P_WORDS):
             p[i] = pack_f16x2(s[2 * i], s[2 * i + 1])
-        for h in range(O_ACC // ACCUMULATORS):
-            hold_accumulators(o, ACCUMULATORS * h)
-        hold_fragments(p, 0)
+        hold_registers(o, O_ACC)
+        hold_registers(p, P_WORDS)
         wgmma_fence()
         for kk in range(PK):
             v_step = mn_major_k_step(v_tile, kk, KV_PANEL)
             PV_MMA(o, 0, p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3], v_step, 1)
         wgmma_commit()
         wgmma_wait(0)
-        for h in range(O_ACC // ACCUMULATORS):
-            hold_accumulators(o, ACCUMULATORS * h)
+        hold_registers(o, O_ACC)
 
     @inline_device
     def softmax(s, o, kv0, kv_min, key_end, row_max, row_sum, t, scale_log2):

@@ -62,7 +62,7 @@ from .intrinsics import (
 from .mma import mma_accumulate
 from .vector import inline_device
 from .wgmma import (
-    MMA_BY_WIDTH, fence_proxy_async, hold_accumulators, swizzled_k_step, wgmma_commit, wgmma_fence, wgmma_wait,
+    MMA_BY_WIDTH, fence_proxy_async, hold_registers, swizzled_k_step, wgmma_commit, wgmma_fence, wgmma_wait,
 )
 
 # The switch: off (common.TENSOR_CORES, INFINILM_NB_TENSOR_CORES=0) sends every float16 prefill linear
@@ -225,17 +225,11 @@ def tc_kernel(config: TcConfig) -> Callable:
                 mma_accumulate(acc, i, af[a], af[a + 1], af[a + 2], af[a + 3], bf[2 * ni], bf[2 * ni + 1])
 
     @inline_device
-    def hold(acc):
-        """:func:`.wgmma.hold_accumulators` over all the warpgroup's accumulators."""
-        for h in range(BN // 64):
-            hold_accumulators(acc, 32 * h)
-
-    @inline_device
     def k_tile_wgmma(a_stage, b_stage, acc):
         """The warpgroup's 64 rows of the K tile on wgmma: 16 columns at a time (32 bytes into the
         swizzled rows), each one m64n<BN>k16 over every B row; then waits until at most
         ``IN_FLIGHT`` K tiles' products are running, whose stages the next refills skip."""
-        hold(acc)
+        hold_registers(acc, ACC)
         wgmma_fence()
         for kk in range(K_STEPS):  # the tiles are one 64-column panel each
             wgmma_block(acc, 0, swizzled_k_step(a_stage, kk, 0), swizzled_k_step(b_stage, kk, 0), 1)
@@ -244,7 +238,7 @@ def tc_kernel(config: TcConfig) -> Callable:
             wgmma_wait(1)
         else:
             wgmma_wait(0)
-        hold(acc)
+        hold_registers(acc, ACC)
 
     @inline_device
     def store_tile_row(mi, acc, smem, park, lane, m_warp, n_warp, M, N, bias, residual, out, has_bias, has_residual):
@@ -402,7 +396,7 @@ def tc_kernel(config: TcConfig) -> Callable:
         # a row at a time, lanes along n, so that stores are coalesced and accumulators die early.
         if IN_FLIGHT:
             wgmma_wait(0)
-            hold(acc)
+            hold_registers(acc, ACC)
         cp_async_wait_group(0)
         cuda.syncthreads()  # every warp is done reading the pipeline's tiles
         park = warp * PARK_WORDS

@@ -403,12 +403,17 @@ else:
 
         return types.void(address, array, index, src_bytes), codegen
 
-    def _statement(name: str, text: str, doc: str) -> Any:
-        """The intrinsic ``name() -> None``: one volatile PTX statement that clobbers memory."""
+    def _statement(name: str, text: str, doc: str, hopper_only: bool = False) -> Any:
+        """The intrinsic ``name() -> None``: one volatile PTX statement that clobbers memory (with
+        ``hopper_only``, no instruction when built for a GPU before sm_90: :func:`_on_hopper`)."""
 
         def build(typingctx):
             def codegen(context, builder, sig, args):
-                builder.call(_asm(_VOID, [], text, ""), [])
+                if hopper_only:
+                    with _on_hopper(builder):
+                        builder.call(_asm(_VOID, [], text, ""), [])
+                else:
+                    builder.call(_asm(_VOID, [], text, ""), [])
                 return context.get_dummy_value()
 
             return types.void(), codegen
@@ -499,27 +504,16 @@ else:
         arch = builder.call(reflect, [builder.bitcast(name, ir.IntType(8).as_pointer())])
         return builder.if_then(builder.icmp_signed(">=", arch, ir.Constant(_I32, 900)))
 
-    @intrinsic
-    def await_previous_kernels(typingctx):
-        """``griddepcontrol.wait``: wait until the kernels this one was launched after have finished
-        and their memory is visible (returns at once when the launch was not programmatic)."""
-
-        def codegen(context, builder, sig, args):
-            with _on_hopper(builder):
-                builder.call(_asm(_VOID, [], "griddepcontrol.wait;", ""), [])
-            return context.get_dummy_value()
-
-        return types.void(), codegen
-
-    @intrinsic
-    def let_next_kernel_launch(typingctx):
-        """``griddepcontrol.launch_dependents``: the next kernel in the stream, when it is launched
-        programmatically, may launch once every block of this one has called this, rather than once
-        they have exited (it still waits for this kernel in its :func:`await_previous_kernels`)."""
-
-        def codegen(context, builder, sig, args):
-            with _on_hopper(builder):
-                builder.call(_asm(_VOID, [], "griddepcontrol.launch_dependents;", ""), [])
-            return context.get_dummy_value()
-
-        return types.void(), codegen
+    await_previous_kernels = _statement(
+        "await_previous_kernels", "griddepcontrol.wait;",
+        "``griddepcontrol.wait``: wait until the kernels this one was launched after have finished and their "
+        "memory is visible (returns at once when the launch was not programmatic).",
+        hopper_only=True,
+    )
+    let_next_kernel_launch = _statement(
+        "let_next_kernel_launch", "griddepcontrol.launch_dependents;",
+        "``griddepcontrol.launch_dependents``: the next kernel in the stream, when it is launched "
+        "programmatically, may launch once every block of this one has called this, rather than once they "
+        "have exited (it still waits for this kernel in its :func:`await_previous_kernels`).",
+        hopper_only=True,
+    )

@@ -11,7 +11,7 @@ building blocks::
     desc = matrix_descriptor(address, leading_bytes, stride_bytes, swizzle)   # uint64
     desc = swizzled_k_step(tile, kk, panel_bytes)   # step kk of a 128-byte-swizzled K-major tile
     fence_proxy_async()            # this thread's shared-memory stores visible to wgmma
-    hold_accumulators(acc, 0)      # no access to acc[0:32] moves across this point
+    hold_registers(acc, 32)        # no access to acc[0:32] moves across this point
     wgmma_fence()                  # before the first wgmma, and after touching the accumulators
     wgmma_m64n64k16(acc, 0, desc_a, desc_b, accumulate)   # acc[0:32] (+)= A[64 x 16] @ B[64 x 16]^T
                                    # (m64n128k16, m64n256k16: B of 128 / 256 rows, acc[0:64] / [0:128])
@@ -19,7 +19,7 @@ building blocks::
                                    # registers, B [16 x 128] MN-major (:func:`mn_major_k_step`); also n64
     wgmma_commit()                 # the wgmma issued since the last commit form one group
     wgmma_wait(0)                  # at most 0 groups pending
-    hold_accumulators(acc, 0)      # then acc[0:32] may be read
+    hold_registers(acc, 32)        # then acc[0:32] may be read
 
 Operands are K-major in shared memory (A ``[m][k]``, B ``[n][k]``: a weight as it is stored).
 Without swizzling a tile is made of *core matrices* of 8 rows x 16 bytes stored as 128 contiguous
@@ -39,7 +39,7 @@ between panels along N (:func:`mn_major_k_step`).
 
 The accumulators: lane ``l`` of warp ``w`` holds ``acc[first + 4 j + i]`` = D[16 w + l // 4 + 8 (i // 2),
 8 j + 2 (l % 4) + i % 2] for the N / 8 column blocks ``j`` (an mma.m16n8 fragment per block). The
-compiler sees a wgmma's results as ready when it is issued; ``hold_accumulators`` after the wait
+compiler sees a wgmma's results as ready when it is issued; ``hold_registers`` after the wait
 (and before the fence) keeps it from moving reads (and writes) of them across.
 
 GPU only (the simulator runs no inline PTX): there every wgmma function raises, and
@@ -62,8 +62,7 @@ SWIZZLE_128B = 1
 SWIZZLE_64B = 2
 SWIZZLE_32B = 3
 SWIZZLE_ROW = 128  # bytes of a 128-byte-swizzled row: 64 float16
-ACCUMULATORS = 32  # float32 registers a thread holds of an m64n64 tile (hold_accumulators' unit)
-A_FRAGMENT_WORDS = 16  # packed float16 pairs of the A fragments of four k16 steps (hold_fragments' unit)
+ACCUMULATORS = 32  # float32 registers a thread holds of an m64n64 tile
 _FIELD = np.uint64(0x3FFFF)  # the 18 address bits a descriptor field encodes, in 16-byte units
 _FOUR = np.uint64(4)
 _LEADING = np.uint64(16)
@@ -120,7 +119,7 @@ if SIMULATOR:
     def _gpu_only(*args: Any) -> Any:
         raise NotImplementedError("wgmma runs only on a Hopper GPU")
 
-    fence_proxy_async = wgmma_fence = wgmma_commit = wgmma_wait = hold_accumulators = hold_fragments = _gpu_only
+    fence_proxy_async = wgmma_fence = wgmma_commit = wgmma_wait = hold_registers = _gpu_only
     wgmma_m64n64k16 = wgmma_m64n128k16 = wgmma_m64n256k16 = _gpu_only
     wgmma_m64n64k16_rs = wgmma_m64n128k16_rs = _gpu_only
 
@@ -169,29 +168,42 @@ else:
         for i, pointer in enumerate(pointers):
             builder.store(builder.extract_value(result, i), pointer)
 
+    def _mma_text(width: int, a_operand: str, flag: int, transpose_b: bool) -> str:
+        """The PTX of one ``wgmma.mma_async`` m64n<width>k16 on the accumulators ``$0..``, A given by
+        ``a_operand`` (a descriptor, or four registers), B by the descriptor just after it, scaling
+        the accumulators by operand ``$flag != 0``."""
+        registers = ", ".join(f"${i}" for i in range(width // 2))
+        immediates = "1, 1, 1" if transpose_b else "1, 1, 0, 0"  # scale A, scale B, (transpose A,) transpose B
+        return (
+            f"{{ .reg .pred p; setp.ne.b32 p, ${flag}, 0; wgmma.mma_async.sync.aligned.m64n{width}k16.f32.f16.f16 "
+            f"{{{registers}}}, {a_operand}, ${flag - 1}, p, {immediates}; }}"
+        )
+
+    def _typed(acc: Any, first: Any, operands: tuple) -> bool:
+        return _accumulators(acc) and all(isinstance(t, types.Integer) for t in (first, *operands))
+
+    def _issuing(count: int, text: str, casts: list, constraints: str) -> Any:
+        """The codegen of a wgmma intrinsic ``(acc, first, *operands)``: ``text`` on
+        ``acc[first : first + count]``, the operands cast to ``casts``."""
+
+        def codegen(context, builder, sig, args):
+            inputs = [context.cast(builder, value, given, wanted)
+                      for value, given, wanted in zip(args[2:], sig.args[2:], casts)]
+            _through_registers(context, builder, sig.args[0], args[0], args[1], sig.args[1], count, text, inputs,
+                               constraints)
+            return context.get_dummy_value()
+
+        return codegen
+
     def _wgmma(width: int) -> Any:
         """The intrinsic ``wgmma_m64n<width>k16`` (see :func:`wgmma_m64n64k16`)."""
         count = width // 2  # accumulators a thread holds
-        registers = ", ".join(f"${i}" for i in range(count))
-        text = (
-            f"{{ .reg .pred p; setp.ne.b32 p, ${count + 2}, 0; wgmma.mma_async.sync.aligned.m64n{width}k16.f32.f16.f16 "
-            f"{{{registers}}}, ${count}, ${count + 1}, p, 1, 1, 0, 0; }}"
-        )
+        text = _mma_text(width, f"${count}", count + 2, False)
+        codegen = _issuing(count, text, [types.uint64, types.uint64, types.int32], "l,l,r")
 
         def wgmma(typingctx, acc, first, desc_a, desc_b, accumulate):
-            if not (_accumulators(acc) and isinstance(first, types.Integer) and isinstance(desc_a, types.Integer)
-                    and isinstance(desc_b, types.Integer) and isinstance(accumulate, types.Integer)):
+            if not _typed(acc, first, (desc_a, desc_b, accumulate)):
                 return None
-
-            def codegen(context, builder, sig, args):
-                acc_type, first_type, a_type, b_type, flag_type = sig.args
-                inputs = [context.cast(builder, args[2], a_type, types.uint64),
-                          context.cast(builder, args[3], b_type, types.uint64),
-                          context.cast(builder, args[4], flag_type, types.int32)]
-                _through_registers(context, builder, acc_type, args[0], args[1], first_type, count, text, inputs,
-                                   "l,l,r")
-                return context.get_dummy_value()
-
             return types.void(acc, first, desc_a, desc_b, accumulate), codegen
 
         wgmma.__name__ = wgmma.__qualname__ = f"wgmma_m64n{width}k16"
@@ -211,28 +223,12 @@ else:
     def _wgmma_rs(width: int) -> Any:
         """The intrinsic ``wgmma_m64n<width>k16_rs`` (see :func:`wgmma_m64n128k16_rs`)."""
         count = width // 2
-        registers = ", ".join(f"${i}" for i in range(count))
-        a = ", ".join(f"${count + i}" for i in range(4))
-        text = (
-            f"{{ .reg .pred p; setp.ne.b32 p, ${count + 5}, 0; wgmma.mma_async.sync.aligned.m64n{width}k16.f32.f16.f16 "
-            f"{{{registers}}}, {{{a}}}, ${count + 4}, p, 1, 1, 1; }}"
-        )
+        text = _mma_text(width, "{" + ", ".join(f"${count + i}" for i in range(4)) + "}", count + 5, True)
+        codegen = _issuing(count, text, [types.uint32] * 4 + [types.uint64, types.int32], "r,r,r,r,l,r")
 
         def wgmma_rs(typingctx, acc, first, a0, a1, a2, a3, desc_b, accumulate):
-            words = (a0, a1, a2, a3)
-            if not (_accumulators(acc) and isinstance(first, types.Integer)
-                    and all(isinstance(w, types.Integer) for w in words) and isinstance(desc_b, types.Integer)
-                    and isinstance(accumulate, types.Integer)):
+            if not _typed(acc, first, (a0, a1, a2, a3, desc_b, accumulate)):
                 return None
-
-            def codegen(context, builder, sig, args):
-                inputs = [context.cast(builder, args[2 + i], sig.args[2 + i], types.uint32) for i in range(4)]
-                inputs += [context.cast(builder, args[6], sig.args[6], types.uint64),
-                           context.cast(builder, args[7], sig.args[7], types.int32)]
-                _through_registers(context, builder, sig.args[0], args[0], args[1], sig.args[1], count, text, inputs,
-                                   "r,r,r,r,l,r")
-                return context.get_dummy_value()
-
             return types.void(acc, first, a0, a1, a2, a3, desc_b, accumulate), codegen
 
         wgmma_rs.__name__ = wgmma_rs.__qualname__ = f"wgmma_m64n{width}k16_rs"
@@ -249,35 +245,22 @@ else:
     wgmma_m64n128k16_rs = _wgmma_rs(128)
 
     @intrinsic
-    def hold_accumulators(typingctx, acc, first):
-        """Type ``hold_accumulators(float32 local array, integer)``: an empty statement that takes and
-        gives back ``acc[first : first + 32]``, ordered with the other wgmma statements, so that no
-        access to them moves across it."""
-        if not (_accumulators(acc) and isinstance(first, types.Integer)):
+    def hold_registers(typingctx, array, count):
+        """Type ``hold_registers(float32 or uint32 local array, integer constant)``: an empty statement
+        that takes and gives back ``array[0 : count]``, ordered with the other wgmma statements, so
+        that no access to them moves across it: accumulators around a wgmma, and the packed A
+        fragments of an ``_rs`` wgmma before its fence (else ptxas adds a warpgroup arrive before
+        each wgmma reading them)."""
+        if not ((_accumulators(array) or _words(array)) and isinstance(count, types.IntegerLiteral)):
             return None
+        n = count.literal_value
 
         def codegen(context, builder, sig, args):
-            _through_registers(context, builder, sig.args[0], args[0], args[1], sig.args[1], ACCUMULATORS, "", [],
-                               "")
+            zero = context.get_constant(types.intp, 0)
+            _through_registers(context, builder, sig.args[0], args[0], zero, types.intp, n, "", [], "")
             return context.get_dummy_value()
 
-        return types.void(acc, first), codegen
-
-    @intrinsic
-    def hold_fragments(typingctx, words, first):
-        """Type ``hold_fragments(uint32 local array, integer)``: :func:`hold_accumulators` for the
-        ``A_FRAGMENT_WORDS`` packed A fragment words ``words[first : ...]`` of an ``_rs`` wgmma, so that
-        they are computed before a :func:`wgmma_fence` (else ptxas adds a warpgroup arrive before each
-        wgmma reading them)."""
-        if not (_words(words) and isinstance(first, types.Integer)):
-            return None
-
-        def codegen(context, builder, sig, args):
-            _through_registers(context, builder, sig.args[0], args[0], args[1], sig.args[1], A_FRAGMENT_WORDS, "",
-                               [], "")
-            return context.get_dummy_value()
-
-        return types.void(words, first), codegen
+        return types.void(array, count), codegen
 
     wgmma_wait = _wait_group(
         "wgmma_wait", "wgmma.wait_group.sync.aligned",

@@ -9,7 +9,7 @@ from numba import cuda, float32, uint16
 from infinilm_nb.kernels import intrinsics
 from infinilm_nb.kernels.common import launch_stream
 from infinilm_nb.kernels.wgmma import (
-    ACCUMULATORS, MMA_BY_WIDTH, MMA_RS_BY_WIDTH, SWIZZLE_128B, SWIZZLE_NONE, fence_proxy_async, hold_accumulators,
+    ACCUMULATORS, MMA_BY_WIDTH, MMA_RS_BY_WIDTH, SWIZZLE_128B, SWIZZLE_NONE, fence_proxy_async, hold_registers,
     matrix_descriptor, mn_major_k_step, supported, wgmma_commit, wgmma_fence, wgmma_m64n64k16, wgmma_wait,
 )
 from tests.conftest import ON_GPU
@@ -67,12 +67,12 @@ def _unswizzled_kernel(a_src, b_src, out, accumulate):
         acc[i] = out[tid, i]
     desc_a = matrix_descriptor(intrinsics.shared_address(a, 0), 128, 256, SWIZZLE_NONE)
     desc_b = matrix_descriptor(intrinsics.shared_address(b, 0), 128, 256, SWIZZLE_NONE)
-    hold_accumulators(acc, 0)
+    hold_registers(acc, ACCUMULATORS)
     wgmma_fence()
     wgmma_m64n64k16(acc, 0, desc_a, desc_b, accumulate)
     wgmma_commit()
     wgmma_wait(0)
-    hold_accumulators(acc, 0)
+    hold_registers(acc, ACCUMULATORS)
     for i in range(ACCUMULATORS):
         out[tid, i] = acc[i]
 
@@ -84,8 +84,7 @@ def _collector(count):
     @cuda.jit(device=True)
     def collect(acc, out, tid):
         wgmma_wait(0)
-        for h in range(count // ACCUMULATORS):
-            hold_accumulators(acc, ACCUMULATORS * h)
+        hold_registers(acc, count)
         for i in range(count):
             out[tid, i] = acc[i]
 
