@@ -10,13 +10,11 @@ unfused kernels (same op names, so the model and its CUDA graphs are unchanged):
 
 ``pdl on`` / ``pdl off`` switches the overlap of each kernel with the one before
 (:func:`infinilm_nb.kernels.common.launch`; on unless ``INFINILM_NB_PDL=0``): the step's graph is
-captured the other way. ``early weights off`` makes the decode GEMMs wait for the kernel before them
-before their first weight loads (``gemm.EARLY_WEIGHTS``); ``early launch off`` keeps RMSNorm and the
-attention merge from letting the GEMM after them launch before they exit (``common.LAUNCH_NEXT_EARLY``).
+captured the other way. ``early launch off`` keeps RMSNorm and the attention merge from letting the
+GEMM after them launch before they exit (``common.LAUNCH_NEXT_EARLY``).
 
-:func:`ablate` runs batch-1 decode on a checkpoint once per fusion undone, once with PDL switched, once
-without early weights and once without early launches (``bench/decode.py --ablate``);
-:class:`UnfusedOps` is the op table.
+:func:`ablate` runs batch-1 decode on a checkpoint once per fusion undone, once with PDL switched and
+once without early launches (``bench/decode.py --ablate``); :class:`UnfusedOps` is the op table.
 """
 
 from __future__ import annotations
@@ -89,13 +87,6 @@ def pdl_switched() -> Any:
     return _set(common, "PDL", not common.PDL, "pdl off" if common.PDL else "pdl on")
 
 
-def late_weights() -> Any:
-    """The decode GEMMs load no weight before their wait; yields ``"early weights off"``."""
-    from infinilm_nb.kernels import gemm
-
-    return _set(gemm, "EARLY_WEIGHTS", False, "early weights off")
-
-
 def late_launches() -> Any:
     """No kernel lets the next launch before it exits; yields ``"early launch off"``."""
     from infinilm_nb.kernels import common
@@ -116,9 +107,8 @@ def undone(backend: Any, fusions: tuple[str, ...]) -> Iterator[None]:
 
 def ablate(decode_step: Callable[[Any], float], make_llm: Callable[[], Any]) -> dict[str, float]:
     """Milliseconds of a batch-1 decode step (``decode_step(llm)``) with all fusions, then with each
-    undone, then with PDL switched (key ``"pdl on"`` or ``"pdl off"``), then without early weights,
-    then without early launches, each on a fresh ``make_llm()`` whose model and graphs are built that
-    way."""
+    undone, then with PDL switched (key ``"pdl on"`` or ``"pdl off"``), then without early launches,
+    each on a fresh ``make_llm()`` whose model and graphs are built that way."""
     from infinilm_nb.backend import get_backend
 
     backend = get_backend("cuda")
@@ -133,7 +123,7 @@ def ablate(decode_step: Callable[[Any], float], make_llm: Callable[[], Any]) -> 
     for undo in ((), *((fusion,) for fusion in FUSIONS)):
         with undone(backend, undo):
             times[undo[0] if undo else "fused"] = timed()
-    for switch in (pdl_switched, late_weights, late_launches):
+    for switch in (pdl_switched, late_launches):
         with switch() as switched:
             times[switched] = timed()
     return times

@@ -23,12 +23,12 @@ TENSOR_CORES = not SIMULATOR and os.environ.get("INFINILM_NB_TENSOR_CORES", "1")
 # Programmatic dependent launch (launch) unless INFINILM_NB_PDL=0: it took the batch-1 decode step
 # of the Llama-3-8B shape from 4.75 to 4.65 ms on an H200 (bench/RESULTS.md). Letting every kernel
 # launch the next as it starts (griddepcontrol.launch_dependents) made the step 4.93 ms, and letting
-# only the kernels other than the GEMMs 4.64 (before the GEMMs loaded weights early).
+# only the kernels other than the GEMMs 4.64.
 PDL = not SIMULATOR and os.environ.get("INFINILM_NB_PDL", "1") != "0"
 # The short kernels a decode GEMM follows (RMSNorm, the split attention's merge) let it launch as
-# soon as they have waited for theirs (intrinsics.let_next_kernel_launch), so that its blocks issue
-# their first weight loads (gemm.EARLY_WEIGHTS) while those kernels run. Read when a kernel is built
-# for a launch; bench/ablation.py times the step with it off.
+# soon as they have waited for theirs (intrinsics.let_next_kernel_launch), so that its blocks are
+# resident when those end. Read when a kernel is built for a launch; bench/ablation.py times the step
+# with it off.
 LAUNCH_NEXT_EARLY = True
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
 # bfloat16 travels as uint16 bit patterns (NumPy and CuPy have no bfloat16); see reference.BF16

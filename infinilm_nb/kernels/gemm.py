@@ -58,9 +58,6 @@ WARP = 32
 # while common.TENSOR_CORES is on (the default on a GPU); the simulator cannot run inline PTX, so it
 # keeps the kernels below.
 USE_MMA = TENSOR_CORES
-# The decode GEMMs issue their first weight loads before waiting for the kernel before them
-# (gemm_mma's early_weights); bench/ablation.py times the step with this off.
-EARLY_WEIGHTS = True
 MMA_MAX_M = 64  # batch-64 decode: gemm_tc's 64-row tiles leave o_proj and down 32 blocks
 WIDE_N = 16384  # weight rows from which the wide-output variants pay (gate-up, lm_head)
 LONG_K = 8192  # K from which fewer, longer K slices pay (down)
@@ -265,7 +262,7 @@ def mma_config(M: int, N: int, K: int, fused: bool = False) -> MmaConfig:
         tiles_w, warps_n, warps_k, unroll = (1, 1, 16, 2) if N <= 4096 or K >= LONG_K else (1, 1, 8, 2)
     else:
         tiles_w, warps_n, warps_k, unroll = (1, 1, 16, 1) if K >= LONG_K else (1, 1, 8, 2)
-    config = MmaConfig(tiles_w, tiles_x, warps_n, warps_k, unroll, fused, EARLY_WEIGHTS)
+    config = MmaConfig(tiles_w, tiles_x, warps_n, warps_k, unroll, fused)
     while config.shared_floats * 4 > MMA_SHARED_BYTES:  # past M = 32 (not swept): fewer warps' partials
         fewer = {"warps_n": config.warps_n // 2} if config.warps_n > 1 else {"warps_k": config.warps_k // 2}
         config = replace(config, **fewer)

@@ -30,13 +30,6 @@ wide shapes (gate-up, down, lm_head) reach 83-102% of copy bandwidth up to M = 1
 81-87%); at M = 32 each warp re-reads x (x traffic is M / rows per block of the weight's), 46-82%.
 The L2 prefetch hint of the weight loads was worth 1.1-1.4x; a cp.async ring in shared memory,
 register double-buffering and an L1-leaning carveout measured no faster.
-
-With ``early_weights`` a lane issues its first iteration's weight loads before
-``await_previous_kernels``: no kernel writes the weights, so under programmatic dependent launch
-(:func:`.common.launch`) they are in flight while the kernel before completes, instead of after
-(the same loads, in the same registers; x and the residual are read after the wait). A
-``prefetch.global.L2`` of the first two iterations there (739aaba, removed in 9943a53) had cost
-every decode GEMM issue slots and address registers and measured slower.
 """
 
 from __future__ import annotations
@@ -68,8 +61,6 @@ class MmaConfig:
     warps_k: int  # warps splitting K
     unroll: int  # steps whose loads are issued together
     fused: bool = False  # SiLU-mul epilogue over [gate | up] weight rows
-    # the first iteration's weight loads issued before await_previous_kernels (module doc)
-    early_weights: bool = False
 
     @property
     def threads(self) -> int:
@@ -121,9 +112,8 @@ def mma_kernel(config: MmaConfig) -> Callable:
     threads = config.threads
 
     @cuda.jit(device=True, **({} if SIMULATOR else {"forceinline": True}))
-    def load_weights(weight, K, w_base, first, w):
-        """Load ``unroll`` steps of weights from this lane's column ``first`` on; columns past K read
-        as zeros."""
+    def load_step(x, weight, K, w_base, x_base, first, w, xw):
+        """Load ``unroll`` steps from this lane's column ``first`` on; columns past K read as zeros."""
         for u in range(unroll):
             k = first + u * STEP_K
             inside = k < K
@@ -132,14 +122,6 @@ def mma_kernel(config: MmaConfig) -> Callable:
                 v = load_words_stream(weight, w_base[r] + k)
                 for q in range(4):
                     w[(u * rows_w + r) * 4 + q] = v[q] if inside else uint32(0)
-
-    @cuda.jit(device=True, **({} if SIMULATOR else {"forceinline": True}))
-    def load_x(x, K, x_base, first, xw):
-        """Load ``unroll`` steps of x from this lane's column ``first`` on; columns past K read as zeros."""
-        for u in range(unroll):
-            k = first + u * STEP_K
-            inside = k < K
-            k = min(k, K - CHUNK)
             for ib in range(tiles_x):
                 v = load_words(x, x_base[ib] + k)
                 for q in range(4):
@@ -164,11 +146,8 @@ def mma_kernel(config: MmaConfig) -> Callable:
                         for q in range(4):
                             acc[i + q] = d[q]
 
-    early = config.early_weights
-
     def kernel(x, weight, bias, residual, out, M, N, K, has_bias, has_residual):
-        if not early:
-            await_previous_kernels()
+        await_previous_kernels()
         tid = cuda.threadIdx.x
         lane = tid % WARP
         warp = tid // WARP
@@ -195,14 +174,8 @@ def mma_kernel(config: MmaConfig) -> Callable:
             acc[i] = 0
         w = cuda.local.array(w_words, uint32)
         xw = cuda.local.array(x_words, uint32)
-        if early:  # no kernel writes the weights: the first ones are in flight while the previous ends
-            if iterations > 0:
-                load_weights(weight, K, w_base, first, w)
-            await_previous_kernels()
         for it in range(iterations):
-            if it > 0 or not early:
-                load_weights(weight, K, w_base, first + it * stride, w)
-            load_x(x, K, x_base, first + it * stride, xw)
+            load_step(x, weight, K, w_base, x_base, first + it * stride, w, xw)
             multiply(w, xw, acc)
 
         # Each warp parks its partial sums in its slot; then each output's thread adds the warps_k

@@ -79,14 +79,3 @@ def test_early_launches_are_off_within_the_block_only():
     with late_launches() as switched:
         assert switched == "early launch off" and not common.LAUNCH_NEXT_EARLY
     assert common.LAUNCH_NEXT_EARLY
-
-
-def test_early_weights_are_off_within_the_block_only():
-    from bench.ablation import late_weights
-    from infinilm_nb.kernels import gemm
-
-    assert gemm.EARLY_WEIGHTS
-    with late_weights() as switched:
-        assert switched == "early weights off" and not gemm.EARLY_WEIGHTS
-        assert not gemm.mma_config(1, 4096, 4096).early_weights
-    assert gemm.EARLY_WEIGHTS and gemm.mma_config(1, 4096, 4096).early_weights

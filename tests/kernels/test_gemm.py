@@ -180,16 +180,13 @@ def test_linear_silu_mul_matches_reference(kb, rng, dtype, M, inter, K):
 
 # Tensor-core variants run directly (in the simulator too, whose mma gathers fragments through
 # shuffles): several W and x tiles, warps on rows and on K, unrolled steps, fused; M not a multiple
-# of 8, N of 16, K of 32 (the last step is partly past K); the first weights loaded before the wait or
-# after. Blocks of at most 64 threads for the simulator.
+# of 8, N of 16, K of 32 (the last step is partly past K). Blocks of at most 64 threads for the simulator.
 MMA_CASES = [
     (MmaConfig(1, 2, 1, 2, 1), 11, 37, 136),
     (MmaConfig(2, 1, 2, 1, 2), 5, 45, 200),
     (MmaConfig(2, 4, 1, 2, 1, fused=True), 27, 21, 72),
     (MmaConfig(2, 1, 1, 1, 1, fused=True), 1, 9, 40),
     (MmaConfig(1, 8, 1, 2, 1), 61, 19, 72),
-    (MmaConfig(1, 2, 1, 2, 1, early_weights=True), 11, 37, 136),  # the first weights before the wait
-    (MmaConfig(2, 1, 1, 1, 1, fused=True, early_weights=True), 1, 9, 40),
 ]
 
 
