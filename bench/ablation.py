@@ -10,11 +10,13 @@ unfused kernels (same op names, so the model and its CUDA graphs are unchanged):
 
 ``pdl on`` / ``pdl off`` switches the overlap of each kernel with the one before
 (:func:`infinilm_nb.kernels.common.launch`; on unless ``INFINILM_NB_PDL=0``): the step's graph is
-captured the other way. ``early launch off`` keeps RMSNorm and the attention merge from letting the
-GEMM after them launch before they exit (``common.LAUNCH_NEXT_EARLY``).
+captured the other way. ``norm in gemm off`` runs the RMSNorm before QKV and gate-up as its own
+kernel again (``gemm.NORM_IN_GEMM``). ``early launch off`` keeps RMSNorm and the attention merge from
+letting the GEMM after them launch before they exit (``common.LAUNCH_NEXT_EARLY``).
 
-:func:`ablate` runs batch-1 decode on a checkpoint once per fusion undone, once with PDL switched and
-once without early launches (``bench/decode.py --ablate``); :class:`UnfusedOps` is the op table.
+:func:`ablate` runs batch-1 decode on a checkpoint once per fusion undone, once with PDL switched, once
+with the norms apart and once without early launches (``bench/decode.py --ablate``);
+:class:`UnfusedOps` is the op table.
 """
 
 from __future__ import annotations
@@ -46,16 +48,17 @@ class UnfusedOps:
             self._buffers[key] = self._xp.empty(shape, dtype=dtype)
         return self._buffers[key]
 
-    def linear_silu_mul(self, x: Any, weight: Any, out: Any) -> Any:
+    def linear_silu_mul(self, x: Any, weight: Any, out: Any, norm_eps: float | None = None, normed: Any = None) -> Any:
         if "silu" not in self._undo:
-            return self._ops.linear_silu_mul(x, weight, out)
+            return self._ops.linear_silu_mul(x, weight, out, norm_eps=norm_eps, normed=normed)
         gate_up = self._buffer((x.shape[0], weight.shape[0]), out.dtype)
-        self.linear(x, weight, gate_up)
+        self.linear(x, weight, gate_up, norm_eps=norm_eps, normed=normed)
         return self._ops.silu_mul(gate_up, out)
 
-    def linear(self, x: Any, weight: Any, out: Any, bias: Any = None, residual: Any = None) -> Any:
+    def linear(self, x: Any, weight: Any, out: Any, bias: Any = None, residual: Any = None,
+               norm_eps: float | None = None, normed: Any = None) -> Any:
         if residual is None or "residual" not in self._undo:
-            return self._ops.linear(x, weight, out, bias=bias, residual=residual)
+            return self._ops.linear(x, weight, out, bias=bias, residual=residual, norm_eps=norm_eps, normed=normed)
         product = self._buffer(tuple(out.shape), out.dtype)
         self._ops.linear(x, weight, product, bias=bias)
         return self._xp.add(product, residual, out=out)
@@ -87,6 +90,14 @@ def pdl_switched() -> Any:
     return _set(common, "PDL", not common.PDL, "pdl off" if common.PDL else "pdl on")
 
 
+def norms_apart() -> Any:
+    """The decode GEMMs after an RMSNorm take its output from the norm kernel instead of normalising
+    in their loop; yields ``"norm in gemm off"``."""
+    from infinilm_nb.kernels import gemm
+
+    return _set(gemm, "NORM_IN_GEMM", False, "norm in gemm off")
+
+
 def late_launches() -> Any:
     """No kernel lets the next launch before it exits; yields ``"early launch off"``."""
     from infinilm_nb.kernels import common
@@ -107,8 +118,8 @@ def undone(backend: Any, fusions: tuple[str, ...]) -> Iterator[None]:
 
 def ablate(decode_step: Callable[[Any], float], make_llm: Callable[[], Any]) -> dict[str, float]:
     """Milliseconds of a batch-1 decode step (``decode_step(llm)``) with all fusions, then with each
-    undone, then with PDL switched (key ``"pdl on"`` or ``"pdl off"``), then without early launches,
-    each on a fresh ``make_llm()`` whose model and graphs are built that way."""
+    undone, then with PDL switched (key ``"pdl on"`` or ``"pdl off"``), then with the norms apart, then
+    without early launches, each on a fresh ``make_llm()`` whose model and graphs are built that way."""
     from infinilm_nb.backend import get_backend
 
     backend = get_backend("cuda")
@@ -123,7 +134,7 @@ def ablate(decode_step: Callable[[Any], float], make_llm: Callable[[], Any]) -> 
     for undo in ((), *((fusion,) for fusion in FUSIONS)):
         with undone(backend, undo):
             times[undo[0] if undo else "fused"] = timed()
-    for switch in (pdl_switched, late_launches):
+    for switch in (pdl_switched, norms_apart, late_launches):
         with switch() as switched:
             times[switched] = timed()
     return times

@@ -95,7 +95,7 @@ def resources() -> None:
             if config in seen:
                 continue
             seen.add(config)
-            kernel = compiled(mma_kernel(config), gemm.kernel_signature(np.float16))
+            kernel = compiled(mma_kernel(config), gemm.mma_signature())
             try:
                 sass = "".join(kernel.inspect_sass().values())  # one entry per signature
             except Exception as error:  # nvdisasm missing: the counts read 0

@@ -60,11 +60,15 @@ def kernels() -> list[tuple[str, Callable, str, dict[str, Any]]]:
     from infinilm_nb.kernels.gemm_mma import mma_kernel
 
     f16 = gemm.kernel_signature(np.float16)
-    rows = [
-        (f"decode GEMM {name} M={m}", mma_kernel(gemm.mma_config(m, n, k, fused)), f16, {})
-        for name, m, n, k, fused in (("o", 1, 4096, 4096, False), ("qkv", 32, 6144, 4096, False),
-                                     ("gate_up+silu", 32, 14336, 4096, True), ("down", 32, 4096, 14336, False))
-    ]
+    rows = []
+    for name, m, n, k, fused, normalise in (
+        ("o", 1, 4096, 4096, False, False), ("rms+qkv", 1, 6144, 4096, False, True),
+        ("rms+qkv", 32, 6144, 4096, False, True), ("rms+gate_up+silu", 32, 14336, 4096, True, True),
+        ("down", 32, 4096, 14336, False, False),
+    ):
+        config = gemm.mma_config(m, n, k, fused, normalise)
+        options = {"max_registers": config.max_registers} if config.max_registers else {}
+        rows.append((f"decode GEMM {name} M={m}", mma_kernel(config), gemm.mma_signature(), options))
     dim, group, vec, block = 128, 4, 8, 16
     warps = attention._warps(dim, group, vec)
     _, partition = attention._attention_kernels(dim, group, vec, warps, block, False)

@@ -31,10 +31,17 @@ instead (:func:`_launch`): :mod:`.gemm_mma` up to ``MMA_MAX_M`` rows (decode), :
 ``linear_silu_mul`` is the gate-up projection with SwiGLU in the epilogue: every kernel has a
 ``fused`` variant whose block loads gate row n with up row n + N and writes ``silu(gate) * up``, so
 the ``[M, 2I]`` product never goes to memory.
+
+Both take ``norm_eps``: the product is then of the RMS-normalised rows of x, ``x / sqrt(mean(x^2) +
+eps)``, the RMSNorm that precedes QKV and gate-up with its weight folded into the GEMM's weight
+(:func:`infinilm_nb.runtime.llama.fold_norm_weights`). The tensor-core decode kernel normalises inside its loop
+(:mod:`.gemm_mma`), so the step runs no RMSNorm kernel; every other path writes the normalised rows
+to ``normed`` with :func:`.norm.rms_norm` (unit weight) and multiplies those.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import replace
 from functools import lru_cache
 from typing import Any, Callable
@@ -43,10 +50,10 @@ import numpy as np
 from numba import cuda, float32
 
 from .common import (
-    TENSOR_CORES, WITH_BFLOAT16, cdiv, check_array, check_same_dtype, compiled, launch,
+    BFLOAT16, TENSOR_CORES, WITH_BFLOAT16, cdiv, check_array, check_same_dtype, compiled, launch,
     numba_type,
 )
-from . import gemm_tc, wgmma
+from . import gemm_tc, norm, wgmma
 from .gemm_mma import SHARED_BYTES as MMA_SHARED_BYTES, MmaConfig, mma_kernel, silu
 from .gemm_tc import TcConfig, tc_config, tc_kernel
 from .intrinsics import VECTOR_WIDTH, aligned16, as_f32, await_previous_kernels
@@ -58,6 +65,9 @@ WARP = 32
 # while common.TENSOR_CORES is on (the default on a GPU); the simulator cannot run inline PTX, so it
 # keeps the kernels below.
 USE_MMA = TENSOR_CORES
+# A norm_eps linear on the tensor-core decode path normalises x inside the GEMM (gemm_mma); off, it
+# runs the RMSNorm kernel first like every other path (bench/ablation.py times the step both ways).
+NORM_IN_GEMM = True
 MMA_MAX_M = 64  # batch-64 decode: gemm_tc's 64-row tiles leave o_proj and down 32 blocks
 WIDE_N = 16384  # weight rows from which the wide-output variants pay (gate-up, lm_head)
 LONG_K = 8192  # K from which fewer, longer K slices pay (down)
@@ -238,7 +248,12 @@ def _group(m: int) -> int:
     return next((g for g in DECODE_GROUPS if m <= g), DECODE_GROUPS[-1])
 
 
-def mma_config(M: int, N: int, K: int, fused: bool = False) -> MmaConfig:
+def mma_signature() -> str:
+    """The tensor-core decode kernel's signature: :func:`kernel_signature` (float16) and the norm's eps."""
+    return kernel_signature(np.float16)[:-1] + ", float32)"
+
+
+def mma_config(M: int, N: int, K: int, fused: bool = False, normalise: bool = False) -> MmaConfig:
     """The tensor-core variant for an ``[M, K] x [K, N]`` product (N: output columns).
 
     Chosen by sweeping :mod:`bench.gemm_sweep` over Llama-3-8B shapes on an H200 and an H100 (the
@@ -262,7 +277,12 @@ def mma_config(M: int, N: int, K: int, fused: bool = False) -> MmaConfig:
         tiles_w, warps_n, warps_k, unroll = (1, 1, 16, 2) if N <= 4096 or K >= LONG_K else (1, 1, 8, 2)
     else:
         tiles_w, warps_n, warps_k, unroll = (1, 1, 16, 1) if K >= LONG_K else (1, 1, 8, 2)
-    config = MmaConfig(tiles_w, tiles_x, warps_n, warps_k, unroll, fused)
+    config = MmaConfig(tiles_w, tiles_x, warps_n, warps_k, unroll, fused, normalise)
+    if normalise and not fused and config.threads == 16 * WARP:
+        # 3 blocks of 16 warps an SM need <= 40 registers: the plain variant takes 39, normalising 48
+        # uncapped (2 blocks, so QKV's 384 blocks took two waves); capped, ptxas sm_90a spills 8 bytes,
+        # outside the loop
+        config = replace(config, max_registers=40)
     while config.shared_floats * 4 > MMA_SHARED_BYTES:  # past M = 32 (not swept): fewer warps' partials
         fewer = {"warps_n": config.warps_n // 2} if config.warps_n > 1 else {"warps_k": config.warps_k // 2}
         config = replace(config, **fewer)
@@ -286,11 +306,15 @@ def _flat_args(x: Any, weight: Any, bias: Any, residual: Any, out: Any) -> tuple
     )
 
 
-def launch_mma(config: MmaConfig, x: Any, weight: Any, bias: Any, residual: Any, out: Any) -> None:
-    """Launch tensor-core variant ``config`` on checked float16 operands (K % 8 == 0, 16-byte aligned)."""
-    kernel = compiled(mma_kernel(config), kernel_signature(np.float16))
+def launch_mma(
+    config: MmaConfig, x: Any, weight: Any, bias: Any, residual: Any, out: Any, norm_eps: float = 0.0
+) -> None:
+    """Launch tensor-core variant ``config`` on checked float16 operands (K % 8 == 0, 16-byte aligned);
+    ``norm_eps`` is the eps of a ``config.normalise`` variant."""
+    options = {"max_registers": config.max_registers} if config.max_registers else {}
+    kernel = compiled(mma_kernel(config), mma_signature(), **options)
     grid = cdiv(out.shape[1], config.outputs_per_block)
-    launch(kernel, grid, config.threads, _flat_args(x, weight, bias, residual, out))
+    launch(kernel, grid, config.threads, (*_flat_args(x, weight, bias, residual, out), norm_eps))
 
 
 def launch_tc(config: TcConfig, x: Any, weight: Any, bias: Any, residual: Any, out: Any) -> None:
@@ -302,23 +326,56 @@ def launch_tc(config: TcConfig, x: Any, weight: Any, bias: Any, residual: Any, o
     launch(kernel, grid, config.threads, _flat_args(x, weight, bias, residual, out), config.shared_bytes)
 
 
-def _launch(x: Any, weight: Any, out: Any, bias: Any, residual: Any, fused: bool, mma: bool | None = None) -> None:
+def _vector_width(x: Any, weight: Any) -> int:
+    """Elements per load of x and weight: 16 bytes when K is a multiple and both are aligned, else 1."""
+    vec = VECTOR_WIDTH[np.dtype(x.dtype)]
+    return vec if x.shape[1] % vec == 0 and aligned16(x, weight) else 1
+
+
+def _on_tensor_cores(x: Any, mma: bool) -> bool:
+    """Whether the tensor-core kernels take x (float16 only, while they are on)."""
+    return mma and np.dtype(x.dtype) == np.float16
+
+
+_unit_weights: dict[tuple, Any] = {}
+
+
+def _unit_weight(x: Any) -> Any:
+    """A kept array of ones as long as x's rows, of x's dtype and array module: the weight of an
+    RMSNorm whose own weight was folded into the GEMM's. Made on first use, which the decode graphs'
+    eager warm-up reaches before any capture."""
+    key = (type(x), str(getattr(x, "device", "")), x.shape[1], str(x.dtype))
+    if key not in _unit_weights:
+        xp = importlib.import_module("cupy" if hasattr(x, "__cuda_array_interface__") else "numpy")
+        one = 0x3F80 if np.dtype(x.dtype) == BFLOAT16 else 1  # bfloat16 travels as its bits
+        _unit_weights[key] = xp.full(x.shape[1], one, dtype=x.dtype)
+    return _unit_weights[key]
+
+
+def _launch(
+    x: Any, weight: Any, out: Any, bias: Any, residual: Any, fused: bool, mma: bool | None = None,
+    norm_eps: float | None = None, normed: Any = None,
+) -> None:
     """Pick the kernel for checked operands and launch it (``mma=False``: CUDA cores only).
 
     float16 with K % 8 == 0 and 16-byte aligned x and weight runs on tensor cores: decode
     (M <= MMA_MAX_M) in :mod:`.gemm_mma`, prefill (M >= gemm_tc.MIN_M) in :mod:`.gemm_tc`, both only
     while common.TENSOR_CORES is on. Everything else (float32, bfloat16), and the simulator, runs on
-    CUDA cores: the decode kernel for M <= DECODE_MAX_M, the tiled kernel above.
+    CUDA cores: the decode kernel for M <= DECODE_MAX_M, the tiled kernel above. With ``norm_eps``
+    the decode tensor-core kernel normalises x itself; the others multiply ``normed``, written first.
     """
     mma = USE_MMA if mma is None else mma
     M, K = x.shape
     N = out.shape[1]
+    if norm_eps is not None:
+        if NORM_IN_GEMM and M <= MMA_MAX_M and _vector_width(x, weight) > 1 and _on_tensor_cores(x, mma):
+            launch_mma(mma_config(M, N, K, fused, normalise=True), x, weight, bias, residual, out, norm_eps)
+            return
+        x = norm.rms_norm(x, _unit_weight(x), norm_eps, normed)
     dtype = np.dtype(x.dtype)
-    vec = VECTOR_WIDTH[dtype]
-    if K % vec or not aligned16(x, weight):
-        vec = 1
+    vec = _vector_width(x, weight)
     bf16 = is_bf16(dtype)
-    tensor_cores = mma and dtype == np.float16 and vec > 1  # the tensor-core kernels are float16 only
+    tensor_cores = vec > 1 and _on_tensor_cores(x, mma)
     if tensor_cores and M <= MMA_MAX_M:
         launch_mma(mma_config(M, N, K, fused), x, weight, bias, residual, out)
     elif tensor_cores and M >= gemm_tc.MIN_M and gemm_tc.ENABLED:
@@ -349,12 +406,25 @@ def _check_operands(op: str, x: Any, weight: Any) -> tuple[int, int, int]:
     return M, weight.shape[0], K
 
 
-def linear(x: Any, weight: Any, out: Any, bias: Any = None, residual: Any = None) -> Any:
+def _check_normed(op: str, x: Any, norm_eps: float | None, normed: Any) -> None:
+    if norm_eps is None:
+        return
+    if normed is None:
+        raise ValueError(f"{op}: norm_eps needs normed, an array like x {tuple(x.shape)} for the normalised rows")
+    check_array(op, "normed", normed, tuple(x.shape), WITH_BFLOAT16)
+    check_same_dtype(op, "x", x, normed=normed)
+
+
+def linear(
+    x: Any, weight: Any, out: Any, bias: Any = None, residual: Any = None,
+    norm_eps: float | None = None, normed: Any = None,
+) -> Any:
     """Launch the fused linear; see :func:`infinilm_nb.kernels.reference.linear`.
 
     x: ``[M, K]``; weight: ``[N, K]``; bias: ``[N]``; residual, out: ``[M, N]`` (out may be
     residual). All C-contiguous and of one dtype (float16, float32 or bfloat16 as uint16 bits);
-    float32 accumulation.
+    float32 accumulation. With ``norm_eps`` the rows of x are RMS-normalised first (module doc);
+    ``normed`` (like x) is where that happens when the GEMM cannot do it in its loop.
     """
     M, N, _ = _check_operands("linear", x, weight)
     check_array("linear", "out", out, (M, N), WITH_BFLOAT16)
@@ -363,23 +433,26 @@ def linear(x: Any, weight: Any, out: Any, bias: Any = None, residual: Any = None
     if residual is not None:
         check_array("linear", "residual", residual, (M, N), WITH_BFLOAT16)
     check_same_dtype("linear", "x", x, weight=weight, out=out, bias=bias, residual=residual)
+    _check_normed("linear", x, norm_eps, normed)
     if M and N:
-        _launch(x, weight, out, bias, residual, fused=False)
+        _launch(x, weight, out, bias, residual, fused=False, norm_eps=norm_eps, normed=normed)
     return out
 
 
-def linear_silu_mul(x: Any, weight: Any, out: Any) -> Any:
+def linear_silu_mul(x: Any, weight: Any, out: Any, norm_eps: float | None = None, normed: Any = None) -> Any:
     """Launch the gate-up linear with SiLU-mul in its epilogue; see
     :func:`infinilm_nb.kernels.reference.linear_silu_mul`.
 
     x: ``[M, K]``; weight: ``[2I, K]`` (gate rows, then up rows); out: ``[M, I]``. All C-contiguous
     and of one dtype; the gate and up products stay in float32 until ``silu(gate) * up`` is stored.
+    ``norm_eps`` and ``normed`` as for :func:`linear`.
     """
     M, rows, _ = _check_operands("linear_silu_mul", x, weight)
     if rows % 2:
         raise ValueError(f"linear_silu_mul: weight must have an even number of rows [gate | up], got {rows}")
     check_array("linear_silu_mul", "out", out, (M, rows // 2), WITH_BFLOAT16)
     check_same_dtype("linear_silu_mul", "x", x, weight=weight, out=out)
+    _check_normed("linear_silu_mul", x, norm_eps, normed)
     if M and rows:
-        _launch(x, weight, out, None, None, fused=True)
+        _launch(x, weight, out, None, None, fused=True, norm_eps=norm_eps, normed=normed)
     return out

@@ -21,6 +21,13 @@ B (8 rows of x), so the arithmetic is free and the kernel only streams W.
   atomics: results do not depend on timing), then the epilogue adds bias and residual, or (fused)
   pairs gate row n with up row ``n + N`` and writes ``silu(gate) * up``.
 
+With ``normalise`` the product is of each x row divided by its root mean square, ``x / sqrt(mean(x^2)
++ eps)``: RMSNorm without its weight, which the caller has folded into the weight's columns
+(``W diag(gamma)``). Each lane adds the squares of the x words it loads anyway (its row ``g``, its
+columns) as it goes; the sums meet across the warp by shuffles and across K slices in shared memory,
+and the epilogue scales the row's products by ``1 / rms`` before bias and SiLU. So the RMSNorm that a
+decode GEMM follows costs neither a kernel nor a pass over x, only those FMAs.
+
 Rows past N and x rows past M are clamped for loading and never stored. K must be a multiple of 8
 and x and weight 16-byte aligned (the launcher checks).
 
@@ -42,10 +49,11 @@ from typing import Callable
 from numba import cuda, float32, int64, uint32
 
 from .common import SIMULATOR
-from .intrinsics import await_previous_kernels
+from .intrinsics import await_previous_kernels, unpack_f16x2
 from .mma import load_words, load_words_stream, mma_16816
 
 WARP = 32
+FULL_MASK = 0xFFFFFFFF
 CHUNK = 8  # float16 per 16-byte load
 STEP_K = 4 * CHUNK  # columns of K per step: 4 lanes of a row, 16 bytes each
 SHARED_BYTES = 48 * 1024
@@ -61,6 +69,8 @@ class MmaConfig:
     warps_k: int  # warps splitting K
     unroll: int  # steps whose loads are issued together
     fused: bool = False  # SiLU-mul epilogue over [gate | up] weight rows
+    normalise: bool = False  # x rows divided by their RMS (module doc)
+    max_registers: int = 0  # a cap for ptxas (0: none)
 
     @property
     def threads(self) -> int:
@@ -77,8 +87,10 @@ class MmaConfig:
 
     @property
     def shared_floats(self) -> int:
-        """Shared memory of the split-K reduction: every warp's partial sums."""
-        return self.warps_k * self.warps_n * self.tiles_w * self.tiles_x * 4 * WARP
+        """Shared memory of the split-K reduction: every warp's partial sums (and, normalising, each K
+        slice's sums of squares of the x rows)."""
+        squares = self.warps_k * 8 * self.tiles_x if self.normalise else 0
+        return self.warps_k * self.warps_n * self.tiles_w * self.tiles_x * 4 * WARP + squares
 
     @property
     def words(self) -> int:
@@ -93,11 +105,21 @@ def silu(value):
     return value / (float32(1) + math.exp(-value))
 
 
+@cuda.jit(device=True, **({} if SIMULATOR else {"forceinline": True}))
+def add_squares(words, at, total):
+    """``total`` plus the squares of the 8 float16 in ``words[at : at + 4]``, in float32."""
+    for q in range(4):
+        low, high = unpack_f16x2(words[at + q])
+        total += low * low + high * high
+    return total
+
+
 @lru_cache(maxsize=None)
 def mma_kernel(config: MmaConfig) -> Callable:
-    """The kernel for ``config``; signature as :func:`.gemm.kernel_signature` (float16)."""
+    """The kernel for ``config``; signature :func:`.gemm.mma_signature` (float16)."""
     tiles_w, tiles_x = config.tiles_w, config.tiles_x
     warps_n, warps_k, unroll, fused = config.warps_n, config.warps_k, config.unroll, config.fused
+    normalise = config.normalise
     assert config.shared_floats * 4 <= SHARED_BYTES, config
     rows_w = 2 * tiles_w  # weight rows a lane loads per step (g and g + 8 of each tile)
     tiles_out = tiles_w // 2 if fused else tiles_w  # W tiles whose rows are outputs (gate tiles)
@@ -107,6 +129,7 @@ def mma_kernel(config: MmaConfig) -> Callable:
     w_words = unroll * rows_w * 4
     x_words = unroll * tiles_x * 4
     slot = warps_n * acc_size * WARP  # one warp_k's partial sums in shared memory
+    squares_at = warps_k * slot  # then each K slice's sums of squares of the 8 * tiles_x x rows
     shared_size = config.shared_floats
     outputs = warps_n * tiles_out * tiles_x * 4 * WARP  # output values per block, as fragments
     threads = config.threads
@@ -146,7 +169,7 @@ def mma_kernel(config: MmaConfig) -> Callable:
                         for q in range(4):
                             acc[i + q] = d[q]
 
-    def kernel(x, weight, bias, residual, out, M, N, K, has_bias, has_residual):
+    def kernel(x, weight, bias, residual, out, M, N, K, has_bias, has_residual, eps):
         await_previous_kernels()
         tid = cuda.threadIdx.x
         lane = tid % WARP
@@ -174,9 +197,16 @@ def mma_kernel(config: MmaConfig) -> Callable:
             acc[i] = 0
         w = cuda.local.array(w_words, uint32)
         xw = cuda.local.array(x_words, uint32)
+        squares = cuda.local.array(tiles_x, float32)  # this lane's share of x row 8 ib + g
+        for ib in range(tiles_x):
+            squares[ib] = 0
         for it in range(iterations):
             load_step(x, weight, K, w_base, x_base, first + it * stride, w, xw)
             multiply(w, xw, acc)
+            if normalise:
+                for u in range(unroll):
+                    for ib in range(tiles_x):
+                        squares[ib] = add_squares(xw, (u * tiles_x + ib) * 4, squares[ib])
 
         # Each warp parks its partial sums in its slot; then each output's thread adds the warps_k
         # partial sums in order (no atomics: results do not depend on timing). Output e is register c
@@ -185,6 +215,13 @@ def mma_kernel(config: MmaConfig) -> Callable:
         partial = cuda.shared.array(shared_size, float32)
         for i in range(acc_size):
             partial[wk * slot + (wn * acc_size + i) * WARP + lane] = acc[i]
+        if normalise:  # the 4 lanes of row g hold its columns of this K slice
+            for ib in range(tiles_x):
+                total = squares[ib]
+                total += cuda.shfl_xor_sync(FULL_MASK, total, 1)
+                total += cuda.shfl_xor_sync(FULL_MASK, total, 2)
+                if wn == 0 and t == 0:
+                    partial[squares_at + wk * 8 * tiles_x + 8 * ib + g] = total
         cuda.syncthreads()
         for e in range(tid, outputs, threads):
             src_lane = e % WARP
@@ -200,11 +237,18 @@ def mma_kernel(config: MmaConfig) -> Callable:
                 total = float32(0)
                 for s in range(warps_k):
                     total += partial[s * slot + at]
+                scale = float32(1)
+                if normalise:
+                    sum_squares = float32(0)
+                    for s in range(warps_k):
+                        sum_squares += partial[squares_at + s * 8 * tiles_x + m]
+                    scale = float32(1) / math.sqrt(sum_squares / float32(K) + eps)
+                    total *= scale
                 if fused:
                     up = float32(0)
                     for s in range(warps_k):
                         up += partial[s * slot + at + tiles_out * tiles_x * 4 * WARP]
-                    total = silu(total) * up
+                    total = silu(total) * (up * scale)
                 else:
                     if has_bias:
                         total += float32(bias[n])

@@ -23,7 +23,7 @@ In numba's CUDA simulator inline LLVM does not run; there the same names are pla
 that index the flattened array.
 
 The second section holds the data movement of the tensor-core prefill kernels (shared-memory
-addresses, ldmatrix, cp.async, f16x2 packing); those are GPU only.
+addresses, ldmatrix, cp.async; those are GPU only) and f16x2 packing and unpacking.
 """
 
 from __future__ import annotations
@@ -314,6 +314,12 @@ if SIMULATOR:
         """Both rounded to float16 in one word, ``lo`` in the low half (simulator: NumPy)."""
         return np.array([lo, hi], np.float16).view(np.uint32)[0]
 
+    @cuda.jit(device=True)
+    def unpack_f16x2(word):
+        """The two float16 of a word as float32, the low half first (simulator: NumPy)."""
+        lo, hi = np.array([word], np.uint32).view(np.float16).astype(np.float32)
+        return lo, hi
+
 else:
     _VOID = ir.VoidType()
 
@@ -465,6 +471,19 @@ else:
             return builder.call(asm, list(args))
 
         return types.uint32(lo, hi), codegen
+
+    @intrinsic
+    def unpack_f16x2(typingctx, word):
+        """Type ``unpack_f16x2(uint32) -> UniTuple(float32, 2)``: the word's two float16, the low half
+        first, widened (two ``cvt.f32.f16``)."""
+        if word != types.uint32:
+            return None
+        result = types.UniTuple(types.float32, 2)
+
+        def codegen(context, builder, sig, args):
+            return context.make_tuple(builder, result, _unpack_f16_widened(context, builder, args[0]))
+
+        return result(word), codegen
 
 
 # ---------------------------------------------------------------- programmatic dependent launch

@@ -158,13 +158,22 @@ def linear(
     out: np.ndarray,
     bias: np.ndarray | None = None,
     residual: np.ndarray | None = None,
+    norm_eps: float | None = None,
+    normed: np.ndarray | None = None,
 ) -> np.ndarray:
     """``out = x @ weight.T (+ bias) (+ residual)``, accumulated in float32.
 
     x: ``[M, K]``; weight: ``[N, K]`` row-major, as HF stores it; bias: ``[N]``; residual, out:
     ``[M, N]`` (out may be residual: the fused residual add of o_proj and down_proj).
+
+    With ``norm_eps`` each row of x is first divided by ``sqrt(mean(x**2) + eps)``: an RMSNorm whose
+    weight the caller folded into ``weight``'s columns. Here the division scales the float32
+    products (as the decode GEMM does); ``normed`` (like x) is scratch a backend may normalise into.
     """
     acc = _f32_view(x) @ _f32_view(weight).T
+    if norm_eps is not None:
+        xf = to_f32(x)
+        acc *= 1.0 / np.sqrt((xf * xf).mean(axis=-1, keepdims=True, dtype=F32) + F32(norm_eps))
     if bias is not None:
         acc += to_f32(bias)
     if residual is not None:
@@ -178,14 +187,16 @@ def _f32_view(x: np.ndarray) -> np.ndarray:
     return x if x.dtype == F32 else to_f32(x)
 
 
-def linear_silu_mul(x: np.ndarray, weight: np.ndarray, out: np.ndarray) -> np.ndarray:
+def linear_silu_mul(
+    x: np.ndarray, weight: np.ndarray, out: np.ndarray, norm_eps: float | None = None, normed: np.ndarray | None = None
+) -> np.ndarray:
     """The gate-up projection with SwiGLU fused: ``out = silu_mul(x @ weight.T)``.
 
     x: ``[M, K]``; weight: ``[2I, K]``, the gate rows then the up rows (the fused gate-up weight);
     out: ``[M, I]``. The products stay in float32 (never rounded to out's dtype) until
-    ``silu(gate) * up`` is stored.
+    ``silu(gate) * up`` is stored. ``norm_eps`` and ``normed`` as for :func:`linear`.
     """
-    gate_up = linear(x, weight, np.empty((x.shape[0], weight.shape[0]), F32))
+    gate_up = linear(x, weight, np.empty((x.shape[0], weight.shape[0]), F32), norm_eps=norm_eps)
     return silu_mul(gate_up, out)
 
 

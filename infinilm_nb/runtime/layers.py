@@ -14,15 +14,21 @@ from typing import Any
 
 
 class Linear:
-    """``out = x @ weight.T (+ bias) (+ residual)``; weight ``[N, K]`` as HF stores it."""
+    """``out = x @ weight.T (+ bias) (+ residual)``; weight ``[N, K]`` as HF stores it.
+
+    With ``norm_eps`` x's rows are RMS-normalised first, in the GEMM where it can (``normed``, like
+    x, is the scratch where it cannot): the RMSNorm before QKV and gate-up, whose weight is folded
+    into theirs (:func:`~infinilm_nb.runtime.llama.fold_norm_weights`)."""
 
     def __init__(self, backend: Any, weight: Any, bias: Any = None) -> None:
         self.backend = backend
         self.weight = weight
         self.bias = bias
 
-    def __call__(self, x: Any, out: Any, residual: Any = None) -> Any:
-        return self.backend.ops.linear(x, self.weight, out, bias=self.bias, residual=residual)
+    def __call__(self, x: Any, out: Any, residual: Any = None, norm_eps: float | None = None, normed: Any = None) -> Any:
+        return self.backend.ops.linear(
+            x, self.weight, out, bias=self.bias, residual=residual, norm_eps=norm_eps, normed=normed
+        )
 
 
 class QKVParallelLinear(Linear):
@@ -127,7 +133,8 @@ class ParallelLMHead:
 
 
 class RMSNorm:
-    """RMSNorm with weight ``[H]``."""
+    """RMSNorm with weight ``[H]``. A decoder layer's two run only for hooks: the GEMMs after them
+    normalise their input themselves."""
 
     def __init__(self, backend: Any, weight: Any, eps: float) -> None:
         self.backend = backend

@@ -1,10 +1,13 @@
 """The Llama decoder (llama, mistral, qwen2) on the backend's ops, and a registry by model_type.
 
 One step (see ../shared/DESIGN.md, "One step, as data"): the residual stream lives in one ``[T, H]``
-buffer. The embedding writes it; each layer normalises it into ``hidden``, and o_proj and down_proj
-add their products back into it in their epilogue (``linear(..., residual=r, out=r)``), so no separate
-residual add runs. Under tensor parallelism that buffer is what gets all-reduced. Only each
-sequence's last token goes through the final norm and the lm_head.
+buffer. The embedding writes it; QKV and gate-up read it RMS-normalised (``linear(r, ...,
+norm_eps=eps)``: the decode GEMMs normalise their input in their own loop, every other path through
+the scratch ``hidden``), and o_proj and down_proj add their products back into it in their epilogue
+(``linear(..., residual=r, out=r)``), so neither a separate RMSNorm nor a residual add runs in a
+decode step. For that the two norms' weights are folded into the columns of the QKV and gate-up
+weights at load (:func:`fold_norm_weights`). Under tensor parallelism the residual buffer is what
+gets all-reduced. Only each sequence's last token goes through the final norm and the lm_head.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ class StepBuffers:
     """
 
     residual: Any  # [T, H] the residual stream
-    hidden: Any  # [T, H] normalised residual, the input of QKV and gate-up
+    hidden: Any  # [T, H] scratch: the residual normalised where a GEMM does not do it itself
     qkv: Any  # [T, (Hq + 2 Hk) D]
     context: Any  # [T, Hq, D] attention output
     gate_up: Any  # [T, 2 I]
@@ -152,10 +155,11 @@ class LlamaAttention:
         )
         self.cos_sin = cos_sin
         self.scale = config.head_dim ** -0.5
+        self.norm_eps = config.rms_norm_eps  # of the input norm, folded into qkv_proj
 
     def __call__(self, step: StepInput, k_cache: Any, v_cache: Any, buf: StepBuffers) -> None:
         ops = self.backend.ops
-        self.qkv_proj(buf.hidden, buf.qkv)
+        self.qkv_proj(buf.residual, buf.qkv, norm_eps=self.norm_eps, normed=buf.hidden)
         q, k, v = self.qkv_proj.split(buf.qkv)
         ops.rope_store_kv(q, k, v, step.positions, self.cos_sin, k_cache, v_cache, step.slot_mapping)
         extra = {} if buf.workspace is None else {"workspace": buf.workspace}
@@ -170,8 +174,9 @@ class LlamaAttention:
 class LlamaMLP:
     """Fused gate-up projection, SiLU-mul and down_proj (adding into the residual)."""
 
-    def __init__(self, backend: Any, weights: dict[str, Any], prefix: str, group: Any = None) -> None:
+    def __init__(self, backend: Any, weights: dict[str, Any], prefix: str, norm_eps: float, group: Any = None) -> None:
         self.backend = backend
+        self.norm_eps = norm_eps  # of the post-attention norm, folded into gate_up_proj
         self.gate_up_proj = GateUpParallelLinear(
             backend, weights[prefix + "gate_up_proj.weight"], weights.get(prefix + "gate_up_proj.bias")
         )
@@ -181,15 +186,18 @@ class LlamaMLP:
 
     def __call__(self, buf: StepBuffers) -> None:
         if self.gate_up_proj.bias is None:  # SiLU-mul in the GEMM's epilogue: gate_up never hits memory
-            self.backend.ops.linear_silu_mul(buf.hidden, self.gate_up_proj.weight, buf.act)
+            self.backend.ops.linear_silu_mul(
+                buf.residual, self.gate_up_proj.weight, buf.act, norm_eps=self.norm_eps, normed=buf.hidden
+            )
         else:
-            self.gate_up_proj(buf.hidden, buf.gate_up)
+            self.gate_up_proj(buf.residual, buf.gate_up, norm_eps=self.norm_eps, normed=buf.hidden)
             self.backend.ops.silu_mul(buf.gate_up, buf.act)
         self.down_proj(buf.act, buf.residual, residual=buf.residual)
 
 
 class LlamaDecoderLayer:
-    """RMSNorm -> attention -> RMSNorm -> MLP, both blocks adding into the residual stream."""
+    """RMSNorm -> attention -> RMSNorm -> MLP, both blocks adding into the residual stream (the norms
+    inside QKV and gate-up; run on their own only for the ``input_norm.out`` hook)."""
 
     def __init__(
         self, backend: Any, config: ModelConfig, weights: dict[str, Any], index: int, cos_sin: Any, group: Any = None
@@ -198,19 +206,17 @@ class LlamaDecoderLayer:
         self.input_layernorm = RMSNorm(backend, weights[prefix + "input_layernorm"], config.rms_norm_eps)
         self.self_attn = LlamaAttention(backend, config, weights, prefix, cos_sin, group)
         self.post_attention_layernorm = RMSNorm(backend, weights[prefix + "post_attention_layernorm"], config.rms_norm_eps)
-        self.mlp = LlamaMLP(backend, weights, prefix, group)
+        self.mlp = LlamaMLP(backend, weights, prefix, config.rms_norm_eps, group)
         self.hook_names = {n: prefix + n for n in ("input_norm.out", "attn.qkv", "attn.context", "attn.out", "mlp.out")}
 
     def __call__(self, step: StepInput, k_cache: Any, v_cache: Any, buf: StepBuffers, hooks: HookRegistry | None) -> None:
-        self.input_layernorm(buf.residual, buf.hidden)
         if hooks:
-            hooks.capture(self.hook_names["input_norm.out"], buf.hidden)
+            hooks.capture(self.hook_names["input_norm.out"], self.input_layernorm(buf.residual, buf.hidden))
         self.self_attn(step, k_cache, v_cache, buf)
         if hooks:
             hooks.capture(self.hook_names["attn.qkv"], buf.qkv)
             hooks.capture(self.hook_names["attn.context"], buf.context)
             hooks.capture(self.hook_names["attn.out"], buf.residual)
-        self.post_attention_layernorm(buf.residual, buf.hidden)
         self.mlp(buf)
         if hooks:
             hooks.capture(self.hook_names["mlp.out"], buf.residual)
@@ -250,7 +256,7 @@ class LlamaForCausalLM:
         self.backend = backend
         self.dtype = resolve_dtype(dtype, backend)
         self.hooks = hooks if hooks is not None else HookRegistry()
-        arrays = self._upload(weights)
+        arrays = fold_norm_weights(self._upload(weights), config.num_hidden_layers)
         positions = max_model_len or config.max_position_embeddings
         cos_sin = backend.asarray(
             reference.rope_cache(config.head_dim, positions, config.rope_theta, config.rope_scaling)
@@ -332,6 +338,19 @@ class LlamaForCausalLM:
         return self.lm_head(buf.last_norm, buf.logits)
 
     __call__ = forward
+
+
+def fold_norm_weights(arrays: dict[str, Any], num_layers: int) -> dict[str, Any]:
+    """``arrays`` with each layer's QKV and gate-up weights times the weight of the RMSNorm before
+    them, column by column (new arrays, computed in float32): ``rms_norm(x, g) @ W.T`` is
+    ``(x / rms(x)) @ (W diag(g)).T``, so the GEMMs can take the unnormalised residual and scale their
+    products by ``1 / rms(x)`` (``linear(..., norm_eps=)``). The norm weights stay for the hooks."""
+    folded = dict(arrays)
+    for i in range(num_layers):
+        for norm, weight in (("input_layernorm", "qkv_proj.weight"), ("post_attention_layernorm", "gate_up_proj.weight")):
+            w, g = arrays[f"layers.{i}.{weight}"], arrays[f"layers.{i}.{norm}"]
+            folded[f"layers.{i}.{weight}"] = reference.cast(reference.to_f32(w) * reference.to_f32(g), w.dtype)
+    return folded
 
 
 class MistralForCausalLM(LlamaForCausalLM):

@@ -79,3 +79,13 @@ def test_early_launches_are_off_within_the_block_only():
     with late_launches() as switched:
         assert switched == "early launch off" and not common.LAUNCH_NEXT_EARLY
     assert common.LAUNCH_NEXT_EARLY
+
+
+def test_norms_are_apart_within_the_block_only():
+    from bench.ablation import norms_apart
+    from infinilm_nb.kernels import gemm
+
+    assert gemm.NORM_IN_GEMM
+    with norms_apart() as switched:
+        assert switched == "norm in gemm off" and not gemm.NORM_IN_GEMM
+    assert gemm.NORM_IN_GEMM

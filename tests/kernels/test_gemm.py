@@ -178,25 +178,78 @@ def test_linear_silu_mul_matches_reference(kb, rng, dtype, M, inter, K):
     assert rel_err(kb.to_host(out), want) < tolerance(dtype)
 
 
+# RMS-normalised x (the input norm folded into the weight): float16 decode normalises inside the
+# tensor-core GEMM on the GPU, everything else (and the simulator) runs RMSNorm into normed first.
+NORMED_SHAPES = pick(
+    sim=[(1, 21, 40), (3, 21, 13), (70, 21, 40)],
+    gpu=[(1, 21, 40), (3, 37, 13), (1, 3072, 4096), (8, 3072, 4096), (64, 3072, 4096), (300, 1000, 4096)],
+)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["linear", "silu_mul"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint16])
+@pytest.mark.parametrize("M,N,K", NORMED_SHAPES)
+@pytest.mark.parametrize("in_gemm", [True, False], ids=["in_gemm", "norm_kernel"])
+def test_linear_of_normalised_rows_matches_reference(kb, rng, monkeypatch, fused, dtype, M, N, K, in_gemm):
+    monkeypatch.setattr(gemm, "NORM_IN_GEMM", in_gemm)
+    x = random(rng, (M, K), dtype, scale=3.0)
+    weight = random(rng, (2 * N if fused else N, K), dtype, scale=0.1)
+    out = poisoned(kb, (M, N), dtype)
+    normed = poisoned(kb, (M, K), dtype)
+    if fused:
+        assert kb.ops.linear_silu_mul(kb.asarray(x), kb.asarray(weight), out, norm_eps=1e-5, normed=normed) is out
+        want = reference.linear_silu_mul(x, weight, np.empty((M, N), np.float32), norm_eps=1e-5)
+    else:
+        bias = random(rng, N, dtype)
+        got = kb.ops.linear(kb.asarray(x), kb.asarray(weight), out, bias=kb.asarray(bias), norm_eps=1e-5, normed=normed)
+        assert got is out
+        want = reference.linear(x, weight, np.empty((M, N), np.float32), bias=bias, norm_eps=1e-5)
+    assert rel_err(kb.to_host(out), want) < tolerance(dtype)
+
+
+def test_reference_normalised_linear_is_rms_norm_then_linear(rng):
+    x = random(rng, (3, 16), scale=5.0)
+    weight, gamma = random(rng, (7, 16)), random(rng, 16)
+    normed = reference.rms_norm(x, gamma, 1e-6, np.empty_like(x))
+    want = reference.linear(normed, weight, np.empty((3, 7), np.float32))
+    got = reference.linear(x, weight * gamma, np.empty((3, 7), np.float32), norm_eps=1e-6)
+    assert rel_err(got, want) < 1e-5
+
+
+def test_linear_norm_eps_needs_normed_of_the_shape_of_x(kb, rng):
+    x, weight = _operands(kb, rng)
+    out = kb.asarray(np.zeros((4, 5), np.float32))
+    with pytest.raises(ValueError, match=r"linear: norm_eps needs normed, an array like x \(4, 8\)"):
+        kb.ops.linear(x, weight, out, norm_eps=1e-5)
+    with pytest.raises(ValueError, match=r"linear_silu_mul: normed must have shape \(4, 8\), got \(4, 5\)"):
+        kb.ops.linear_silu_mul(x, kb.asarray(random(rng, (6, 8))), kb.asarray(np.zeros((4, 3), np.float32)),
+                               norm_eps=1e-5, normed=out)
+
+
 # Tensor-core variants run directly (in the simulator too, whose mma gathers fragments through
 # shuffles): several W and x tiles, warps on rows and on K, unrolled steps, fused; M not a multiple
-# of 8, N of 16, K of 32 (the last step is partly past K). Blocks of at most 64 threads for the simulator.
+# of 8, N of 16, K of 32 (the last step is partly past K); x rows RMS-normalised in the loop, with
+# warps on rows and on K. Blocks of at most 64 threads for the simulator.
 MMA_CASES = [
     (MmaConfig(1, 2, 1, 2, 1), 11, 37, 136),
     (MmaConfig(2, 1, 2, 1, 2), 5, 45, 200),
     (MmaConfig(2, 4, 1, 2, 1, fused=True), 27, 21, 72),
     (MmaConfig(2, 1, 1, 1, 1, fused=True), 1, 9, 40),
     (MmaConfig(1, 8, 1, 2, 1), 61, 19, 72),
+    (MmaConfig(1, 2, 1, 2, 1, normalise=True), 11, 37, 136),
+    (MmaConfig(2, 1, 2, 1, 2, normalise=True), 5, 45, 200),
+    (MmaConfig(2, 1, 1, 2, 1, fused=True, normalise=True), 1, 9, 72),
 ]
 
 
 @pytest.mark.parametrize("config,M,N,K", MMA_CASES, ids=[str(i) for i in range(len(MMA_CASES))])
 def test_tensor_core_variants_match_reference(kb, rng, config, M, N, K):
     rows = 2 * N if config.fused else N
-    x = random(rng, (M, K), np.float16)
+    x = random(rng, (M, K), np.float16, scale=4.0 if config.normalise else 1.0)
     weight = random(rng, (rows, K), np.float16, scale=0.1)
     bias = None if config.fused else random(rng, N, np.float16)
     residual = None if config.fused else random(rng, (M, N), np.float16)
+    eps = 1e-5 if config.normalise else None
     out = poisoned(kb, (M, N), np.float16)
     gemm.launch_mma(
         config,
@@ -205,11 +258,12 @@ def test_tensor_core_variants_match_reference(kb, rng, config, M, N, K):
         None if bias is None else kb.asarray(bias),
         None if residual is None else kb.asarray(residual),
         out,
+        eps or 0.0,
     )
     if config.fused:
-        want = reference.linear_silu_mul(x, weight, np.empty((M, N), np.float32))
+        want = reference.linear_silu_mul(x, weight, np.empty((M, N), np.float32), norm_eps=eps)
     else:
-        want = reference.linear(x, weight, np.empty((M, N), np.float32), bias=bias, residual=residual)
+        want = reference.linear(x, weight, np.empty((M, N), np.float32), bias=bias, residual=residual, norm_eps=eps)
     assert rel_err(kb.to_host(out), want) < tolerance(np.float16)
 
 
@@ -243,8 +297,13 @@ def test_tensor_core_variants_keep_their_arrays_in_registers():
     rows = range(1, gemm.MMA_MAX_M + 1)
     configs = {gemm.mma_config(m, n, k) for m in rows for n, k in shapes}
     configs |= {gemm.mma_config(m, 14336, 4096, fused=True) for m in rows}
+    configs |= {gemm.mma_config(m, 6144, 4096, normalise=True) for m in rows}
+    configs |= {gemm.mma_config(m, 14336, 4096, fused=True, normalise=True) for m in rows}
     for config in configs:
-        kernel = compiled(mma_kernel(config), gemm.kernel_signature(np.float16))
-        assert kernel.get_local_mem_per_thread() == 0, config
+        options = {"max_registers": config.max_registers} if config.max_registers else {}
+        kernel = compiled(mma_kernel(config), gemm.mma_signature(), **options)
+        # a register cap may spill a value or two, outside the loop (gemm.mma_config)
+        assert kernel.get_local_mem_per_thread() <= (8 if config.max_registers else 0), config
+        assert not config.max_registers or kernel.get_regs_per_thread() <= config.max_registers, config
         ptx = "".join(kernel.inspect_asm().values())  # a dict: one entry per signature
         assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in ptx, config

@@ -1,4 +1,4 @@
-"""GPU tests of the tensor-core intrinsics (ldmatrix, cp.async, f16x2 packing, mma) against NumPy.
+"""GPU tests of the tensor-core intrinsics (ldmatrix, cp.async, f16x2 packing and unpacking, mma) against NumPy.
 
 Each kernel is one warp (or two) doing one instruction and writing what it got back, so a wrong
 fragment layout shows as a precise mismatch. The simulator has none of these (inline PTX): skipped there.
@@ -152,6 +152,21 @@ def test_pack_f16x2_rounds_and_puts_lo_first(kb, rng):
     out = kb.asarray(np.zeros(32, np.uint32))
     kernel[1, 32, launch_stream()](kb.asarray(values), out)
     np.testing.assert_array_equal(kb.to_host(out), values.astype(np.float16).view(np.uint32))
+
+
+def _unpack_kernel(words, out):
+    i = cuda.threadIdx.x
+    lo, hi = intrinsics.unpack_f16x2(words[i])
+    out[2 * i] = lo
+    out[2 * i + 1] = hi
+
+
+def test_unpack_f16x2_widens_lo_first(kb, rng):
+    halves = (rng.standard_normal(64) * 100).astype(np.float16)
+    kernel = cuda.jit("void(uint32[::1], float32[::1])")(_unpack_kernel)
+    out = kb.asarray(np.full(64, np.nan, np.float32))
+    kernel[1, 32, launch_stream()](kb.asarray(halves.view(np.uint32)), out)
+    np.testing.assert_array_equal(kb.to_host(out), halves.astype(np.float32))
 
 
 def _address_kernel(out):

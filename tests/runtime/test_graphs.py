@@ -311,3 +311,27 @@ def test_programmatic_launch_gives_the_tokens_of_plain_launches_on_gpu(llama_dir
         outputs[pdl] = [o.outputs[0].token_ids for o in llm.generate(prompts, [PARAMS[i % 2] for i in range(8)])]
         del llm
     assert outputs[True] == outputs[False]
+
+
+@pytest.mark.gpu
+def test_float16_decode_normalises_inside_the_gemms(graph_model_dir, monkeypatch):
+    """A float16 decode step runs no RMSNorm before QKV and gate-up (their GEMMs normalise the residual
+    themselves); with gemm.NORM_IN_GEMM off it runs two a layer, and the logits agree within float16 error."""
+    from infinilm_nb.kernels import gemm
+
+    cuda = get_backend("cuda")
+    model = load_model(graph_model_dir, cuda, dtype=np.float16, progress=False)
+    cache = make_cache(model, "paged")
+    seqs = [CachedSeq(cache, spacer=True) for _ in range(3)]
+    prompts = [[(5 * i + j) % 64 for j in range(PROMPT_LEN)] for i in range(len(seqs))]
+    model.forward(make_step(list(zip(seqs, prompts))).to(cuda), cache)
+    step = make_step([(seq, [b + 2]) for b, seq in enumerate(seqs)]).to(cuda)
+    real, norms = gemm.norm.rms_norm, []
+    monkeypatch.setattr(gemm.norm, "rms_norm", lambda *args: norms.append(args) or real(*args))
+    logits = {}
+    for in_gemm in (True, False):
+        monkeypatch.setattr(gemm, "NORM_IN_GEMM", in_gemm)
+        norms.clear()
+        logits[in_gemm] = cuda.to_host(model.forward(step, cache))  # the same K and V stored again
+        assert len(norms) == (0 if in_gemm else 2 * len(model.layers))
+    assert rel_err(logits[True], logits[False]) < 1e-2

@@ -7,7 +7,7 @@ import pytest
 
 from infinilm_nb.backend import get_backend
 from infinilm_nb.runtime.cache import PagedKVCache, StaticKVCache
-from infinilm_nb.runtime.llama import MODEL_REGISTRY, LlamaForCausalLM, Qwen2ForCausalLM, load_model
+from infinilm_nb.runtime.llama import MODEL_REGISTRY, LlamaForCausalLM, Qwen2ForCausalLM, fold_norm_weights, load_model
 from tests.helpers import rel_err
 from infinilm_nb.runtime.weights import ModelWeights
 from tests.runtime.hf_models import hf_greedy, hf_logits, load_hf_model, save_tiny_model
@@ -127,3 +127,20 @@ def test_model_rejects_bad_weight_dicts(tiny_model_dir, cpu):
         LlamaForCausalLM(model.config, cpu, bad)
     with pytest.raises(ValueError, match="dtype must be float16, float32 or bfloat16"):
         LlamaForCausalLM(model.config, cpu, weights, dtype="int8")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_norm_weights_fold_into_the_columns_of_qkv_and_gate_up(dtype):
+    rng = np.random.default_rng(3)
+    arrays = {f"layers.0.{name}": rng.standard_normal(shape).astype(dtype) for name, shape in (
+        ("qkv_proj.weight", (6, 4)), ("gate_up_proj.weight", (8, 4)), ("o_proj.weight", (4, 4)),
+        ("input_layernorm", (4,)), ("post_attention_layernorm", (4,)))}
+    before = {name: array.copy() for name, array in arrays.items()}
+    folded = fold_norm_weights(arrays, 1)
+    for name, norm in (("qkv_proj.weight", "input_layernorm"), ("gate_up_proj.weight", "post_attention_layernorm")):
+        want = (before[f"layers.0.{name}"].astype(np.float32) * before[f"layers.0.{norm}"].astype(np.float32)).astype(dtype)
+        np.testing.assert_array_equal(folded[f"layers.0.{name}"], want)
+    for name in ("o_proj.weight", "input_layernorm", "post_attention_layernorm"):
+        assert folded[f"layers.0.{name}"] is arrays[f"layers.0.{name}"]
+    for name, array in arrays.items():  # the caller's arrays are left as they were
+        np.testing.assert_array_equal(array, before[name])
