@@ -56,7 +56,7 @@ def tool(name: str) -> str:
 def kernels() -> list[tuple[str, Callable, str, dict[str, Any]]]:
     """(label, Python kernel, signature, compile options) of each profiled kernel, as launched for
     Llama-3-8B shapes in float16."""
-    from infinilm_nb.kernels import attention, attention_mma, attention_prefill, gemm, gemm_tc, sampling
+    from infinilm_nb.kernels import attention, attention_mma, attention_prefill, gemm, gemm_tc, norm, rope, sampling
     from infinilm_nb.kernels.gemm_mma import mma_kernel
 
     f16 = gemm.kernel_signature(np.float16)
@@ -87,6 +87,15 @@ def kernels() -> list[tuple[str, Callable, str, dict[str, Any]]]:
         label = f"prefill attention d=128, {stages} K/V stage(s), {block_q} queries" + (", wgmma" if wgmma else "")
         rows.append((label, attention_prefill.prefill_kernel(dim, stages, block_q, wgmma), attention_prefill.SIGNATURE,
                      {}))
+    h16 = "float16[::1]"
+    for add in (False, True):  # 4096 hidden, a 4096-row launch (no early launch of the next kernel)
+        rows.append(("add_rms_norm" if add else "rms_norm", norm._norm_kernel(8, 8, add, "float16", "float16", False),
+                     f"void({h16}, {h16}, {h16}, float32, {h16})", {}))
+    rows.append(("rope (q and k in place)", rope._rope_kernels(8, 4, 64, False)[0],
+                 f"void({h16}, {h16}, int32[::1], float32[::1], int64, int64, int64, int64, int64, int64)", {}))
+    rows.append(("store_kv", attention._store_kv_kernel(8, 128),
+                 f"void({h16}, {h16}, {h16}, {h16}, int32[::1], int32[::1], int32, int64, int32, UniTuple(int64, 4))",
+                 {}))
     for dtype, vec in (("float32", 4), ("float16", 8), ("float16", 1)):
         rows.append((f"sampler ({dtype} logits, {vec} a load)", sampling._sampler(vec, False),
                      sampling.kernel_signature(dtype), {"max_registers": sampling.MAX_REGISTERS}))
