@@ -534,9 +534,7 @@ def paged_attention(
     several blocks, which a decode step with few sequences needs to fill the GPU. ``max_query_len``
     (optional, the host's longest ``n`` of the step): from ``attention_prefill.MIN_QUERIES`` on, a
     float16 step runs on tensor cores (:mod:`.attention_prefill`); unknown, it never does. q, the
-    caches and out are float16, float32 or bfloat16 (uint16 bits), all the same. The decode kernels
-    read ``context_lens`` and ``query_start_loc`` before waiting for the kernel launched before them
-    (:mod:`.intrinsics`, PDL), so that kernel must not be the one that writes them.
+    caches and out are float16, float32 or bfloat16 (uint16 bits), all the same.
     """
     return _attention(
         "paged_attention", q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale, out, workspace,

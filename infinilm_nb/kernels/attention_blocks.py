@@ -6,9 +6,7 @@ cores in :mod:`.attention_mma`) each run an online softmax over their share of t
 their unnormalised outputs, maxes and sums in shared memory (:class:`SharedLayout`);
 :func:`stream_folder` rescales them to the block's max, and :func:`block_kernels` builds the two
 kernels around an ``attend`` device function: the whole causal range normalised into ``out``, or one
-partition's partial and its (max, sum) for the merge kernel of :mod:`.attention`. Both find their
-token's sequence and causal range (:func:`locate`, two or three dependent loads of step inputs)
-before waiting for the kernel before them (:mod:`.intrinsics`' PDL section).
+partition's partial and its (max, sum) for the merge kernel of :mod:`.attention`.
 """
 
 from __future__ import annotations
@@ -139,10 +137,10 @@ def block_kernels(
 
     def whole_range(q, k, v, block_tables, context_lens, query_start_loc, kv_heads, scale, out):
         """One block per (token, KV head): the token's whole causal range, normalised into out."""
+        await_previous_kernels()
         t = cuda.blockIdx.x
         g = cuda.blockIdx.y
-        b, key_end = locate(t, query_start_loc, context_lens, block_tables.shape[1] * BS)  # step inputs
-        await_previous_kernels()
+        b, key_end = locate(t, query_start_loc, context_lens, block_tables.shape[1] * BS)
         if key_end <= 0:
             return
         part_s = cuda.shared.array(PARTS, numba.float32)
@@ -157,11 +155,11 @@ def block_kernels(
     ):
         """One block per (token, KV head, partition): an unnormalised partial and its (max, sum). The
         token's range is cut into ``gridDim.z`` partitions of :func:`partition_keys` keys."""
+        await_previous_kernels()
         t = cuda.blockIdx.x
         g = cuda.blockIdx.y
         p = cuda.blockIdx.z
-        b, key_end = locate(t, query_start_loc, context_lens, block_tables.shape[1] * BS)  # step inputs
-        await_previous_kernels()
+        b, key_end = locate(t, query_start_loc, context_lens, block_tables.shape[1] * BS)
         part_keys = partition_keys(key_end, grain, cuda.gridDim.z)
         key_start = p * part_keys
         if key_start >= key_end:

@@ -82,13 +82,13 @@ def _merge_kernel(head_dim: int, bf16: bool, launch_next: bool) -> Callable:
                     acc[j] += w * values[u, j]
 
     def merge(context_lens, query_start_loc, capacity, grain, stats, partials, out):
-        t = cuda.blockIdx.x
-        hq = cuda.blockIdx.y
-        tid = cuda.threadIdx.x
-        _, key_end = locate(t, query_start_loc, context_lens, capacity)  # step inputs: before the wait
         await_previous_kernels()
         if launch_next:
             let_next_kernel_launch()
+        t = cuda.blockIdx.x
+        hq = cuda.blockIdx.y
+        tid = cuda.threadIdx.x
+        _, key_end = locate(t, query_start_loc, context_lens, capacity)
         if key_end <= 0:
             return
         part_keys = partition_keys(key_end, grain, partials.shape[2])

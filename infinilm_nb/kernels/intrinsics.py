@@ -494,11 +494,6 @@ else:
 #
 #     await_previous_kernels()     # earlier kernels done, their writes visible
 #
-# What no kernel writes may be read before it: weights, tables, and the step inputs the runtime
-# uploads (positions, context lengths, query starts). RoPE and decode attention read those first, so
-# that their dependent loads are in flight while the kernel before completes; their callers must not
-# compute those inputs in the kernel launched just before.
-#
 # Without a call to let_next_kernel_launch() (griddepcontrol.launch_dependents) the next kernel
 # launches as the blocks of this one have all exited; with it, once every block has called it
 # (common.LAUNCH_NEXT_EARLY says which kernels do). Built for a GPU before Hopper both are no

@@ -10,12 +10,6 @@ same kernel is built with ``vec`` = 1 (plain element access).
 :func:`rope_store_kv` is RoPE and :func:`~.attention.store_kv` in one kernel: the threads of a K head
 also write their rotated K and the matching V into the paged cache, which saves a launch and a
 pass over K in every layer of every step.
-
-A thread reads its first token's position and angles *before* waiting for the kernel before it
-(:func:`.intrinsics.await_previous_kernels`): no kernel writes ``positions`` or the table (the
-runtime uploads the first and builds the second once), so under programmatic dependent launch those
-two dependent loads run while the QKV GEMM completes, and only q and k are read after the wait.
-``positions`` must therefore not be written by the kernel launched just before.
 """
 
 from __future__ import annotations
@@ -48,22 +42,20 @@ def _rope_kernels(vec: int, table_vec: int, half: int, bf16: bool) -> tuple[Call
     groups = half // vec
 
     @inline_device
-    def angles(cos_sin, position, p, cos, sin):
-        """``cos`` and ``sin`` = row ``position`` of the table, columns ``p .. p + vec``."""
+    def rotate(x, at, cos_sin, position, p):
+        """Rotate the ``vec`` pairs ``(x[at + e], x[at + half + e])`` in place by the angles of row
+        ``position`` of the table, columns ``p ..``; return the two rotated halves (packed)."""
+        x1 = load(x, at)  # first: these loads need not wait for the position's
+        x2 = load(x, at + half)
         row = numba.int64(position) * (2 * half) + p
+        cos = cuda.local.array(vec, numba.float32)
+        sin = cuda.local.array(vec, numba.float32)
         for s in range(table_steps):
             cv = table_load(cos_sin, row + s * table_vec)
             sv = table_load(cos_sin, row + half + s * table_vec)
             for e in range(table_vec):
                 cos[s * table_vec + e] = cv[e]
                 sin[s * table_vec + e] = sv[e]
-
-    @inline_device
-    def rotate(x, at, cos, sin):
-        """Rotate the ``vec`` pairs ``(x[at + e], x[at + half + e])`` in place by the angles in ``cos``
-        and ``sin``; return the two rotated halves (packed)."""
-        x1 = load(x, at)
-        x2 = load(x, at + half)
         y1 = cuda.local.array(vec, numba.float32)
         y2 = cuda.local.array(vec, numba.float32)
         for e in range(vec):
@@ -78,53 +70,40 @@ def _rope_kernels(vec: int, table_vec: int, half: int, bf16: bool) -> tuple[Call
 
     def kernel(q, k, positions, cos_sin, q_heads, k_heads, q_token, q_head, k_token, k_head):
         """q, k: flat views from their first element, strided by (``*_token``, ``*_head``) elements;
-        cos_sin: flat ``[P * 2 half]``. Threads run over a token's (head, group), blocks' y over tokens.
-        The first token's angles are read before the wait for the kernel before (module doc)."""
+        cos_sin: flat ``[P * 2 half]``. Threads run over a token's (head, group), blocks' y over tokens."""
+        await_previous_kernels()
         column = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        if column >= (q_heads + k_heads) * groups:
+            return
         head = column // groups
         p = (column - head * groups) * vec
         t = cuda.blockIdx.y
-        cos = cuda.local.array(vec, numba.float32)
-        sin = cuda.local.array(vec, numba.float32)
-        if column < (q_heads + k_heads) * groups and t < positions.shape[0]:
-            angles(cos_sin, positions[t], p, cos, sin)
-        await_previous_kernels()
-        if column >= (q_heads + k_heads) * groups:
-            return
         while t < positions.shape[0]:
-            if t != cuda.blockIdx.y:
-                angles(cos_sin, positions[t], p, cos, sin)
             # two call sites rather than one through a q-or-k pointer, which would make the accesses generic
             if head < q_heads:
-                rotate(q, t * q_token + head * q_head + p, cos, sin)
+                rotate(q, t * q_token + head * q_head + p, cos_sin, positions[t], p)
             else:
-                rotate(k, t * k_token + (head - q_heads) * k_head + p, cos, sin)
+                rotate(k, t * k_token + (head - q_heads) * k_head + p, cos_sin, positions[t], p)
             t += cuda.gridDim.y
 
     def kernel_store(q, k, v, positions, cos_sin, k_cache, v_cache, slots, q_heads, k_heads, strides):
         """:func:`kernel`, and then a K head's threads write their rotated K and the V at the same
         place into the caches (flat ``[slots * Hk * 2 half]``) at ``slots[t]`` (negative: skipped).
         strides: (q token, q head, k token, k head, v token, v head) in elements."""
-        column = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
-        head = column // groups
-        p = (column - head * groups) * vec
-        t = cuda.blockIdx.y
-        cos = cuda.local.array(vec, numba.float32)
-        sin = cuda.local.array(vec, numba.float32)
-        if column < (q_heads + k_heads) * groups and t < positions.shape[0]:
-            angles(cos_sin, positions[t], p, cos, sin)
         await_previous_kernels()
+        column = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
         if column >= (q_heads + k_heads) * groups:
             return
+        head = column // groups
+        p = (column - head * groups) * vec
         num_slots = k_cache.shape[0] // (k_heads * 2 * half)
+        t = cuda.blockIdx.y
         while t < positions.shape[0]:
-            if t != cuda.blockIdx.y:
-                angles(cos_sin, positions[t], p, cos, sin)
             if head < q_heads:
-                rotate(q, t * strides[0] + head * strides[1] + p, cos, sin)
+                rotate(q, t * strides[0] + head * strides[1] + p, cos_sin, positions[t], p)
             else:
                 h = head - q_heads
-                first, second = rotate(k, t * strides[2] + h * strides[3] + p, cos, sin)
+                first, second = rotate(k, t * strides[2] + h * strides[3] + p, cos_sin, positions[t], p)
                 slot = slots[t]
                 if 0 <= slot < num_slots:
                     at = (numba.int64(slot) * k_heads + h) * (2 * half) + p
@@ -157,7 +136,6 @@ def rope(q: Any, k: Any, positions: Any, cos_sin: Any) -> None:
     q ``[T, Hq, D]`` and k ``[T, Hk, D]`` may be strided views (unit stride along D only), e.g. into a
     fused QKV output. Positions must lie in ``[0, P)`` of ``cos_sin [P, D]``: they are device data, so
     checking them here would cost a synchronisation, and an out-of-range position reads outside the table.
-    The kernel reads ``positions`` before waiting for the kernel launched before it (module doc).
     """
     tokens, q_heads, head_dim = _check_rope("rope", q, k, positions, cos_sin)
     q_flat, k_flat = flat_view("rope", "q", q), flat_view("rope", "k", k)
