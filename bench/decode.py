@@ -248,12 +248,12 @@ def print_report(result: dict[str, Any]) -> None:
           f"prompt {result['prompt']} tokens, {result['tokens']} new tokens, greedy")
     print(f"{'engine':<22} {'batch':>5} {'tok/s':>9} {'ms/token':>9} {'TTFT ms':>8} {'% roof':>7} {'host %':>7}")
     print(f"{'infinilm-nb':<22} {1:>5} {s['decode_tok_s']:>9.1f} {s['ms_per_step']:>9.2f} {s['ttft_ms']:>8.1f} "
-          f"{s['roofline_pct']:>6.0f}% {s['host_pct']:>6.1f}%")
+          f"{s['roofline_pct']:>6.1f}% {s['host_pct']:>6.1f}%")
     for row in result["batches"]:
         print(f"{'infinilm-nb':<22} {row['batch']:>5} {row['decode_tok_s']:>9.1f} {row['ms_per_step']:>9.2f} "
               f"{row['ttft_ms']:>8.1f} {'-':>7} {row['host_pct']:>6.1f}%")
     for row in result.get("step_by_step", []):
-        roof = f"{row['roofline_pct']:>6.0f}%" if "roofline_pct" in row else f"{'-':>7}"
+        roof = f"{row['roofline_pct']:>6.1f}%" if "roofline_pct" in row else f"{'-':>7}"
         print(f"{'  step by step':<22} {row['batch']:>5} {row['decode_tok_s']:>9.1f} {row['ms_per_step']:>9.2f} "
               f"{row['ttft_ms']:>8.1f} {roof} {row['host_pct']:>6.1f}%")
     hf = result.get("hf")

@@ -47,7 +47,7 @@ def kernel_lines(data: dict[str, Any]) -> list[str]:
 def decode_lines(data: dict[str, Any]) -> list[str]:
     one = data["batch1"]
     lines = [f"decode ({data['gpu']}, {data['commit']}, {data['layers']} layers)",
-             f"  batch 1: {one['decode_tok_s']:.1f} tok/s, {one['roofline_pct']:.0f}% of roofline (target 85%), "
+             f"  batch 1: {one['decode_tok_s']:.1f} tok/s, {one['roofline_pct']:.1f}% of roofline (target 85%), "
              f"host {one['host_pct']:.1f}%"]
     parts = one.get("host_parts_us")
     if parts:
@@ -57,7 +57,7 @@ def decode_lines(data: dict[str, Any]) -> list[str]:
         lines.append(f"  batch {row['batch']}: {row['decode_tok_s']:.0f} tok/s, host {row['host_pct']:.1f}%, "
                      f"TTFT {row['ttft_ms']:.0f} ms")
     for row in data.get("step_by_step", []):
-        roof = f", {row['roofline_pct']:.0f}% of roofline" if "roofline_pct" in row else ""
+        roof = f", {row['roofline_pct']:.1f}% of roofline" if "roofline_pct" in row else ""
         lines.append(f"  step by step batch {row['batch']}: {row['decode_tok_s']:.1f} tok/s{roof}, "
                      f"host {row['host_pct']:.1f}%")
     hf = data.get("hf")

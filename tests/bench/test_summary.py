@@ -45,7 +45,7 @@ def test_kernel_families_decode_throughput_and_tp(tmp_path):
         "  rms_norm         1 rows  81-81% of copy",
         "  local memory (spills) in: attention.k",
         "decode (G, c, 32 layers)",
-        "  batch 1: 150.0 tok/s, 81% of roofline (target 85%), host 2.7%",
+        "  batch 1: 150.0 tok/s, 81.2% of roofline (target 85%), host 2.7%",
         "  batch 8: 1156 tok/s, host 1.4%, TTFT 55 ms",
         "  HF transformers batch 1: 15.0 tok/s (10.0x)",
         "  fusions undone, PDL switched, step GPU time: silu +0.250 ms, rope +0.125 ms",
