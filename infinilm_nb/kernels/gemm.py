@@ -278,10 +278,10 @@ def mma_config(M: int, N: int, K: int, fused: bool = False, normalise: bool = Fa
     else:
         tiles_w, warps_n, warps_k, unroll = (1, 1, 16, 1) if K >= LONG_K else (1, 1, 8, 2)
     config = MmaConfig(tiles_w, tiles_x, warps_n, warps_k, unroll, fused, normalise)
-    if normalise and not fused and config.threads == 16 * WARP:
+    if normalise and config == MmaConfig(1, 1, 1, 16, 1, normalise=True):
         # 3 blocks of 16 warps an SM need <= 40 registers: the plain variant takes 39, normalising 48
         # uncapped (2 blocks, so QKV's 384 blocks took two waves); capped, ptxas sm_90a spills 8 bytes,
-        # outside the loop
+        # outside the loop. (Wider variants would spill inside it.)
         config = replace(config, max_registers=40)
     while config.shared_floats * 4 > MMA_SHARED_BYTES:  # past M = 32 (not swept): fewer warps' partials
         fewer = {"warps_n": config.warps_n // 2} if config.warps_n > 1 else {"warps_k": config.warps_k // 2}
