@@ -332,9 +332,9 @@ def _vector_width(x: Any, weight: Any) -> int:
     return vec if x.shape[1] % vec == 0 and aligned16(x, weight) else 1
 
 
-def _on_tensor_cores(x: Any, mma: bool) -> bool:
-    """Whether the tensor-core kernels take x (float16 only, while they are on)."""
-    return mma and np.dtype(x.dtype) == np.float16
+def _on_tensor_cores(x: Any, weight: Any, mma: bool) -> bool:
+    """Whether the tensor-core kernels take x and weight: float16 only, 16-byte loads, while they are on."""
+    return mma and np.dtype(x.dtype) == np.float16 and _vector_width(x, weight) > 1
 
 
 _unit_weights: dict[tuple, Any] = {}
@@ -368,14 +368,14 @@ def _launch(
     M, K = x.shape
     N = out.shape[1]
     if norm_eps is not None:
-        if NORM_IN_GEMM and M <= MMA_MAX_M and _vector_width(x, weight) > 1 and _on_tensor_cores(x, mma):
+        if NORM_IN_GEMM and M <= MMA_MAX_M and _on_tensor_cores(x, weight, mma):
             launch_mma(mma_config(M, N, K, fused, normalise=True), x, weight, bias, residual, out, norm_eps)
             return
         x = norm.rms_norm(x, _unit_weight(x), norm_eps, normed)
     dtype = np.dtype(x.dtype)
     vec = _vector_width(x, weight)
     bf16 = is_bf16(dtype)
-    tensor_cores = vec > 1 and _on_tensor_cores(x, mma)
+    tensor_cores = _on_tensor_cores(x, weight, mma)
     if tensor_cores and M <= MMA_MAX_M:
         launch_mma(mma_config(M, N, K, fused), x, weight, bias, residual, out)
     elif tensor_cores and M >= gemm_tc.MIN_M and gemm_tc.ENABLED:

@@ -39,6 +39,8 @@ FULL_MASK = 0xFFFFFFFF
 if SIMULATOR:
     import numpy as np
 
+    from .intrinsics import unpack_f16x2
+
     @cuda.jit(device=True)
     def load_words(array, index):
         """16 bytes from ``array.flat[index]`` as four uint32 words (simulator: a view of the bytes)."""
@@ -47,10 +49,6 @@ if SIMULATOR:
         return (words[0], words[1], words[2], words[3])
 
     load_words_stream = load_words
-
-    def _halves(word):
-        """The two float16 of a word as float32, low half first."""
-        return np.array([word], np.uint32).view(np.float16).astype(np.float32)
 
     @cuda.jit(device=True)
     def mma_16816(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
@@ -61,15 +59,15 @@ if SIMULATOR:
         b_col = np.zeros((16, 2), np.float32)  # B columns 2t and 2t + 1
         for j in range(4):
             words = cuda.shfl_sync(FULL_MASK, (a0, a1, a2, a3), 4 * g + j)
-            a_row[0, 2 * j : 2 * j + 2] = _halves(words[0])
-            a_row[1, 2 * j : 2 * j + 2] = _halves(words[1])
-            a_row[0, 2 * j + 8 : 2 * j + 10] = _halves(words[2])
-            a_row[1, 2 * j + 8 : 2 * j + 10] = _halves(words[3])
+            a_row[0, 2 * j : 2 * j + 2] = unpack_f16x2(words[0])
+            a_row[1, 2 * j : 2 * j + 2] = unpack_f16x2(words[1])
+            a_row[0, 2 * j + 8 : 2 * j + 10] = unpack_f16x2(words[2])
+            a_row[1, 2 * j + 8 : 2 * j + 10] = unpack_f16x2(words[3])
         for col in range(2):
             for j in range(4):
                 words = cuda.shfl_sync(FULL_MASK, (b0, b1), 4 * (2 * t + col) + j)
-                b_col[2 * j : 2 * j + 2, col] = _halves(words[0])
-                b_col[2 * j + 8 : 2 * j + 10, col] = _halves(words[1])
+                b_col[2 * j : 2 * j + 2, col] = unpack_f16x2(words[0])
+                b_col[2 * j + 8 : 2 * j + 10, col] = unpack_f16x2(words[1])
         d = a_row @ b_col
         return (
             np.float32(c0 + d[0, 0]),

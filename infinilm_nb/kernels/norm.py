@@ -31,7 +31,8 @@ MAX_THREADS = 512
 WARP = 32
 MAX_WARPS = MAX_THREADS // WARP  # size of the shared scratch of the reduction, fixed when compiled
 # Rows up to which a norm lets the next kernel launch early (common.LAUNCH_NEXT_EARLY): decode steps,
-# whose next GEMM loads weights while it waits; a prefill GEMM's blocks would only sit beside the norm's.
+# whose next GEMM is then resident when the norm ends; a prefill GEMM's blocks would only sit beside
+# the norm's.
 LAUNCH_NEXT_MAX_ROWS = 64
 
 

@@ -68,9 +68,13 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, out: np.ndarray) -> 
     x, out: ``[T, H]`` (out may be x); weight: ``[H]``.
     """
     xf = to_f32(x)
-    inv = 1.0 / np.sqrt((xf * xf).mean(axis=-1, keepdims=True, dtype=F32) + F32(eps))
-    out[...] = cast(xf * inv.astype(F32) * to_f32(weight), out.dtype)
+    out[...] = cast(xf * _inv_rms(xf, eps) * to_f32(weight), out.dtype)
     return out
+
+
+def _inv_rms(xf: np.ndarray, eps: float) -> np.ndarray:
+    """``1 / sqrt(mean(x**2) + eps)`` of each row of float32 ``xf``, as a float32 column."""
+    return (1.0 / np.sqrt((xf * xf).mean(axis=-1, keepdims=True, dtype=F32) + F32(eps))).astype(F32)
 
 
 def add_rms_norm(
@@ -172,8 +176,7 @@ def linear(
     """
     acc = _f32_view(x) @ _f32_view(weight).T
     if norm_eps is not None:
-        xf = to_f32(x)
-        acc *= 1.0 / np.sqrt((xf * xf).mean(axis=-1, keepdims=True, dtype=F32) + F32(norm_eps))
+        acc *= _inv_rms(to_f32(x), norm_eps)
     if bias is not None:
         acc += to_f32(bias)
     if residual is not None:

@@ -133,8 +133,8 @@ class ParallelLMHead:
 
 
 class RMSNorm:
-    """RMSNorm with weight ``[H]``. A decoder layer's two run only for hooks: the GEMMs after them
-    normalise their input themselves."""
+    """RMSNorm with weight ``[H]``. A decoder layer's input norm runs only for its hook: QKV and
+    gate-up normalise their input themselves."""
 
     def __init__(self, backend: Any, weight: Any, eps: float) -> None:
         self.backend = backend

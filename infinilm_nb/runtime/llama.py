@@ -197,7 +197,7 @@ class LlamaMLP:
 
 class LlamaDecoderLayer:
     """RMSNorm -> attention -> RMSNorm -> MLP, both blocks adding into the residual stream (the norms
-    inside QKV and gate-up; run on their own only for the ``input_norm.out`` hook)."""
+    inside QKV and gate-up; the input norm runs on its own only for the ``input_norm.out`` hook)."""
 
     def __init__(
         self, backend: Any, config: ModelConfig, weights: dict[str, Any], index: int, cos_sin: Any, group: Any = None
@@ -205,7 +205,6 @@ class LlamaDecoderLayer:
         prefix = f"layers.{index}."
         self.input_layernorm = RMSNorm(backend, weights[prefix + "input_layernorm"], config.rms_norm_eps)
         self.self_attn = LlamaAttention(backend, config, weights, prefix, cos_sin, group)
-        self.post_attention_layernorm = RMSNorm(backend, weights[prefix + "post_attention_layernorm"], config.rms_norm_eps)
         self.mlp = LlamaMLP(backend, weights, prefix, config.rms_norm_eps, group)
         self.hook_names = {n: prefix + n for n in ("input_norm.out", "attn.qkv", "attn.context", "attn.out", "mlp.out")}
 
