@@ -11,7 +11,8 @@ unfused kernels (same op names, so the model and its CUDA graphs are unchanged):
 ``pdl on`` / ``pdl off`` switches the overlap of each kernel with the one before
 (:func:`infinilm_nb.kernels.common.launch`; on unless ``INFINILM_NB_PDL=0``): the step's graph is
 captured the other way. ``norm in gemm off`` runs the RMSNorm before QKV and gate-up as its own
-kernel again (``gemm.NORM_IN_GEMM``). ``early launch off`` keeps RMSNorm and the attention merge from
+kernel again (``gemm.NORM_IN_GEMM``); ``merge in partition off`` merges the split attention's
+partials in the merge kernel again (``attention.MERGE_IN_PARTITION``). ``early launch off`` keeps RMSNorm and the attention merge from
 letting the GEMM after them launch before they exit (``common.LAUNCH_NEXT_EARLY``).
 
 :func:`ablate` runs batch-1 decode on a checkpoint once per fusion undone, once with PDL switched, once
@@ -98,6 +99,14 @@ def norms_apart() -> Any:
     return _set(gemm, "NORM_IN_GEMM", False, "norm in gemm off")
 
 
+def merges_apart() -> Any:
+    """The split attention's partials merged by the merge kernel, not by the last partition block;
+    yields ``"merge in partition off"``."""
+    from infinilm_nb.kernels import attention
+
+    return _set(attention, "MERGE_IN_PARTITION", False, "merge in partition off")
+
+
 def late_launches() -> Any:
     """No kernel lets the next launch before it exits; yields ``"early launch off"``."""
     from infinilm_nb.kernels import common
@@ -134,7 +143,7 @@ def ablate(decode_step: Callable[[Any], float], make_llm: Callable[[], Any]) -> 
     for undo in ((), *((fusion,) for fusion in FUSIONS)):
         with undone(backend, undo):
             times[undo[0] if undo else "fused"] = timed()
-    for switch in (pdl_switched, norms_apart, late_launches):
+    for switch in (pdl_switched, norms_apart, merges_apart, late_launches):
         with switch() as switched:
             times[switched] = timed()
     return times

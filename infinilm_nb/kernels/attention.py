@@ -22,8 +22,9 @@ in a fixed order (the blocks around the lane groups: :mod:`.attention_blocks`). 
 
 Without a workspace a block covers a token's whole causal range and writes ``out``. With an
 :class:`AttentionWorkspace` the range is cut into partitions processed by separate blocks (so that
-few long decode sequences fill the GPU); each writes its unnormalised partial and (max, sum), and a
-second kernel merges them with the online-softmax rule. The host picks the number of partitions
+few long decode sequences fill the GPU); each writes its unnormalised partial and (max, sum), and
+they are merged with the online-softmax rule: in the tensor-core kernel by the last block of each
+(token, KV head) to finish (counted in the workspace's ``finished``), else by a second kernel. The host picks the number of partitions
 from the block table's capacity (a CUDA graph is captured before the contexts are known); each
 token then cuts its own causal range into that many, ``KEY_GRAIN`` keys at a time, so that a short
 context is spread over short partitions too instead of filling the first ones.
@@ -50,7 +51,7 @@ import numpy as np
 from numba import cuda
 
 from . import attention_mma, attention_prefill
-from .attention_blocks import NEG_INF, block_kernels, row_finder, shared_layout, stream_folder
+from .attention_blocks import NEG_INF, block_kernels, row_finder, shared_layout, split_workspace, stream_folder
 from .attention_merge import merge_partitions
 from .common import SIMULATOR, WITH_BFLOAT16, cdiv, check_array, check_same_dtype, compiled, launch, numba_type
 from .intrinsics import as_f32, await_previous_kernels
@@ -72,6 +73,10 @@ ATTENTION_WARPS = 2 if SIMULATOR else 4
 PARTITION_COST = 32
 MAX_REGISTERS = 128  # per thread: 4 blocks of 128 threads per SM
 SHARED_BYTES = 40 * 1024  # static shared memory an attention block may take (the limit is 48 KB)
+# In the tensor-core split kernel the last partition block of a (token, KV head) merges the partials
+# itself (attention_blocks), rather than a merge kernel after the split one (attention_merge; the
+# CUDA-core kernel, at its register cap, keeps it); bench/ablation.py times the step both ways.
+MERGE_IN_PARTITION = True
 # Default partition length of a workspace made by attention_workspace_shapes.
 PARTITION_KEYS = 256
 FULL_MASK = 0xFFFFFFFF
@@ -199,6 +204,7 @@ class AttentionWorkspace(NamedTuple):
 
     stats: Any
     partials: Any
+    finished: Any  # int32 [tokens, Hq]: partitions of a (token, KV head) done; zero between launches
 
     @classmethod
     def allocate(
@@ -207,7 +213,8 @@ class AttentionWorkspace(NamedTuple):
     ) -> "AttentionWorkspace":
         """Allocate a workspace with ``xp`` (CuPy or NumPy) for steps of up to ``num_tokens`` tokens."""
         shapes = attention_workspace_shapes(num_tokens, num_heads, head_dim, max_context, partition_keys)
-        return cls(**{name: xp.empty(shape, dtype=np.float32) for name, shape in shapes.items()})
+        return cls(**{name: xp.empty(shape, dtype=np.float32) for name, shape in shapes.items()},
+                   finished=xp.zeros((num_tokens, num_heads), dtype=np.int32))
 
 
 def attention_workspace_shapes(
@@ -373,6 +380,7 @@ def _attention(
         room, parts = (shape[0], shape[2]) if len(shape) == 4 else (None, None)
         check_array(op, "workspace.partials", workspace.partials, (room, q_heads, parts, dim), (np.float32,))
         check_array(op, "workspace.stats", workspace.stats, (2, room, q_heads, parts), (np.float32,))
+        check_array(op, "workspace.finished", workspace.finished, (room, q_heads), (INT32,))
         if 0 < tokens <= room:
             # a step with fewer tokens than the workspace was sized for splits finer in the same memory
             max_parts = min(room * parts // tokens, 65535)  # the grid's z limit
@@ -403,7 +411,7 @@ def _attention(
     if kernels is None:
         kernels = _cuda_core_kernels(q, caches, block_tables, context_lens, query_start_loc, kv_heads, scale,
                                      block_size, group)
-    whole, partition, split_signature, args, threads, options = kernels
+    whole, partition, split_signature, args, threads, options, merges = kernels
     split = None
     if max_parts > 1:
         split = compiled(partition, split_signature, **options)
@@ -414,8 +422,11 @@ def _attention(
         return out
     parts = cdiv(capacity, part_keys)
     stats, partials = _workspace_views(workspace, tokens, q_heads, parts, dim)
-    launch(split, (tokens, kv_heads, parts), threads, (*args, KEY_GRAIN, stats, partials))
-    merge_partitions(context_lens, query_start_loc, capacity, KEY_GRAIN, stats, partials, out)
+    merge_here = merges and MERGE_IN_PARTITION
+    launch(split, (tokens, kv_heads, parts), threads,
+           (*args, KEY_GRAIN, stats, partials, workspace.finished, merge_here, out))
+    if not merge_here:
+        merge_partitions(context_lens, query_start_loc, capacity, KEY_GRAIN, stats, partials, out)
     return out
 
 
@@ -429,6 +440,7 @@ class _Kernels(NamedTuple):
     args: tuple
     threads: int
     options: dict
+    merges: bool  # the last partition block can merge (attention_blocks.block_kernels)
 
 
 def _mma_kernels(
@@ -443,7 +455,7 @@ def _mma_kernels(
     args = (q.view(np.uint16), *caches, block_tables, context_lens, query_start_loc, kv_heads,
             attention_mma.scale_log2(scale))
     return _Kernels(compiled(whole_range, whole_signature, **options), partition, split_signature, args,
-                    attention_mma.WARPS * WARP, options)
+                    attention_mma.WARPS * WARP, options, merges=True)
 
 
 def _cuda_core_kernels(
@@ -459,14 +471,15 @@ def _cuda_core_kernels(
     options = _compile_options(dim, group, vec)
     args = (q, *caches, block_tables, context_lens, query_start_loc, kv_heads, scale)
     return _Kernels(compiled(whole_range, whole_signature, **options), partition, split_signature, args,
-                    warps * WARP, options)
+                    warps * WARP, options, merges=False)
 
 
 def kernel_signatures(t: str) -> tuple[str, str]:
     """The signatures of the whole-range and the split (partition) attention kernels for numba type
     name ``t`` of q, the caches and out (``uint16``: bfloat16)."""
     common = f"{t}[:, :, :], {t}[::1], {t}[::1], int32[:, ::1], int32[::1], int32[::1], int64, float32"
-    return f"void({common}, {t}[:, :, :])", f"void({common}, int32, float32[:, :, :, ::1], float32[:, :, :, ::1])"
+    return f"void({common}, {t}[:, :, :])", f"void({common}, {split_workspace(t)})"
+
 
 
 def _workspace_views(workspace: AttentionWorkspace, tokens: int, heads: int, parts: int, dim: int) -> tuple[Any, Any]:

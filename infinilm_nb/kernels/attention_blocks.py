@@ -116,14 +116,25 @@ def stream_folder(group: int, groups: int) -> Callable:
     return fold
 
 
+def split_workspace(t: str) -> str:
+    """The partition kernels' arguments after those they share with the whole-range kernels: the
+    partition grain, the workspace views, whether the last block merges, and out (numba type ``t``)."""
+    return f"int32, float32[:, :, :, ::1], float32[:, :, :, ::1], int32[:, ::1], boolean, {t}[:, :, :]"
+
+
 def block_kernels(
-    attend: Callable, head_dim: int, group: int, groups: int, threads: int, block_size: int, as_stored: Callable
+    attend: Callable, head_dim: int, group: int, groups: int, threads: int, block_size: int, as_stored: Callable,
+    merges: bool = False,
 ) -> tuple[Callable, Callable]:
     """The (whole-range, partition) kernel functions around ``attend(q, k, v, block_tables, b, t, g,
     kv_heads, key_start, key_stop, scale, part_s, state_s)``, which leaves the :class:`SharedLayout`
-    of ``groups`` key streams folded (:func:`stream_folder`); ``as_stored`` converts what ``out`` holds."""
+    of ``groups`` key streams folded (:func:`stream_folder`); ``as_stored`` converts what ``out`` holds;
+    ``merges``: the partition kernel holds the last block's merge (:func:`.attention_merge.group_merger`)."""
+    from .attention_merge import group_merger  # it imports this module
+
     D, G, BS = head_dim, group, block_size
     PARTS, FACTORS, _, STATE = shared_layout(D, G, groups)
+    merge_group = group_merger(D, G, threads, as_stored) if merges else None
 
     @cuda.jit(device=True)
     def combined(part_s, state_s, i):
@@ -151,10 +162,13 @@ def block_kernels(
             out[t, g * G + h, i - h * D] = as_stored(combined(part_s, state_s, i) / state_s[G + h])
 
     def partition(
-        q, k, v, block_tables, context_lens, query_start_loc, kv_heads, scale, grain, stats, partials
+        q, k, v, block_tables, context_lens, query_start_loc, kv_heads, scale, grain, stats, partials,
+        finished, merge_here, out,
     ):
         """One block per (token, KV head, partition): an unnormalised partial and its (max, sum). The
-        token's range is cut into ``gridDim.z`` partitions of :func:`partition_keys` keys."""
+        token's range is cut into ``gridDim.z`` partitions of :func:`partition_keys` keys. With
+        ``merge_here`` the last block of a (token, KV head) to finish merges its partitions into
+        ``out`` (``finished``: int32 ``[tokens, KV heads]``, zero before and after the launch)."""
         await_previous_kernels()
         t = cuda.blockIdx.x
         g = cuda.blockIdx.y
@@ -167,6 +181,11 @@ def block_kernels(
         key_stop = min(key_end, key_start + part_keys)
         part_s = cuda.shared.array(PARTS, numba.float32)
         state_s = cuda.shared.array(STATE, numba.float32)
+        # [the partitions that hold keys, whether this block merges]: in shared memory, rather than a
+        # register across attend (the tensor-core kernel's 166 would become 170, one block an SM less)
+        merge_s = cuda.shared.array(2, numba.int32)
+        if merges and cuda.threadIdx.x == 0:
+            merge_s[0] = (key_end + part_keys - 1) // part_keys
         attend(q, k, v, block_tables, b, t, g, kv_heads, key_start, key_stop, scale, part_s, state_s)
         tid = cuda.threadIdx.x
         for i in range(tid, G * D, threads):
@@ -175,5 +194,21 @@ def block_kernels(
         if tid < G:
             stats[0, t, g * G + tid, p] = state_s[tid]
             stats[1, t, g * G + tid, p] = state_s[G + tid]
+        if not (merges and merge_here):
+            return
+        # The last block to finish merges. Thread 0's fence after the barrier publishes the whole
+        # block's writes before it counts the block (fences are cumulative); its fence after the
+        # count orders the merge's reads after the other blocks' writes. The merging block resets the
+        # count for the next launch.
+        cuda.syncthreads()
+        if tid == 0:
+            cuda.threadfence()
+            merge_s[1] = cuda.atomic.add(finished, (t, g), 1) == merge_s[0] - 1
+            cuda.threadfence()
+        cuda.syncthreads()
+        if merge_s[1]:
+            merge_group(t, g, merge_s[0], stats, partials, out)
+            if tid == 0:
+                finished[t, g] = 0
 
     return whole_range, partition

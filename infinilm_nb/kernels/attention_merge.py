@@ -1,4 +1,5 @@
-"""The second kernel of split-context attention: merge each token's partition partials into ``out``.
+"""The merge of split-context attention: each token's partition partials into ``out``, by the last
+partition block of the tensor-core split kernel (:func:`group_merger`), or by a second kernel.
 
 The partition kernels (:mod:`.attention`, :mod:`.attention_mma`) leave, per (token, query head,
 partition), an unnormalised partial ``o_p`` (float32, ``head_dim`` values) and its softmax state
@@ -25,7 +26,7 @@ from numba import cuda, float32
 from .attention_blocks import NEG_INF, locate, partition_keys
 from . import common
 from .common import SIMULATOR, compiled, launch, numba_type
-from .intrinsics import await_previous_kernels, let_next_kernel_launch, load_f32x4
+from .intrinsics import await_previous_kernels, let_next_kernel_launch, load_f32_l2, load_f32x4, load_f32x4_l2
 from .vector import is_bf16, to_stored
 
 WARP = 32
@@ -134,6 +135,77 @@ def _merge_kernel(head_dim: int, bf16: bool, launch_next: bool) -> Callable:
             out[t, hq, d] = as_stored(value * inv)
 
     return merge
+
+
+@functools.lru_cache(maxsize=None)
+def group_merger(head_dim: int, group: int, threads: int, as_stored: Callable) -> Callable:
+    """The device function ``merge_group(t, g, parts, stats, partials, out)`` that the last partition
+    block of a (token ``t``, KV head ``g``) calls (:func:`.attention_blocks.block_kernels`): the
+    merge above for query heads ``g * group ..`` into ``out[t]``, each head by one warp of the
+    block's ``threads``, lane c holding the 16-byte chunks ``c, c + 32, ...`` of the head's rows.
+
+    The stats and partials were written by other blocks of the same kernel, so they are read from L2
+    (``load_f32_l2`` / ``load_f32x4_l2``): this SM's L1 may hold a line of them from before they
+    were written (several heads' stats share a line)."""
+    D, G = head_dim, group
+    CHUNKS = D // 4
+    WARPS = threads // WARP
+    IN_FLIGHT = 2  # partitions a lane loads before it adds any (4 took the split kernel past 168 registers)
+
+    @cuda.jit(device=True)
+    def warp_reduce(value, take_max):
+        for offset in (16, 8, 4, 2, 1):
+            other = cuda.shfl_xor_sync(FULL_MASK, value, offset)
+            value = max(value, other) if take_max else value + other
+        return value
+
+    @cuda.jit(device=True)
+    def merge_group(t, g, parts, stats, partials, out):
+        lane = cuda.threadIdx.x % WARP
+        weights = cuda.local.array(IN_FLIGHT, float32)
+        values = cuda.local.array((IN_FLIGHT, 4), float32)
+        acc = cuda.local.array(4, float32)
+        for h in range(cuda.threadIdx.x // WARP, G, WARPS):
+            hq = g * G + h
+            # each lane's partitions' online-softmax state, then the warp's
+            top = NEG_INF
+            total = float32(0)
+            row = (t * stats.shape[2] + hq) * stats.shape[3]  # of stats[0, t, hq]
+            sums = stats.shape[1] * stats.shape[2] * stats.shape[3]  # stats[1] from stats[0]
+            for p in range(lane, parts, WARP):
+                m = load_f32_l2(stats, row + p)[0]
+                l = load_f32_l2(stats, sums + row + p)[0]
+                if m > top:
+                    total = total * math.exp(top - m) + l
+                    top = m
+                else:
+                    total += l * math.exp(m - top)
+            block_top = warp_reduce(top, True)
+            total = total * math.exp(top - block_top) if top != NEG_INF else float32(0)
+            total = warp_reduce(total, False)
+            inv = float32(1) / total
+            for chunk in range(lane, CHUNKS, WARP):
+                for j in range(4):
+                    acc[j] = 0
+                first = ((t * partials.shape[1] + hq) * partials.shape[2]) * D + 4 * chunk
+                p = 0
+                while p < parts:
+                    for u in range(IN_FLIGHT):  # every load of the batch issued before any is used
+                        pu = min(p + u, parts - 1)
+                        weights[u] = load_f32_l2(stats, row + pu)[0]
+                        chunk_values = load_f32x4_l2(partials, first + pu * D)
+                        for j in range(4):
+                            values[u, j] = chunk_values[j]
+                    for u in range(IN_FLIGHT):
+                        if p + u < parts:
+                            w = math.exp(weights[u] - block_top)
+                            for j in range(4):
+                                acc[j] += w * values[u, j]
+                    p += IN_FLIGHT
+                for j in range(4):
+                    out[t, hq, 4 * chunk + j] = as_stored(acc[j] * inv)
+
+    return merge_group
 
 
 def merge_partitions(

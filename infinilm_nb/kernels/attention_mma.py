@@ -41,7 +41,7 @@ from typing import Any, Callable
 import numpy as np
 from numba import cuda, float32, int64, uint32
 
-from .attention_blocks import NEG_INF, block_kernels, row_finder, shared_layout, stream_folder
+from .attention_blocks import NEG_INF, block_kernels, row_finder, shared_layout, split_workspace, stream_folder
 from .common import SIMULATOR, TENSOR_CORES
 from .intrinsics import aligned16, pack_f16x2
 from .mma import load_words_stream, mma_16816
@@ -85,7 +85,7 @@ def kernel_signatures() -> tuple[str, str]:
     caches flat float16, the scale in log2 units; then ``out``, or the partition length and the
     workspace views."""
     common = "uint16[:, :, :], float16[::1], float16[::1], int32[:, ::1], int32[::1], int32[::1], int64, float32"
-    return f"void({common}, float16[:, :, :])", f"void({common}, int32, float32[:, :, :, ::1], float32[:, :, :, ::1])"
+    return f"void({common}, float16[:, :, :])", f"void({common}, {split_workspace('float16')})"
 
 
 @functools.lru_cache(maxsize=None)
@@ -217,7 +217,7 @@ def mma_attention_kernels(head_dim: int, group: int, block_size: int) -> tuple[C
                     part_s[(warp * G + row) * D + d] = o[2 * no + e]
         fold(state_s)
 
-    return block_kernels(attend, D, G, W, W * WARP, BS, to_stored(False))
+    return block_kernels(attend, D, G, W, W * WARP, BS, to_stored(False), merges=True)
 
 
 def scale_log2(scale: float) -> np.float32:

@@ -8,6 +8,8 @@ with ``align 16`` (``LDG.E.128`` in SASS) and return its lanes as a tuple::
 
     w = load_f16x8(weight, row * K + k)   # UniTuple(float16, 8): weight.flat[row*K + k : row*K + k + 8]
     v = load_f32x4(x, i)                  # UniTuple(float32, 4)
+    v = load_f32x4_l2(x, i)               # the same from L2 only (ld.global.cg): data other blocks of
+                                          # the running kernel wrote; load_f32_l2: one float32
 
 Addressing is ``(array, flat element index)`` into a C-contiguous array of any rank. The stores
 mirror the loads; they take a tuple of 8 (4) numbers of any float type, cast to the array's dtype::
@@ -98,6 +100,8 @@ if SIMULATOR:
 
     load_f16x8 = _simulated_load(8, _same)
     load_f32x4 = _simulated_load(4, _same)
+    load_f32x4_l2 = _simulated_load(4, _same)
+    load_f32_l2 = _simulated_load(1, _same)
     load_f16x8_f32 = _simulated_load(8, np.float32)
     load_bf16x8 = _simulated_load(8, bf16_to_f32)
     store_f16x8 = _simulated_store(8, _same)
@@ -231,6 +235,39 @@ else:
 
     load_f16x8 = _vector_load("load_f16x8", types.float16, types.float16, 8, _unpack_f16)
     load_f32x4 = _vector_load("load_f32x4", types.float32, types.float32, 4, _unpack_f32)
+
+    def _l2_load(name: str, count: int) -> Any:
+        """An intrinsic ``(C-contiguous float32 array, index) -> UniTuple(float32, count)`` (1 or 4, the
+        latter 16-byte aligned): ``ld.global.cg``, cached in L2 only, so it sees what other blocks of
+        the running kernel wrote (after their fence) even where this SM's L1 holds the line from before."""
+        vector = ".v4" if count == 4 else ""
+        outputs = "{" + ", ".join(f"${i}" for i in range(count)) + "}" if count == 4 else "$0"
+
+        def load(typingctx, array, index):
+            if not _matches(array, types.float32, index):
+                return None
+            result = types.UniTuple(types.float32, count)
+
+            def codegen(context, builder, sig, args):
+                data = context.make_array(sig.args[0])(context, builder, value=args[0]).data
+                offset = context.cast(builder, args[1], sig.args[1], types.intp)
+                pointer = builder.gep(data, [offset])
+                returned = ir.LiteralStructType([_F32] * count) if count > 1 else _F32
+                asm = ir.InlineAsm(  # side effects: kept after the fence that makes the data visible
+                    ir.FunctionType(returned, [pointer.type]), f"ld.global.cg{vector}.f32 {outputs}, [${count}];",
+                    ",".join(["=f"] * count + ["l"]), side_effect=True,
+                )
+                values = builder.call(asm, [pointer])
+                lanes = [builder.extract_value(values, i) for i in range(count)] if count > 1 else [values]
+                return context.make_tuple(builder, result, lanes)
+
+            return result(array, index), codegen
+
+        load.__name__ = name
+        return intrinsic(load)
+
+    load_f32x4_l2 = _l2_load("load_f32x4_l2", 4)
+    load_f32_l2 = _l2_load("load_f32_l2", 1)
     # float16 widened to float32 in the load itself: a kernel that keeps many loaded values before
     # using them (decode attention) then holds one float32 each instead of a 16-bit value and its
     # later conversion, fewer registers live at once

@@ -89,3 +89,13 @@ def test_norms_are_apart_within_the_block_only():
     with norms_apart() as switched:
         assert switched == "norm in gemm off" and not gemm.NORM_IN_GEMM
     assert gemm.NORM_IN_GEMM
+
+
+def test_merges_are_apart_within_the_block_only():
+    from bench.ablation import merges_apart
+    from infinilm_nb.kernels import attention
+
+    assert attention.MERGE_IN_PARTITION
+    with merges_apart() as switched:
+        assert switched == "merge in partition off" and not attention.MERGE_IN_PARTITION
+    assert attention.MERGE_IN_PARTITION

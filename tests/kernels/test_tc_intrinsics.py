@@ -169,6 +169,21 @@ def test_unpack_f16x2_widens_lo_first(kb, rng):
     np.testing.assert_array_equal(kb.to_host(out), halves.astype(np.float32))
 
 
+def _l2_kernel(values, out):
+    i = cuda.threadIdx.x
+    chunk = intrinsics.load_f32x4_l2(values, 4 * i)
+    for j in range(4):
+        out[4 * i + j] = chunk[j] + intrinsics.load_f32_l2(values, 4 * i + j)[0]
+
+
+def test_l2_loads_read_the_values(kb, rng):
+    values = rng.standard_normal(128).astype(np.float32)
+    kernel = cuda.jit("void(float32[::1], float32[::1])")(_l2_kernel)
+    out = kb.asarray(np.full(128, np.nan, np.float32))
+    kernel[1, 32, launch_stream()](kb.asarray(values), out)
+    np.testing.assert_array_equal(kb.to_host(out), 2 * values)
+
+
 def _address_kernel(out):
     tile = cuda.shared.array(64, float32)
     i = cuda.threadIdx.x
