@@ -19,6 +19,8 @@ F16 = np.float16
 # ones do not. The simulator, slow at head dim 128, runs that one split only.
 SHAPES = pick(sim=[(4, 1, 64, 4), (3, 1, 64, 8), (8, 1, 64, 16)], gpu=[(32, 8, 128, 16), (9, 3, 64, 32), (64, 8, 128, 16), (8, 8, 128, 32)])
 CASES = [(shape, split) for shape in SHAPES for split in (False, True)] + pick(sim=[((2, 2, 128, 4), True)], gpu=[])
+# a split step merges its partitions in its last block or in the merge kernel; an unsplit one merges nothing
+MERGE_CASES = [(shape, split, merge) for shape, split in CASES for merge in ((True, False) if split else (True,))]
 
 
 @pytest.fixture
@@ -45,11 +47,8 @@ def _seqs(block_size: int, case: str) -> list[tuple[int, int]]:
     return pick(sim=[(1, 3 * block_size + 1), (3, 9), (0, 4), (2, 2 * block_size)], gpu=_cases(block_size)["mixed"])
 
 
-@pytest.mark.parametrize("shape,split", CASES, ids=str)
-@pytest.mark.parametrize("merge_in_partition", [True, False], ids=["merged_by_last_block", "merge_kernel"])
+@pytest.mark.parametrize("shape,split,merge_in_partition", MERGE_CASES, ids=str)
 def test_mma_attention_matches_reference(kb, rng, monkeypatch, mma_path, shape, split, merge_in_partition):
-    if not split and not merge_in_partition:
-        pytest.skip("an unsplit step merges nothing")
     monkeypatch.setattr(attention, "MERGE_IN_PARTITION", merge_in_partition)
     q_heads, kv_heads, dim, block_size = shape
     case = "decode" if (q_heads + split) % 2 else "mixed"
