@@ -6,20 +6,17 @@ unfused kernels (same op names, so the model and its CUDA graphs are unchanged):
 
 - ``silu``: the gate-up GEMM with SiLU-mul in its epilogue -> the GEMM into ``[M, 2I]``, then silu_mul;
 - ``residual``: o_proj and down adding the residual in their epilogue -> the GEMM, then an add;
-- ``rope``: RoPE with the K/V cache store -> rope, then store_kv (and without the o_proj prefetch, which rides on it).
+- ``rope``: RoPE with the K/V cache store -> rope, then store_kv.
 
 ``pdl on`` / ``pdl off`` switches the overlap of each kernel with the one before
 (:func:`infinilm_nb.kernels.common.launch`; on unless ``INFINILM_NB_PDL=0``): the step's graph is
 captured the other way. ``norm in gemm off`` runs the RMSNorm before QKV and gate-up as its own
 kernel again (``gemm.NORM_IN_GEMM``); ``merge in partition off`` merges the split attention's
-partials in the merge kernel again (``attention.MERGE_IN_PARTITION``); ``o prefetch off`` leaves the
-o_proj weight out of L2 until its GEMM reads it (``rope.PREFETCH_L2``). ``early launch off`` keeps
-RMSNorm and the attention merge from letting the GEMM after them launch before they exit
-(``common.LAUNCH_NEXT_EARLY``).
+partials in the merge kernel again (``attention.MERGE_IN_PARTITION``). ``early launch off`` keeps RMSNorm and the attention merge from
+letting the GEMM after them launch before they exit (``common.LAUNCH_NEXT_EARLY``).
 
 :func:`ablate` runs batch-1 decode on a checkpoint once per fusion undone, once with PDL switched, once
-with the norms apart, once with the merge kernel, once without the o_proj prefetch and once without
-early launches (``bench/decode.py --ablate``);
+with the norms apart and once without early launches (``bench/decode.py --ablate``);
 :class:`UnfusedOps` is the op table.
 """
 
@@ -68,9 +65,9 @@ class UnfusedOps:
         return self._xp.add(product, residual, out=out)
 
     def rope_store_kv(self, q: Any, k: Any, v: Any, positions: Any, cos_sin: Any, k_cache: Any, v_cache: Any,
-                      slot_mapping: Any, prefetch: Any = None) -> None:
+                      slot_mapping: Any) -> None:
         if "rope" not in self._undo:
-            return self._ops.rope_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, prefetch)
+            return self._ops.rope_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping)
         self._ops.rope(q, k, positions, cos_sin)
         self._ops.store_kv(k, v, k_cache, v_cache, slot_mapping)
 
@@ -110,14 +107,6 @@ def merges_apart() -> Any:
     return _set(attention, "MERGE_IN_PARTITION", False, "merge in partition off")
 
 
-def no_prefetch() -> Any:
-    """RoPE does not pull the o_proj weight into L2 for the GEMM after attention; yields
-    ``"o prefetch off"``."""
-    from infinilm_nb.kernels import rope
-
-    return _set(rope, "PREFETCH_L2", False, "o prefetch off")
-
-
 def late_launches() -> Any:
     """No kernel lets the next launch before it exits; yields ``"early launch off"``."""
     from infinilm_nb.kernels import common
@@ -138,8 +127,8 @@ def undone(backend: Any, fusions: tuple[str, ...]) -> Iterator[None]:
 
 def ablate(decode_step: Callable[[Any], float], make_llm: Callable[[], Any]) -> dict[str, float]:
     """Milliseconds of a batch-1 decode step (``decode_step(llm)``) with all fusions, then with each
-    undone, then with PDL switched (key ``"pdl on"`` or ``"pdl off"``), then with the norms apart, the
-    merge kernel, no o_proj prefetch and no early launches, each on a fresh ``make_llm()`` whose model and graphs are built that way."""
+    undone, then with PDL switched (key ``"pdl on"`` or ``"pdl off"``), then with the norms apart, then
+    without early launches, each on a fresh ``make_llm()`` whose model and graphs are built that way."""
     from infinilm_nb.backend import get_backend
 
     backend = get_backend("cuda")
@@ -154,7 +143,7 @@ def ablate(decode_step: Callable[[Any], float], make_llm: Callable[[], Any]) -> 
     for undo in ((), *((fusion,) for fusion in FUSIONS)):
         with undone(backend, undo):
             times[undo[0] if undo else "fused"] = timed()
-    for switch in (pdl_switched, norms_apart, merges_apart, no_prefetch, late_launches):
+    for switch in (pdl_switched, norms_apart, merges_apart, late_launches):
         with switch() as switched:
             times[switched] = timed()
     return times

@@ -25,8 +25,7 @@ In numba's CUDA simulator inline LLVM does not run; there the same names are pla
 that index the flattened array.
 
 The second section holds the data movement of the tensor-core prefill kernels (shared-memory
-addresses, ldmatrix, cp.async; those are GPU only), ``prefetch_l2`` (a bulk L2 prefetch; a no-op in
-the simulator) and f16x2 packing and unpacking.
+addresses, ldmatrix, cp.async; those are GPU only) and f16x2 packing and unpacking.
 """
 
 from __future__ import annotations
@@ -343,10 +342,6 @@ if SIMULATOR:
     def _gpu_only(*args: Any) -> Any:
         raise NotImplementedError("tensor-core intrinsics (ldmatrix, cp.async) run only on a GPU")
 
-    @cuda.jit(device=True)
-    def prefetch_l2(array, index, nbytes):
-        """No-op in the simulator, which has no cache to warm."""
-
     shared_address = ldmatrix_x1 = ldmatrix_x2 = ldmatrix_x4 = _gpu_only
     ldmatrix_x1_trans = ldmatrix_x2_trans = ldmatrix_x4_trans = _gpu_only
     cp_async_16 = cp_async_commit = cp_async_wait_group = _gpu_only
@@ -450,34 +445,6 @@ else:
             return context.get_dummy_value()
 
         return types.void(address, array, index, src_bytes), codegen
-
-    @intrinsic
-    def prefetch_l2(typingctx, array, index, nbytes):
-        """Type ``prefetch_l2(C-contiguous array, integer, integer)``.
-
-        ``cp.async.bulk.prefetch.L2.global``: start pulling ``nbytes`` (a multiple of 16) from
-        ``array.flat[index]`` (16-byte aligned) into L2 and go on; nothing waits for it, nothing
-        changes but the cache. No instruction when built for a GPU before sm_90.
-        """
-        if not (
-            isinstance(array, types.Array)
-            and array.layout == "C"
-            and isinstance(index, types.Integer)
-            and isinstance(nbytes, types.Integer)
-        ):
-            return None
-
-        def codegen(context, builder, sig, args):
-            array_type, index_type, bytes_type = sig.args
-            data = context.make_array(array_type)(context, builder, value=args[0]).data
-            source = builder.gep(data, [context.cast(builder, args[1], index_type, types.intp)])
-            size = _u32(context, builder, args[2], bytes_type)
-            with _on_hopper(builder):
-                asm = _asm(_VOID, [source.type, _I32], "cp.async.bulk.prefetch.L2.global [$0], $1;", "l,r")
-                builder.call(asm, [source, size])
-            return context.get_dummy_value()
-
-        return types.void(array, index, nbytes), codegen
 
     def _statement(name: str, text: str, doc: str, hopper_only: bool = False) -> Any:
         """The intrinsic ``name() -> None``: one volatile PTX statement that clobbers memory (with

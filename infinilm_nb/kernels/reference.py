@@ -228,11 +228,9 @@ def rope_store_kv(
     k_cache: np.ndarray,
     v_cache: np.ndarray,
     slot_mapping: np.ndarray,
-    prefetch: np.ndarray | None = None,
 ) -> None:
     """:func:`rope` on q and k in place, then :func:`store_kv` of the rotated k and of v: the two
-    steps between a layer's QKV projection and its attention, as one op. ``prefetch`` (the next
-    GEMM's weight, which a GPU pulls into its cache meanwhile) changes no result."""
+    steps between a layer's QKV projection and its attention, as one op."""
     rope(q, k, positions, cos_sin)
     store_kv(k, v, k_cache, v_cache, slot_mapping)
 

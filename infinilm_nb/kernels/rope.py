@@ -22,20 +22,13 @@ import numpy as np
 from numba import cuda
 
 from .attention import check_store
-from .common import SIMULATOR, WITH_BFLOAT16, cdiv, check_array, check_same_dtype, compiled, launch, numba_type
-from .intrinsics import aligned16, await_previous_kernels, prefetch_l2
+from .common import WITH_BFLOAT16, check_array, check_same_dtype, compiled, launch, numba_type
+from .intrinsics import await_previous_kernels
 from .vector import (
     element_strides, flat_view, inline_device, is_bf16, loader, packer, row_grid, storer, vector_width,
 )
 
 THREADS = 256
-# rope_store_kv's ``prefetch``: on, and only for steps of at most this many tokens. Past that the
-# attention after it reads enough keys and values to push the prefetched weight out of L2 again.
-PREFETCH_L2 = True
-PREFETCH_MAX_TOKENS = 8
-# Blocks that share the prefetch (a step's own RoPE may need 2): one an SM of an H100 / H200, so that
-# every SM's copy engine requests a slice. The simulator, which runs each thread, gets one.
-PREFETCH_BLOCKS = 1 if SIMULATOR else 132
 
 
 @functools.lru_cache(maxsize=None)
@@ -93,20 +86,10 @@ def _rope_kernels(vec: int, table_vec: int, half: int, bf16: bool) -> tuple[Call
                 rotate(k, t * k_token + (head - q_heads) * k_head + p, cos_sin, positions[t], p)
             t += cuda.gridDim.y
 
-    def kernel_store(q, k, v, positions, cos_sin, k_cache, v_cache, slots, q_heads, k_heads, strides, prefetch,
-                     prefetch_chunk):
+    def kernel_store(q, k, v, positions, cos_sin, k_cache, v_cache, slots, q_heads, k_heads, strides):
         """:func:`kernel`, and then a K head's threads write their rotated K and the V at the same
         place into the caches (flat ``[slots * Hk * 2 half]``) at ``slots[t]`` (negative: skipped).
-        strides: (q token, q head, k token, k head, v token, v head) in elements. Lane 0 of each warp
-        of the grid, in order, first starts the L2 prefetch of the warp's ``prefetch_chunk`` elements
-        of ``prefetch`` (a multiple of 16 bytes; empty: none): one bulk prefetch a warp, since the
-        instruction takes a single address and a warp's lanes would issue theirs one by one."""
-        thread = (cuda.blockIdx.y * cuda.gridDim.x + cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
-        start = numba.int64(thread // 32) * prefetch_chunk
-        if thread % 32 == 0 and start < prefetch.size:  # weights: no earlier kernel's output, no wait
-            nbytes = min(prefetch_chunk, prefetch.size - start) * prefetch.itemsize // 16 * 16
-            if nbytes > 0:
-                prefetch_l2(prefetch, start, nbytes)
+        strides: (q token, q head, k token, k head, v token, v head) in elements."""
         await_previous_kernels()
         column = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
         if column >= (q_heads + k_heads) * groups:
@@ -173,26 +156,16 @@ def rope(q: Any, k: Any, positions: Any, cos_sin: Any) -> None:
 
 
 def rope_store_kv(
-    q: Any, k: Any, v: Any, positions: Any, cos_sin: Any, k_cache: Any, v_cache: Any, slot_mapping: Any,
-    prefetch: Any = None,
+    q: Any, k: Any, v: Any, positions: Any, cos_sin: Any, k_cache: Any, v_cache: Any, slot_mapping: Any
 ) -> None:
     """:func:`rope` on q and k in place, then the rotated k and v into the paged cache at
     ``slot_mapping``, in one launch; see :func:`infinilm_nb.kernels.reference.rope_store_kv`.
 
     q, k, v may be strided views into a fused QKV output (unit stride along the head dim).
-
-    ``prefetch``: a C-contiguous array of q's dtype (the layer's o_proj weight) that the kernel starts
-    pulling into L2 before its own work. At a decode step the attention after it is bound by latency,
-    not bandwidth, so the weight streams in while memory would idle and the GEMM then reads it from
-    L2. A hint, for steps of up to ``PREFETCH_MAX_TOKENS`` tokens on sm_90 or newer; results never
-    depend on it.
     """
     tokens, q_heads, head_dim = _check_rope("rope_store_kv", q, k, positions, cos_sin)
     check_store("rope_store_kv", k, v, k_cache, v_cache)
     check_array("rope_store_kv", "slot_mapping", slot_mapping, (tokens,), (np.int32,))
-    if prefetch is not None:
-        check_array("rope_store_kv", "prefetch", prefetch, None, WITH_BFLOAT16)
-        check_same_dtype("rope_store_kv", "q", q, prefetch=prefetch)
     k_heads = k.shape[1]
     flats = [flat_view("rope_store_kv", name, x) for name, x in (("q", q), ("k", k), ("v", v))]
     half = head_dim // 2
@@ -205,29 +178,10 @@ def rope_store_kv(
     kernel = compiled(
         _rope_kernels(vec, table_vec, half, is_bf16(q.dtype))[1],
         f"void({t}[::1], {t}[::1], {t}[::1], int32[::1], float32[::1], {t}[::1], {t}[::1], int32[::1], "
-        f"int64, int64, UniTuple(int64, 6), {t}[::1], int64)",
+        "int64, int64, UniTuple(int64, 6))",
     )
     grid, threads = row_grid(tokens, (q_heads + k_heads) * half // vec, THREADS)
-    warm, chunk = _prefetch_slices(prefetch, tokens, k_cache)
-    if chunk:  # blocks past the rotation's only prefetch
-        grid = (max(grid[0], cdiv(PREFETCH_BLOCKS, grid[1])), grid[1])
-        chunk = _per_warp(warm, grid[0] * grid[1] * cdiv(threads, 32))
     launch(kernel, grid, threads, (
         *flats, positions, cos_sin.reshape(-1), k_cache.reshape(-1), v_cache.reshape(-1), slot_mapping,
-        q_heads, k_heads, strides, warm, chunk,
+        q_heads, k_heads, strides,
     ))
-
-
-def _prefetch_slices(prefetch: Any, tokens: int, like: Any) -> tuple[Any, int]:
-    """The flat array rope_store_kv prefetches and 1; an empty array of ``like``'s dtype and 0 when
-    there is nothing to prefetch."""
-    if prefetch is None or not PREFETCH_L2 or tokens > PREFETCH_MAX_TOKENS or not aligned16(prefetch):
-        return like.reshape(-1)[:0], 0
-    return prefetch.reshape(-1), 1
-
-
-def _per_warp(flat: Any, warps: int) -> int:
-    """The elements of ``flat`` each of ``warps`` prefetches: a multiple of 16 bytes, so that every
-    slice starts 16-byte aligned."""
-    grain = 16 // np.dtype(flat.dtype).itemsize
-    return grain * cdiv(cdiv(flat.size, warps), grain)

@@ -161,9 +161,7 @@ class LlamaAttention:
         ops = self.backend.ops
         self.qkv_proj(buf.residual, buf.qkv, norm_eps=self.norm_eps, normed=buf.hidden)
         q, k, v = self.qkv_proj.split(buf.qkv)
-        # o_proj's weight streams into L2 while attention, bound by latency at decode, leaves memory idle
-        ops.rope_store_kv(q, k, v, step.positions, self.cos_sin, k_cache, v_cache, step.slot_mapping,
-                          prefetch=self.o_proj.weight)
+        ops.rope_store_kv(q, k, v, step.positions, self.cos_sin, k_cache, v_cache, step.slot_mapping)
         extra = {} if buf.workspace is None else {"workspace": buf.workspace}
         ops.paged_attention(
             q, k_cache, v_cache, step.block_tables, step.context_lens, step.query_start_loc, self.scale, buf.context,

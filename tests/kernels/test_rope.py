@@ -110,7 +110,7 @@ def qkv_views(qkv, q_heads, kv_heads, head_dim):
     return q, k, v
 
 
-def _fused_case(kb, rng, dtype, tokens, q_heads, kv_heads, head_dim, block_size=16, aligned=True, prefetch=None):
+def _fused_case(kb, rng, dtype, tokens, q_heads, kv_heads, head_dim, block_size=16, aligned=True):
     """Run rope_store_kv on fresh data into NaN-poisoned caches; return (got, want) of the QKV buffer
     and of both caches. Slots are scattered over the blocks; every third token is padding (-1)."""
     cos_sin = reference.rope_cache(head_dim, MAX_POSITIONS, 500000.0, LLAMA3_SCALING if head_dim == 128 else None)
@@ -124,7 +124,7 @@ def _fused_case(kb, rng, dtype, tokens, q_heads, kv_heads, head_dim, block_size=
     qkv_d = placed(kb, qkv, aligned)
     caches_d = [placed(kb, c, aligned) for c in caches]
     assert rope.rope_store_kv(*qkv_views(qkv_d, q_heads, kv_heads, head_dim), kb.asarray(positions),
-                              kb.asarray(cos_sin), *caches_d, kb.asarray(slots), prefetch=prefetch) is None
+                              kb.asarray(cos_sin), *caches_d, kb.asarray(slots)) is None
     want = qkv.copy()
     reference.rope_store_kv(*qkv_views(want, q_heads, kv_heads, head_dim), positions, cos_sin, *caches, slots)
     return [(kb.to_host(qkv_d), want)] + [(kb.to_host(g), w) for g, w in zip(caches_d, caches)]
@@ -150,35 +150,6 @@ def test_rope_store_kv_takes_the_16_byte_path_only_when_aligned(kb, rng, monkeyp
     assert widths[0] == (16 // np.dtype(dtype).itemsize if aligned else 1)
 
 
-@pytest.mark.parametrize("dtype", [np.float16, np.float32])
-@pytest.mark.parametrize("tokens", [1, rope.PREFETCH_MAX_TOKENS + 1])
-@pytest.mark.parametrize("size,offset", [(4096, 0), (1001, 0), (1000, 1)],
-                         ids=["whole slices", "a tail under 16 bytes", "off a 16-byte boundary"])
-def test_rope_store_kv_with_a_prefetch_changes_no_result(kb, rng, dtype, tokens, size, offset):
-    weight = random(rng, (size + offset,), dtype)
-    weight_d = kb.asarray(weight)[offset:]
-    for got, want in _fused_case(kb, rng, dtype, tokens, 2, 1, 32, block_size=4, prefetch=weight_d):
-        written = ~np.isnan(as_float(want))
-        np.testing.assert_array_equal(np.isnan(as_float(got)), ~written)
-        assert rel_err(got[written], want[written]) < tolerance(dtype)
-    np.testing.assert_array_equal(kb.to_host(weight_d), weight[offset:])
-
-
-@pytest.mark.parametrize("dtype", [np.float16, np.float32])
-def test_the_prefetch_slices_cover_the_weight_in_16_byte_steps(kb, monkeypatch, dtype):
-    like = kb.asarray(np.zeros(8, dtype))
-    weight = kb.asarray(np.zeros((6144, 40), dtype))
-    flat, chunk = rope._prefetch_slices(weight, rope.PREFETCH_MAX_TOKENS, like)
-    assert flat.size == weight.size and chunk == 1
-    per_warp, grain = rope._per_warp(flat, 528), 16 // np.dtype(dtype).itemsize
-    assert per_warp % grain == 0 and per_warp * 528 >= weight.size > (per_warp - grain) * 528
-    for tokens, prefetch in [(rope.PREFETCH_MAX_TOKENS + 1, weight), (1, weight.reshape(-1)[1:]), (1, None)]:
-        empty, none = rope._prefetch_slices(prefetch, tokens, like)
-        assert empty.size == 0 and none == 0 and empty.dtype == like.dtype
-    monkeypatch.setattr(rope, "PREFETCH_L2", False)
-    assert rope._prefetch_slices(weight, 1, like)[1] == 0
-
-
 def test_rope_store_kv_rejects_bad_arguments(kb, rng):
     cos_sin = kb.asarray(reference.rope_cache(8, 16, 10000.0))
     positions, slots = kb.asarray(np.arange(3, dtype=np.int32)), kb.asarray(np.arange(3, dtype=np.int32))
@@ -196,7 +167,3 @@ def test_rope_store_kv_rejects_bad_arguments(kb, rng):
         rope.rope_store_kv(q, k, v, positions, cos_sin, half, half, slots)
     with pytest.raises(ValueError, match="rope_store_kv: slot_mapping must be int32, got int64"):
         rope.rope_store_kv(q, k, v, positions, cos_sin, cache, cache, kb.asarray(np.arange(3)))
-    with pytest.raises(ValueError, match=r"rope_store_kv: prefetch must have the dtype of q \(float32\), got float16"):
-        rope.rope_store_kv(q, k, v, positions, cos_sin, cache, cache, slots, kb.asarray(random(rng, (4, 8), np.float16)))
-    with pytest.raises(ValueError, match=r"rope_store_kv: prefetch must be C-contiguous"):
-        rope.rope_store_kv(q, k, v, positions, cos_sin, cache, cache, slots, kb.asarray(random(rng, (4, 8)))[:, ::2])
