@@ -6,17 +6,20 @@ unfused kernels (same op names, so the model and its CUDA graphs are unchanged):
 
 - ``silu``: the gate-up GEMM with SiLU-mul in its epilogue -> the GEMM into ``[M, 2I]``, then silu_mul;
 - ``residual``: o_proj and down adding the residual in their epilogue -> the GEMM, then an add;
-- ``rope``: RoPE with the K/V cache store -> rope, then store_kv.
+- ``rope``: the QKV GEMM with RoPE and the K/V cache store in its epilogue -> the GEMM, rope, then store_kv.
 
 ``pdl on`` / ``pdl off`` switches the overlap of each kernel with the one before
 (:func:`infinilm_nb.kernels.common.launch`; on unless ``INFINILM_NB_PDL=0``): the step's graph is
 captured the other way. ``norm in gemm off`` runs the RMSNorm before QKV and gate-up as its own
 kernel again (``gemm.NORM_IN_GEMM``); ``merge in partition off`` merges the split attention's
-partials in the merge kernel again (``attention.MERGE_IN_PARTITION``). ``early launch off`` keeps RMSNorm and the attention merge from
-letting the GEMM after them launch before they exit (``common.LAUNCH_NEXT_EARLY``).
+partials in the merge kernel again (``attention.MERGE_IN_PARTITION``); ``rope in gemm off`` runs RoPE
+and the cache store in the rope_store_kv kernel after the QKV GEMM (``gemm.ROPE_IN_GEMM``). ``early
+launch off`` keeps RMSNorm and the attention merge from letting the GEMM after them launch before they
+exit (``common.LAUNCH_NEXT_EARLY``).
 
 :func:`ablate` runs batch-1 decode on a checkpoint once per fusion undone, once with PDL switched, once
-with the norms apart and once without early launches (``bench/decode.py --ablate``);
+with the norms apart, once with the merge kernel, once with RoPE apart from QKV and once without
+early launches (``bench/decode.py --ablate``);
 :class:`UnfusedOps` is the op table.
 """
 
@@ -64,12 +67,18 @@ class UnfusedOps:
         self._ops.linear(x, weight, product, bias=bias)
         return self._xp.add(product, residual, out=out)
 
-    def rope_store_kv(self, q: Any, k: Any, v: Any, positions: Any, cos_sin: Any, k_cache: Any, v_cache: Any,
-                      slot_mapping: Any) -> None:
+    def linear_rope_store_kv(self, x: Any, weight: Any, out: Any, positions: Any, cos_sin: Any, k_cache: Any,
+                             v_cache: Any, slot_mapping: Any, q_heads: int, kv_heads: int, bias: Any = None,
+                             norm_eps: float | None = None, normed: Any = None) -> Any:
         if "rope" not in self._undo:
-            return self._ops.rope_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping)
+            return self._ops.linear_rope_store_kv(x, weight, out, positions, cos_sin, k_cache, v_cache, slot_mapping,
+                                                  q_heads, kv_heads, bias=bias, norm_eps=norm_eps, normed=normed)
+        self._ops.linear(x, weight, out, bias=bias, norm_eps=norm_eps, normed=normed)
+        heads = out.reshape(out.shape[0], q_heads + 2 * kv_heads, k_cache.shape[-1])
+        q, k, v = heads[:, :q_heads], heads[:, q_heads : q_heads + kv_heads], heads[:, q_heads + kv_heads :]
         self._ops.rope(q, k, positions, cos_sin)
         self._ops.store_kv(k, v, k_cache, v_cache, slot_mapping)
+        return out
 
 
 @contextmanager
@@ -107,6 +116,14 @@ def merges_apart() -> Any:
     return _set(attention, "MERGE_IN_PARTITION", False, "merge in partition off")
 
 
+def rope_apart() -> Any:
+    """QKV's RoPE and cache store run in the rope_store_kv kernel after the GEMM, not in its
+    epilogue; yields ``"rope in gemm off"``."""
+    from infinilm_nb.kernels import gemm
+
+    return _set(gemm, "ROPE_IN_GEMM", False, "rope in gemm off")
+
+
 def late_launches() -> Any:
     """No kernel lets the next launch before it exits; yields ``"early launch off"``."""
     from infinilm_nb.kernels import common
@@ -127,8 +144,8 @@ def undone(backend: Any, fusions: tuple[str, ...]) -> Iterator[None]:
 
 def ablate(decode_step: Callable[[Any], float], make_llm: Callable[[], Any]) -> dict[str, float]:
     """Milliseconds of a batch-1 decode step (``decode_step(llm)``) with all fusions, then with each
-    undone, then with PDL switched (key ``"pdl on"`` or ``"pdl off"``), then with the norms apart, then
-    without early launches, each on a fresh ``make_llm()`` whose model and graphs are built that way."""
+    undone, then with PDL switched (key ``"pdl on"`` or ``"pdl off"``), then with the norms apart, the
+    merge kernel, RoPE apart from QKV and no early launches, each on a fresh ``make_llm()`` whose model and graphs are built that way."""
     from infinilm_nb.backend import get_backend
 
     backend = get_backend("cuda")
@@ -143,7 +160,7 @@ def ablate(decode_step: Callable[[Any], float], make_llm: Callable[[], Any]) -> 
     for undo in ((), *((fusion,) for fusion in FUSIONS)):
         with undone(backend, undo):
             times[undo[0] if undo else "fused"] = timed()
-    for switch in (pdl_switched, norms_apart, merges_apart, late_launches):
+    for switch in (pdl_switched, norms_apart, merges_apart, rope_apart, late_launches):
         with switch() as switched:
             times[switched] = timed()
     return times

@@ -32,6 +32,7 @@ OP_MODULES = {
     "silu_mul": "activation",
     "linear": "gemm",
     "linear_silu_mul": "gemm",
+    "linear_rope_store_kv": "gemm",
     "store_kv": "attention",
     "store_kv_static": "attention",
     "paged_attention": "attention",

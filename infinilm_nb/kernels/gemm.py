@@ -53,7 +53,7 @@ from .common import (
     BFLOAT16, TENSOR_CORES, WITH_BFLOAT16, cdiv, check_array, check_same_dtype, compiled, launch,
     numba_type,
 )
-from . import gemm_tc, norm, wgmma
+from . import gemm_tc, norm, rope, wgmma
 from .gemm_mma import SHARED_BYTES as MMA_SHARED_BYTES, MmaConfig, mma_kernel, silu
 from .gemm_tc import TcConfig, tc_config, tc_kernel
 from .intrinsics import VECTOR_WIDTH, aligned16, as_f32, await_previous_kernels
@@ -68,6 +68,9 @@ USE_MMA = TENSOR_CORES
 # A norm_eps linear on the tensor-core decode path normalises x inside the GEMM (gemm_mma); off, it
 # runs the RMSNorm kernel first like every other path (bench/ablation.py times the step both ways).
 NORM_IN_GEMM = True
+# linear_rope_store_kv on the tensor-core decode path does RoPE and the cache store in the GEMM's
+# epilogue (gemm_mma); off, or on any other path, the GEMM is followed by the rope_store_kv kernel.
+ROPE_IN_GEMM = True
 MMA_MAX_M = 64  # batch-64 decode: gemm_tc's 64-row tiles leave o_proj and down 32 blocks
 WIDE_N = 16384  # weight rows from which the wide-output variants pay (gate-up, lm_head)
 LONG_K = 8192  # K from which fewer, longer K slices pay (down)
@@ -248,9 +251,14 @@ def _group(m: int) -> int:
     return next((g for g in DECODE_GROUPS if m <= g), DECODE_GROUPS[-1])
 
 
-def mma_signature() -> str:
-    """The tensor-core decode kernel's signature: :func:`kernel_signature` (float16) and the norm's eps."""
-    return kernel_signature(np.float16)[:-1] + ", float32)"
+def mma_signature(rope_store: bool = False) -> str:
+    """The tensor-core decode kernel's signature: :func:`kernel_signature` (float16) and the norm's
+    eps; ``rope_store`` (a ``rope_dim`` variant): then positions, cos_sin, slots, the flat k and v caches,
+    q heads and KV heads."""
+    signature = kernel_signature(np.float16)[:-1] + ", float32"
+    if rope_store:
+        signature += ", int32[::1], float32[::1], int32[::1], float16[::1], float16[::1], int64, int64"
+    return signature + ")"
 
 
 def mma_config(M: int, N: int, K: int, fused: bool = False, normalise: bool = False) -> MmaConfig:
@@ -307,14 +315,16 @@ def _flat_args(x: Any, weight: Any, bias: Any, residual: Any, out: Any) -> tuple
 
 
 def launch_mma(
-    config: MmaConfig, x: Any, weight: Any, bias: Any, residual: Any, out: Any, norm_eps: float = 0.0
+    config: MmaConfig, x: Any, weight: Any, bias: Any, residual: Any, out: Any, norm_eps: float = 0.0,
+    rope_args: tuple = (),
 ) -> None:
     """Launch tensor-core variant ``config`` on checked float16 operands (K % 8 == 0, 16-byte aligned);
-    ``norm_eps`` is the eps of a ``config.normalise`` variant."""
+    ``norm_eps`` is the eps of a ``config.normalise`` variant, ``rope_args`` the trailing arguments of
+    a ``config.rope_dim`` one (:func:`mma_signature`)."""
     options = {"max_registers": config.max_registers} if config.max_registers else {}
-    kernel = compiled(mma_kernel(config), mma_signature(), **options)
+    kernel = compiled(mma_kernel(config), mma_signature(rope_store=bool(config.rope_dim)), **options)
     grid = cdiv(out.shape[1], config.outputs_per_block)
-    launch(kernel, grid, config.threads, (*_flat_args(x, weight, bias, residual, out), norm_eps))
+    launch(kernel, grid, config.threads, (*_flat_args(x, weight, bias, residual, out), norm_eps, *rope_args))
 
 
 def launch_tc(config: TcConfig, x: Any, weight: Any, bias: Any, residual: Any, out: Any) -> None:
@@ -455,4 +465,44 @@ def linear_silu_mul(x: Any, weight: Any, out: Any, norm_eps: float | None = None
     _check_normed("linear_silu_mul", x, norm_eps, normed)
     if M and rows:
         _launch(x, weight, out, None, None, fused=True, norm_eps=norm_eps, normed=normed)
+    return out
+
+
+def linear_rope_store_kv(
+    x: Any, weight: Any, out: Any, positions: Any, cos_sin: Any, k_cache: Any, v_cache: Any, slot_mapping: Any,
+    q_heads: int, kv_heads: int, bias: Any = None, norm_eps: float | None = None, normed: Any = None,
+) -> Any:
+    """Launch a layer's QKV projection with RoPE and the K / V cache store; see
+    :func:`infinilm_nb.kernels.reference.linear_rope_store_kv`.
+
+    x: ``[M, K]``; weight: ``[(q_heads + 2 kv_heads) D, K]``; out: ``[M, (q_heads + 2 kv_heads) D]``;
+    the rest as for :func:`linear` and :func:`.rope.rope_store_kv`. On the tensor-core decode path
+    (float16, M <= MMA_MAX_M, D a multiple of 16) one kernel does it all (:mod:`.gemm_mma`);
+    elsewhere :func:`linear` is followed by :func:`.rope.rope_store_kv` on out's heads.
+    """
+    M, N, K = _check_operands("linear_rope_store_kv", x, weight)
+    head_dim = k_cache.shape[-1] if getattr(k_cache, "ndim", 0) == 4 else 0
+    if head_dim == 0 or N != (q_heads + 2 * kv_heads) * head_dim:
+        raise ValueError(
+            f"linear_rope_store_kv: weight must have (q_heads + 2 kv_heads) * head_dim = ({q_heads} + 2 * {kv_heads}) "
+            f"* {head_dim} rows (head_dim: k_cache's last axis), got {N}"
+        )
+    check_array("linear_rope_store_kv", "out", out, (M, N), WITH_BFLOAT16)
+    if bias is not None:
+        check_array("linear_rope_store_kv", "bias", bias, (N,), WITH_BFLOAT16)
+    check_same_dtype("linear_rope_store_kv", "x", x, weight=weight, out=out, bias=bias)
+    _check_normed("linear_rope_store_kv", x, norm_eps, normed)
+    heads = out.reshape(M, q_heads + 2 * kv_heads, head_dim)
+    q, k, v = heads[:, :q_heads], heads[:, q_heads : q_heads + kv_heads], heads[:, q_heads + kv_heads :]
+    if not (ROPE_IN_GEMM and 0 < M <= MMA_MAX_M and head_dim % 16 == 0 and _on_tensor_cores(x, weight, USE_MMA)):
+        linear(x, weight, out, bias=bias, norm_eps=norm_eps, normed=normed)
+        rope.rope_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping)
+        return out
+    rope.check_rope_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping)
+    normalise = norm_eps is not None and NORM_IN_GEMM
+    if norm_eps is not None and not normalise:
+        x = norm.rms_norm(x, _unit_weight(x), norm_eps, normed)
+    config = replace(mma_config(M, N, K, normalise=normalise), rope_dim=head_dim)
+    rope_args = (positions, cos_sin.reshape(-1), slot_mapping, k_cache.reshape(-1), v_cache.reshape(-1), q_heads, kv_heads)
+    launch_mma(config, x, weight, bias, None, out, norm_eps if normalise else 0.0, rope_args)
     return out

@@ -28,6 +28,15 @@ columns) as it goes; the sums meet across the warp by shuffles and across K slic
 and the epilogue scales the row's products by ``1 / rms`` before bias and SiLU. So the RMSNorm that a
 decode GEMM follows costs neither a kernel nor a pass over x, only those FMAs.
 
+With ``rope_dim = D`` the kernel is a layer's QKV projection that also does RoPE and the K / V cache
+store (:func:`.reference.linear_rope_store_kv`), so no kernel runs between QKV and attention.
+RoPE rotates row ``j < D / 2`` of a q or k head with row ``j + D / 2``; a warp's W tile of 16
+rows therefore takes rows ``8 i .. 8 i + 7`` and ``D / 2 + 8 i .. D / 2 + 8 i + 7`` of its head
+(:func:`rope_row`), so that the two rows of each pair land in one fragment, registers ``c`` and
+``c + 2`` of one lane. The epilogue rotates them in float32 by the angles of the row's position,
+writes them where they belong in out (the head's own order), and writes the k and v rows of
+tokens with a slot into the caches.
+
 Rows past N and x rows past M are clamped for loading and never stored. K must be a multiple of 8
 and x and weight 16-byte aligned (the launcher checks).
 
@@ -71,6 +80,7 @@ class MmaConfig:
     fused: bool = False  # SiLU-mul epilogue over [gate | up] weight rows
     normalise: bool = False  # x rows divided by their RMS (module doc)
     max_registers: int = 0  # a cap for ptxas (0: none)
+    rope_dim: int = 0  # QKV: head dim of the RoPE and cache-store epilogue (module doc; 0: none)
 
     @property
     def threads(self) -> int:
@@ -114,9 +124,23 @@ def add_squares(words, at, total):
     return total
 
 
+@cuda.jit(device=True)
+def rope_row(n, head_dim):
+    """The weight row a ``rope_dim`` kernel puts at row ``n`` of its tiles: tile ``i`` of a head
+    holds rows ``8 i ..`` of its first half, then the same rows of its second (module doc)."""
+    head = n // head_dim
+    j = n - head * head_dim
+    i = j // 16
+    r = j - 16 * i
+    if r >= 8:
+        r += head_dim // 2 - 8
+    return head * head_dim + 8 * i + r
+
+
 @lru_cache(maxsize=None)
 def mma_kernel(config: MmaConfig) -> Callable:
-    """The kernel for ``config``; signature :func:`.gemm.mma_signature` (float16)."""
+    """The kernel for ``config``; signature :func:`.gemm.mma_signature` (float16; with
+    ``config.rope_dim``, ``mma_signature(rope=True)``)."""
     tiles_w, tiles_x = config.tiles_w, config.tiles_x
     warps_n, warps_k, unroll, fused = config.warps_n, config.warps_k, config.unroll, config.fused
     normalise = config.normalise
@@ -133,6 +157,9 @@ def mma_kernel(config: MmaConfig) -> Callable:
     shared_size = config.shared_floats
     outputs = warps_n * tiles_out * tiles_x * 4 * WARP  # output values per block, as fragments
     threads = config.threads
+    D = config.rope_dim
+    half = D // 2
+    assert not (D and (fused or D % 16)), config
 
     @cuda.jit(device=True, **({} if SIMULATOR else {"forceinline": True}))
     def load_step(x, weight, K, w_base, x_base, first, w, xw):
@@ -169,7 +196,11 @@ def mma_kernel(config: MmaConfig) -> Callable:
                         for q in range(4):
                             acc[i + q] = d[q]
 
-    def kernel(x, weight, bias, residual, out, M, N, K, has_bias, has_residual, eps):
+    @cuda.jit(device=True, **({} if SIMULATOR else {"forceinline": True}))
+    def body(
+        x, weight, bias, residual, out, M, N, K, has_bias, has_residual, eps,
+        positions, cos_sin, slots, k_cache, v_cache, q_heads, kv_heads,
+    ):
         await_previous_kernels()
         tid = cuda.threadIdx.x
         lane = tid % WARP
@@ -183,10 +214,13 @@ def mma_kernel(config: MmaConfig) -> Callable:
         iterations = (K + stride - 1) // stride
         first = (wk * unroll * 4 + t) * CHUNK  # this lane's column at step 0 of iteration 0
 
+        rotated = (q_heads + kv_heads) * D  # rope_dim: the q and k rows
         w_base = cuda.local.array(rows_w, int64)
         for ia in range(tiles_w):
             for h in range(2):
                 n = min(n0 + 16 * (ia % tiles_out) + 8 * h + g, N - 1)
+                if D and n < rotated:
+                    n = rope_row(n, D)
                 w_base[2 * ia + h] = (n + (N if ia >= tiles_out else 0)) * K
         x_base = cuda.local.array(tiles_x, int64)
         for ib in range(tiles_x):
@@ -249,11 +283,50 @@ def mma_kernel(config: MmaConfig) -> Callable:
                     for s in range(warps_k):
                         up += partial[s * slot + at + tiles_out * tiles_x * 4 * WARP]
                     total = silu(total) * (up * scale)
+                elif D and n < rotated:
+                    # the pair's other row: register c ^ 2 of the same lane and tile, row n ^ 8
+                    pair_at = at + (2 - 4 * (c // 2)) * WARP
+                    pair = float32(0)
+                    for s in range(warps_k):
+                        pair += partial[s * slot + pair_at]
+                    pair *= scale
+                    pair_n = rope_row(n ^ 8, D)
+                    n = rope_row(n, D)
+                    if has_bias:
+                        total += float32(bias[n])
+                        pair += float32(bias[pair_n])
+                    j = n % D
+                    angle = int64(positions[m]) * D + j % half
+                    cos, sin = cos_sin[angle], cos_sin[angle + half]
+                    total = total * cos - pair * sin if j < half else total * cos + pair * sin
                 else:
                     if has_bias:
                         total += float32(bias[n])
                     if has_residual:
                         total += float32(residual[m * N + n])
                 out[m * N + n] = total
+                if D and n >= q_heads * D:  # a k or v row: into the cache at the token's slot
+                    slot_m = slots[m]
+                    row = n - q_heads * D
+                    kv_row = kv_heads * D
+                    if 0 <= slot_m < k_cache.shape[0] // kv_row:
+                        if row < kv_row:
+                            k_cache[int64(slot_m) * kv_row + row] = total
+                        else:
+                            v_cache[int64(slot_m) * kv_row + row - kv_row] = total
 
-    return kernel
+    def kernel(x, weight, bias, residual, out, M, N, K, has_bias, has_residual, eps):
+        body(x, weight, bias, residual, out, M, N, K, has_bias, has_residual, eps, x, x, x, x, x, M, M)
+
+    def rope_kernel(
+        x, weight, bias, residual, out, M, N, K, has_bias, has_residual, eps,
+        positions, cos_sin, slots, k_cache, v_cache, q_heads, kv_heads,
+    ):
+        """``kernel``, and RoPE and the cache store in its epilogue: positions and slots ``[M]``,
+        cos_sin flat ``[P * D]``, caches flat ``[slots * kv_heads * D]``."""
+        body(
+            x, weight, bias, residual, out, M, N, K, has_bias, has_residual, eps,
+            positions, cos_sin, slots, k_cache, v_cache, q_heads, kv_heads,
+        )
+
+    return rope_kernel if D else kernel

@@ -235,6 +235,34 @@ def rope_store_kv(
     store_kv(k, v, k_cache, v_cache, slot_mapping)
 
 
+def linear_rope_store_kv(
+    x: np.ndarray,
+    weight: np.ndarray,
+    out: np.ndarray,
+    positions: np.ndarray,
+    cos_sin: np.ndarray,
+    k_cache: np.ndarray,
+    v_cache: np.ndarray,
+    slot_mapping: np.ndarray,
+    q_heads: int,
+    kv_heads: int,
+    bias: np.ndarray | None = None,
+    norm_eps: float | None = None,
+    normed: np.ndarray | None = None,
+) -> np.ndarray:
+    """A layer's QKV projection with RoPE and the K / V cache store: :func:`linear` into
+    ``out [M, (q_heads + 2 kv_heads) D]`` (q heads, then k, then v; D the caches' head dim), then
+    :func:`rope_store_kv` on its heads, the products rotated in float32 before they are rounded to
+    out's dtype. ``bias``, ``norm_eps`` and ``normed`` as for :func:`linear`."""
+    qkv = linear(x, weight, np.empty(out.shape, F32), bias=bias, norm_eps=norm_eps)
+    heads = qkv.reshape(qkv.shape[0], q_heads + 2 * kv_heads, k_cache.shape[-1])
+    q, k, v = heads[:, :q_heads], heads[:, q_heads : q_heads + kv_heads], heads[:, q_heads + kv_heads :]
+    rope(q, k, positions, cos_sin)
+    store_kv(cast(k, k_cache.dtype), cast(v, v_cache.dtype), k_cache, v_cache, slot_mapping)
+    out[...] = cast(qkv, out.dtype)
+    return out
+
+
 def store_kv_static(
     k: np.ndarray,
     v: np.ndarray,

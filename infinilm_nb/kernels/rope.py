@@ -155,6 +155,17 @@ def rope(q: Any, k: Any, positions: Any, cos_sin: Any) -> None:
     launch(kernel, grid, threads, (q_flat, k_flat, positions, cos_sin.reshape(-1), q_heads, k.shape[1], *strides))
 
 
+def check_rope_store_kv(
+    q: Any, k: Any, v: Any, positions: Any, cos_sin: Any, k_cache: Any, v_cache: Any, slot_mapping: Any
+) -> tuple[int, int, int]:
+    """Check :func:`rope_store_kv`'s arguments (raising ``ValueError`` naming the wrong one); return
+    T, Hq and D."""
+    tokens, q_heads, head_dim = _check_rope("rope_store_kv", q, k, positions, cos_sin)
+    check_store("rope_store_kv", k, v, k_cache, v_cache)
+    check_array("rope_store_kv", "slot_mapping", slot_mapping, (tokens,), (np.int32,))
+    return tokens, q_heads, head_dim
+
+
 def rope_store_kv(
     q: Any, k: Any, v: Any, positions: Any, cos_sin: Any, k_cache: Any, v_cache: Any, slot_mapping: Any
 ) -> None:
@@ -163,9 +174,7 @@ def rope_store_kv(
 
     q, k, v may be strided views into a fused QKV output (unit stride along the head dim).
     """
-    tokens, q_heads, head_dim = _check_rope("rope_store_kv", q, k, positions, cos_sin)
-    check_store("rope_store_kv", k, v, k_cache, v_cache)
-    check_array("rope_store_kv", "slot_mapping", slot_mapping, (tokens,), (np.int32,))
+    tokens, q_heads, head_dim = check_rope_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping)
     k_heads = k.shape[1]
     flats = [flat_view("rope_store_kv", name, x) for name, x in (("q", q), ("k", k), ("v", v))]
     half = head_dim // 2

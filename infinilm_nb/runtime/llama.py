@@ -6,8 +6,9 @@ norm_eps=eps)``: the decode GEMMs normalise their input in their own loop, every
 the scratch ``hidden``), and o_proj and down_proj add their products back into it in their epilogue
 (``linear(..., residual=r, out=r)``), so neither a separate RMSNorm nor a residual add runs in a
 decode step. For that the two norms' weights are folded into the columns of the QKV and gate-up
-weights at load (:func:`fold_norm_weights`). Under tensor parallelism the residual buffer is what
-gets all-reduced. Only each sequence's last token goes through the final norm and the lm_head.
+weights at load (:func:`fold_norm_weights`). QKV also applies RoPE to q and k and stores k and v in
+the paged cache (``linear_rope_store_kv``: in the decode GEMM's epilogue, else by the rope_store_kv
+kernel after it). Under tensor parallelism the residual buffer is what gets all-reduced. Only each sequence's last token goes through the final norm and the lm_head.
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ class ActivationBuffers:
 
 
 class LlamaAttention:
-    """Fused QKV projection, RoPE, K/V store, paged attention and o_proj (adding into the residual)."""
+    """QKV projection with RoPE and the K/V store, paged attention, o_proj adding into the residual."""
 
     def __init__(
         self, backend: Any, config: ModelConfig, weights: dict[str, Any], prefix: str, cos_sin: Any, group: Any = None
@@ -159,9 +160,12 @@ class LlamaAttention:
 
     def __call__(self, step: StepInput, k_cache: Any, v_cache: Any, buf: StepBuffers) -> None:
         ops = self.backend.ops
-        self.qkv_proj(buf.residual, buf.qkv, norm_eps=self.norm_eps, normed=buf.hidden)
-        q, k, v = self.qkv_proj.split(buf.qkv)
-        ops.rope_store_kv(q, k, v, step.positions, self.cos_sin, k_cache, v_cache, step.slot_mapping)
+        qkv = self.qkv_proj
+        ops.linear_rope_store_kv(
+            buf.residual, qkv.weight, buf.qkv, step.positions, self.cos_sin, k_cache, v_cache, step.slot_mapping,
+            qkv.num_heads, qkv.num_kv_heads, bias=qkv.bias, norm_eps=self.norm_eps, normed=buf.hidden,
+        )
+        q = qkv.split(buf.qkv)[0]
         extra = {} if buf.workspace is None else {"workspace": buf.workspace}
         ops.paged_attention(
             q, k_cache, v_cache, step.block_tables, step.context_lens, step.query_start_loc, self.scale, buf.context,

@@ -26,14 +26,17 @@ def test_each_unfused_op_equals_the_fused_one(rng):
     assert rel_err(ops.linear(x, weight, residual.copy(), residual=residual.copy()), want) < 1e-6
 
     cos_sin = reference.rope_cache(4, 16, 10000.0)
-    qkv = rng.standard_normal((2, 4 * 4)).astype(np.float32)
+    x, weight = x[:2], rng.standard_normal((4 * 4, 8)).astype(np.float32)  # 2 q heads, 1 KV head, D = 4
     positions, slots = np.array([3, 9], np.int32), np.array([5, 0], np.int32)
     caches = {name: [np.zeros((2, 4, 1, 4), np.float32) for _ in range(2)] for name in ("fused", "unfused")}
+    outs = {}
     for name, target in (("fused", reference), ("unfused", ops)):
-        q, k, v = (x.reshape(2, -1, 4) for x in np.split(qkv.copy(), [8, 12], axis=1))
-        target.rope_store_kv(q, k, v, positions, cos_sin, *caches[name], slots)
+        outs[name] = target.linear_rope_store_kv(
+            x, weight, np.empty((2, 16), np.float32), positions, cos_sin, *caches[name], slots, 2, 1
+        )
+    assert rel_err(outs["unfused"], outs["fused"]) < 1e-6
     for got, want in zip(caches["unfused"], caches["fused"]):
-        np.testing.assert_array_equal(got, want)
+        assert rel_err(got, want) < 1e-6
 
 
 def test_unknown_fusion_is_an_error():

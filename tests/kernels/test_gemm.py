@@ -1,11 +1,13 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
-from infinilm_nb.kernels import gemm, gemm_tc, reference
+from infinilm_nb.kernels import gemm, gemm_mma, gemm_tc, reference
 from infinilm_nb.kernels.common import compiled
 from infinilm_nb.kernels.gemm_mma import MmaConfig, mma_kernel
 from infinilm_nb.kernels.intrinsics import VECTOR_WIDTH
-from tests.helpers import pick, poisoned, random, rel_err, tolerance
+from tests.helpers import as_float, nans, pick, poisoned, random, rel_err, tolerance
 
 # (M, N, K). M <= gemm.DECODE_MAX_M takes the decode kernel (17 loops over groups of x rows), larger
 # M the tiled one. K = 40 fits 16-byte loads in every dtype, K = 13 only plain loads. The GPU list
@@ -267,6 +269,100 @@ def test_tensor_core_variants_match_reference(kb, rng, config, M, N, K):
     assert rel_err(kb.to_host(out), want) < tolerance(np.float16)
 
 
+# The QKV variant with RoPE and the cache store in its epilogue (rope_dim): head dims 32 and 64, a
+# bias, warps on rows and on K, x rows normalised; M not a multiple of 8; padding tokens (slot -1).
+ROPE_CASES = [
+    (MmaConfig(1, 1, 1, 2, 1, rope_dim=32), 3, (2, 1), 40, False),
+    (MmaConfig(2, 1, 2, 1, 2, rope_dim=64), 5, (2, 2), 72, True),
+    (MmaConfig(1, 2, 1, 2, 1, normalise=True, rope_dim=32), 11, (3, 1), 136, True),
+]
+
+
+def _rope_operands(rng, M, q_heads, kv_heads, head_dim, K, with_bias, dtype=np.float16):
+    """Fresh inputs of linear_rope_store_kv: x, weight, bias, positions, cos_sin, slots (every third
+    a padding -1) and NaN-poisoned caches of 4-slot blocks."""
+    N = (q_heads + 2 * kv_heads) * head_dim
+    positions = rng.integers(0, 64, M).astype(np.int32)
+    slots = rng.permutation(4 * (M // 4 + 2))[:M].astype(np.int32)
+    slots[::3] = -1
+    caches = [nans((M // 4 + 2, 4, kv_heads, head_dim), dtype) for _ in range(2)]
+    return (
+        random(rng, (M, K), dtype, scale=4.0), random(rng, (N, K), dtype, scale=0.1),
+        random(rng, N, dtype) if with_bias else None, positions, reference.rope_cache(head_dim, 64, 10000.0),
+        slots, caches,
+    )
+
+
+def _assert_rope_outputs(kb, out, caches_d, want_out, want_caches, dtype):
+    assert rel_err(kb.to_host(out), want_out) < tolerance(dtype)
+    for got, want in zip(caches_d, want_caches):
+        got = as_float(kb.to_host(got))
+        written = ~np.isnan(as_float(want))
+        np.testing.assert_array_equal(np.isnan(got), ~written)  # padding tokens' slots keep their NaN
+        assert rel_err(got[written], as_float(want)[written]) < tolerance(dtype)
+
+
+@pytest.mark.parametrize("config,M,heads,K,with_bias", ROPE_CASES, ids=[str(i) for i in range(len(ROPE_CASES))])
+def test_tensor_core_rope_variants_match_reference(kb, rng, config, M, heads, K, with_bias):
+    x, weight, bias, positions, cos_sin, slots, caches = _rope_operands(rng, M, *heads, config.rope_dim, K, with_bias)
+    eps = 1e-5 if config.normalise else None
+    out = poisoned(kb, (M, weight.shape[0]), np.float16)
+    caches_d = [kb.asarray(c.copy()) for c in caches]
+    rope_args = (kb.asarray(positions), kb.asarray(cos_sin.reshape(-1)), kb.asarray(slots),
+                 caches_d[0].reshape(-1), caches_d[1].reshape(-1), *heads)
+    gemm.launch_mma(config, kb.asarray(x), kb.asarray(weight), None if bias is None else kb.asarray(bias), None,
+                    out, eps or 0.0, rope_args)
+    want = reference.linear_rope_store_kv(x, weight, np.empty(out.shape, np.float32), positions, cos_sin, *caches,
+                                          slots, *heads, bias=bias, norm_eps=eps)
+    _assert_rope_outputs(kb, out, caches_d, want, caches, np.float16)
+
+
+def test_rope_rows_pair_each_row_with_the_one_half_a_head_on():
+    for head_dim in (32, 64, 128):
+        rows = [gemm_mma.rope_row(n, head_dim) for n in range(3 * head_dim)]
+        assert sorted(rows) == list(range(3 * head_dim))  # a permutation, head by head
+        for n in range(0, 3 * head_dim, 16):
+            assert [rows[n + 8 + g] - rows[n + g] for g in range(8)] == [head_dim // 2] * 8
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint16])
+@pytest.mark.parametrize("M,heads,head_dim,with_bias,norm", pick(
+    sim=[(3, (2, 1), 16, True, False), (5, (1, 1), 32, False, True)],
+    gpu=[(1, (32, 8), 128, False, True), (7, (4, 2), 64, True, True), (64, (8, 8), 128, True, False),
+         (70, (4, 2), 64, False, True)],
+))
+def test_linear_rope_store_kv_matches_reference(kb, rng, dtype, M, heads, head_dim, with_bias, norm):
+    K = pick(sim=24, gpu=512)
+    x, weight, bias, positions, cos_sin, slots, caches = _rope_operands(rng, M, *heads, head_dim, K, with_bias, dtype)
+    eps = 1e-5 if norm else None
+    out = poisoned(kb, (M, weight.shape[0]), dtype)
+    caches_d = [kb.asarray(c.copy()) for c in caches]
+    kb.ops.linear_rope_store_kv(
+        kb.asarray(x), kb.asarray(weight), out, kb.asarray(positions), kb.asarray(cos_sin), *caches_d,
+        kb.asarray(slots), *heads, bias=None if bias is None else kb.asarray(bias), norm_eps=eps,
+        normed=kb.asarray(np.zeros_like(x)) if norm else None,
+    )
+    want = reference.linear_rope_store_kv(x, weight, np.empty(out.shape, np.float32), positions, cos_sin, *caches,
+                                          slots, *heads, bias=bias, norm_eps=eps)
+    _assert_rope_outputs(kb, out, caches_d, want, caches, dtype)
+
+
+def test_linear_rope_store_kv_rejects_bad_arguments(kb, rng):
+    x, weight = _operands(kb, rng, N=16)
+    cache = kb.asarray(np.zeros((2, 4, 1, 4), np.float32))
+    positions, slots = kb.asarray(np.arange(4, dtype=np.int32)), kb.asarray(np.arange(4, dtype=np.int32))
+    cos_sin = kb.asarray(reference.rope_cache(4, 16, 10000.0))
+    out = kb.asarray(np.zeros((4, 16), np.float32))
+    with pytest.raises(ValueError, match=r"linear_rope_store_kv: weight must have \(q_heads \+ 2 kv_heads\) \* "
+                                         r"head_dim = \(3 \+ 2 \* 1\) \* 4 rows \(head_dim: k_cache's last axis\), got 16"):
+        kb.ops.linear_rope_store_kv(x, weight, out, positions, cos_sin, cache, cache, slots, 3, 1)
+    with pytest.raises(ValueError, match=r"linear_rope_store_kv: out must have shape \(4, 16\), got \(4, 12\)"):
+        kb.ops.linear_rope_store_kv(x, weight, kb.asarray(np.zeros((4, 12), np.float32)), positions, cos_sin,
+                                    cache, cache, slots, 2, 1)
+    with pytest.raises(ValueError, match="rope_store_kv: slot_mapping must be int32, got int64"):
+        kb.ops.linear_rope_store_kv(x, weight, out, positions, cos_sin, cache, cache, kb.asarray(np.arange(4)), 2, 1)
+
+
 def test_linear_silu_mul_rejects_odd_weight_rows(kb, rng):
     x, weight = _operands(kb, rng, N=5)
     with pytest.raises(ValueError, match=r"linear_silu_mul: weight must have an even number of rows \[gate \| up\], got 5"):
@@ -299,9 +395,10 @@ def test_tensor_core_variants_keep_their_arrays_in_registers():
     configs |= {gemm.mma_config(m, 14336, 4096, fused=True) for m in rows}
     configs |= {gemm.mma_config(m, 6144, 4096, normalise=True) for m in rows}
     configs |= {gemm.mma_config(m, 14336, 4096, fused=True, normalise=True) for m in rows}
+    configs |= {replace(gemm.mma_config(m, 6144, 4096, normalise=True), rope_dim=128) for m in rows}
     for config in configs:
         options = {"max_registers": config.max_registers} if config.max_registers else {}
-        kernel = compiled(mma_kernel(config), gemm.mma_signature(), **options)
+        kernel = compiled(mma_kernel(config), gemm.mma_signature(rope_store=bool(config.rope_dim)), **options)
         # a register cap may spill a value or two, outside the loop (gemm.mma_config)
         assert kernel.get_local_mem_per_thread() <= (8 if config.max_registers else 0), config
         assert not config.max_registers or kernel.get_regs_per_thread() <= config.max_registers, config

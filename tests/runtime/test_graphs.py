@@ -335,3 +335,28 @@ def test_float16_decode_normalises_inside_the_gemms(graph_model_dir, monkeypatch
         logits[in_gemm] = cuda.to_host(model.forward(step, cache))  # the same K and V stored again
         assert len(norms) == (0 if in_gemm else 2 * len(model.layers))
     assert rel_err(logits[True], logits[False]) < 1e-2
+
+
+@pytest.mark.gpu
+def test_float16_decode_rotates_inside_the_qkv_gemm(graph_model_dir, monkeypatch):
+    """A float16 decode step runs no RoPE kernel (the QKV GEMM rotates q and k and stores k and v in
+    its epilogue); with gemm.ROPE_IN_GEMM off it runs rope_store_kv once a layer, and the logits agree
+    within float16 error."""
+    from infinilm_nb.kernels import gemm
+
+    cuda = get_backend("cuda")
+    model = load_model(graph_model_dir, cuda, dtype=np.float16, progress=False)
+    cache = make_cache(model, "paged")
+    seqs = [CachedSeq(cache, spacer=True) for _ in range(3)]
+    prompts = [[(7 * i + j) % 64 for j in range(PROMPT_LEN)] for i in range(len(seqs))]
+    model.forward(make_step(list(zip(seqs, prompts))).to(cuda), cache)
+    step = make_step([(seq, [b + 3]) for b, seq in enumerate(seqs)]).to(cuda)
+    real, ropes = gemm.rope.rope_store_kv, []
+    monkeypatch.setattr(gemm.rope, "rope_store_kv", lambda *args: ropes.append(args) or real(*args))
+    logits = {}
+    for in_gemm in (True, False):
+        monkeypatch.setattr(gemm, "ROPE_IN_GEMM", in_gemm)
+        ropes.clear()
+        logits[in_gemm] = cuda.to_host(model.forward(step, cache))  # the same K and V stored again
+        assert len(ropes) == (0 if in_gemm else len(model.layers))
+    assert rel_err(logits[True], logits[False]) < 1e-2
