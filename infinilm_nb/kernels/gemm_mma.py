@@ -124,8 +124,7 @@ def add_squares(words, at, total):
     return total
 
 
-@cuda.jit(device=True)
-def rope_row(n, head_dim):
+def rope_row(n: int, head_dim: int) -> int:
     """The weight row a ``rope_dim`` kernel puts at row ``n`` of its tiles: tile ``i`` of a head
     holds rows ``8 i ..`` of its first half, then the same rows of its second (module doc)."""
     head = n // head_dim
@@ -135,6 +134,9 @@ def rope_row(n, head_dim):
     if r >= 8:
         r += head_dim // 2 - 8
     return head * head_dim + 8 * i + r
+
+
+_rope_row = cuda.jit(device=True)(rope_row)  # the same in the kernel
 
 
 @lru_cache(maxsize=None)
@@ -220,7 +222,7 @@ def mma_kernel(config: MmaConfig) -> Callable:
             for h in range(2):
                 n = min(n0 + 16 * (ia % tiles_out) + 8 * h + g, N - 1)
                 if D and n < rotated:
-                    n = rope_row(n, D)
+                    n = _rope_row(n, D)
                 w_base[2 * ia + h] = (n + (N if ia >= tiles_out else 0)) * K
         x_base = cuda.local.array(tiles_x, int64)
         for ib in range(tiles_x):
@@ -290,8 +292,8 @@ def mma_kernel(config: MmaConfig) -> Callable:
                     for s in range(warps_k):
                         pair += partial[s * slot + pair_at]
                     pair *= scale
-                    pair_n = rope_row(n ^ 8, D)
-                    n = rope_row(n, D)
+                    pair_n = _rope_row(n ^ 8, D)
+                    n = _rope_row(n, D)
                     if has_bias:
                         total += float32(bias[n])
                         pair += float32(bias[pair_n])
