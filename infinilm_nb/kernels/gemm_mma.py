@@ -142,7 +142,7 @@ _rope_row = cuda.jit(device=True)(rope_row)  # the same in the kernel
 @lru_cache(maxsize=None)
 def mma_kernel(config: MmaConfig) -> Callable:
     """The kernel for ``config``; signature :func:`.gemm.mma_signature` (float16; with
-    ``config.rope_dim``, ``mma_signature(rope=True)``)."""
+    ``config.rope_dim``, ``mma_signature(rope_store=True)``)."""
     tiles_w, tiles_x = config.tiles_w, config.tiles_x
     warps_n, warps_k, unroll, fused = config.warps_n, config.warps_k, config.unroll, config.fused
     normalise = config.normalise
@@ -203,6 +203,8 @@ def mma_kernel(config: MmaConfig) -> Callable:
         x, weight, bias, residual, out, M, N, K, has_bias, has_residual, eps,
         positions, cos_sin, slots, k_cache, v_cache, q_heads, kv_heads,
     ):
+        """Both kernels: the arguments from ``positions`` on are the RoPE variant's (never read when
+        ``rope_dim`` is 0), which adds no residual."""
         await_previous_kernels()
         tid = cuda.threadIdx.x
         lane = tid % WARP
