@@ -314,9 +314,17 @@ def test_programmatic_launch_gives_the_tokens_of_plain_launches_on_gpu(llama_dir
 
 
 @pytest.mark.gpu
-def test_float16_decode_normalises_inside_the_gemms(graph_model_dir, monkeypatch):
-    """A float16 decode step runs no RMSNorm before QKV and gate-up (their GEMMs normalise the residual
-    themselves); with gemm.NORM_IN_GEMM off it runs two a layer, and the logits agree within float16 error."""
+@pytest.mark.parametrize("switch,module,op,per_layer", [
+    ("NORM_IN_GEMM", "norm", "rms_norm", 2),  # the RMSNorms before QKV and gate-up
+    ("ROPE_IN_GEMM", "rope", "rope_store_kv", 1),  # RoPE and the K/V store after QKV
+])
+def test_float16_decode_does_in_the_gemms_what_kernels_did_between_them(
+    graph_model_dir, monkeypatch, switch, module, op, per_layer
+):
+    """A float16 decode step runs neither an RMSNorm before QKV and gate-up (their GEMMs normalise the
+    residual themselves) nor RoPE after QKV (its epilogue rotates q and k and stores k and v); with
+    the GEMMs' switch off those kernels run, ``per_layer`` a layer, and the logits agree within
+    float16 error."""
     from infinilm_nb.kernels import gemm
 
     cuda = get_backend("cuda")
@@ -326,37 +334,13 @@ def test_float16_decode_normalises_inside_the_gemms(graph_model_dir, monkeypatch
     prompts = [[(5 * i + j) % 64 for j in range(PROMPT_LEN)] for i in range(len(seqs))]
     model.forward(make_step(list(zip(seqs, prompts))).to(cuda), cache)
     step = make_step([(seq, [b + 2]) for b, seq in enumerate(seqs)]).to(cuda)
-    real, norms = gemm.norm.rms_norm, []
-    monkeypatch.setattr(gemm.norm, "rms_norm", lambda *args: norms.append(args) or real(*args))
+    owner = getattr(gemm, module)
+    real, calls = getattr(owner, op), []
+    monkeypatch.setattr(owner, op, lambda *args: calls.append(args) or real(*args))
     logits = {}
     for in_gemm in (True, False):
-        monkeypatch.setattr(gemm, "NORM_IN_GEMM", in_gemm)
-        norms.clear()
+        monkeypatch.setattr(gemm, switch, in_gemm)
+        calls.clear()
         logits[in_gemm] = cuda.to_host(model.forward(step, cache))  # the same K and V stored again
-        assert len(norms) == (0 if in_gemm else 2 * len(model.layers))
-    assert rel_err(logits[True], logits[False]) < 1e-2
-
-
-@pytest.mark.gpu
-def test_float16_decode_rotates_inside_the_qkv_gemm(graph_model_dir, monkeypatch):
-    """A float16 decode step runs no RoPE kernel (the QKV GEMM rotates q and k and stores k and v in
-    its epilogue); with gemm.ROPE_IN_GEMM off it runs rope_store_kv once a layer, and the logits agree
-    within float16 error."""
-    from infinilm_nb.kernels import gemm
-
-    cuda = get_backend("cuda")
-    model = load_model(graph_model_dir, cuda, dtype=np.float16, progress=False)
-    cache = make_cache(model, "paged")
-    seqs = [CachedSeq(cache, spacer=True) for _ in range(3)]
-    prompts = [[(7 * i + j) % 64 for j in range(PROMPT_LEN)] for i in range(len(seqs))]
-    model.forward(make_step(list(zip(seqs, prompts))).to(cuda), cache)
-    step = make_step([(seq, [b + 3]) for b, seq in enumerate(seqs)]).to(cuda)
-    real, ropes = gemm.rope.rope_store_kv, []
-    monkeypatch.setattr(gemm.rope, "rope_store_kv", lambda *args: ropes.append(args) or real(*args))
-    logits = {}
-    for in_gemm in (True, False):
-        monkeypatch.setattr(gemm, "ROPE_IN_GEMM", in_gemm)
-        ropes.clear()
-        logits[in_gemm] = cuda.to_host(model.forward(step, cache))  # the same K and V stored again
-        assert len(ropes) == (0 if in_gemm else len(model.layers))
+        assert len(calls) == (0 if in_gemm else per_layer * len(model.layers))
     assert rel_err(logits[True], logits[False]) < 1e-2
