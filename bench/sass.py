@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
@@ -62,13 +63,16 @@ def kernels() -> list[tuple[str, Callable, str, dict[str, Any]]]:
     f16 = gemm.kernel_signature(np.float16)
     rows = []
     for name, m, n, k, fused, normalise in (
-        ("o", 1, 4096, 4096, False, False), ("rms+qkv", 1, 6144, 4096, False, True),
-        ("rms+qkv", 32, 6144, 4096, False, True), ("rms+gate_up+silu", 32, 14336, 4096, True, True),
+        ("o", 1, 4096, 4096, False, False), ("rms+qkv+rope", 1, 6144, 4096, False, True),
+        ("rms+qkv+rope", 32, 6144, 4096, False, True), ("rms+gate_up+silu", 32, 14336, 4096, True, True),
         ("down", 32, 4096, 14336, False, False),
     ):
         config = gemm.mma_config(m, n, k, fused, normalise)
+        if name.endswith("rope"):  # as gemm.linear_rope_store_kv launches it
+            config = replace(config, rope_dim=128)
         options = {"max_registers": config.max_registers} if config.max_registers else {}
-        rows.append((f"decode GEMM {name} M={m}", mma_kernel(config), gemm.mma_signature(), options))
+        signature = gemm.mma_signature(rope_store=bool(config.rope_dim))
+        rows.append((f"decode GEMM {name} M={m}", mma_kernel(config), signature, options))
     dim, group, vec, block = 128, 4, 8, 16
     warps = attention._warps(dim, group, vec)
     _, partition = attention._attention_kernels(dim, group, vec, warps, block, False)
