@@ -481,8 +481,9 @@ def linear_rope_store_kv(
     elsewhere :func:`linear` is followed by :func:`.rope.rope_store_kv` on out's heads.
     """
     M, N, K = _check_operands("linear_rope_store_kv", x, weight)
-    head_dim = k_cache.shape[-1] if getattr(k_cache, "ndim", 0) == 4 else 0
-    if head_dim == 0 or N != (q_heads + 2 * kv_heads) * head_dim:
+    check_array("linear_rope_store_kv", "k_cache", k_cache, (None, None, kv_heads, None), WITH_BFLOAT16)
+    head_dim = k_cache.shape[-1]
+    if N != (q_heads + 2 * kv_heads) * head_dim:
         raise ValueError(
             f"linear_rope_store_kv: weight must have (q_heads + 2 kv_heads) * head_dim = ({q_heads} + 2 * {kv_heads}) "
             f"* {head_dim} rows (head_dim: k_cache's last axis), got {N}"

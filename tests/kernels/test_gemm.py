@@ -361,6 +361,9 @@ def test_linear_rope_store_kv_rejects_bad_arguments(kb, rng):
                                     cache, cache, slots, 2, 1)
     with pytest.raises(ValueError, match="rope_store_kv: slot_mapping must be int32, got int64"):
         kb.ops.linear_rope_store_kv(x, weight, out, positions, cos_sin, cache, cache, kb.asarray(np.arange(4)), 2, 1)
+    with pytest.raises(ValueError, match=r"linear_rope_store_kv: k_cache must have shape \(\*, \*, 1, \*\), got \(8, 1, 4\)"):
+        flat = kb.asarray(np.zeros((8, 1, 4), np.float32))
+        kb.ops.linear_rope_store_kv(x, weight, out, positions, cos_sin, flat, flat, slots, 2, 1)
 
 
 def test_linear_silu_mul_rejects_odd_weight_rows(kb, rng):
