@@ -145,7 +145,8 @@ def undone(backend: Any, fusions: tuple[str, ...]) -> Iterator[None]:
 def ablate(decode_step: Callable[[Any], float], make_llm: Callable[[], Any]) -> dict[str, float]:
     """Milliseconds of a batch-1 decode step (``decode_step(llm)``) with all fusions, then with each
     undone, then with PDL switched (key ``"pdl on"`` or ``"pdl off"``), then with the norms apart, the
-    merge kernel, RoPE apart from QKV and no early launches, each on a fresh ``make_llm()`` whose model and graphs are built that way."""
+    merge kernel, RoPE apart from QKV and no early launches, each on a fresh ``make_llm()`` whose
+    model and graphs are built that way."""
     from infinilm_nb.backend import get_backend
 
     backend = get_backend("cuda")
