@@ -74,8 +74,9 @@ class UnfusedOps:
             return self._ops.linear_rope_store_kv(x, weight, out, positions, cos_sin, k_cache, v_cache, slot_mapping,
                                                   q_heads, kv_heads, bias=bias, norm_eps=norm_eps, normed=normed)
         self._ops.linear(x, weight, out, bias=bias, norm_eps=norm_eps, normed=normed)
-        heads = out.reshape(out.shape[0], q_heads + 2 * kv_heads, k_cache.shape[-1])
-        q, k, v = heads[:, :q_heads], heads[:, q_heads : q_heads + kv_heads], heads[:, q_heads + kv_heads :]
+        from infinilm_nb.kernels.reference import qkv_heads
+
+        q, k, v = qkv_heads(out, q_heads, kv_heads, k_cache.shape[-1])
         self._ops.rope(q, k, positions, cos_sin)
         self._ops.store_kv(k, v, k_cache, v_cache, slot_mapping)
         return out

@@ -53,7 +53,7 @@ from .common import (
     BFLOAT16, TENSOR_CORES, WITH_BFLOAT16, cdiv, check_array, check_same_dtype, compiled, launch,
     numba_type,
 )
-from . import gemm_tc, norm, rope, wgmma
+from . import gemm_tc, norm, reference, rope, wgmma
 from .gemm_mma import SHARED_BYTES as MMA_SHARED_BYTES, MmaConfig, mma_kernel, silu
 from .gemm_tc import TcConfig, tc_config, tc_kernel
 from .intrinsics import VECTOR_WIDTH, aligned16, as_f32, await_previous_kernels
@@ -493,8 +493,7 @@ def linear_rope_store_kv(
         check_array("linear_rope_store_kv", "bias", bias, (N,), WITH_BFLOAT16)
     check_same_dtype("linear_rope_store_kv", "x", x, weight=weight, out=out, bias=bias)
     _check_normed("linear_rope_store_kv", x, norm_eps, normed)
-    heads = out.reshape(M, q_heads + 2 * kv_heads, head_dim)
-    q, k, v = heads[:, :q_heads], heads[:, q_heads : q_heads + kv_heads], heads[:, q_heads + kv_heads :]
+    q, k, v = reference.qkv_heads(out, q_heads, kv_heads, head_dim)
     if not (ROPE_IN_GEMM and 0 < M <= MMA_MAX_M and head_dim % 16 == 0 and _on_tensor_cores(x, weight, USE_MMA)):
         linear(x, weight, out, bias=bias, norm_eps=norm_eps, normed=normed)
         rope.rope_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping)

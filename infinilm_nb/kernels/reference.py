@@ -235,6 +235,13 @@ def rope_store_kv(
     store_kv(k, v, k_cache, v_cache, slot_mapping)
 
 
+def qkv_heads(qkv: np.ndarray, q_heads: int, kv_heads: int, head_dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``q [T, q_heads, D]``, ``k [T, kv_heads, D]`` and ``v [T, kv_heads, D]``: strided views into a
+    fused QKV output ``[T, (q_heads + 2 kv_heads) D]`` (slicing only: CuPy arrays work too)."""
+    heads = qkv.reshape(qkv.shape[0], q_heads + 2 * kv_heads, head_dim)
+    return heads[:, :q_heads], heads[:, q_heads : q_heads + kv_heads], heads[:, q_heads + kv_heads :]
+
+
 def linear_rope_store_kv(
     x: np.ndarray,
     weight: np.ndarray,
@@ -255,8 +262,7 @@ def linear_rope_store_kv(
     :func:`rope_store_kv` on its heads, the products rotated in float32 before they are rounded to
     out's dtype. ``bias``, ``norm_eps`` and ``normed`` as for :func:`linear`."""
     qkv = linear(x, weight, np.empty(out.shape, F32), bias=bias, norm_eps=norm_eps)
-    heads = qkv.reshape(qkv.shape[0], q_heads + 2 * kv_heads, k_cache.shape[-1])
-    q, k, v = heads[:, :q_heads], heads[:, q_heads : q_heads + kv_heads], heads[:, q_heads + kv_heads :]
+    q, k, v = qkv_heads(qkv, q_heads, kv_heads, k_cache.shape[-1])
     rope(q, k, positions, cos_sin)
     store_kv(cast(k, k_cache.dtype), cast(v, v_cache.dtype), k_cache, v_cache, slot_mapping)
     out[...] = cast(qkv, out.dtype)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..kernels import reference
+
 
 class Linear:
     """``out = x @ weight.T (+ bias) (+ residual)``; weight ``[N, K]`` as HF stores it.
@@ -42,10 +44,7 @@ class QKVParallelLinear(Linear):
 
     def split(self, qkv: Any) -> tuple[Any, Any, Any]:
         """``q [T, Hq, D]``, ``k [T, Hk, D]``, ``v [T, Hk, D]``: strided views into ``qkv [T, (Hq + 2 Hk) D]``."""
-        heads = qkv.reshape(qkv.shape[0], self.num_heads + 2 * self.num_kv_heads, self.head_dim)
-        q_end = self.num_heads
-        k_end = q_end + self.num_kv_heads
-        return heads[:, :q_end], heads[:, q_end:k_end], heads[:, k_end:]
+        return reference.qkv_heads(qkv, self.num_heads, self.num_kv_heads, self.head_dim)
 
 
 class GateUpParallelLinear(Linear):
