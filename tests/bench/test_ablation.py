@@ -74,31 +74,19 @@ def test_pdl_is_switched_within_the_block_only(monkeypatch, pdl):
     assert common.PDL is pdl
 
 
-def test_early_launches_are_off_within_the_block_only():
-    from bench.ablation import late_launches
-    from infinilm_nb.kernels import common
+@pytest.mark.parametrize("switch,module,flag,label", [
+    ("late_launches", "common", "LAUNCH_NEXT_EARLY", "early launch off"),
+    ("norms_apart", "gemm", "NORM_IN_GEMM", "norm in gemm off"),
+    ("merges_apart", "attention", "MERGE_IN_PARTITION", "merge in partition off"),
+    ("rope_apart", "gemm", "ROPE_IN_GEMM", "rope in gemm off"),
+])
+def test_each_switch_is_off_within_the_block_only(switch, module, flag, label):
+    import importlib
 
-    assert common.LAUNCH_NEXT_EARLY
-    with late_launches() as switched:
-        assert switched == "early launch off" and not common.LAUNCH_NEXT_EARLY
-    assert common.LAUNCH_NEXT_EARLY
+    from bench import ablation
 
-
-def test_norms_are_apart_within_the_block_only():
-    from bench.ablation import norms_apart
-    from infinilm_nb.kernels import gemm
-
-    assert gemm.NORM_IN_GEMM
-    with norms_apart() as switched:
-        assert switched == "norm in gemm off" and not gemm.NORM_IN_GEMM
-    assert gemm.NORM_IN_GEMM
-
-
-def test_merges_are_apart_within_the_block_only():
-    from bench.ablation import merges_apart
-    from infinilm_nb.kernels import attention
-
-    assert attention.MERGE_IN_PARTITION
-    with merges_apart() as switched:
-        assert switched == "merge in partition off" and not attention.MERGE_IN_PARTITION
-    assert attention.MERGE_IN_PARTITION
+    owner = importlib.import_module(f"infinilm_nb.kernels.{module}")
+    assert getattr(owner, flag)
+    with getattr(ablation, switch)() as switched:
+        assert switched == label and not getattr(owner, flag)
+    assert getattr(owner, flag)
