@@ -272,8 +272,8 @@ def print_report(result: dict[str, Any]) -> None:
         fused = ablation["fused"]
         saved = ", ".join(f"{name} {ms - fused:+.3f} ms ({100 * (ms - fused) / fused:+.1f}%)"
                           for name, ms in ablation.items() if name != "fused")
-        print(f"batch-1 step GPU time {fused:.3f} ms with every fusion; each undone, then PDL switched, then the norms "
-              f"apart and early launches off: {saved}")
+        print(f"batch-1 step GPU time {fused:.3f} ms with every fusion; each undone, then each switch "
+              f"(bench/ablation.py): {saved}")
     print(f"roofline: {s['roofline_tok_s']:.0f} tok/s (weights / copy bandwidth {result['copy_gbps']:.0f} GB/s); "
           f"host per decode step {s['host_us_per_step']:.0f} us of {s['ms_per_step']:.2f} ms "
           f"(GPU {s['gpu_ms_per_step']:.2f} ms)")

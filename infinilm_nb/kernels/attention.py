@@ -24,10 +24,11 @@ Without a workspace a block covers a token's whole causal range and writes ``out
 :class:`AttentionWorkspace` the range is cut into partitions processed by separate blocks (so that
 few long decode sequences fill the GPU); each writes its unnormalised partial and (max, sum), and
 they are merged with the online-softmax rule: in the tensor-core kernel by the last block of each
-(token, KV head) to finish (counted in the workspace's ``finished``), else by a second kernel. The host picks the number of partitions
-from the block table's capacity (a CUDA graph is captured before the contexts are known); each
-token then cuts its own causal range into that many, ``KEY_GRAIN`` keys at a time, so that a short
-context is spread over short partitions too instead of filling the first ones.
+(token, KV head) to finish (counted in the workspace's ``finished``), else by a second kernel. The
+host picks the number of partitions from the block table's capacity (a CUDA graph is captured
+before the contexts are known); each token then cuts its own causal range into that many,
+``KEY_GRAIN`` keys at a time, so that a short context is spread over short partitions too instead
+of filling the first ones.
 
 A float16 step that the caller marks as holding prefills (``max_query_len``) runs instead on tensor
 cores, FlashAttention-2 style: :mod:`.attention_prefill`. Other float16 steps (head dim 64 or 128,
@@ -479,7 +480,6 @@ def kernel_signatures(t: str) -> tuple[str, str]:
     name ``t`` of q, the caches and out (``uint16``: bfloat16)."""
     common = f"{t}[:, :, :], {t}[::1], {t}[::1], int32[:, ::1], int32[::1], int32[::1], int64, float32"
     return f"void({common}, {t}[:, :, :])", f"void({common}, {split_workspace(t)})"
-
 
 
 def _workspace_views(workspace: AttentionWorkspace, tokens: int, heads: int, parts: int, dim: int) -> tuple[Any, Any]:

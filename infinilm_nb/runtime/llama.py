@@ -8,7 +8,8 @@ the scratch ``hidden``), and o_proj and down_proj add their products back into i
 decode step. For that the two norms' weights are folded into the columns of the QKV and gate-up
 weights at load (:func:`fold_norm_weights`). QKV also applies RoPE to q and k and stores k and v in
 the paged cache (``linear_rope_store_kv``: in the decode GEMM's epilogue, else by the rope_store_kv
-kernel after it). Under tensor parallelism the residual buffer is what gets all-reduced. Only each sequence's last token goes through the final norm and the lm_head.
+kernel after it). Under tensor parallelism the residual buffer is what gets all-reduced. Only each
+sequence's last token goes through the final norm and the lm_head.
 """
 
 from __future__ import annotations
