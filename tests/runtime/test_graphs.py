@@ -324,7 +324,7 @@ def test_float16_decode_does_in_the_gemms_what_kernels_did_between_them(
     """A float16 decode step runs neither an RMSNorm before QKV and gate-up (their GEMMs normalise the
     residual themselves) nor RoPE after QKV (its epilogue rotates q and k and stores k and v); with
     the GEMMs' switch off those kernels run, ``per_layer`` a layer, and the logits agree within
-    float16 error."""
+    float16 error. On CUDA cores only (INFINILM_NB_TENSOR_CORES=0) the kernels run either way."""
     from infinilm_nb.kernels import gemm
 
     cuda = get_backend("cuda")
@@ -342,5 +342,5 @@ def test_float16_decode_does_in_the_gemms_what_kernels_did_between_them(
         monkeypatch.setattr(gemm, switch, in_gemm)
         calls.clear()
         logits[in_gemm] = cuda.to_host(model.forward(step, cache))  # the same K and V stored again
-        assert len(calls) == (0 if in_gemm else per_layer * len(model.layers))
+        assert len(calls) == (0 if in_gemm and gemm.USE_MMA else per_layer * len(model.layers))
     assert rel_err(logits[True], logits[False]) < 1e-2
