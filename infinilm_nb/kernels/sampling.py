@@ -16,11 +16,20 @@ One block per row is bound by memory latency, so each thread keeps ``CHUNKS`` lo
 16 bytes (chunks ``c, c + blockDim, ...`` of 8 float16 or bfloat16, or 4 float32) when the row length
 is a multiple of the chunk and the rows are 16-byte aligned, else of single elements. A thread still
 sees its indices in increasing order.
+
+A row that takes one pass (greedy, or neither top-k nor top-p) is split over the grid's y blocks, up
+to ``MAX_PARTS``, the same number of rounds of loads each: on a 128K vocabulary one block's 16
+rounds of round trips were the whole kernel. Each block folds its winner into the row's slot of the
+workspace (``atomicMax`` on the packed score and index, so the lowest index still wins a tie), and
+the last block to count itself in (an atomic counter between fences) takes the slot, writes the
+token and resets the slot and the counter for the next launch. A row with a cut-off to search stays
+in block 0, whose passes need the whole row; its other blocks return at once.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 from typing import Any, Callable
 
@@ -43,6 +52,8 @@ PIVOTS = 8  # _block_sums is written for 8
 # buffer on the stack.
 CHUNKS = {1: 8, 4: 4, 8: 2}
 MAX_REGISTERS = 128  # 512 threads of a block fit an SM's 64K registers (NVVM takes 130; ptxas: no spill at 128)
+MAX_PARTS = 16  # blocks a one-pass row is split over: 16 rounds of 512 threads' loads cover 128K float16
+NO_BEST = np.int64(-(2**63))  # an empty slot of the workspace: below every packed (score, index)
 
 NEG_INF = np.float32(-np.inf)
 POS_INF = np.float32(np.inf)
@@ -119,29 +130,33 @@ def _gumbel(seed, i):
 
 
 @cuda.jit(device=True)
+def _kept_half(low, high, upper, bit):
+    """A reduce-scatter step across lanes ``bit`` apart: the lower lane's ``low`` plus its partner's,
+    or the upper lane's ``high`` plus its partner's. Both go through the shuffle and the select is of
+    sums: a select of two array elements becomes a select of their addresses, which keeps the array
+    out of registers."""
+    from_low = cuda.shfl_xor_sync(FULL_MASK, low, bit)
+    from_high = cuda.shfl_xor_sync(FULL_MASK, high, bit)
+    return high + from_high if upper else low + from_low
+
+
+@cuda.jit(device=True)
 def _block_sums(values, partial):
     """Replace the ``PIVOTS`` (8) ``values`` of every thread by their block-wide sums.
 
-    Within a warp a reduce-scatter halves the values at each step (4 + 2 + 1 shuffles, then 2 more
-    for the last value), leaving lane ``l`` with the warp's sum of value ``4*b4 + 2*b3 + b2`` (b = the
-    bits of ``l``); warps then meet in shared memory. The order of additions is fixed, so every run
-    and every thread gets the same sums.
+    Within a warp a reduce-scatter halves the values at each step (:func:`_kept_half`: 8 + 4 + 2
+    shuffles, then 2 more for the last value), leaving lane ``l`` with the warp's sum of value
+    ``4*b4 + 2*b3 + b2`` (b = the bits of ``l``); warps then meet in shared memory. The order of
+    additions is fixed, so every run and every thread gets the same sums.
     """
     lane = cuda.threadIdx.x % WARP
-    upper = (lane & 16) != 0
-    for m in range(4):
-        keep = values[m + 4] if upper else values[m]
-        give = values[m] if upper else values[m + 4]
-        values[m] = keep + cuda.shfl_xor_sync(FULL_MASK, give, 16)
-    upper = (lane & 8) != 0
-    for m in range(2):
-        keep = values[m + 2] if upper else values[m]
-        give = values[m] if upper else values[m + 2]
-        values[m] = keep + cuda.shfl_xor_sync(FULL_MASK, give, 8)
-    upper = (lane & 4) != 0
-    keep = values[1] if upper else values[0]
-    give = values[0] if upper else values[1]
-    v = keep + cuda.shfl_xor_sync(FULL_MASK, give, 4)
+    width = 4
+    for bit in (16, 8):
+        upper = (lane & bit) != 0
+        for m in range(width):
+            values[m] = _kept_half(values[m], values[m + width], upper, bit)
+        width //= 2
+    v = _kept_half(values[0], values[1], (lane & 4) != 0, 4)
     v += cuda.shfl_xor_sync(FULL_MASK, v, 2)
     v += cuda.shfl_xor_sync(FULL_MASK, v, 1)
     if lane % 4 == 0:
@@ -237,10 +252,13 @@ def _sampler(vec: int, bf16: bool) -> Callable:
             hi = new_hi
         return lo
 
-    def kernel(logits, temperatures, top_ks, top_ps, seeds, out):
-        """One block per row; every branch depends on the row only, so whole blocks take it together."""
+    def kernel(logits, temperatures, top_ks, top_ps, seeds, best, finished, out):
+        """Blocks ``(row, part)``; every branch depends on the row only, so whole blocks take it together.
+        best, finished: the workspace, ``NO_BEST`` and 0 before and after the launch (module doc)."""
         await_previous_kernels()
         b = cuda.blockIdx.x
+        part = cuda.blockIdx.y
+        parts = cuda.gridDim.y
         row = logits[b]
         n = row.shape[0]
         pivots = cuda.local.array(PIVOTS, numba.float32)
@@ -255,6 +273,9 @@ def _sampler(vec: int, bf16: bool) -> Callable:
         top_p = top_ps[b]
         use_k = not greedy and 0 < top_k < n
         use_p = not greedy and top_p < ONE
+        split = parts > 1 and not (use_k or use_p)
+        if part > 0 and not split:
+            return
         floor = NEG_INF
         row_max = ZERO
         p_floor = ZERO
@@ -296,45 +317,62 @@ def _sampler(vec: int, bf16: bool) -> Callable:
 
         # each thread sees its indices in increasing order, so a strict > keeps the lowest of equals;
         # a token whose x / T + GUMBEL_BOUND is below the thread's best cannot win: skip its noise
+        # a split row: this block's whole rounds of chunks, a view from element ``start`` (16-byte
+        # aligned: a multiple of the chunk)
+        start = 0
+        if split:
+            round_size = span * cuda.blockDim.x
+            per_part = round_size * ((n + round_size * parts - 1) // (round_size * parts))
+            start = part * per_part
+            row = row[start : min(n, start + per_part)]
         seed = seeds[b]
-        best = NEG_INF
+        top = NEG_INF
         best_index = cuda.threadIdx.x
         c = cuda.threadIdx.x
-        while c * vec < n:
+        while c * vec < row.shape[0]:
             load_round(row, c, buf)
             for u in range(chunks):
                 for e in range(vec):
                     index = (c + u * cuda.blockDim.x) * vec + e
                     x = buf[u * vec + e]
-                    if index >= n:
+                    if index >= row.shape[0]:
                         pass
                     elif greedy:
-                        if x > best:
-                            best = x
+                        if x > top:
+                            top = x
                             best_index = index
                     elif x >= floor:
                         scaled = x / temperature
-                        if scaled + GUMBEL_BOUND >= best and (
+                        if scaled + GUMBEL_BOUND >= top and (
                             not use_p or math.exp((x - row_max) / temperature) >= p_floor
                         ):
-                            score = scaled + _gumbel(seed, index)
-                            if score > best:
-                                best = score
+                            score = scaled + _gumbel(seed, start + index)
+                            if score > top:
+                                top = score
                                 best_index = index
             c += chunks * cuda.blockDim.x
         # one int64 orders (score, -index): the max is the argmax with the lowest index among equals
         # (+ 0 turns -0.0 into +0.0, which compare equal but have different keys)
-        packed = (_key(best + ZERO) << 32) | (LOW32 - numba.int64(best_index))
+        packed = (_key(top + ZERO) << 32) | (LOW32 - numba.int64(start + best_index))
         packed = _block_max(packed, partial_max)
         if cuda.threadIdx.x == 0:
-            out[b] = LOW32 - (packed & LOW32)
+            if split:  # the last block of the row to finish takes the row's best and clears the slot
+                cuda.atomic.max(best, b, packed)
+                cuda.threadfence()
+                if cuda.atomic.add(finished, b, 1) == parts - 1:
+                    cuda.threadfence()
+                    packed = cuda.atomic.exch(best, b, NO_BEST)
+                    finished[b] = 0
+                    out[b] = LOW32 - (packed & LOW32)
+            else:
+                out[b] = LOW32 - (packed & LOW32)
 
     return kernel
 
 
 def kernel_signature(t: str) -> str:
     """The sampler kernel's signature for logits of numba type name ``t``."""
-    return f"void({t}[:, ::1], float32[::1], int32[::1], float32[::1], uint64[::1], int32[::1])"
+    return f"void({t}[:, ::1], float32[::1], int32[::1], float32[::1], uint64[::1], int64[::1], int32[::1], int32[::1])"
 
 
 def sample(logits: Any, temperatures: Any, top_ks: Any, top_ps: Any, seeds: Any, out: Any) -> Any:
@@ -356,5 +394,24 @@ def sample(logits: Any, temperatures: Any, top_ks: Any, top_ps: Any, seeds: Any,
         **({} if SIMULATOR else {"max_registers": MAX_REGISTERS}),
     )
     threads = min(THREADS, WARP * cdiv(vocab, WARP))  # no idle warps for a tiny vocabulary
-    launch(kernel, rows, threads, (logits, temperatures, top_ks, top_ps, seeds, out))
+    rounds = cdiv(vocab, threads * CHUNKS[vec] * vec)  # of all the block's loads in flight
+    parts = cdiv(rounds, cdiv(rounds, MAX_PARTS))  # as many rounds each, none left empty
+    best, finished = workspace(logits)
+    launch(kernel, (rows, parts), threads, (logits, temperatures, top_ks, top_ps, seeds, best, finished, out))
     return out
+
+
+_workspaces: dict[tuple, tuple[Any, Any]] = {}
+
+
+def workspace(logits: Any) -> tuple[Any, Any]:
+    """The split rows' workspace for ``logits``' rows: kept per row count, array module and device
+    (``best`` int64 at ``NO_BEST``, ``finished`` int32 at 0, as every launch leaves them). Made on
+    first use, which the decode graphs' eager warm-up reaches before any capture; launches that share
+    one must not overlap (they run on one stream)."""
+    rows = logits.shape[0]
+    key = (type(logits), str(getattr(logits, "device", "")), rows)
+    if key not in _workspaces:
+        xp = importlib.import_module("cupy" if hasattr(logits, "__cuda_array_interface__") else "numpy")
+        _workspaces[key] = (xp.full(rows, NO_BEST, dtype=np.int64), xp.zeros(rows, dtype=np.int32))
+    return _workspaces[key]

@@ -87,6 +87,36 @@ def test_sample_matches_reference(kb, rng, dtype, kinds, vocab):
     assert got.tolist() == want.tolist(), [k for k, g, w in zip(kinds, got, want) if g != w]
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_rows_split_over_blocks_match_reference_and_leave_the_workspace_clean(kb, rng, dtype):
+    from infinilm_nb.kernels import sampling
+
+    kinds = ["greedy", "temperature", "top-k and top-p", "greedy"]  # the top-k / top-p row stays in one block
+    vocab = pick(sim=1500, gpu=128256)  # several blocks' rounds of loads; the last block's partly past the row
+    logits = random(rng, (len(kinds), vocab), dtype, scale=3.0)
+    logits[0, -5] = logits[0].max() + 1  # the winner in the last block
+    logits[3, :] = 0  # a tie over the whole row: the lowest index wins
+    for _ in range(2):  # the workspace is ready for the next launch
+        args = (logits, *settings(kinds, rng))
+        assert kernel_sample(kb, *args).tolist() == reference_sample(*args).tolist()
+        best, finished = sampling.workspace(kb.asarray(logits))
+        assert (kb.to_host(best) == sampling.NO_BEST).all() and not kb.to_host(finished).any()
+
+
+def test_a_128k_row_is_split_over_16_blocks(kb, monkeypatch):
+    from infinilm_nb.kernels import sampling
+
+    grids = []
+    monkeypatch.setattr(sampling, "launch", lambda kernel, grid, *rest: grids.append(grid))
+    monkeypatch.setattr(sampling, "THREADS", 512)
+    monkeypatch.setattr(sampling, "compiled", lambda *args, **options: None)
+    for vocab in (128256, 8192, 17 * 8192):
+        args = [np.zeros((3, vocab), np.float16), np.zeros(3, np.float32), np.zeros(3, np.int32),
+                np.ones(3, np.float32), np.zeros(3, np.uint64), np.zeros(3, np.int32)]
+        sampling.sample(*[kb.asarray(a) for a in args])
+    assert grids == [(3, 16), (3, 1), (3, 9)]  # 17 rounds: 2 each, the last block 1
+
+
 def edge_seeds(rng, logits, temperature, top_k, top_p):
     """Two seeds that put the draw at the edge of the mask: with the first, the most likely tokens left
     out beat every kept one; with the second, the least likely kept tokens win. A mask one value too
