@@ -13,13 +13,14 @@ unfused kernels (same op names, so the model and its CUDA graphs are unchanged):
 captured the other way. ``norm in gemm off`` runs the RMSNorm before QKV and gate-up as its own
 kernel again (``gemm.NORM_IN_GEMM``); ``merge in partition off`` merges the split attention's
 partials in the merge kernel again (``attention.MERGE_IN_PARTITION``); ``rope in gemm off`` runs RoPE
-and the cache store in the rope_store_kv kernel after the QKV GEMM (``gemm.ROPE_IN_GEMM``). ``early
+and the cache store in the rope_store_kv kernel after the QKV GEMM (``gemm.ROPE_IN_GEMM``); ``sampler
+split off`` samples every row in one block (``sampling.MAX_PARTS = 1``). ``early
 launch off`` keeps RMSNorm and the attention merge from letting the GEMM after them launch before they
 exit (``common.LAUNCH_NEXT_EARLY``).
 
 :func:`ablate` runs batch-1 decode on a checkpoint once per fusion undone, once with PDL switched, once
-with the norms apart, once with the merge kernel, once with RoPE apart from QKV and once without
-early launches (``bench/decode.py --ablate``);
+with the norms apart, once with the merge kernel, once with RoPE apart from QKV, once with the
+sampler in one block and once without early launches (``bench/decode.py --ablate``);
 :class:`UnfusedOps` is the op table.
 """
 
@@ -125,6 +126,13 @@ def rope_apart() -> Any:
     return _set(gemm, "ROPE_IN_GEMM", False, "rope in gemm off")
 
 
+def sampler_in_one_block() -> Any:
+    """Every sampler row in one block, not split over several; yields ``"sampler split off"``."""
+    from infinilm_nb.kernels import sampling
+
+    return _set(sampling, "MAX_PARTS", 1, "sampler split off")
+
+
 def late_launches() -> Any:
     """No kernel lets the next launch before it exits; yields ``"early launch off"``."""
     from infinilm_nb.kernels import common
@@ -146,8 +154,8 @@ def undone(backend: Any, fusions: tuple[str, ...]) -> Iterator[None]:
 def ablate(decode_step: Callable[[Any], float], make_llm: Callable[[], Any]) -> dict[str, float]:
     """Milliseconds of a batch-1 decode step (``decode_step(llm)``) with all fusions, then with each
     undone, then with PDL switched (key ``"pdl on"`` or ``"pdl off"``), then with the norms apart, the
-    merge kernel, RoPE apart from QKV and no early launches, each on a fresh ``make_llm()`` whose
-    model and graphs are built that way."""
+    merge kernel, RoPE apart from QKV, the sampler in one block and no early launches, each on a
+    fresh ``make_llm()`` whose model and graphs are built that way."""
     from infinilm_nb.backend import get_backend
 
     backend = get_backend("cuda")
@@ -162,7 +170,7 @@ def ablate(decode_step: Callable[[Any], float], make_llm: Callable[[], Any]) -> 
     for undo in ((), *((fusion,) for fusion in FUSIONS)):
         with undone(backend, undo):
             times[undo[0] if undo else "fused"] = timed()
-    for switch in (pdl_switched, norms_apart, merges_apart, rope_apart, late_launches):
+    for switch in (pdl_switched, norms_apart, merges_apart, rope_apart, sampler_in_one_block, late_launches):
         with switch() as switched:
             times[switched] = timed()
     return times
