@@ -74,19 +74,23 @@ def test_pdl_is_switched_within_the_block_only(monkeypatch, pdl):
     assert common.PDL is pdl
 
 
-@pytest.mark.parametrize("switch,module,flag,label", [
-    ("late_launches", "common", "LAUNCH_NEXT_EARLY", "early launch off"),
-    ("norms_apart", "gemm", "NORM_IN_GEMM", "norm in gemm off"),
-    ("merges_apart", "attention", "MERGE_IN_PARTITION", "merge in partition off"),
-    ("rope_apart", "gemm", "ROPE_IN_GEMM", "rope in gemm off"),
+@pytest.mark.parametrize("switch,module,flag,label,on,off", [
+    ("late_launches", "common", "LAUNCH_NEXT_EARLY", "early launch off", True, False),
+    ("norms_apart", "gemm", "NORM_IN_GEMM", "norm in gemm off", True, False),
+    ("merges_apart", "attention", "MERGE_IN_PARTITION", "merge in partition off", True, False),
+    ("rope_apart", "gemm", "ROPE_IN_GEMM", "rope in gemm off", True, False),
+    ("sampler_in_one_block", "sampling", "MAX_PARTS", "sampler split off", 16, 1),
 ])
-def test_each_switch_is_off_within_the_block_only(switch, module, flag, label):
+def test_each_switch_is_off_within_the_block_only(switch, module, flag, label, on, off):
     import importlib
 
     from bench import ablation
 
     owner = importlib.import_module(f"infinilm_nb.kernels.{module}")
-    assert getattr(owner, flag)
+    def value():  # with its type: True == 1, but a flag is not a count
+        return type(getattr(owner, flag)), getattr(owner, flag)
+
+    assert value() == (type(on), on)
     with getattr(ablation, switch)() as switched:
-        assert switched == label and not getattr(owner, flag)
-    assert getattr(owner, flag)
+        assert switched == label and value() == (type(off), off)
+    assert value() == (type(on), on)
