@@ -1,0 +1,171 @@
+"""Where paged decode attention stops: time it at every partition count beside the floors of the same grid.
+
+Usage: ``python bench/attention_sweep.py [--out DIR] [--cases 1x8192,16x1024] [--budget S]``. For each
+(batch, context) case of the kernel bench (32 q / 8 kv heads, d = 128, block 16, float16) it prints,
+for each number of partitions a token's keys are cut into:
+
+* ``mma`` and ``cuda-core``: the split kernels (attention_mma and the CUDA-core one), forced to that
+  count through ``attention._partitions``; the dispatcher's own count is marked;
+* ``read``: a bare paged read of the same K and V bytes with the same grid and block size (one block
+  per (token, KV head, partition), 128 threads, the same block table lookups, 16-byte loads, 4 keys'
+  rows in flight per thread, nothing computed): what the memory system gives that geometry;
+* ``empty``: the same grid doing nothing: the launch and block scheduling floor.
+
+and, at the dispatched count, the tensor-core split with the merge kernel instead of the merge in its
+last partition block. Writes ``attention_sweep.jsonl`` as it goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import cupy  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench.kernels import ATTENTION_CASES, BLOCK_SIZE, HEAD_DIM, HEADS, KV_HEADS, OPS, rand  # noqa: E402
+from bench.timing import copies_needed, copy_bandwidth, gpu_name, time_graph  # noqa: E402
+from numba import cuda, int64, uint32  # noqa: E402
+
+from infinilm_nb.kernels import attention, attention_mma  # noqa: E402
+from infinilm_nb.kernels.attention import KEY_GRAIN, AttentionWorkspace  # noqa: E402
+from infinilm_nb.kernels.common import cdiv, compiled, launch_stream  # noqa: E402
+from infinilm_nb.kernels.mma import load_words_stream  # noqa: E402
+from infinilm_nb.runtime.llama import SPLIT_ATTENTION_TOKENS  # noqa: E402
+
+THREADS = 128  # the attention blocks' (4 warps)
+CHUNKS = HEAD_DIM // 8  # 16-byte chunks of a K or V row
+ROWS = THREADS // CHUNKS  # key rows a block pass covers
+UNROLL = 4
+MAGIC = uint32(0x9E3779B9)
+
+
+def _paged_read_kernel(k, v, block_tables, part_keys, length, sink):
+    """Read the K and V rows of keys ``[z * part_keys, (z + 1) * part_keys)`` of sequence ``x``, KV head
+    ``y``, through the block table, and nothing else."""
+    b, g, z = cuda.blockIdx.x, cuda.blockIdx.y, cuda.blockIdx.z
+    chunk = cuda.threadIdx.x % CHUNKS
+    start = z * part_keys
+    stop = min(start + part_keys, length)
+    acc = uint32(0)
+    for base in range(start + cuda.threadIdx.x // CHUNKS, stop, ROWS * UNROLL):
+        for u in range(UNROLL):
+            key = min(base + ROWS * u, stop - 1)
+            block = block_tables[b, key // BLOCK_SIZE]
+            at = ((int64(block) * BLOCK_SIZE + key % BLOCK_SIZE) * KV_HEADS + g) * HEAD_DIM + chunk * 8
+            kw = load_words_stream(k, at)
+            vw = load_words_stream(v, at)
+            acc ^= kw[0] ^ kw[1] ^ kw[2] ^ kw[3] ^ vw[0] ^ vw[1] ^ vw[2] ^ vw[3]
+    if acc == MAGIC:
+        sink[0] = 1
+
+
+def _empty_kernel(sink):
+    if cuda.blockIdx.z == 1 << 30:
+        sink[0] = 1
+
+
+def part_counts(tokens: int, keys: int, most: int) -> list[int]:
+    """The distinct partition counts the launcher can end up with (it rounds partitions to KEY_GRAIN
+    keys), from 1 up to ``most`` and to 8 waves' worth of blocks."""
+    found = set()
+    for parts in range(1, most + 1):
+        part_keys = KEY_GRAIN * cdiv(cdiv(keys, KEY_GRAIN), parts)
+        actual = cdiv(keys, part_keys)
+        if tokens * KV_HEADS * actual <= 8 * 132 * 4:
+            found.add(actual)
+    return sorted(found)
+
+
+def forced(parts: int):
+    """A stand-in for attention._partitions that always answers ``parts``."""
+    return lambda blocks, keys, most, whole, split, threads: parts
+
+
+def sweep_case(batch: int, length: int, bw: float, log) -> None:
+    nbytes = 2 * 2 * batch * length * KV_HEADS * HEAD_DIM
+    copies = copies_needed(nbytes)
+    blocks = batch * length // BLOCK_SIZE
+    caches = [(rand((blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM)), rand((blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM)))
+              for _ in range(copies)]
+    tables = cupy.asarray(np.random.permutation(blocks).reshape(batch, -1).astype(np.int32))
+    lens = cupy.full(batch, length, np.int32)
+    starts = cupy.arange(batch + 1, dtype=np.int32)
+    q, out = rand((batch, HEADS, HEAD_DIM)), cupy.empty((batch, HEADS, HEAD_DIM), np.float16)
+    workspace = AttentionWorkspace.allocate(cupy, max(batch, SPLIT_ATTENTION_TOKENS), HEADS, HEAD_DIM, length)
+    most = workspace.partials.shape[0] * workspace.partials.shape[2] // batch
+    sink = cupy.zeros(1, np.float16)
+    read = compiled(_paged_read_kernel, "void(float16[::1], float16[::1], int32[:, ::1], int64, int64, float16[::1])")
+    empty = compiled(_empty_kernel, "void(float16[::1])")
+
+    def attend(mma: bool) -> float:
+        attention_mma.ENABLED, attention_mma.WITHIN_ONE_WAVE = mma, False
+        calls = [lambda kc=kc, vc=vc: OPS.paged_attention(q, kc, vc, tables, lens, starts, HEAD_DIM**-0.5, out,
+                                                          workspace=workspace) for kc, vc in caches]
+        return time_graph(calls, reps=20, rounds=5)
+
+    enabled, choose = attention_mma.ENABLED, attention._partitions
+    dispatched = []  # the dispatcher's count for the mma kernel, recorded by a wrapper
+    attention._partitions = lambda *a: dispatched.append(choose(*a)) or dispatched[-1]
+    attend(True)
+    chosen = dispatched[-1]
+    chosen_keys = KEY_GRAIN * cdiv(cdiv(length, KEY_GRAIN), chosen)
+    chosen = cdiv(length, chosen_keys) if chosen_keys < length else 1
+    print(f"--- B={batch} L={length}: {nbytes / 1e6:.1f} MB of K and V, dispatched {chosen} partitions "
+          f"({'mma' if enabled else 'cuda-core'})", flush=True)
+    print(f"  {'parts':>5} {'blocks':>6} {'keys':>5} | {'mma us':>7} {'%':>4} | {'cuda-core':>9} {'%':>4} | "
+          f"{'read us':>7} {'%':>4} | {'empty us':>8}", flush=True)
+    for parts in part_counts(batch, length, most):
+        part_keys = KEY_GRAIN * cdiv(cdiv(length, KEY_GRAIN), parts)
+        attention._partitions = forced(parts)
+        row = {"batch": batch, "length": length, "parts": parts, "keys": part_keys,
+               "mma_us": attend(True) * 1e6, "cuda_core_us": attend(False) * 1e6}
+        grid = (batch, KV_HEADS, parts)
+        row["read_us"] = 1e6 * time_graph(
+            [lambda kc=kc, vc=vc: read[grid, THREADS, launch_stream()](kc.reshape(-1), vc.reshape(-1), tables,
+                                                                        part_keys, length, sink)
+             for kc, vc in caches], reps=20, rounds=5)
+        row["empty_us"] = 1e6 * time_graph([lambda: empty[grid, THREADS, launch_stream()](sink)], reps=20, rounds=5)
+        mark = " <- dispatched" if parts == chosen else ""
+        pct = {key: 100 * nbytes / (row[key] / 1e6) / bw for key in ("mma_us", "cuda_core_us", "read_us")}
+        print(f"  {parts:5d} {batch * KV_HEADS * parts:6d} {part_keys:5d} | {row['mma_us']:7.1f} {pct['mma_us']:4.0f} | "
+              f"{row['cuda_core_us']:9.1f} {pct['cuda_core_us']:4.0f} | {row['read_us']:7.1f} {pct['read_us']:4.0f} | "
+              f"{row['empty_us']:8.2f}{mark}", flush=True)
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+    attention._partitions = forced(chosen)
+    attention.MERGE_IN_PARTITION = False
+    merge_kernel = attend(True) * 1e6
+    attention.MERGE_IN_PARTITION = True
+    attention._partitions, attention_mma.ENABLED, attention_mma.WITHIN_ONE_WAVE = choose, enabled, True
+    print(f"  mma split at {chosen} partitions with the merge kernel instead of the last block: {merge_kernel:.1f} us",
+          flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, default=Path("bench/out"))
+    parser.add_argument("--cases", default=",".join(f"{b}x{n}" for b, n in ATTENTION_CASES),
+                        help="comma-separated batch x context")
+    parser.add_argument("--budget", type=float, default=1e9, help="seconds; no new case starts after them")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = open(args.out / "attention_sweep.jsonl", "a")
+    bw = copy_bandwidth()
+    print(f"{gpu_name()}  copy {bw / 1e9:.0f} GB/s", flush=True)
+    start = time.time()
+    for case in args.cases.split(","):
+        if time.time() - start > args.budget:
+            break
+        batch, length = (int(v) for v in case.split("x"))
+        sweep_case(batch, length, bw, log)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
