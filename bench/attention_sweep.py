@@ -6,13 +6,14 @@ for each number of partitions a token's keys are cut into:
 
 * ``mma`` and ``cuda-core``: the split kernels (attention_mma and the CUDA-core one), forced to that
   count through ``attention._partitions``; the dispatcher's own count is marked;
+* ``+merge``: the tensor-core split with the merge kernel after it instead of the merge in its last
+  partition block (``attention.MERGE_IN_PARTITION`` off; the CUDA-core split always has the kernel);
 * ``read``: a bare paged read of the same K and V bytes with the same grid and block size (one block
   per (token, KV head, partition), 128 threads, the same block table lookups, 16-byte loads, 4 keys'
   rows in flight per thread, nothing computed): what the memory system gives that geometry;
 * ``empty``: the same grid doing nothing: the launch and block scheduling floor.
 
-and, at the dispatched count, the tensor-core split with the merge kernel instead of the merge in its
-last partition block. Writes ``attention_sweep.jsonl`` as it goes.
+Writes ``attention_sweep.jsonl`` as it goes.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -31,6 +33,7 @@ import numpy as np  # noqa: E402
 from bench.kernels import ATTENTION_CASES, BLOCK_SIZE, HEAD_DIM, HEADS, KV_HEADS, OPS, rand  # noqa: E402
 from bench.timing import copies_needed, copy_bandwidth, gpu_name, time_graph  # noqa: E402
 from numba import cuda, int64, uint32  # noqa: E402
+from numba.core.errors import NumbaPerformanceWarning  # noqa: E402
 
 from infinilm_nb.kernels import attention, attention_mma  # noqa: E402
 from infinilm_nb.kernels.attention import KEY_GRAIN, AttentionWorkspace  # noqa: E402
@@ -118,13 +121,17 @@ def sweep_case(batch: int, length: int, bw: float, log) -> None:
     chosen = cdiv(length, chosen_keys) if chosen_keys < length else 1
     print(f"--- B={batch} L={length}: {nbytes / 1e6:.1f} MB of K and V, dispatched {chosen} partitions "
           f"({'mma' if enabled else 'cuda-core'})", flush=True)
-    print(f"  {'parts':>5} {'blocks':>6} {'keys':>5} | {'mma us':>7} {'%':>4} | {'cuda-core':>9} {'%':>4} | "
+    print(f"  {'parts':>5} {'blocks':>6} {'keys':>5} | {'mma us':>7} {'%':>4} | {'+merge':>7} {'%':>4} | "
+          f"{'cuda-core':>9} {'%':>4} | "
           f"{'read us':>7} {'%':>4} | {'empty us':>8}", flush=True)
     for parts in part_counts(batch, length, most):
         part_keys = KEY_GRAIN * cdiv(cdiv(length, KEY_GRAIN), parts)
         attention._partitions = forced(parts)
         row = {"batch": batch, "length": length, "parts": parts, "keys": part_keys,
                "mma_us": attend(True) * 1e6, "cuda_core_us": attend(False) * 1e6}
+        attention.MERGE_IN_PARTITION = False
+        row["mma_merge_kernel_us"] = attend(True) * 1e6
+        attention.MERGE_IN_PARTITION = True
         grid = (batch, KV_HEADS, parts)
         row["read_us"] = 1e6 * time_graph(
             [lambda kc=kc, vc=vc: read[grid, THREADS, launch_stream()](kc.reshape(-1), vc.reshape(-1), tables,
@@ -132,19 +139,15 @@ def sweep_case(batch: int, length: int, bw: float, log) -> None:
              for kc, vc in caches], reps=20, rounds=5)
         row["empty_us"] = 1e6 * time_graph([lambda: empty[grid, THREADS, launch_stream()](sink)], reps=20, rounds=5)
         mark = " <- dispatched" if parts == chosen else ""
-        pct = {key: 100 * nbytes / (row[key] / 1e6) / bw for key in ("mma_us", "cuda_core_us", "read_us")}
+        pct = {key: 100 * nbytes / (row[key] / 1e6) / bw
+               for key in ("mma_us", "mma_merge_kernel_us", "cuda_core_us", "read_us")}
         print(f"  {parts:5d} {batch * KV_HEADS * parts:6d} {part_keys:5d} | {row['mma_us']:7.1f} {pct['mma_us']:4.0f} | "
+              f"{row['mma_merge_kernel_us']:7.1f} {pct['mma_merge_kernel_us']:4.0f} | "
               f"{row['cuda_core_us']:9.1f} {pct['cuda_core_us']:4.0f} | {row['read_us']:7.1f} {pct['read_us']:4.0f} | "
               f"{row['empty_us']:8.2f}{mark}", flush=True)
         log.write(json.dumps(row) + "\n")
         log.flush()
-    attention._partitions = forced(chosen)
-    attention.MERGE_IN_PARTITION = False
-    merge_kernel = attend(True) * 1e6
-    attention.MERGE_IN_PARTITION = True
     attention._partitions, attention_mma.ENABLED, attention_mma.WITHIN_ONE_WAVE = choose, enabled, True
-    print(f"  mma split at {chosen} partitions with the merge kernel instead of the last block: {merge_kernel:.1f} us",
-          flush=True)
 
 
 def main() -> int:
@@ -154,6 +157,7 @@ def main() -> int:
                         help="comma-separated batch x context")
     parser.add_argument("--budget", type=float, default=1e9, help="seconds; no new case starts after them")
     args = parser.parse_args()
+    warnings.filterwarnings("ignore", category=NumbaPerformanceWarning)  # small grids are the point here
     args.out.mkdir(parents=True, exist_ok=True)
     log = open(args.out / "attention_sweep.jsonl", "a")
     bw = copy_bandwidth()
