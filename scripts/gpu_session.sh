@@ -4,8 +4,9 @@
 #   bash scripts/gpu_session.sh tests [pytest args and paths]   # default: tests/kernels tests/runtime, then
 #                                                               # tests/runtime again on CUDA cores only
 #   bash scripts/gpu_session.sh bench [bench/kernels.py args]   # e.g. --only gemm,elementwise
-#   bash scripts/gpu_session.sh e2e [--layers N] [--no-hf]      # bench/decode.py, step_profile.py, throughput.py
-#   bash scripts/gpu_session.sh all                             # tests, kernels bench, e2e
+#   bash scripts/gpu_session.sh e2e [--layers N] [--no-hf]      # bench/decode.py and step_profile.py (~8 min on an H200)
+#   bash scripts/gpu_session.sh throughput [--layers N] [--no-hf] # bench/throughput.py (over 4 min with HF: a call of its own)
+#   bash scripts/gpu_session.sh all                             # tests, kernels bench, e2e, throughput (past one 10-minute call)
 #   bash scripts/gpu_session.sh tp [bench/tp.py args]           # 2 GPUs: tests/distributed, then tp=2 against tp=1
 #   bash scripts/gpu_session.sh sweep [bench/gemm_sweep.py args] # e.g. --m 32 --budget 120: decode GEMM variants
 #   bash scripts/gpu_session.sh attention [bench/attention_sweep.py args] # decode attention by partition count
@@ -55,18 +56,21 @@ run_e2e() {
   # where the batch-1 step's GPU time goes, kernel by kernel (same checkpoint)
   python3 bench/step_profile.py --out "$OUT" --model-dir /tmp/rl8b --layers "$(layers "$@")" 2>&1 \
     | tee "$OUT/step_profile.log" | tail -14
+}
+run_throughput() {
   python3 bench/throughput.py --out "$OUT" --model-dir /tmp/rl8b "$@" 2>&1 | tee "$OUT/throughput.log" | tail -15
 }
 case $what in
   tests) run_tests "$@" ;;
   bench) python3 bench/kernels.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" | tail -60 ;;
   e2e) run_e2e "$@" ;;
+  throughput) run_throughput "$@" ;;
   tp) run_tests tests/distributed
       python3 bench/tp.py --out "$OUT" "$@" 2>&1 | grep -v "Loading weights" | tee "$OUT/tp.log" | tail -20 ;;
   sweep) python3 bench/gemm_sweep.py --out "$OUT" "$@" 2>&1 | tee "$OUT/sweep.log" | tail -40 ;;
   attention) python3 bench/attention_sweep.py --out "$OUT" "$@" 2>&1 | tee "$OUT/attention_sweep.log" | tail -150 ;;
-  all) run_tests; python3 bench/kernels.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -60; run_e2e ;;
-  *) echo "usage: $0 tests|bench|e2e|all|tp|sweep|attention [args]"; exit 2 ;;
+  all) run_tests; python3 bench/kernels.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -60; run_e2e; run_throughput ;;
+  *) echo "usage: $0 tests|bench|e2e|throughput|all|tp|sweep|attention [args]"; exit 2 ;;
 esac
 python3 bench/summary.py "$OUT"
 exit $status
