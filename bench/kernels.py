@@ -29,6 +29,8 @@ from bench.timing import (  # noqa: E402
 )
 from infinilm_nb.backend import get_backend  # noqa: E402
 from infinilm_nb.kernels import common, reference  # noqa: E402
+from infinilm_nb.kernels.intrinsics import load_f16x8, store_f16x8  # noqa: E402
+from numba import cuda  # noqa: E402
 
 OPS = get_backend("cuda").ops
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN, VOCAB = 4096, 32, 8, 128, 14336, 128256
@@ -202,7 +204,39 @@ def sampler_call(dtype: Any, temperature: float, top_p: float, rows: int = 32) -
     return lambda: OPS.sample(logits, *params, out)
 
 
+def _copy_kernel(src, dst):
+    """``dst = src`` in one launch: 16-byte loads, four in flight per thread before their stores,
+    consecutive threads on consecutive chunks."""
+    tid = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    chunks = src.size // 8
+    for base in range(tid, chunks, 4 * stride):
+        last = chunks - 1
+        v0 = load_f16x8(src, base * 8)
+        v1 = load_f16x8(src, min(base + stride, last) * 8)
+        v2 = load_f16x8(src, min(base + 2 * stride, last) * 8)
+        v3 = load_f16x8(src, min(base + 3 * stride, last) * 8)
+        store_f16x8(dst, base * 8, v0)
+        if base + stride < chunks:
+            store_f16x8(dst, (base + stride) * 8, v1)
+        if base + 2 * stride < chunks:
+            store_f16x8(dst, (base + 2 * stride) * 8, v2)
+        if base + 3 * stride < chunks:
+            store_f16x8(dst, (base + 3 * stride) * 8, v3)
+
+
+def copy_call(nbytes: int) -> Callable[[], None]:
+    """A bare copy moving ``nbytes`` (half read, half written) in one launch of 8 blocks of 256
+    threads an SM: the ceiling of a bandwidth-bound kernel of that size, beside the elementwise ops."""
+    kernel = common.compiled(_copy_kernel, "void(float16[::1], float16[::1])")
+    src, dst = rand((nbytes // 4,)), cupy.empty(nbytes // 4, np.float16)
+    blocks = 8 * cupy.cuda.runtime.getDeviceProperties(0)["multiProcessorCount"]
+    return lambda: kernel[blocks, 256, common.launch_stream()](src, dst)
+
+
 def bench_elementwise(copy_bw: float, tokens: int = 4096) -> list[Row]:
+    """The bandwidth-bound ops at ``tokens`` x HIDDEN, each beside a bare one-launch copy of the same
+    bytes (the launch's ceiling at that size), and the sampler."""
     rows = []
 
     def add(kernel: str, shape: str, nbytes: int, make: Callable[[], Callable[[], None]]):
@@ -212,6 +246,7 @@ def bench_elementwise(copy_bw: float, tokens: int = 4096) -> list[Row]:
 
     for kernel, shape, nbytes, make in elementwise_cases(tokens, rope_cache()):
         add(kernel, shape, nbytes, lambda make=make: make(np.float16))
+        add("copy kernel", f"{nbytes / 2e6:.1f} MB in, out", nbytes, lambda nbytes=nbytes: copy_call(nbytes))
     logits = 32 * VOCAB * 4
     add("sample greedy", f"32x{VOCAB} f32", logits, lambda: sampler_call(np.float32, 0.0, 1.0))
     add("sample top_p=0.9", f"32x{VOCAB} f32", logits, lambda: sampler_call(np.float32, 0.8, 0.9))
