@@ -30,15 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cupy  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.kernels import ATTENTION_CASES, BLOCK_SIZE, HEAD_DIM, HEADS, KV_HEADS, OPS, rand  # noqa: E402
-from bench.timing import copies_needed, copy_bandwidth, gpu_name, time_graph  # noqa: E402
+from bench.kernels import ATTENTION_CASES, BLOCK_SIZE, HEAD_DIM, KV_HEADS, DecodeAttentionCase  # noqa: E402
+from bench.timing import copy_bandwidth, gpu_name, time_graph  # noqa: E402
 from numba import cuda, int64, uint32  # noqa: E402
 
 from infinilm_nb.kernels import attention, attention_mma  # noqa: E402
-from infinilm_nb.kernels.attention import KEY_GRAIN, AttentionWorkspace  # noqa: E402
+from infinilm_nb.kernels.attention import KEY_GRAIN  # noqa: E402
 from infinilm_nb.kernels.common import cdiv, compiled, launch_stream  # noqa: E402
 from infinilm_nb.kernels.mma import load_words_stream  # noqa: E402
-from infinilm_nb.runtime.llama import SPLIT_ATTENTION_TOKENS  # noqa: E402
 
 THREADS = 128  # the attention blocks' (4 warps)
 CHUNKS = HEAD_DIM // 8  # 16-byte chunks of a K or V row
@@ -90,36 +89,28 @@ def forced(parts: int):
 
 
 def sweep_case(batch: int, length: int, bw: float, log) -> None:
-    nbytes = 2 * 2 * batch * length * KV_HEADS * HEAD_DIM
-    copies = copies_needed(nbytes)
-    blocks = batch * length // BLOCK_SIZE
-    caches = [(rand((blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM)), rand((blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM)))
-              for _ in range(copies)]
-    tables = cupy.asarray(np.random.permutation(blocks).reshape(batch, -1).astype(np.int32))
-    lens = cupy.full(batch, length, np.int32)
-    starts = cupy.arange(batch + 1, dtype=np.int32)
-    q, out = rand((batch, HEADS, HEAD_DIM)), cupy.empty((batch, HEADS, HEAD_DIM), np.float16)
-    workspace = AttentionWorkspace.allocate(cupy, max(batch, SPLIT_ATTENTION_TOKENS), HEADS, HEAD_DIM, length)
-    most = workspace.partials.shape[0] * workspace.partials.shape[2] // batch
+    case = DecodeAttentionCase.make(batch, length)
+    nbytes, caches, tables = case.nbytes, case.caches, case.tables
+    most = case.workspace.partials.shape[0] * case.workspace.partials.shape[2] // batch
     sink = cupy.zeros(1, np.float16)
     read = compiled(_paged_read_kernel, "void(float16[::1], float16[::1], int32[:, ::1], int64, int64, float16[::1])")
     empty = compiled(_empty_kernel, "void(float16[::1])")
 
-    def attend(mma: bool) -> float:
-        attention_mma.ENABLED, attention_mma.WITHIN_ONE_WAVE = mma, False
-        calls = [lambda kc=kc, vc=vc: OPS.paged_attention(q, kc, vc, tables, lens, starts, HEAD_DIM**-0.5, out,
-                                                          workspace=workspace) for kc, vc in caches]
-        return time_graph(calls, reps=20, rounds=5)
+    def attend(mma: bool, within_one_wave: bool = False) -> float:
+        attention_mma.ENABLED, attention_mma.WITHIN_ONE_WAVE = mma, within_one_wave
+        return time_graph(case.calls(case.workspace), reps=20, rounds=5)
 
-    enabled, choose = attention_mma.ENABLED, attention._partitions
-    dispatched = []  # the dispatcher's count for the mma kernel, recorded by a wrapper
+    enabled, choose, cuda_core = attention_mma.ENABLED, attention._partitions, attention._cuda_core_kernels
+    dispatched, on_cuda_cores = [], []  # what the launcher picks as it stands, recorded by wrappers
     attention._partitions = lambda *a: dispatched.append(choose(*a)) or dispatched[-1]
-    attend(True)
+    attention._cuda_core_kernels = lambda *a: on_cuda_cores.append(True) or cuda_core(*a)
+    attend(enabled, within_one_wave=True)
+    attention._cuda_core_kernels = cuda_core
     chosen = dispatched[-1]
     chosen_keys = KEY_GRAIN * cdiv(cdiv(length, KEY_GRAIN), chosen)
     chosen = cdiv(length, chosen_keys) if chosen_keys < length else 1
     print(f"--- B={batch} L={length}: {nbytes / 1e6:.1f} MB of K and V, dispatched {chosen} partitions "
-          f"({'mma' if enabled else 'cuda-core'})", flush=True)
+          f"({'cuda-core' if on_cuda_cores else 'mma'})", flush=True)
     print(f"  {'parts':>5} {'blocks':>6} {'keys':>5} | {'mma us':>7} {'%':>4} | {'+merge':>7} {'%':>4} | "
           f"{'cuda-core':>9} {'%':>4} | {'read us':>7} {'%':>4} | {'empty us':>8}", flush=True)
     for parts in part_counts(batch, length, most):

@@ -16,7 +16,7 @@ import sys
 import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -318,31 +318,57 @@ def _sdpa_decode(q: Any, k: Any, v: Any) -> Callable[[], None]:
         return lambda: F.scaled_dot_product_attention(q, k, v)
 
 
+class DecodeAttentionCase(NamedTuple):
+    """One decode attention step of the benches: ``batch`` sequences of ``length`` keys, one query
+    token each, in a paged cache of block BLOCK_SIZE (K and V copies enough to rotate past the L2,
+    block tables a random permutation)."""
+
+    nbytes: int  # the K and V bytes one call reads
+    caches: list  # (k_cache, v_cache) copies
+    tables: Any
+    context_lens: Any
+    query_start: Any
+    q: Any
+    out: Any
+    workspace: Any  # sized as the runtime sizes it: fewer tokens than that may split finer in the same memory
+
+    @classmethod
+    def make(cls, batch: int, length: int) -> "DecodeAttentionCase":
+        from infinilm_nb.kernels.attention import AttentionWorkspace
+        from infinilm_nb.runtime.llama import SPLIT_ATTENTION_TOKENS
+
+        nbytes = 2 * 2 * batch * length * KV_HEADS * HEAD_DIM
+        blocks = batch * length // BLOCK_SIZE
+        shape = (blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
+        return cls(
+            nbytes, [(rand(shape), rand(shape)) for _ in range(copies_needed(nbytes))],
+            cupy.asarray(np.random.permutation(blocks).reshape(batch, -1).astype(np.int32)),
+            cupy.full(batch, length, np.int32), cupy.arange(batch + 1, dtype=np.int32),
+            rand((batch, HEADS, HEAD_DIM)), cupy.empty((batch, HEADS, HEAD_DIM), np.float16),
+            AttentionWorkspace.allocate(cupy, max(batch, SPLIT_ATTENTION_TOKENS), HEADS, HEAD_DIM, length),
+        )
+
+    def calls(self, workspace: Any) -> list[Callable[[], None]]:
+        """``paged_attention`` over each cache copy, with ``workspace`` (None: unsplit)."""
+        return [lambda kc=kc, vc=vc: OPS.paged_attention(self.q, kc, vc, self.tables, self.context_lens,
+                                                         self.query_start, HEAD_DIM**-0.5, self.out, workspace=workspace)
+                for kc, vc in self.caches]
+
+
 def bench_attention(copy_bw: float) -> list[Row]:
     """Paged decode attention (one query token per sequence, block 16) against torch SDPA on the
     same K and V laid out contiguously; bytes = the K and V bytes read."""
     import torch
 
     from infinilm_nb.kernels import attention_mma
-    from infinilm_nb.kernels.attention import AttentionWorkspace
     from infinilm_nb.kernels.common import TENSOR_CORES
-    from infinilm_nb.runtime.llama import SPLIT_ATTENTION_TOKENS
 
     enabled = attention_mma.ENABLED
 
     rows = []
     for batch, length in ATTENTION_CASES:
-        nbytes = 2 * 2 * batch * length * KV_HEADS * HEAD_DIM
-        copies = copies_needed(nbytes)
-        blocks = batch * length // BLOCK_SIZE
-        caches = [(rand((blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM)), rand((blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM)))
-                  for _ in range(copies)]
-        tables = cupy.asarray(np.random.permutation(blocks).reshape(batch, -1).astype(np.int32))
-        context_lens = cupy.full(batch, length, np.int32)
-        query_start = cupy.arange(batch + 1, dtype=np.int32)
-        q, out = rand((batch, HEADS, HEAD_DIM)), cupy.empty((batch, HEADS, HEAD_DIM), np.float16)
-        # sized as the runtime sizes it: fewer tokens than that may split finer in the same memory
-        workspace = AttentionWorkspace.allocate(cupy, max(batch, SPLIT_ATTENTION_TOKENS), HEADS, HEAD_DIM, length)
+        case = DecodeAttentionCase.make(batch, length)
+        nbytes, caches, tables, q, out = case.nbytes, case.caches, case.tables, case.q, case.out
         # the same keys and values, contiguous per sequence and head: [B, Hk, L, D]
         contiguous = [
             tuple(torch.from_dlpack(c[tables].reshape(batch, length, KV_HEADS, HEAD_DIM).transpose(0, 2, 1, 3).copy())
@@ -356,16 +382,12 @@ def bench_attention(copy_bw: float) -> list[Row]:
         del contiguous, sdpa
         # split as the runtime dispatches it; the CUDA-core kernel whole and split; the tensor-core
         # kernel (attention_mma) split on every shape
-        variants = ((" split", workspace, enabled, True), (" cuda-core", None, False, True),
-                    (" split cuda-core", workspace, False, True))
-        variants += ((" split mma", workspace, True, False),) * TENSOR_CORES
+        variants = ((" split", case.workspace, enabled, True), (" cuda-core", None, False, True),
+                    (" split cuda-core", case.workspace, False, True))
+        variants += ((" split mma", case.workspace, True, False),) * TENSOR_CORES
         for label, ws, mma, within_one_wave in variants:
             attention_mma.ENABLED, attention_mma.WITHIN_ONE_WAVE = mma, within_one_wave
-            calls = [
-                lambda kc=kc, vc=vc, ws=ws: OPS.paged_attention(
-                    q, kc, vc, tables, context_lens, query_start, HEAD_DIM**-0.5, out, workspace=ws)
-                for kc, vc in caches
-            ]
+            calls = case.calls(ws)
             calls[0]()
             err = float(cupy.linalg.norm(out.astype(np.float32) - want) / cupy.linalg.norm(want))
             if err > 2e-3:
@@ -374,7 +396,7 @@ def bench_attention(copy_bw: float) -> list[Row]:
             rows.append(Row(f"paged_attn{label}", f"B={batch} L={length}", t * 1e6, nbytes / t / 1e9, "GB/s",
                             100 * nbytes / t / copy_bw, "SDPA", peer * 1e6))
         attention_mma.ENABLED, attention_mma.WITHIN_ONE_WAVE = enabled, True
-        del caches
+        del case, caches
     return rows
 
 
