@@ -8,6 +8,7 @@ current stream, so that ``with stream:`` (and CUDA-graph capture on that stream)
 
 from __future__ import annotations
 
+import importlib
 import os
 from functools import lru_cache
 from typing import Any, Callable, Sequence
@@ -148,6 +149,21 @@ def _dynamic_shared_bytes(kernel: Any, nbytes: int) -> int:
 
 
 _streams: dict[int, Any] = {}
+
+
+_kept: dict[tuple, Any] = {}
+
+
+def kept(like: Any, key: tuple, make: Callable[[Any], Any]) -> Any:
+    """``make(xp)`` made once per ``key`` and per array module and device of ``like`` (``xp``: CuPy
+    for a device array, else NumPy), then kept: constants and scratch that launches, and the CUDA
+    graphs captured over them, keep pointing at. Made on first use, which the decode graphs' eager
+    warm-up reaches before any capture."""
+    full_key = (type(like), str(getattr(like, "device", "")), *key)
+    if full_key not in _kept:
+        xp = importlib.import_module("cupy" if hasattr(like, "__cuda_array_interface__") else "numpy")
+        _kept[full_key] = make(xp)
+    return _kept[full_key]
 
 
 def launch_stream() -> Any:

@@ -41,7 +41,6 @@ to ``normed`` with :func:`.norm.rms_norm` (unit weight) and multiplies those.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import replace
 from functools import lru_cache
 from typing import Any, Callable
@@ -50,7 +49,7 @@ import numpy as np
 from numba import cuda, float32
 
 from .common import (
-    BFLOAT16, TENSOR_CORES, WITH_BFLOAT16, cdiv, check_array, check_same_dtype, compiled, launch,
+    BFLOAT16, TENSOR_CORES, WITH_BFLOAT16, cdiv, check_array, check_same_dtype, compiled, kept, launch,
     numba_type,
 )
 from . import gemm_tc, norm, reference, rope, wgmma
@@ -347,19 +346,11 @@ def _on_tensor_cores(x: Any, weight: Any, mma: bool) -> bool:
     return mma and np.dtype(x.dtype) == np.float16 and _vector_width(x, weight) > 1
 
 
-_unit_weights: dict[tuple, Any] = {}
-
-
 def _unit_weight(x: Any) -> Any:
-    """A kept array of ones as long as x's rows, of x's dtype and array module: the weight of an
-    RMSNorm whose own weight was folded into the GEMM's. Made on first use, which the decode graphs'
-    eager warm-up reaches before any capture."""
-    key = (type(x), str(getattr(x, "device", "")), x.shape[1], str(x.dtype))
-    if key not in _unit_weights:
-        xp = importlib.import_module("cupy" if hasattr(x, "__cuda_array_interface__") else "numpy")
-        one = 0x3F80 if np.dtype(x.dtype) == BFLOAT16 else 1  # bfloat16 travels as its bits
-        _unit_weights[key] = xp.full(x.shape[1], one, dtype=x.dtype)
-    return _unit_weights[key]
+    """A kept array of ones as long as x's rows, of x's dtype and array module (:func:`.common.kept`):
+    the weight of an RMSNorm whose own weight was folded into the GEMM's."""
+    one = 0x3F80 if np.dtype(x.dtype) == BFLOAT16 else 1  # bfloat16 travels as its bits
+    return kept(x, ("unit weight", x.shape[1], str(x.dtype)), lambda xp: xp.full(x.shape[1], one, dtype=x.dtype))
 
 
 def _launch(

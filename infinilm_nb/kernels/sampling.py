@@ -29,7 +29,6 @@ in block 0, whose passes need the whole row; its other blocks return at once.
 from __future__ import annotations
 
 import functools
-import importlib
 import math
 from typing import Any, Callable
 
@@ -37,7 +36,7 @@ import numba
 import numpy as np
 from numba import cuda
 
-from .common import SIMULATOR, WITH_BFLOAT16, cdiv, check_array, compiled, launch, numba_type
+from .common import SIMULATOR, WITH_BFLOAT16, cdiv, check_array, compiled, kept, launch, numba_type
 from .intrinsics import await_previous_kernels
 from .vector import inline_device, is_bf16, vector_width, widening_loader
 
@@ -401,17 +400,10 @@ def sample(logits: Any, temperatures: Any, top_ks: Any, top_ps: Any, seeds: Any,
     return out
 
 
-_workspaces: dict[tuple, tuple[Any, Any]] = {}
-
-
 def workspace(logits: Any) -> tuple[Any, Any]:
     """The split rows' workspace for ``logits``' rows: kept per row count, array module and device
-    (``best`` int64 at ``NO_BEST``, ``finished`` int32 at 0, as every launch leaves them). Made on
-    first use, which the decode graphs' eager warm-up reaches before any capture; launches that share
-    one must not overlap (they run on one stream)."""
+    (:func:`.common.kept`; ``best`` int64 at ``NO_BEST``, ``finished`` int32 at 0, as every launch
+    leaves them). Launches that share one must not overlap (they run on one stream)."""
     rows = logits.shape[0]
-    key = (type(logits), str(getattr(logits, "device", "")), rows)
-    if key not in _workspaces:
-        xp = importlib.import_module("cupy" if hasattr(logits, "__cuda_array_interface__") else "numpy")
-        _workspaces[key] = (xp.full(rows, NO_BEST, dtype=np.int64), xp.zeros(rows, dtype=np.int32))
-    return _workspaces[key]
+    return kept(logits, ("sampler workspace", rows),
+                lambda xp: (xp.full(rows, NO_BEST, dtype=np.int64), xp.zeros(rows, dtype=np.int32)))
