@@ -35,8 +35,7 @@ from bench.timing import copy_bandwidth, gpu_name, time_graph  # noqa: E402
 from numba import cuda, int64, uint32  # noqa: E402
 
 from infinilm_nb.kernels import attention, attention_mma  # noqa: E402
-from infinilm_nb.kernels.attention import KEY_GRAIN  # noqa: E402
-from infinilm_nb.kernels.common import cdiv, compiled, launch_stream  # noqa: E402
+from infinilm_nb.kernels.common import compiled, launch_stream  # noqa: E402
 from infinilm_nb.kernels.mma import load_words_stream  # noqa: E402
 
 THREADS = 128  # the attention blocks' (4 warps)
@@ -72,15 +71,11 @@ def _empty_kernel(sink):
 
 
 def part_counts(tokens: int, keys: int, most: int) -> list[int]:
-    """The distinct partition counts the launcher can end up with (it rounds partitions to KEY_GRAIN
-    keys), from 1 up to ``most`` and to 8 waves' worth of blocks."""
-    found = set()
-    for parts in range(1, most + 1):
-        part_keys = KEY_GRAIN * cdiv(cdiv(keys, KEY_GRAIN), parts)
-        actual = cdiv(keys, part_keys)
-        if tokens * KV_HEADS * actual <= 8 * 132 * 4:
-            found.add(actual)
-    return sorted(found)
+    """The distinct partition counts the launcher can end up with (:func:`attention.split_of`), from
+    1 up to ``most`` and to 8 waves of 4 blocks an SM."""
+    sms = cupy.cuda.runtime.getDeviceProperties(0)["multiProcessorCount"]
+    counts = {attention.split_of(keys, parts)[0] for parts in range(1, most + 1)}
+    return sorted(parts for parts in counts if tokens * KV_HEADS * parts <= 8 * 4 * sms)
 
 
 def forced(parts: int):
@@ -106,15 +101,13 @@ def sweep_case(batch: int, length: int, bw: float, log) -> None:
     attention._cuda_core_kernels = lambda *a: on_cuda_cores.append(True) or cuda_core(*a)
     attend(enabled, within_one_wave=True)
     attention._cuda_core_kernels = cuda_core
-    chosen = dispatched[-1]
-    chosen_keys = KEY_GRAIN * cdiv(cdiv(length, KEY_GRAIN), chosen)
-    chosen = cdiv(length, chosen_keys) if chosen_keys < length else 1
+    chosen, _ = attention.split_of(length, dispatched[-1])
     print(f"--- B={batch} L={length}: {nbytes / 1e6:.1f} MB of K and V, dispatched {chosen} partitions "
           f"({'cuda-core' if on_cuda_cores else 'mma'})", flush=True)
     print(f"  {'parts':>5} {'blocks':>6} {'keys':>5} | {'mma us':>7} {'%':>4} | {'+merge':>7} {'%':>4} | "
           f"{'cuda-core':>9} {'%':>4} | {'read us':>7} {'%':>4} | {'empty us':>8}", flush=True)
     for parts in part_counts(batch, length, most):
-        part_keys = KEY_GRAIN * cdiv(cdiv(length, KEY_GRAIN), parts)
+        _, part_keys = attention.split_of(length, parts)
         attention._partitions = forced(parts)
         row = {"batch": batch, "length": length, "parts": parts, "keys": part_keys,
                "mma_us": attend(True) * 1e6, "cuda_core_us": attend(False) * 1e6}

@@ -210,8 +210,8 @@ def _copy_kernel(src, dst):
     tid = cuda.grid(1)
     stride = cuda.gridsize(1)
     chunks = src.size // 8
+    last = chunks - 1
     for base in range(tid, chunks, 4 * stride):
-        last = chunks - 1
         v0 = load_f16x8(src, base * 8)
         v1 = load_f16x8(src, min(base + stride, last) * 8)
         v2 = load_f16x8(src, min(base + 2 * stride, last) * 8)

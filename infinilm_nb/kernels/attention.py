@@ -416,12 +416,10 @@ def _attention(
     split = None
     if max_parts > 1:
         split = compiled(partition, split_signature, **options)
-    parts = _partitions(tokens * kv_heads, capacity, max_parts, whole, split, threads)
-    part_keys = KEY_GRAIN * cdiv(cdiv(capacity, KEY_GRAIN), parts)
-    if part_keys >= capacity:
+    parts, _ = split_of(capacity, _partitions(tokens * kv_heads, capacity, max_parts, whole, split, threads))
+    if parts == 1:
         launch(whole, (tokens, kv_heads), threads, (*args, out))
         return out
-    parts = cdiv(capacity, part_keys)
     stats, partials = _workspace_views(workspace, tokens, q_heads, parts, dim)
     merge_here = merges and MERGE_IN_PARTITION
     launch(split, (tokens, kv_heads, parts), threads,
@@ -498,6 +496,13 @@ def _compile_options(head_dim: int, group: int, vec: int) -> dict[str, Any]:
     if SIMULATOR or group * per_lane > 32:
         return {"fastmath": True}
     return {"fastmath": True, "max_registers": MAX_REGISTERS}
+
+
+def split_of(keys: int, parts: int) -> tuple[int, int]:
+    """The partitions, and the keys of each, that ``keys`` are cut into when ``parts`` are asked for:
+    multiples of ``KEY_GRAIN`` keys, so maybe fewer than asked; ``(1, keys)`` when one holds them all."""
+    part_keys = KEY_GRAIN * cdiv(cdiv(keys, KEY_GRAIN), parts)
+    return (1, keys) if part_keys >= keys else (cdiv(keys, part_keys), part_keys)
 
 
 def _partitions(blocks: int, keys: int, most: int, whole: Any, split: Any, threads: int) -> int:
