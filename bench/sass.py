@@ -92,8 +92,9 @@ def kernels() -> list[tuple[str, Callable, str, dict[str, Any]]]:
         rows.append((label, attention_prefill.prefill_kernel(dim, stages, block_q, wgmma), attention_prefill.SIGNATURE,
                      {}))
     h16 = "float16[::1]"
-    for add in (False, True):  # 4096 hidden, a 4096-row launch (no early launch of the next kernel)
-        rows.append(("add_rms_norm" if add else "rms_norm", norm._norm_kernel(8, 8, add, "float16", "float16", False),
+    for add in (False, True):  # 4096 hidden, a 4096-row launch (no early launch, the weights as it writes)
+        kernel = norm._norm_kernel(8, 8, add, "float16", "float16", False, False)
+        rows.append(("add_rms_norm" if add else "rms_norm", kernel,
                      f"void({h16}, {h16}, {h16}, float32, {h16})", {}))
     rows.append(("rope (q and k in place)", rope._rope_kernels(8, 4, 64, False)[0],
                  f"void({h16}, {h16}, int32[::1], float32[::1], int64, int64, int64, int64, int64, int64)", {}))

@@ -32,11 +32,17 @@ def test_rms_norm_in_place_with_float32_weight(kb, rng):
     assert rel_err(kb.to_host(xd), want) < tolerance(np.float16)
 
 
+@pytest.mark.parametrize("early_weights", [True, False])
 @pytest.mark.parametrize("dtype,hidden", [(np.float32, 301), (np.float32, 1040), (np.float16, 1040), (np.uint16, 1040)])
-def test_norms_on_rows_wider_than_registers(kb, rng, monkeypatch, dtype, hidden):
+def test_norms_on_rows_wider_than_registers(kb, rng, monkeypatch, dtype, hidden, early_weights):
     # caps the block so that a small row overflows ITEMS chunks per thread and takes the re-read
-    # path: element by element at 301, in 16-byte chunks at 1040
+    # path: element by element at 301, in 16-byte chunks at 1040; the weights loaded before the
+    # reduction (few rows) or as the row is written (many)
     monkeypatch.setattr(norm, "MAX_THREADS", 32)
+    monkeypatch.setattr(norm, "EARLY_WEIGHTS_MAX_ROWS", 2 if early_weights else 1)
+    built = []
+    kernel = norm._norm_kernel
+    monkeypatch.setattr(norm, "_norm_kernel", lambda *args: built.append(args[-1]) or kernel(*args))
     x = random(rng, (2, hidden), dtype)
     residual = random(rng, (2, hidden), dtype)
     weight = random(rng, hidden, dtype)
@@ -49,6 +55,7 @@ def test_norms_on_rows_wider_than_registers(kb, rng, monkeypatch, dtype, hidden)
     want = reference.add_rms_norm(x, residual, weight, EPS, np.empty(x.shape, np.float32))
     assert rel_err(kb.to_host(residual_d), residual) < tolerance(dtype)
     assert rel_err(kb.to_host(out), want) < tolerance(dtype)
+    assert built == [early_weights] * 2
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint16])
@@ -130,7 +137,7 @@ def test_decode_norms_let_the_next_kernel_launch_early_and_compute_the_same(kb, 
     monkeypatch.setattr(common, "LAUNCH_NEXT_EARLY", early)
     built = []
     kernel = norm._norm_kernel
-    monkeypatch.setattr(norm, "_norm_kernel", lambda *args: built.append(args[-1]) or kernel(*args))
+    monkeypatch.setattr(norm, "_norm_kernel", lambda *args: built.append(args[5]) or kernel(*args))
     x, residual = random(rng, (tokens, 64), np.float16), random(rng, (tokens, 64), np.float16)
     weight = random(rng, 64, np.float16)
     out, residual_d = poisoned(kb, (tokens, 64), np.float16), kb.asarray(residual.copy())
