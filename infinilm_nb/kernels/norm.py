@@ -2,7 +2,7 @@
 
 Each thread owns the 16-byte chunks ``tid, tid + blockDim, ...`` of its row (8 float16 or bfloat16,
 or 4 float32, see :mod:`.vector`; single elements when the row length or a pointer is not 16-byte aligned) and
-keeps its first ``ITEMS`` chunks in float32 registers, so its loads are independent and in flight
+keeps its first ``ITEMS`` chunks in registers (float16 rows as float16, others as float32), so its loads are independent and in flight
 together, and a row of up to ``ITEMS * MAX_THREADS`` chunks is read once; wider rows re-read the
 chunks past that on the second pass. In a launch of a few rows (decode) the weights of those first
 chunks are loaded with the row, before the reduction, so a single row (batch 1) waits for memory
@@ -88,6 +88,9 @@ def _norm_kernel(
     weight_steps = vec // weight_vec
     cached = ITEMS * vec
     weights_held = cached if early_weights else vec
+    # a float16 row is held as loaded (exact: with the add, the sum is rounded to float16 first):
+    # half the registers of float32, so an SM holds more blocks and more of their loads in flight
+    cache_type = numba.types.float16 if dtype == "float16" else numba.float32
     to_dtype = _round_to_bf16 if bf16 else numba.types.float16 if dtype == "float16" else numba.float32
 
     @inline_device
@@ -119,7 +122,7 @@ def _norm_kernel(
     def write(values, offset, out, at, inv, weights, y, weight_offset):
         """``out[at : at + vec] = values[offset : offset + vec] * inv * weights[weight_offset : ...]``."""
         for e in range(vec):
-            y[e] = values[offset + e] * inv * weights[weight_offset + e]
+            y[e] = numba.float32(values[offset + e]) * inv * weights[weight_offset + e]
         store(out, at, pack(y, 0))
 
     def kernel(x, residual, weight, eps, out):
@@ -131,7 +134,7 @@ def _norm_kernel(
         hidden = weight.shape[0]
         chunks = hidden // vec
         base = cuda.blockIdx.x * hidden
-        cache = cuda.local.array(cached, numba.float32)
+        cache = cuda.local.array(cached, cache_type)
         weights = cuda.local.array(weights_held, numba.float32)
         y = cuda.local.array(vec, numba.float32)
         partial = cuda.shared.array(MAX_WARPS, numba.float32)
@@ -146,7 +149,7 @@ def _norm_kernel(
             if c < chunks:
                 sum_squares += read(x, residual, base + c * vec, y)
                 for e in range(vec):
-                    cache[j * vec + e] = y[e]
+                    cache[j * vec + e] = cache_type(y[e])
         c = tid + ITEMS * threads
         while c < chunks:
             sum_squares += read(x, residual, base + c * vec, y)
