@@ -28,7 +28,7 @@ from numba import cuda, uint32  # noqa: E402
 
 from infinilm_nb.kernels import gemm  # noqa: E402
 from infinilm_nb.kernels.common import compiled, launch_stream  # noqa: E402
-from infinilm_nb.kernels.gemm_mma import SHARED_BYTES, MmaConfig, mma_kernel  # noqa: E402
+from infinilm_nb.kernels.gemm_mma import SHARED_BYTES, MmaConfig  # noqa: E402
 from infinilm_nb.kernels.mma import load_words_stream  # noqa: E402
 
 
@@ -95,7 +95,7 @@ def resources() -> None:
             if config in seen:
                 continue
             seen.add(config)
-            kernel = compiled(mma_kernel(config), gemm.mma_signature())
+            kernel = gemm.compiled_mma(config)
             try:
                 sass = "".join(kernel.inspect_sass().values())  # one entry per signature
             except Exception as error:  # nvdisasm missing: the counts read 0

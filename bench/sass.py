@@ -70,9 +70,8 @@ def kernels() -> list[tuple[str, Callable, str, dict[str, Any]]]:
         config = gemm.mma_config(m, n, k, fused, normalise)
         if name.endswith("rope"):  # as gemm.linear_rope_store_kv launches it
             config = replace(config, rope_dim=128)
-        options = {"max_registers": config.max_registers} if config.max_registers else {}
-        signature = gemm.mma_signature(rope_store=bool(config.rope_dim))
-        rows.append((f"decode GEMM {name} M={m}", mma_kernel(config), signature, options))
+        rows.append((f"decode GEMM {name} M={m}", mma_kernel(config), gemm.mma_signature(config),
+                     gemm.mma_options(config)))
     dim, group, vec, block = 128, 4, 8, 16
     warps = attention._warps(dim, group, vec)
     _, partition = attention._attention_kernels(dim, group, vec, warps, block, False)

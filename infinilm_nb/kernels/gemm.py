@@ -250,14 +250,24 @@ def _group(m: int) -> int:
     return next((g for g in DECODE_GROUPS if m <= g), DECODE_GROUPS[-1])
 
 
-def mma_signature(rope_store: bool = False) -> str:
-    """The tensor-core decode kernel's signature: :func:`kernel_signature` (float16) and the norm's
-    eps; ``rope_store`` (a ``rope_dim`` variant): then positions, cos_sin, slots, the flat k and v caches,
-    q heads and KV heads."""
+def mma_signature(config: MmaConfig) -> str:
+    """The signature of tensor-core decode variant ``config``: :func:`kernel_signature` (float16) and
+    the norm's eps; for a ``config.rope_dim`` variant, then positions, cos_sin, slots, the flat k and
+    v caches, q heads and KV heads."""
     signature = kernel_signature(np.float16)[:-1] + ", float32"
-    if rope_store:
+    if config.rope_dim:
         signature += ", int32[::1], float32[::1], int32[::1], float16[::1], float16[::1], int64, int64"
     return signature + ")"
+
+
+def mma_options(config: MmaConfig) -> dict[str, Any]:
+    """The compile options of tensor-core decode variant ``config``: its register cap, if it has one."""
+    return {"max_registers": config.max_registers} if config.max_registers else {}
+
+
+def compiled_mma(config: MmaConfig) -> Any:
+    """Tensor-core decode variant ``config`` compiled as :func:`launch_mma` launches it."""
+    return compiled(mma_kernel(config), mma_signature(config), **mma_options(config))
 
 
 def mma_config(M: int, N: int, K: int, fused: bool = False, normalise: bool = False) -> MmaConfig:
@@ -320,10 +330,8 @@ def launch_mma(
     """Launch tensor-core variant ``config`` on checked float16 operands (K % 8 == 0, 16-byte aligned);
     ``norm_eps`` is the eps of a ``config.normalise`` variant, ``rope_args`` the trailing arguments of
     a ``config.rope_dim`` one (:func:`mma_signature`)."""
-    options = {"max_registers": config.max_registers} if config.max_registers else {}
-    kernel = compiled(mma_kernel(config), mma_signature(rope_store=bool(config.rope_dim)), **options)
     grid = cdiv(out.shape[1], config.outputs_per_block)
-    launch(kernel, grid, config.threads, (*_flat_args(x, weight, bias, residual, out), norm_eps, *rope_args))
+    launch(compiled_mma(config), grid, config.threads, (*_flat_args(x, weight, bias, residual, out), norm_eps, *rope_args))
 
 
 def launch_tc(config: TcConfig, x: Any, weight: Any, bias: Any, residual: Any, out: Any) -> None:

@@ -5,7 +5,7 @@ import pytest
 
 from infinilm_nb.kernels import gemm, gemm_mma, gemm_tc, reference
 from infinilm_nb.kernels.common import compiled
-from infinilm_nb.kernels.gemm_mma import MmaConfig, mma_kernel
+from infinilm_nb.kernels.gemm_mma import MmaConfig
 from infinilm_nb.kernels.intrinsics import VECTOR_WIDTH
 from tests.helpers import as_float, nans, pick, poisoned, random, rel_err, tolerance
 
@@ -400,8 +400,7 @@ def test_tensor_core_variants_keep_their_arrays_in_registers():
     configs |= {gemm.mma_config(m, 14336, 4096, fused=True, normalise=True) for m in rows}
     configs |= {replace(gemm.mma_config(m, 6144, 4096, normalise=True), rope_dim=128) for m in rows}
     for config in configs:
-        options = {"max_registers": config.max_registers} if config.max_registers else {}
-        kernel = compiled(mma_kernel(config), gemm.mma_signature(rope_store=bool(config.rope_dim)), **options)
+        kernel = gemm.compiled_mma(config)
         # a register cap may spill a value or two, outside the loop (gemm.mma_config)
         assert kernel.get_local_mem_per_thread() <= (8 if config.max_registers else 0), config
         assert not config.max_registers or kernel.get_regs_per_thread() <= config.max_registers, config
