@@ -331,7 +331,8 @@ def launch_mma(
     ``norm_eps`` is the eps of a ``config.normalise`` variant, ``rope_args`` the trailing arguments of
     a ``config.rope_dim`` one (:func:`mma_signature`)."""
     grid = cdiv(out.shape[1], config.outputs_per_block)
-    launch(compiled_mma(config), grid, config.threads, (*_flat_args(x, weight, bias, residual, out), norm_eps, *rope_args))
+    args = (*_flat_args(x, weight, bias, residual, out), norm_eps, *rope_args)
+    launch(compiled_mma(config), grid, config.threads, args)
 
 
 def launch_tc(config: TcConfig, x: Any, weight: Any, bias: Any, residual: Any, out: Any) -> None:
