@@ -69,9 +69,12 @@ KEY_GRAIN = 16 if SIMULATOR else 64
 WARP = 32
 # Warps per attention block (the simulator's are fewer: one Python thread per CUDA thread).
 ATTENTION_WARPS = 2 if SIMULATOR else 4
-# A partition's fixed cost in keys' worth of time (setup, the partial's write and merge), for
-# choosing how far to split a context.
-PARTITION_COST = 32
+# For choosing how far to split a context, in keys' worth of one block's streaming time (H200 sweep,
+# bench/attention_sweep.py: a block streams ~42 keys a microsecond): a block's fixed chain of
+# dependent round trips (sequence, q, table, fold, partial, fence, counter), about 10 us, paid once
+# a wave; and what the in-block merge adds a partition (+3.7 us at 32 partitions, +19.6 at 128).
+PARTITION_COST = 400
+MERGE_COST = 10
 MAX_REGISTERS = 128  # per thread: 4 blocks of 128 threads per SM
 SHARED_BYTES = 40 * 1024  # static shared memory an attention block may take (the limit is 48 KB)
 # In the tensor-core split kernel the last partition block of a (token, KV head) merges the partials
@@ -416,12 +419,13 @@ def _attention(
     split = None
     if max_parts > 1:
         split = compiled(partition, split_signature, **options)
-    parts, _ = split_of(capacity, _partitions(tokens * kv_heads, capacity, max_parts, whole, split, threads))
+    merge_here = merges and MERGE_IN_PARTITION
+    parts, _ = split_of(capacity, _partitions(tokens * kv_heads, capacity, max_parts, whole, split, threads,
+                                              merge_here))
     if parts == 1:
         launch(whole, (tokens, kv_heads), threads, (*args, out))
         return out
     stats, partials = _workspace_views(workspace, tokens, q_heads, parts, dim)
-    merge_here = merges and MERGE_IN_PARTITION
     launch(split, (tokens, kv_heads, parts), threads,
            (*args, KEY_GRAIN, stats, partials, workspace.finished, merge_here, out))
     if not merge_here:
@@ -498,27 +502,36 @@ def _compile_options(head_dim: int, group: int, vec: int) -> dict[str, Any]:
     return {"fastmath": True, "max_registers": MAX_REGISTERS}
 
 
-def split_of(keys: int, parts: int) -> tuple[int, int]:
+def split_of(keys: int, parts: int, grain: int = KEY_GRAIN) -> tuple[int, int]:
     """The partitions, and the keys of each, that ``keys`` are cut into when ``parts`` are asked for:
-    multiples of ``KEY_GRAIN`` keys, so maybe fewer than asked; ``(1, keys)`` when one holds them all."""
-    part_keys = KEY_GRAIN * cdiv(cdiv(keys, KEY_GRAIN), parts)
+    multiples of ``grain`` keys, so maybe fewer than asked; ``(1, keys)`` when one holds them all."""
+    part_keys = grain * cdiv(cdiv(keys, grain), parts)
     return (1, keys) if part_keys >= keys else (cdiv(keys, part_keys), part_keys)
 
 
-def _partitions(blocks: int, keys: int, most: int, whole: Any, split: Any, threads: int) -> int:
-    """How many partitions to cut each token's ``keys`` into, at most ``most``, for ``blocks``
-    (token, KV head) pairs: the count with the least estimated time, counting whole waves of
-    resident blocks (a last wave a third full costs a whole one) and a partition's fixed cost
-    (``PARTITION_COST`` keys: its setup, its partial's write and merge). The simulator takes every
-    partition, so that tiny test contexts still split."""
-    if SIMULATOR or most <= 1:
-        return most
+def partition_count(pairs: int, keys: int, most: int, whole_wave: int, split_wave: int, merge_here: bool) -> int:
+    """How many partitions to cut each token's ``keys`` into, at most ``most``, for ``pairs`` (token,
+    KV head) pairs: the count with the least estimated time. A step costs its waves of resident
+    blocks (``whole_wave`` of the whole-range kernel, ``split_wave`` of the split one; a last wave a
+    third full costs a whole one) times a block's keys plus, when split, its fixed chain
+    (``PARTITION_COST``) and, when the last block merges, ``MERGE_COST`` a partition."""
 
     def cost(parts: int) -> int:
-        wave = _resident_blocks(whole if parts == 1 else split, threads)
-        return cdiv(blocks * parts, wave) * (cdiv(keys, parts) + (PARTITION_COST if parts > 1 else 0))
+        if parts == 1:
+            return cdiv(pairs, whole_wave) * keys
+        merge = MERGE_COST * parts if merge_here else 0
+        return cdiv(pairs * parts, split_wave) * (cdiv(keys, parts) + PARTITION_COST + merge)
 
     return min(range(1, most + 1), key=cost)
+
+
+def _partitions(blocks: int, keys: int, most: int, whole: Any, split: Any, threads: int, merge_here: bool) -> int:
+    """:func:`partition_count` for the compiled kernels ``whole`` and ``split`` (``threads`` a block).
+    The simulator takes every partition, so that tiny test contexts still split."""
+    if SIMULATOR or most <= 1:
+        return most
+    return partition_count(blocks, keys, most, _resident_blocks(whole, threads), _resident_blocks(split, threads),
+                           merge_here)
 
 
 _resident: dict[Any, int] = {}

@@ -233,6 +233,26 @@ def _run_static(kb, rng, q_heads, kv_heads, dim, dtype, max_len, split):
     return kb.to_host(out), want
 
 
+# The tensor-core split kernel merging in its last block, us by partition count (bench/attention_sweep.py,
+# NVIDIA H200, 34390e7; 32 / 8 heads, d 128, 64-key grain; 3 blocks an SM of 132 SMs).
+MEASURED_SPLITS = {  # (batch, keys): {partitions: us}
+    (1, 8192): {1: 195.7, 16: 25.3, 26: 23.9, 32: 23.8, 43: 26.1, 64: 37.1, 128: 54.2},
+    (16, 1024): {1: 32.8, 2: 28.3, 3: 27.3, 4: 38.2, 6: 35.9, 16: 64.6},
+    (16, 8192): {1: 217.5, 3: 136.7, 6: 146.1},
+    (32, 2048): {1: 76.2, 2: 97.2, 3: 82.6},
+}
+
+
+@pytest.mark.parametrize("batch, keys", sorted(MEASURED_SPLITS))
+def test_the_partition_count_is_the_one_measured_fastest(batch, keys):
+    measured = MEASURED_SPLITS[batch, keys]
+    wave = 3 * 132
+    asked = attention.partition_count(batch * 8, keys, max(measured), wave, wave, merge_here=True)
+    parts, _ = attention.split_of(keys, asked, grain=64)
+    assert parts in measured, f"{parts} partitions were not measured"
+    assert measured[parts] <= 1.03 * min(measured.values()), (parts, measured)
+
+
 @pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("dtype", [F32, F16, BF16])
 def test_static_attention_matches_reference(kb, rng, dtype, split):
