@@ -187,6 +187,12 @@ def numba_type(dtype: Any) -> str:
     ]
 
 
+@lru_cache(maxsize=None)
+def multiprocessors() -> int:
+    """The current GPU's streaming multiprocessors (a process drives one GPU: one rank per GPU)."""
+    return cuda.get_current_device().MULTIPROCESSOR_COUNT
+
+
 def cdiv(a: int, b: int) -> int:
     """Ceiling division."""
     return -(-a // b)

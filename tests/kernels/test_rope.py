@@ -23,8 +23,12 @@ def fused_views(qkv, q_heads, kv_heads, head_dim):
     return q, k
 
 
-# GQA ratios 1, 3, 4; on the GPU 70000 tokens outnumber the grid's y axis (65535), so blocks loop
-SHAPES = pick(sim=[(3, 2, 2), (2, 3, 1), (1, 4, 1)], gpu=[(5, 8, 8), (77, 9, 3), (300, 32, 8), (70000, 1, 1)])
+# GQA ratios 1, 3, 4. Blocks loop over tokens past rope.BLOCKS_PER_SM blocks an SM (the simulator's
+# grid has 2 rows of blocks): on the GPU 2500 tokens of 32 + 8 heads, and 70000 of 1 + 1 (past the
+# grid's y axis, 65535, too)
+SHAPES = pick(
+    sim=[(3, 2, 2), (2, 3, 1), (1, 4, 1)], gpu=[(5, 8, 8), (77, 9, 3), (300, 32, 8), (2500, 32, 8), (70000, 1, 1)]
+)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint16])  # uint16: bfloat16
@@ -132,7 +136,7 @@ def _fused_case(kb, rng, dtype, tokens, q_heads, kv_heads, head_dim, block_size=
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint16])
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("tokens,q_heads,kv_heads", SHAPES[:3])
+@pytest.mark.parametrize("tokens,q_heads,kv_heads", SHAPES[:4])
 def test_rope_store_kv_equals_rope_then_store_kv(kb, rng, dtype, head_dim, tokens, q_heads, kv_heads):
     for got, want in _fused_case(kb, rng, dtype, tokens, q_heads, kv_heads, head_dim):
         written = ~np.isnan(as_float(want))
