@@ -10,6 +10,10 @@
 #   bash scripts/gpu_session.sh tp [bench/tp.py args]           # 2 GPUs: tests/distributed, then tp=2 against tp=1
 #   bash scripts/gpu_session.sh sweep [bench/gemm_sweep.py args] # e.g. --m 32 --budget 120: decode GEMM variants
 #   bash scripts/gpu_session.sh attention [bench/attention_sweep.py args] # decode attention by partition count
+#   bash scripts/gpu_session.sh versus --against bench/out/versus/SHA [--only elementwise,attention,gemm]
+#                                                               # the tree's kernels beside those of a commit,
+#                                                               # exported here first: python3 bench/versus.py --export REV
+#                                                               # (carry bench/out/versus with .whl)
 # Each ends with bench/summary.py: one short table of what the run produced.
 # The machine has no network: tests/convert (model downloads) stays out by default. Carry .whl
 # (NumPy 2.4, gguf, pytest-xdist + execnet) with the call, and name the commit the figures are of:
@@ -69,8 +73,9 @@ case $what in
       python3 bench/tp.py --out "$OUT" "$@" 2>&1 | grep -v "Loading weights" | tee "$OUT/tp.log" | tail -20 ;;
   sweep) python3 bench/gemm_sweep.py --out "$OUT" "$@" 2>&1 | tee "$OUT/sweep.log" | tail -40 ;;
   attention) python3 bench/attention_sweep.py --out "$OUT" "$@" 2>&1 | tee "$OUT/attention_sweep.log" | tail -150 ;;
+  versus) python3 bench/versus.py --out "$OUT" "$@" 2>&1 | tee "$OUT/versus.log" | tail -60 ;;
   all) run_tests; python3 bench/kernels.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -60; run_e2e; run_throughput ;;
-  *) echo "usage: $0 tests|bench|e2e|throughput|all|tp|sweep|attention [args]"; exit 2 ;;
+  *) echo "usage: $0 tests|bench|e2e|throughput|all|tp|sweep|attention|versus [args]"; exit 2 ;;
 esac
 python3 bench/summary.py "$OUT"
 exit $status
