@@ -65,20 +65,28 @@ def rand(shape, dtype=np.float16, scale=1.0):
     return reference.cast(values, reference.BF16) if np.dtype(dtype) == reference.BF16 else values.astype(dtype)
 
 
+def gemm_operands(m: int, n: int, k: int) -> tuple[int, list[tuple[Any, Any, Any]]]:
+    """The bytes a decode GEMM ``[m, k] x [k, n]`` moves, and enough fresh (x, weight, out) copies
+    to rotate past the L2."""
+    nbytes = 2 * (n * k + m * k + m * n)
+    return nbytes, [(rand((m, k)), rand((n, k), scale=0.02), cupy.empty((m, n), np.float16))
+                    for _ in range(copies_needed(nbytes))]
+
+
+def linear_calls(operands: list[tuple[Any, Any, Any]]) -> list[Callable[[], None]]:
+    """``OPS.linear`` on each (x, weight, out) of ``operands`` (``OPS`` as it is at call time)."""
+    return [lambda x=x, w=w, out=out: OPS.linear(x, w, out) for x, w, out in operands]
+
+
 def bench_gemm(copy_bw: float) -> list[Row]:
     rows = []
     for name, (n, k) in GEMM_SHAPES.items():
         for m in (1, 8, 16, 32):
-            nbytes = 2 * (n * k + m * k + m * n)
-            copies = copies_needed(nbytes)
-            ws = [rand((n, k), scale=0.02) for _ in range(copies)]
-            xs = [rand((m, k)) for _ in range(copies)]
-            outs = [cupy.empty((m, n), np.float16) for _ in range(copies)]
-            ours = [lambda i=i: OPS.linear(xs[i], ws[i], outs[i]) for i in range(copies)]
-            t, tp = time_graph(ours), time_cublas(list(zip(xs, ws, outs)))
+            nbytes, operands = gemm_operands(m, n, k)
+            t, tp = time_graph(linear_calls(operands)), time_cublas(operands)
             rows.append(Row(f"linear {name}", f"M={m} {k}->{n}", t * 1e6, nbytes / t / 1e9, "GB/s",
                             100 * nbytes / t / copy_bw, "cuBLAS", tp * 1e6))
-            del ws, xs, outs
+            del operands
     return rows
 
 

@@ -76,7 +76,6 @@ Calls = list[Callable[[], None]]
 def cases(only: list[str]) -> list[tuple[str, str, Callable[[], tuple[int, Calls]]]]:
     """(suite, case, make() -> (bytes a call moves, calls)) of ``bench/kernels.py``'s suites named in
     ``only``; every call reaches the ops through ``bench.kernels.OPS``, so it runs whichever is set."""
-    import cupy
     import numpy as np
 
     from bench import kernels
@@ -97,12 +96,9 @@ def cases(only: list[str]) -> list[tuple[str, str, Callable[[], tuple[int, Calls
     if "gemm" in only:
         for name, (n, k) in kernels.GEMM_SHAPES.items():
             for m in (1, 8, 16, 32):
-                nbytes = 2 * (n * k + m * k + m * n)
-
-                def make(m=m, n=n, k=k, nbytes=nbytes):
-                    operands = [(kernels.rand((m, k)), kernels.rand((n, k), scale=0.02),
-                                 cupy.empty((m, n), np.float16)) for _ in range(copies_needed(nbytes))]
-                    return nbytes, [lambda x=x, w=w, out=out: kernels.OPS.linear(x, w, out) for x, w, out in operands]
+                def make(m=m, n=n, k=k):
+                    nbytes, operands = kernels.gemm_operands(m, n, k)
+                    return nbytes, kernels.linear_calls(operands)
 
                 found.append(("gemm", f"linear {name} M={m}", make))
     return found
