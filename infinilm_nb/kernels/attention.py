@@ -32,8 +32,9 @@ of filling the first ones.
 
 A float16 step that the caller marks as holding prefills (``max_query_len``) runs instead on tensor
 cores, FlashAttention-2 style: :mod:`.attention_prefill`. Other float16 steps (head dim 64 or 128,
-up to 8 query heads per KV head) whose (token, KV head) pairs fit in one wave of blocks run the same
-blocks with the inner work on tensor cores: :mod:`.attention_mma` (:data:`.attention_mma.ENABLED`).
+up to 8 query heads per KV head) whose (token, KV head) pairs fit in one wave of blocks (of 4 warps,
+else of 2) run the same blocks with the inner work on tensor cores: :mod:`.attention_mma`
+(:data:`.attention_mma.ENABLED`).
 The merge of split partitions: :mod:`.attention_merge`.
 
 bfloat16 (uint16 bit patterns, see :data:`.common.BFLOAT16`) takes the CUDA-core kernels: they widen
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from typing import Any, Callable, NamedTuple
 
 import numba
@@ -403,14 +405,17 @@ def _attention(
     caches = (k_cache.reshape(-1), v_cache.reshape(-1))
     kernels = None
     if attention_mma.usable(q, k_cache, v_cache, group):
-        kernels = _mma_kernels(q, caches, block_tables, context_lens, query_start_loc, kv_heads, scale, block_size)
         # The tensor-core trip is less than half the CUDA-core one's instructions per key, but at 168
-        # registers an SM holds 3 of its blocks to the CUDA-core kernel's 4. It wins where the (token,
-        # KV head) pairs fit in one wave of its blocks and the split fills the GPU; past that the
-        # fuller SMs of the CUDA-core kernel stream faster (H100, float16, 32 / 8 heads: batch 16 at
-        # 8K keys 95% of copy against 89%; batch 64 at 2K 84% against 90%).
-        within = SIMULATOR or tokens * kv_heads <= _resident_blocks(kernels.whole, kernels.threads)
-        if attention_mma.WITHIN_ONE_WAVE and not within:
+        # registers an SM holds 3 of its 4-warp blocks to the CUDA-core kernel's 4. It wins where the
+        # (token, KV head) pairs fit in one wave of its blocks, of 4 warps or else of 2
+        # (attention_mma.FEW_WARPS); past that the fuller SMs of the CUDA-core kernel stream faster
+        # (H100, float16, 32 / 8 heads, 4-warp blocks: batch 16 at 8K keys 95% of copy against 89%;
+        # batch 64 at 2K 84% against 90%).
+        for warps in (attention_mma.WARPS, attention_mma.FEW_WARPS):
+            kernels = _mma_kernels(q, caches, block_tables, context_lens, query_start_loc, kv_heads, scale,
+                                   block_size, warps)
+            if not attention_mma.WITHIN_ONE_WAVE or tokens * kv_heads <= _wave(kernels):
+                break
             kernels = None
     if kernels is None:
         kernels = _cuda_core_kernels(q, caches, block_tables, context_lens, query_start_loc, kv_heads, scale,
@@ -448,17 +453,17 @@ class _Kernels(NamedTuple):
 
 def _mma_kernels(
     q: Any, caches: tuple, block_tables: Any, context_lens: Any, query_start_loc: Any, kv_heads: int, scale: float,
-    block_size: int,
+    block_size: int, warps: int,
 ) -> _Kernels:
-    """The tensor-core kernels (:mod:`.attention_mma`) for a checked float16 step."""
+    """The tensor-core kernels (:mod:`.attention_mma`) of ``warps`` warps a block for a checked float16 step."""
     dim, group = q.shape[2], q.shape[1] // kv_heads
-    whole_range, partition = attention_mma.mma_attention_kernels(dim, group, block_size)
+    whole_range, partition = attention_mma.mma_attention_kernels(dim, group, block_size, warps)
     whole_signature, split_signature = attention_mma.kernel_signatures()
     options = {"fastmath": True}
     args = (q.view(np.uint16), *caches, block_tables, context_lens, query_start_loc, kv_heads,
             attention_mma.scale_log2(scale))
     return _Kernels(compiled(whole_range, whole_signature, **options), partition, split_signature, args,
-                    attention_mma.WARPS * WARP, options, merges=True)
+                    warps * WARP, options, merges=True)
 
 
 def _cuda_core_kernels(
@@ -532,6 +537,12 @@ def _partitions(blocks: int, keys: int, most: int, whole: Any, split: Any, threa
         return most
     return partition_count(blocks, keys, most, _resident_blocks(whole, threads), _resident_blocks(split, threads),
                            merge_here)
+
+
+def _wave(kernels: _Kernels) -> int:
+    """The (token, KV head) pairs that one wave of ``kernels``' whole-range blocks holds (the
+    simulator: any number)."""
+    return sys.maxsize if SIMULATOR else _resident_blocks(kernels.whole, kernels.threads)
 
 
 _resident: dict[Any, int] = {}

@@ -1,7 +1,8 @@
 """Decode attention on tensor cores (attention_mma) against the reference, through paged_attention.
 
 These tests turn the kernel on in the simulator too (NumPy loads and mma), and lift the dispatcher's
-one-wave limit so that every shape runs it; the last tests check that limit itself on the GPU.
+one-wave limit so that every shape runs it; the last tests check that limit itself, and the blocks
+of fewer warps past it.
 """
 
 import numpy as np
@@ -35,9 +36,9 @@ def mma_path(monkeypatch):
     launched = []
     build = attention_mma.mma_attention_kernels
 
-    def spy(head_dim, group, block_size):
-        launched.append((head_dim, group))
-        return build(head_dim, group, block_size)
+    def spy(head_dim, group, block_size, warps=attention_mma.WARPS):
+        launched.append((head_dim, group) if warps == attention_mma.WARPS else (head_dim, group, warps))
+        return build(head_dim, group, block_size, warps)
 
     monkeypatch.setattr(attention_mma, "mma_attention_kernels", spy)
     return launched
@@ -92,37 +93,75 @@ def test_other_steps_stay_on_cuda_cores(kb, rng, mma_path, why, q_heads, kv_head
     assert mma_path == [], why
 
 
+@pytest.mark.parametrize("split", [False, True])
+def test_steps_past_one_wave_of_blocks_take_blocks_of_fewer_warps(kb, rng, monkeypatch, split):
+    """A step whose (token, KV head) pairs overflow one wave of WARPS-warp blocks runs FEW_WARPS-warp
+    blocks, and gets the reference's answer from them (waves made small here, so that this runs in
+    the simulator too; the GPU's own waves: the next test)."""
+    monkeypatch.setattr(attention_mma, "ENABLED", True)
+    launched = []
+    build = attention_mma.mma_attention_kernels
+
+    def spy(head_dim, group, block_size, warps=attention_mma.WARPS):
+        launched.append(warps)
+        return build(head_dim, group, block_size, warps)
+
+    monkeypatch.setattr(attention_mma, "mma_attention_kernels", spy)
+    seqs = [(1, 21), (1, 40), (1, 7)]  # 3 pairs (one KV head)
+    monkeypatch.setattr(attention, "_wave", lambda kernels: 2 if kernels.threads == attention_mma.WARPS * 32 else 3)
+    workspace = AttentionWorkspace.allocate(kb.xp, len(seqs), 4, 64, 48, partition_keys=16) if split else None
+    got, want = _run_paged(kb, rng, seqs, 4, 1, 64, 16, F16, workspace)
+    assert rel_err(got, want) < tolerance(F16)
+    assert launched == [attention_mma.WARPS, attention_mma.FEW_WARPS]
+
+
 @pytest.mark.gpu
 def test_steps_past_one_wave_of_blocks_stay_on_cuda_cores(kb, rng, monkeypatch):
-    """More (token, KV head) pairs than one wave of tensor-core blocks: the CUDA-core kernel, whose
-    SMs hold more blocks, takes the step; one pair fewer than a wave runs on tensor cores."""
+    """More (token, KV head) pairs than one wave of the fewer-warp tensor-core blocks: the CUDA-core
+    kernel, whose SMs hold more blocks, takes the step; one pair fewer runs on tensor cores, and one
+    pair fewer than a wave of WARPS-warp blocks runs on those."""
     from infinilm_nb.kernels.common import compiled
 
     monkeypatch.setattr(attention_mma, "ENABLED", True)
-    on_cuda_cores = []
-    build = attention._cuda_core_kernels
+    paths = []
+    build_cuda_cores, build_mma = attention._cuda_core_kernels, attention_mma.mma_attention_kernels
 
-    def spy(*args):
-        on_cuda_cores.append(True)
-        return build(*args)
+    def spy_cuda_cores(*args):
+        paths.append("cuda cores")
+        return build_cuda_cores(*args)
 
-    monkeypatch.setattr(attention, "_cuda_core_kernels", spy)
-    whole, _ = attention_mma.mma_attention_kernels(128, 4, 16)
-    wave = attention._resident_blocks(compiled(whole, attention_mma.kernel_signatures()[0], fastmath=True),
-                                      attention_mma.WARPS * 32)
-    for tokens, want in ((wave // 8, []), (wave // 8 + 1, [True])):
-        on_cuda_cores.clear()
+    def spy_mma(head_dim, group, block_size, warps=attention_mma.WARPS):
+        paths.append(warps)
+        return build_mma(head_dim, group, block_size, warps)
+
+    monkeypatch.setattr(attention, "_cuda_core_kernels", spy_cuda_cores)
+    monkeypatch.setattr(attention_mma, "mma_attention_kernels", spy_mma)
+
+    def wave(warps):
+        whole, _ = build_mma(128, 4, 16, warps)
+        return attention._resident_blocks(compiled(whole, attention_mma.kernel_signatures()[0], fastmath=True),
+                                          warps * 32)
+
+    many, few = attention_mma.WARPS, attention_mma.FEW_WARPS
+    assert wave(few) > wave(many)
+    for tokens, want in (
+        (wave(many) // 8, [many]),
+        (wave(many) // 8 + 1, [many, few]),
+        (wave(few) // 8, [many, few]),
+        (wave(few) // 8 + 1, [many, few, "cuda cores"]),
+    ):
+        paths.clear()
         got, reference_out = _run_paged(kb, rng, [(1, 40)] * tokens, 32, 8, 128, 16, F16)
         assert rel_err(got, reference_out) < tolerance(F16)
-        assert on_cuda_cores == want, tokens
+        assert paths == want, tokens
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dim,group", [(128, 4), (128, 8), (128, 1), (64, 3)])
-def test_mma_attention_keeps_its_arrays_in_registers(dim, group):
+@pytest.mark.parametrize("dim,group,warps", [(128, 4, 4), (128, 8, 4), (128, 1, 4), (64, 3, 4), (128, 4, 2), (128, 8, 2)])
+def test_mma_attention_keeps_its_arrays_in_registers(dim, group, warps):
     from infinilm_nb.kernels.common import compiled
 
-    kernels = attention_mma.mma_attention_kernels(dim, group, 16)
+    kernels = attention_mma.mma_attention_kernels(dim, group, 16, warps)
     for pyfunc, signature in zip(kernels, attention_mma.kernel_signatures()):
         kernel = compiled(pyfunc, signature, fastmath=True)
         assert kernel.get_local_mem_per_thread() == 0, (pyfunc.__name__, kernel.get_regs_per_thread())
