@@ -12,9 +12,10 @@ Usage, in two steps because the GPU machine's git may not hold the commit::
     python bench/versus.py --export HEAD                 # here: writes bench/out/versus/<sha>/infinilm_nb
     python bench/versus.py --against bench/out/versus/<sha> [--only elementwise,attention,gemm] [--rounds 2]
 
-(carry ``bench/out/versus`` to the GPU machine: it is git-ignored). Inputs are made once per case and
-shared, so the two packages must take the same arguments; constants such as ``common.PDL`` are set
-alike in both.
+(carry ``bench/out/versus`` to the GPU machine: it is git-ignored). ``--against`` takes several
+directories (named apart: a directory's name names its package), so that variants are timed in one
+interleaved run, each beside the tree. Inputs are made once per case and shared, so the packages must
+take the same arguments; constants such as ``common.PDL`` are set alike in all of them.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def cases(only: list[str]) -> list[tuple[str, str, Callable[[], tuple[int, Calls
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--export", metavar="REV", help="write the package at REV for --against, and stop")
-    parser.add_argument("--against", type=Path, help="a directory holding an exported infinilm_nb")
+    parser.add_argument("--against", type=Path, nargs="+", help="directories each holding an exported infinilm_nb")
     parser.add_argument("--only", default="elementwise,attention", help="comma-separated: elementwise, attention, gemm")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("bench/out"))
@@ -117,20 +118,23 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.against is None:
         parser.error("give --export REV or --against DIR")
+    names = [directory.name for directory in args.against]
+    if len(set(names + ["tree"])) != len(names) + 1:
+        parser.error(f"--against directories need names of their own, other than 'tree': {names}")
 
     from bench import kernels
     from bench.provenance import commit
     from bench.timing import copy_bandwidth, gpu_name, time_graph
     from infinilm_nb.kernels import common
 
-    old_package = load(args.against)
-    sides = {args.against.name: ops_of(old_package), "tree": kernels.OPS}
-    commons = (common, importlib.import_module(f"{old_package.__name__}.kernels.common"))
+    packages = [load(directory) for directory in args.against]
+    sides = {name: ops_of(package) for name, package in zip(names, packages)} | {"tree": kernels.OPS}
+    commons = [common] + [importlib.import_module(f"{package.__name__}.kernels.common") for package in packages]
     pdl = [package_common.PDL for package_common in commons]
     bandwidth = copy_bandwidth()
-    print(f"{gpu_name()}  tree at {commit()} against {args.against.name}  copy {bandwidth / 1e9:.0f} GB/s")
+    print(f"{gpu_name()}  tree at {commit()} against {', '.join(names)}  copy {bandwidth / 1e9:.0f} GB/s")
     print(f"{'suite':<12} {'case':<34} " + " ".join(f"{side + ' us':>12} {'%':>4}" for side in sides)
-          + f" {'tree speed-up':>13}")
+          + "".join(f" {'tree vs ' + name:>14}" for name in names))
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     try:
@@ -144,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                     kernels.OPS = ops
                     best[side] = min(best.get(side, float("inf")), time_graph(calls))
             columns = " ".join(f"{1e6 * t:12.1f} {100 * nbytes / t / bandwidth:4.0f}" for t in best.values())
-            print(f"{suite:<12} {case:<34} {columns} {best[args.against.name] / best['tree']:12.2f}x", flush=True)
+            ratios = "".join(f" {best[name] / best['tree']:13.2f}x" for name in names)
+            print(f"{suite:<12} {case:<34} {columns}{ratios}", flush=True)
             rows.append({"suite": suite, "case": case, "bytes": nbytes, "us": {s: 1e6 * t for s, t in best.items()}})
             del calls
     finally:  # the caller's process (a test's, say) goes on with the tree's ops and switches
@@ -152,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         for package_common, was in zip(commons, pdl):
             package_common.PDL = was
     (args.out / "versus.json").write_text(json.dumps(
-        {"gpu": gpu_name(), "tree": commit(), "against": args.against.name, "copy_gbps": bandwidth / 1e9,
+        {"gpu": gpu_name(), "tree": commit(), "against": names, "copy_gbps": bandwidth / 1e9,
          "rows": rows}, indent=1))
     return 0
 

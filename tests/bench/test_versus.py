@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import shutil
 
 import numpy as np
 import pytest
@@ -39,19 +40,28 @@ def test_load_names_what_is_missing(tmp_path):
         versus.load(tmp_path)
 
 
+@pytest.mark.parametrize("names", [("a", "a"), ("tree",)])
+def test_against_directories_need_names_of_their_own(tmp_path, capsys, names):
+    with pytest.raises(SystemExit):
+        versus.main(["--against", *(str(tmp_path / name) for name in names)])
+    assert "names of their own" in capsys.readouterr().err
+
+
 @pytest.mark.gpu
-def test_versus_times_both_packages_on_every_elementwise_case(tmp_path):
+def test_versus_times_every_package_on_every_elementwise_case(tmp_path):
     import json
 
     from infinilm_nb.kernels import common
 
     pdl = common.PDL
     directory = versus.export("HEAD", tmp_path / "export")
-    assert versus.main(["--against", str(directory), "--only", "elementwise", "--rounds", "1",
+    twin = shutil.copytree(directory, tmp_path / "twin")  # a second package, as a variant would be
+    assert versus.main(["--against", str(directory), str(twin), "--only", "elementwise", "--rounds", "1",
                         "--out", str(tmp_path)]) == 0
     assert common.PDL == pdl  # switched off for the timing only
     result = json.loads((tmp_path / "versus.json").read_text())
+    assert result["against"] == [directory.name, "twin"]
     assert [row["case"].split()[0] for row in result["rows"]] == [
         "rms_norm", "add_rms_norm", "rope", "silu_mul", "store_kv", "embedding"]
     for row in result["rows"]:
-        assert set(row["us"]) == {directory.name, "tree"} and all(t > 0 for t in row["us"].values()), row
+        assert set(row["us"]) == {directory.name, "twin", "tree"} and all(t > 0 for t in row["us"].values()), row
