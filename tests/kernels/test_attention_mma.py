@@ -56,9 +56,9 @@ def test_mma_attention_matches_reference(kb, rng, monkeypatch, mma_path, shape, 
     monkeypatch.setattr(attention, "MERGE_IN_PARTITION", merge_in_partition)
     q_heads, kv_heads, dim, block_size = shape
     case = "decode" if (q_heads + split) % 2 else "mixed"
-    # several partitions; in the simulator (16-key partitions) more than two of the in-block merge's
-    # batches of attention_merge's IN_FLIGHT
-    seqs = _seqs(block_size, case) + pick(sim=[(1, 149)] if split else [], gpu=[(1, 5000)])
+    # several partitions; in the simulator (16-key partitions) at head dim 64 more than two of the
+    # in-block merge's batches of attention_merge's IN_FLIGHT (head dim 128 is slow there)
+    seqs = _seqs(block_size, case) + pick(sim=[(1, 149 if dim == 64 else 37)] if split else [], gpu=[(1, 5000)])
     workspace = None
     if split:
         max_context = (-(-max(length for _, length in seqs) // block_size) + 1) * block_size
