@@ -27,6 +27,17 @@ MERGE_CASES = [(shape, split, True) for shape, split in CASES] + [
 ]
 
 
+def _record_builds(monkeypatch, record: list, entry) -> None:
+    """Append ``entry(head_dim, group, warps)`` to ``record`` at every build of tensor-core kernels."""
+    build = attention_mma.mma_attention_kernels
+
+    def spy(head_dim, group, block_size, warps=attention_mma.WARPS):
+        record.append(entry(head_dim, group, warps))
+        return build(head_dim, group, block_size, warps)
+
+    monkeypatch.setattr(attention_mma, "mma_attention_kernels", spy)
+
+
 @pytest.fixture
 def mma_path(monkeypatch):
     """The switch on (also in the simulator) for every step it can take, and a record of the
@@ -34,13 +45,8 @@ def mma_path(monkeypatch):
     monkeypatch.setattr(attention_mma, "ENABLED", True)
     monkeypatch.setattr(attention_mma, "WITHIN_ONE_WAVE", False)
     launched = []
-    build = attention_mma.mma_attention_kernels
-
-    def spy(head_dim, group, block_size, warps=attention_mma.WARPS):
-        launched.append((head_dim, group) if warps == attention_mma.WARPS else (head_dim, group, warps))
-        return build(head_dim, group, block_size, warps)
-
-    monkeypatch.setattr(attention_mma, "mma_attention_kernels", spy)
+    _record_builds(monkeypatch, launched,
+                   lambda dim, group, warps: (dim, group) if warps == attention_mma.WARPS else (dim, group, warps))
     return launched
 
 
@@ -102,13 +108,7 @@ def test_steps_past_one_wave_of_blocks_take_blocks_of_fewer_warps(kb, rng, monke
     the simulator too; the GPU's own waves: the next test)."""
     monkeypatch.setattr(attention_mma, "ENABLED", True)
     launched = []
-    build = attention_mma.mma_attention_kernels
-
-    def spy(head_dim, group, block_size, warps=attention_mma.WARPS):
-        launched.append(warps)
-        return build(head_dim, group, block_size, warps)
-
-    monkeypatch.setattr(attention_mma, "mma_attention_kernels", spy)
+    _record_builds(monkeypatch, launched, lambda dim, group, warps: warps)
     seqs = [(1, 21), (1, 40), (1, 7)]  # 3 pairs (one KV head)
     monkeypatch.setattr(attention, "_wave", lambda kernels: 2 if kernels.threads == attention_mma.WARPS * 32 else 3)
     workspace = AttentionWorkspace.allocate(kb.xp, len(seqs), 4, 64, 48, partition_keys=16) if split else None
@@ -132,12 +132,8 @@ def test_steps_past_one_wave_of_blocks_stay_on_cuda_cores(kb, rng, monkeypatch):
         paths.append("cuda cores")
         return build_cuda_cores(*args)
 
-    def spy_mma(head_dim, group, block_size, warps=attention_mma.WARPS):
-        paths.append(warps)
-        return build_mma(head_dim, group, block_size, warps)
-
     monkeypatch.setattr(attention, "_cuda_core_kernels", spy_cuda_cores)
-    monkeypatch.setattr(attention_mma, "mma_attention_kernels", spy_mma)
+    _record_builds(monkeypatch, paths, lambda dim, group, warps: warps)
 
     def wave(warps):
         whole, _ = build_mma(128, 4, 16, warps)
