@@ -4,8 +4,9 @@ Usage: ``python bench/attention_sweep.py [--out DIR] [--cases 1x8192,16x1024] [-
 (batch, context) case of the kernel bench (32 q / 8 kv heads, d = 128, block 16, float16) it prints,
 for each number of partitions a token's keys are cut into:
 
-* ``mma`` and ``cuda-core``: the split kernels (attention_mma and the CUDA-core one), forced to that
-  count through ``attention._partitions``; the dispatcher's own count is marked;
+* ``mma`` and ``cuda-core``: the split kernels (attention_mma, in the warps a block the dispatcher
+  chooses, and the CUDA-core one), forced to that count through ``attention._plan``; the dispatcher's
+  own count is marked;
 * ``+merge``: the tensor-core split with the merge kernel after it instead of the merge in its last
   partition block (``attention.MERGE_IN_PARTITION`` off; the CUDA-core split always has the kernel);
 * ``read``: a bare paged read of the same K and V bytes with the same grid and block size (one block
@@ -78,9 +79,9 @@ def part_counts(tokens: int, keys: int, most: int) -> list[int]:
     return sorted(parts for parts in counts if tokens * KV_HEADS * parts <= 8 * 4 * sms)
 
 
-def forced(parts: int):
-    """A stand-in for attention._partitions that always answers ``parts``."""
-    return lambda *args: parts
+def forced(parts: int, plan):
+    """A stand-in for attention._plan (``plan``) that keeps its kernels and always answers ``parts``."""
+    return lambda *args: (plan(*args)[0], parts)
 
 
 def sweep_case(batch: int, length: int, bw: float, log) -> None:
@@ -95,20 +96,19 @@ def sweep_case(batch: int, length: int, bw: float, log) -> None:
         attention_mma.ENABLED, attention_mma.WITHIN_ONE_WAVE = mma, within_one_wave
         return time_graph(case.calls(case.workspace), reps=20, rounds=5)
 
-    enabled, choose, cuda_core = attention_mma.ENABLED, attention._partitions, attention._cuda_core_kernels
-    dispatched, on_cuda_cores = [], []  # what the launcher picks as it stands, recorded by wrappers
-    attention._partitions = lambda *a: dispatched.append(choose(*a)) or dispatched[-1]
-    attention._cuda_core_kernels = lambda *a: on_cuda_cores.append(True) or cuda_core(*a)
+    enabled, choose = attention_mma.ENABLED, attention._plan
+    dispatched = []  # what the launcher picks as it stands, recorded by a wrapper
+    attention._plan = lambda *a: dispatched.append(choose(*a)) or dispatched[-1]
     attend(enabled, within_one_wave=True)
-    attention._cuda_core_kernels = cuda_core
-    chosen, _ = attention.split_of(length, dispatched[-1])
+    kernels, parts = dispatched[-1]
+    chosen, _ = attention.split_of(length, parts)
     print(f"--- B={batch} L={length}: {nbytes / 1e6:.1f} MB of K and V, dispatched {chosen} partitions "
-          f"({'cuda-core' if on_cuda_cores else 'mma'})", flush=True)
+          f"({f'mma, {kernels.threads // 32} warps' if kernels.merges else 'cuda-core'})", flush=True)
     print(f"  {'parts':>5} {'blocks':>6} {'keys':>5} | {'mma us':>7} {'%':>4} | {'+merge':>7} {'%':>4} | "
           f"{'cuda-core':>9} {'%':>4} | {'read us':>7} {'%':>4} | {'empty us':>8}", flush=True)
     for parts in part_counts(batch, length, most):
         _, part_keys = attention.split_of(length, parts)
-        attention._partitions = forced(parts)
+        attention._plan = forced(parts, choose)
         row = {"batch": batch, "length": length, "parts": parts, "keys": part_keys,
                "mma_us": attend(True) * 1e6, "cuda_core_us": attend(False) * 1e6}
         attention.MERGE_IN_PARTITION = False
@@ -128,7 +128,7 @@ def sweep_case(batch: int, length: int, bw: float, log) -> None:
               flush=True)
         log.write(json.dumps(row) + "\n")
         log.flush()
-    attention._partitions, attention_mma.ENABLED, attention_mma.WITHIN_ONE_WAVE = choose, enabled, True
+    attention._plan, attention_mma.ENABLED, attention_mma.WITHIN_ONE_WAVE = choose, enabled, True
 
 
 def main() -> int:

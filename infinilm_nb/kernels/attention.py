@@ -32,9 +32,10 @@ of filling the first ones.
 
 A float16 step that the caller marks as holding prefills (``max_query_len``) runs instead on tensor
 cores, FlashAttention-2 style: :mod:`.attention_prefill`. Other float16 steps (head dim 64 or 128,
-up to 8 query heads per KV head) whose (token, KV head) pairs fit in one wave of blocks (of 4 warps,
-else of 2) run the same blocks with the inner work on tensor cores: :mod:`.attention_mma`
-(:data:`.attention_mma.ENABLED`).
+up to 8 query heads per KV head) whose (token, KV head) pairs fit in one wave of blocks of some warp
+count run the same blocks with the inner work on tensor cores: :mod:`.attention_mma`
+(:data:`.attention_mma.ENABLED`). The warps a block and the partitions are those of least time in a
+model of the launch (:func:`step_time`).
 The merge of split partitions: :mod:`.attention_merge`.
 
 bfloat16 (uint16 bit patterns, see :data:`.common.BFLOAT16`) takes the CUDA-core kernels: they widen
@@ -56,7 +57,9 @@ from numba import cuda
 from . import attention_mma, attention_prefill
 from .attention_blocks import NEG_INF, block_kernels, row_finder, shared_layout, split_workspace, stream_folder
 from .attention_merge import merge_partitions
-from .common import SIMULATOR, WITH_BFLOAT16, cdiv, check_array, check_same_dtype, compiled, launch, numba_type
+from .common import (
+    SIMULATOR, WITH_BFLOAT16, cdiv, check_array, check_same_dtype, compiled, launch, multiprocessors, numba_type,
+)
 from .intrinsics import as_f32, await_previous_kernels
 from .vector import (
     element_strides, flat_view, is_bf16, loader, row_grid, storer, to_stored, vector_width, widening_loader,
@@ -71,12 +74,21 @@ KEY_GRAIN = 16 if SIMULATOR else 64
 WARP = 32
 # Warps per attention block (the simulator's are fewer: one Python thread per CUDA thread).
 ATTENTION_WARPS = 2 if SIMULATOR else 4
-# For choosing how far to split a context, in keys' worth of one block's streaming time (H200 sweep,
-# bench/attention_sweep.py: a block streams ~42 keys a microsecond): a block's fixed chain of
-# dependent round trips (sequence, q, table, fold, partial, fence, counter), about 10 us, paid once
-# a wave; and what the in-block merge adds a partition (+3.7 us at 32 partitions, +19.6 at 128).
-PARTITION_COST = 400
-MERGE_COST = 10
+# A model of a decode attention launch's time, for choosing its warps a block and its partitions
+# (step_time; fitted to 32 H200 timings of 32 / 8 heads at d 128, batch 1 to 64, 1K to 8K keys, 2 to
+# 8 warps, 1 to 128 partitions: bench/attention_sweep.py, bench/versus.py). Each warp keeps one
+# 16-key step of loads in flight, so a block streams keys at warps x STEP_KEYS / STEP_US until its
+# SM's blocks together near SM_BYTES_PER_US; SATURATION is how sharply they bend towards that.
+STEP_KEYS = 16
+STEP_US = 1.52  # a warp's 16-key step: 10.5 keys a microsecond
+SM_BYTES_PER_US = 34_800  # an SM's streaming ceiling (x 132 SMs: 4.6 TB/s)
+SATURATION = 3
+# A block's fixed chain of dependent round trips (sequence, q, table, fold, out), paid once a wave:
+# more when split (the partials, fence and counter); and the merge's cost a partition (the launch
+# with its key loop cut out: 4.3 us unsplit, 10.5 split in 3, 12.9 in 26; fourteenth session).
+WHOLE_US = 7.0
+SPLIT_US = 9.0
+MERGE_US = 0.15
 MAX_REGISTERS = 128  # per thread: 4 blocks of 128 threads per SM
 SHARED_BYTES = 40 * 1024  # static shared memory an attention block may take (the limit is 48 KB)
 # In the tensor-core split kernel the last partition block of a (token, KV head) merges the partials
@@ -403,34 +415,30 @@ def _attention(
     group = q_heads // kv_heads
     # flat caches: the kernels address a key's row by its slot, block * block_size + offset
     caches = (k_cache.reshape(-1), v_cache.reshape(-1))
-    kernels = None
+    candidates = []
     if attention_mma.usable(q, k_cache, v_cache, group):
         # The tensor-core trip is less than half the CUDA-core one's instructions per key, but at 168
-        # registers an SM holds 3 of its 4-warp blocks to the CUDA-core kernel's 4. It wins where the
-        # (token, KV head) pairs fit in one wave of its blocks, of 4 warps or else of 2
-        # (attention_mma.FEW_WARPS); past that the fuller SMs of the CUDA-core kernel stream faster
-        # (H100, float16, 32 / 8 heads, 4-warp blocks: batch 16 at 8K keys 95% of copy against 89%;
-        # batch 64 at 2K 84% against 90%).
-        for warps in (attention_mma.WARPS, attention_mma.FEW_WARPS):
+        # registers an SM holds fewer of its blocks. It takes a step whose (token, KV head) pairs fit
+        # in one wave of its blocks of some warp count; past that the fuller SMs of the CUDA-core
+        # kernel stream faster (H100, float16, 32 / 8 heads, 4-warp blocks: batch 16 at 8K keys 95%
+        # of copy against 89%; batch 64 at 2K 84% against 90%).
+        for warps in attention_mma.WARP_CHOICES:
             kernels = _mma_kernels(q, caches, block_tables, context_lens, query_start_loc, kv_heads, scale,
                                    block_size, warps)
             if not attention_mma.WITHIN_ONE_WAVE or tokens * kv_heads <= _wave(kernels):
-                break
-            kernels = None
-    if kernels is None:
-        kernels = _cuda_core_kernels(q, caches, block_tables, context_lens, query_start_loc, kv_heads, scale,
-                                     block_size, group)
+                candidates.append(kernels)
+    if not candidates:
+        candidates.append(_cuda_core_kernels(q, caches, block_tables, context_lens, query_start_loc, kv_heads,
+                                             scale, block_size, group))
+    key_bytes = 2 * dim * q.dtype.itemsize  # a key's K and V rows
+    kernels, parts = _plan(candidates, tokens * kv_heads, capacity, max_parts, key_bytes)
     whole, partition, split_signature, args, threads, options, merges = kernels
-    split = None
-    if max_parts > 1:
-        split = compiled(partition, split_signature, **options)
     merge_here = merges and MERGE_IN_PARTITION
-    parts, _ = split_of(capacity, _partitions(tokens * kv_heads, capacity, max_parts, whole, split, threads,
-                                              merge_here))
     if parts == 1:
         launch(whole, (tokens, kv_heads), threads, (*args, out))
         return out
     stats, partials = _workspace_views(workspace, tokens, q_heads, parts, dim)
+    split = compiled(partition, split_signature, **options)
     launch(split, (tokens, kv_heads, parts), threads,
            (*args, KEY_GRAIN, stats, partials, workspace.finished, merge_here, out))
     if not merge_here:
@@ -514,43 +522,72 @@ def split_of(keys: int, parts: int, grain: int = KEY_GRAIN) -> tuple[int, int]:
     return (1, keys) if part_keys >= keys else (cdiv(keys, part_keys), part_keys)
 
 
-def partition_count(pairs: int, keys: int, most: int, whole_wave: int, split_wave: int, merge_here: bool) -> int:
-    """How many partitions to cut each token's ``keys`` into, at most ``most``, for ``pairs`` (token,
-    KV head) pairs: the count with the least estimated time. A step costs its waves of resident
-    blocks (``whole_wave`` of the whole-range kernel, ``split_wave`` of the split one; a last wave a
-    third full costs a whole one) times a block's keys plus, when split, its fixed chain
-    (``PARTITION_COST``) and, when the last block merges, ``MERGE_COST`` a partition."""
+def step_time(pairs: int, keys: int, parts: int, warps: int, per_sm: int, sms: int, key_bytes: int) -> float:
+    """Estimated microseconds of a decode attention launch (the model by ``STEP_US``): ``pairs`` (token,
+    KV head) blocks, each token's ``keys`` cut into ``parts`` partitions (:func:`split_of`), of
+    ``warps`` warps, of which each of ``sms`` SMs holds ``per_sm``; ``key_bytes`` of K and V a key.
+    The blocks run in waves; a wave takes its fixed chain and the keys of a partition at the rate of
+    the blocks on its fullest SM."""
+    parts, part_keys = split_of(keys, parts)
+    ceiling = SM_BYTES_PER_US / key_bytes  # keys a microsecond
 
-    def cost(parts: int) -> int:
-        if parts == 1:
-            return cdiv(pairs, whole_wave) * keys
-        merge = MERGE_COST * parts if merge_here else 0
-        return cdiv(pairs * parts, split_wave) * (cdiv(keys, parts) + PARTITION_COST + merge)
+    def wave(blocks: int) -> float:
+        resident = cdiv(blocks, sms)
+        demand = resident * warps * STEP_KEYS / STEP_US
+        rate = demand / (1 + (demand / ceiling) ** SATURATION) ** (1 / SATURATION)
+        return (WHOLE_US if parts == 1 else SPLIT_US) + part_keys * resident / rate
 
-    return min(range(1, most + 1), key=cost)
+    full, rest = divmod(pairs * parts, per_sm * sms)
+    time = full * wave(per_sm * sms) + (wave(rest) if rest else 0.0)
+    return time + (MERGE_US * parts if parts > 1 else 0.0)
 
 
-def _partitions(blocks: int, keys: int, most: int, whole: Any, split: Any, threads: int, merge_here: bool) -> int:
-    """:func:`partition_count` for the compiled kernels ``whole`` and ``split`` (``threads`` a block).
-    The simulator takes every partition, so that tiny test contexts still split."""
-    if SIMULATOR or most <= 1:
-        return most
-    return partition_count(blocks, keys, most, _resident_blocks(whole, threads), _resident_blocks(split, threads),
-                           merge_here)
+def fastest_launch(
+    pairs: int, keys: int, most: int, families: list[tuple[int, int, int]], sms: int, key_bytes: int
+) -> tuple[int, int]:
+    """The kernel family and partition count (up to ``most``) of least :func:`step_time`. ``families``
+    lists each family's warps a block and blocks an SM of its whole-range and its split kernel; ties go
+    to the first listed."""
+    best = min(
+        (step_time(pairs, keys, parts, warps, whole if parts == 1 else split, sms, key_bytes), index, parts)
+        for index, (warps, whole, split) in enumerate(families)
+        for parts in range(1, min(most, cdiv(keys, KEY_GRAIN)) + 1)  # split_of makes no more
+    )
+    return best[1], best[2]
+
+
+def _plan(candidates: list[_Kernels], pairs: int, keys: int, most: int, key_bytes: int) -> tuple[_Kernels, int]:
+    """:func:`fastest_launch` over ``candidates`` (their split kernels compiled when a step may split).
+    The simulator takes the first family and every partition, so that tiny test contexts still split."""
+    if SIMULATOR:
+        return candidates[0], most
+    families = []
+    for kernels in candidates:
+        whole = _blocks_per_sm(kernels.whole, kernels.threads)
+        split = whole
+        if most > 1:
+            split = _blocks_per_sm(compiled(kernels.partition, kernels.split_signature, **kernels.options),
+                                   kernels.threads)
+        families.append((kernels.threads // WARP, whole, split))
+    index, parts = _fastest(pairs, keys, most, tuple(families), multiprocessors(), key_bytes)
+    return candidates[index], parts
+
+
+_fastest = functools.lru_cache(maxsize=4096)(fastest_launch)  # a step's host time: the same steps recur
 
 
 def _wave(kernels: _Kernels) -> int:
     """The (token, KV head) pairs that one wave of ``kernels``' whole-range blocks holds (the
     simulator: any number)."""
-    return sys.maxsize if SIMULATOR else _resident_blocks(kernels.whole, kernels.threads)
+    return sys.maxsize if SIMULATOR else _blocks_per_sm(kernels.whole, kernels.threads) * multiprocessors()
 
 
-_resident: dict[Any, int] = {}
+_per_sm: dict[Any, int] = {}
 
 
-def _resident_blocks(kernel: Any, threads: int) -> int:
-    """Blocks of ``kernel`` (compiled for one signature) that the whole GPU holds at once."""
-    if kernel not in _resident:
+def _blocks_per_sm(kernel: Any, threads: int) -> int:
+    """Blocks of ``kernel`` (compiled for one signature, ``threads`` a block) that an SM holds at once."""
+    if kernel not in _per_sm:
         device = cuda.get_current_device()
         regs, shared = kernel.get_regs_per_thread(), kernel.get_shared_mem_per_block()
         regs = max(regs.values()) if isinstance(regs, dict) else regs
@@ -561,8 +598,8 @@ def _resident_blocks(kernel: Any, threads: int) -> int:
             device.MAX_REGISTERS_PER_MULTIPROCESSOR // (cdiv(max(regs, 1), 8) * 8 * threads),
             device.MAX_SHARED_MEMORY_PER_MULTIPROCESSOR // (shared + 1024),  # 1 KB per block is the runtime's
         )
-        _resident[kernel] = max(1, per_sm) * device.MULTIPROCESSOR_COUNT
-    return _resident[kernel]
+        _per_sm[kernel] = max(1, per_sm)
+    return _per_sm[kernel]
 
 
 def paged_attention(

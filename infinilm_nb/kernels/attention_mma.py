@@ -59,12 +59,13 @@ HEAD_DIMS = (64, 128)
 MAX_GROUP = 8  # query heads per KV head: the rows g = lane // 4 of an m16n8k16 tile
 WARP = 32
 KEYS = 16  # keys per warp step: two 8-key tiles of S, one k-step of P V
-WARPS = 2 if SIMULATOR else 4
-# A step with more (token, KV head) pairs than one wave of WARPS-warp blocks holds runs blocks of
-# FEW_WARPS: at ~168 registers an SM holds 6 of them to 3, so twice the pairs stay on tensor cores in
-# one wave (H200, 32 / 8 heads, batch 64 at 2K keys: 87% of copy, against 73% on the CUDA-core
-# kernel). Where WARPS fit, they stream a block's keys faster (batch 1 at 8K: 23.9 us against 34.2).
-FEW_WARPS = 1 if SIMULATOR else 2
+# Warps a block, from most to fewest, that the dispatcher chooses among for each step by its model of
+# the step's time (:func:`.attention.step_time`). More warps stream a block's keys faster; fewer let
+# an SM hold more blocks (at ~168 registers: one of 8 warps, 2 of 6, 3 of 4, 6 of 2). Measured on an
+# H200 (32 / 8 heads, d 128), the fastest were 8 warps at batch 1 over 8K keys (20.7 us against 22.9
+# with 4) and batch 16 over 1K (25.1 against 26.6), 6 at batch 32 over 2K (70.8 against 76.5), and 2
+# at batch 64 over 2K, the only one whose wave holds its 512 (token, KV head) pairs.
+WARP_CHOICES = (2, 1) if SIMULATOR else (8, 6, 4, 2)
 FULL_MASK = 0xFFFFFFFF
 LOG2E = 1.4426950408889634
 LN2 = np.float32(math.log(2.0))
@@ -94,7 +95,7 @@ def kernel_signatures() -> tuple[str, str]:
 
 
 @functools.lru_cache(maxsize=None)
-def mma_attention_kernels(head_dim: int, group: int, block_size: int, warps: int = WARPS) -> tuple[Callable, Callable]:
+def mma_attention_kernels(head_dim: int, group: int, block_size: int, warps: int) -> tuple[Callable, Callable]:
     """The (whole-range, partition) kernel functions for one head dim, GQA group size, cache block
     size and number of warps a block. Signatures: :func:`kernel_signatures`."""
     D, G, BS, W = head_dim, group, block_size, warps

@@ -164,13 +164,13 @@ def test_paged_attention_few_tokens_split_finer_than_the_workspace_shape(kb, rng
     workspace = AttentionWorkspace.allocate(kb.xp, 8, q_heads, dim, max_context, partition_keys=-(-max_context // 2))
     assert workspace.partials.shape[:3] == (8, q_heads, 2)
     launched = []
-    original = attention._partitions
+    plan = attention._plan
 
-    def record(blocks, keys, most, *rest):
+    def record(candidates, pairs, keys, most, *rest):
         launched.append(most)
-        return original(blocks, keys, most, *rest)
+        return plan(candidates, pairs, keys, most, *rest)
 
-    monkeypatch.setattr(attention, "_partitions", record)
+    monkeypatch.setattr(attention, "_plan", record)
     got, want = _run_paged(kb, rng, seqs, q_heads, kv_heads, dim, block_size, np.float32, workspace)
     assert rel_err(got, want) < tolerance(np.float32)
     assert launched == [16]
@@ -189,7 +189,7 @@ def test_a_short_context_spreads_over_every_partition(kb, rng, monkeypatch, dtyp
     (q, _, _), (q_dev, _, _) = _qkv_views(kb, rng, 1, q_heads, kv_heads, dim, dtype)
     workspace = AttentionWorkspace.allocate(kb.xp, 1, q_heads, dim, capacity, partition_keys=capacity // 4)
     workspace.stats.fill(np.nan)
-    monkeypatch.setattr(attention, "_partitions", lambda blocks, keys, most, *rest: most)  # all 4, on a GPU too
+    monkeypatch.setattr(attention, "_plan", lambda candidates, pairs, keys, most, *rest: (candidates[0], most))  # all 4
     out = poisoned(kb, (1, q_heads, dim), dtype)
     kb.ops.paged_attention(q_dev, kb.asarray(k_cache), kb.asarray(v_cache), kb.asarray(tables), kb.asarray(context_lens),
                            kb.asarray(qsl), dim**-0.5, out, workspace=workspace)
@@ -233,24 +233,37 @@ def _run_static(kb, rng, q_heads, kv_heads, dim, dtype, max_len, split):
     return kb.to_host(out), want
 
 
-# The tensor-core split kernel merging in its last block, us by partition count (bench/attention_sweep.py,
-# NVIDIA H200, 34390e7; 32 / 8 heads, d 128, 64-key grain; 3 blocks an SM of 132 SMs).
-MEASURED_SPLITS = {  # (batch, keys): {partitions: us}
-    (1, 8192): {1: 195.7, 16: 25.3, 26: 23.9, 32: 23.8, 43: 26.1, 64: 37.1, 128: 54.2},
-    (16, 1024): {1: 32.8, 2: 28.3, 3: 27.3, 4: 38.2, 6: 35.9, 16: 64.6},
-    (16, 8192): {1: 217.5, 3: 136.7, 6: 146.1},
-    (32, 2048): {1: 76.2, 2: 97.2, 3: 82.6},
+# Decode attention on tensor cores (the split kernel merging in its last block), us by warps a block
+# and partition count: NVIDIA H200, 32 / 8 heads, d 128, 64-key grain, 132 SMs holding 1, 2, 3 or 6
+# blocks of 8, 6, 4 or 2 warps (bench/attention_sweep.py at 34390e7 for 4 warps; bench/versus.py at
+# 8a5c327, 2026-11-29, for the others, each at the count the dispatcher of the time chose).
+MEASURED = {  # (batch, keys): {(warps, partitions): us}
+    (1, 8192): {(4, 1): 195.7, (4, 16): 25.3, (4, 26): 23.9, (4, 32): 23.8, (4, 43): 26.1, (4, 64): 37.1,
+                (4, 128): 54.2, (8, 16): 20.7, (6, 26): 22.8},
+    (16, 1024): {(4, 1): 32.8, (4, 2): 28.3, (4, 3): 27.3, (4, 4): 38.2, (4, 6): 35.9, (4, 16): 64.6, (8, 1): 25.1,
+                 (6, 2): 27.3},
+    (16, 8192): {(4, 1): 217.5, (4, 3): 136.7, (4, 6): 146.1, (8, 1): 146.6, (6, 2): 135.7},
+    (32, 2048): {(4, 1): 76.2, (4, 2): 97.2, (4, 3): 82.6, (6, 1): 70.8, (2, 3): 74.9},
+    (64, 2048): {(2, 1): 145.5},
 }
+BLOCKS_PER_SM = {8: 1, 6: 2, 4: 3, 2: 6}
 
 
-@pytest.mark.parametrize("batch, keys", sorted(MEASURED_SPLITS))
-def test_the_partition_count_is_the_one_measured_fastest(batch, keys):
-    measured = MEASURED_SPLITS[batch, keys]
-    wave = 3 * 132
-    asked = attention.partition_count(batch * 8, keys, max(measured), wave, wave, merge_here=True)
-    parts, _ = attention.split_of(keys, asked, grain=64)
-    assert parts in measured, f"{parts} partitions were not measured"
-    assert measured[parts] <= 1.03 * min(measured.values()), (parts, measured)
+@pytest.mark.parametrize("batch, keys", sorted(MEASURED))
+def test_the_launch_chosen_is_the_one_measured_fastest(batch, keys):
+    measured = MEASURED[batch, keys]
+    families = [(w, BLOCKS_PER_SM[w], BLOCKS_PER_SM[w]) for w in (8, 6, 4, 2) if batch * 8 <= BLOCKS_PER_SM[w] * 132]
+    index, asked = attention.fastest_launch(batch * 8, keys, 8192, families, 132, 512)
+    chosen = (families[index][0], attention.split_of(keys, asked, grain=64)[0])
+    assert chosen in measured, f"{chosen} (warps, partitions) was not measured"
+    assert measured[chosen] <= 1.03 * min(measured.values()), (chosen, measured)
+
+
+def test_the_time_model_is_near_every_measured_launch():
+    for (batch, keys), times in MEASURED.items():
+        for (warps, parts), us in times.items():
+            estimate = attention.step_time(batch * 8, keys, parts, warps, BLOCKS_PER_SM[warps], 132, 512)
+            assert abs(estimate / us - 1) < 0.15, (batch, keys, warps, parts, estimate, us)
 
 
 @pytest.mark.parametrize("split", [False, True])

@@ -1,8 +1,8 @@
 """Decode attention on tensor cores (attention_mma) against the reference, through paged_attention.
 
 These tests turn the kernel on in the simulator too (NumPy loads and mma), and lift the dispatcher's
-one-wave limit so that every shape runs it; the last tests check that limit itself, and the blocks
-of fewer warps past it.
+one-wave limit so that every shape runs it; the last tests check that limit itself, the warp counts
+it leaves to choose from, and each warp count's answers.
 """
 
 import numpy as np
@@ -31,7 +31,7 @@ def _record_builds(monkeypatch, record: list, entry) -> None:
     """Append ``entry(head_dim, group, warps)`` to ``record`` at every build of tensor-core kernels."""
     build = attention_mma.mma_attention_kernels
 
-    def spy(head_dim, group, block_size, warps=attention_mma.WARPS):
+    def spy(head_dim, group, block_size, warps):
         record.append(entry(head_dim, group, warps))
         return build(head_dim, group, block_size, warps)
 
@@ -41,12 +41,11 @@ def _record_builds(monkeypatch, record: list, entry) -> None:
 @pytest.fixture
 def mma_path(monkeypatch):
     """The switch on (also in the simulator) for every step it can take, and a record of the
-    (head_dim, group) of each launch."""
+    (head_dim, group) of each build of its kernels (one a warp count it may choose)."""
     monkeypatch.setattr(attention_mma, "ENABLED", True)
     monkeypatch.setattr(attention_mma, "WITHIN_ONE_WAVE", False)
     launched = []
-    _record_builds(monkeypatch, launched,
-                   lambda dim, group, warps: (dim, group) if warps == attention_mma.WARPS else (dim, group, warps))
+    _record_builds(monkeypatch, launched, lambda dim, group, warps: (dim, group))
     return launched
 
 
@@ -82,7 +81,7 @@ def test_mma_static_attention_matches_reference(kb, rng, mma_path, split):
     # a static cache is one block of max_len keys per sequence (a multiple of 16: whole 16-key steps)
     got, want = _run_static(kb, rng, 4, 2, 64, F16, pick(sim=32, gpu=2048), split)
     assert rel_err(got, want) < tolerance(F16)
-    assert mma_path == [(64, 2)]
+    assert set(mma_path) == {(64, 2)}
 
 
 @pytest.mark.parametrize(
@@ -101,61 +100,84 @@ def test_other_steps_stay_on_cuda_cores(kb, rng, mma_path, why, q_heads, kv_head
     assert mma_path == [], why
 
 
+def _record_candidates(monkeypatch, record: list) -> None:
+    """Append to ``record``, at every step, the warps a block of each kernel family the dispatcher
+    chooses among ("cuda cores" for the CUDA-core one)."""
+    plan = attention._plan
+
+    def spy(candidates, *args):
+        record.append([k.threads // 32 if k.merges else "cuda cores" for k in candidates])
+        return plan(candidates, *args)
+
+    monkeypatch.setattr(attention, "_plan", spy)
+
+
 @pytest.mark.parametrize("split", [False, True])
-def test_steps_past_one_wave_of_blocks_take_blocks_of_fewer_warps(kb, rng, monkeypatch, split):
-    """A step whose (token, KV head) pairs overflow one wave of WARPS-warp blocks runs FEW_WARPS-warp
-    blocks, and gets the reference's answer from them (waves made small here, so that this runs in
-    the simulator too; the GPU's own waves: the next test)."""
+def test_warp_counts_whose_wave_cannot_hold_the_step_are_not_chosen(kb, rng, monkeypatch, split):
+    """A step whose (token, KV head) pairs overflow one wave of blocks of the most warps is left to
+    those of fewer, which get the reference's answer (waves made small here, so that this runs in the
+    simulator too; the GPU's own waves: the next test)."""
     monkeypatch.setattr(attention_mma, "ENABLED", True)
-    launched = []
-    _record_builds(monkeypatch, launched, lambda dim, group, warps: warps)
+    candidates = []
+    _record_candidates(monkeypatch, candidates)
     seqs = [(1, 21), (1, 40), (1, 7)]  # 3 pairs (one KV head)
-    monkeypatch.setattr(attention, "_wave", lambda kernels: 2 if kernels.threads == attention_mma.WARPS * 32 else 3)
+    most = attention_mma.WARP_CHOICES[0]
+    monkeypatch.setattr(attention, "_wave", lambda kernels: 2 if kernels.threads == most * 32 else 3)
     workspace = AttentionWorkspace.allocate(kb.xp, len(seqs), 4, 64, 48, partition_keys=16) if split else None
     got, want = _run_paged(kb, rng, seqs, 4, 1, 64, 16, F16, workspace)
     assert rel_err(got, want) < tolerance(F16)
-    assert launched == [attention_mma.WARPS, attention_mma.FEW_WARPS]
+    assert candidates == [list(attention_mma.WARP_CHOICES[1:])]
 
 
 @pytest.mark.gpu
-def test_steps_past_one_wave_of_blocks_stay_on_cuda_cores(kb, rng, monkeypatch):
-    """More (token, KV head) pairs than one wave of the fewer-warp tensor-core blocks: the CUDA-core
-    kernel, whose SMs hold more blocks, takes the step; one pair fewer runs on tensor cores, and one
-    pair fewer than a wave of WARPS-warp blocks runs on those."""
-    from infinilm_nb.kernels.common import compiled
+def test_steps_past_one_wave_of_every_warp_count_stay_on_cuda_cores(kb, rng, monkeypatch):
+    """The dispatcher chooses among the warp counts whose wave of blocks holds a step's (token, KV
+    head) pairs; past the largest wave, the CUDA-core kernel, whose SMs hold more blocks, takes the
+    step. Each answer is checked against the reference."""
+    from infinilm_nb.kernels.common import compiled, multiprocessors
 
     monkeypatch.setattr(attention_mma, "ENABLED", True)
-    paths = []
-    build_cuda_cores, build_mma = attention._cuda_core_kernels, attention_mma.mma_attention_kernels
-
-    def spy_cuda_cores(*args):
-        paths.append("cuda cores")
-        return build_cuda_cores(*args)
-
-    monkeypatch.setattr(attention, "_cuda_core_kernels", spy_cuda_cores)
-    _record_builds(monkeypatch, paths, lambda dim, group, warps: warps)
+    candidates = []
+    _record_candidates(monkeypatch, candidates)
 
     def wave(warps):
-        whole, _ = build_mma(128, 4, 16, warps)
-        return attention._resident_blocks(compiled(whole, attention_mma.kernel_signatures()[0], fastmath=True),
-                                          warps * 32)
+        whole, _ = attention_mma.mma_attention_kernels(128, 4, 16, warps)
+        kernel = compiled(whole, attention_mma.kernel_signatures()[0], fastmath=True)
+        return attention._blocks_per_sm(kernel, warps * 32) * multiprocessors()
 
-    many, few = attention_mma.WARPS, attention_mma.FEW_WARPS
-    assert wave(few) > wave(many)
-    for tokens, want in (
-        (wave(many) // 8, [many]),
-        (wave(many) // 8 + 1, [many, few]),
-        (wave(few) // 8, [many, few]),
-        (wave(few) // 8 + 1, [many, few, "cuda cores"]),
-    ):
-        paths.clear()
+    waves = {warps: wave(warps) for warps in attention_mma.WARP_CHOICES}
+    assert waves[min(waves)] == max(waves.values()), waves  # the fewest warps fill the most blocks
+    for pairs in sorted({w for w in waves.values()} | {max(waves.values()) + 8}):
+        tokens = pairs // 8
+        candidates.clear()
         got, reference_out = _run_paged(kb, rng, [(1, 40)] * tokens, 32, 8, 128, 16, F16)
         assert rel_err(got, reference_out) < tolerance(F16)
-        assert paths == want, tokens
+        want = [warps for warps in attention_mma.WARP_CHOICES if tokens * 8 <= waves[warps]] or ["cuda cores"]
+        assert candidates == [want], (tokens, waves)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dim,group,warps", [(128, 4, 4), (128, 8, 4), (128, 1, 4), (64, 3, 4), (128, 4, 2), (128, 8, 2)])
+@pytest.mark.parametrize("warps", [8, 6, 4, 2])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_every_warp_count_matches_reference(kb, rng, monkeypatch, shape, warps):
+    """Each warp count the dispatcher may choose, forced on every shape, split and not."""
+    monkeypatch.setattr(attention_mma, "ENABLED", True)
+    monkeypatch.setattr(attention_mma, "WITHIN_ONE_WAVE", False)
+    monkeypatch.setattr(attention_mma, "WARP_CHOICES", (warps,))
+    q_heads, kv_heads, dim, block_size = shape
+    seqs = _seqs(block_size, "decode") + [(1, 3000)]
+    max_context = (-(-3000 // block_size) + 1) * block_size
+    for workspace in (None, AttentionWorkspace.allocate(kb.xp, len(seqs), q_heads, dim, max_context, partition_keys=256)):
+        got, want = _run_paged(kb, rng, seqs, q_heads, kv_heads, dim, block_size, F16, workspace)
+        assert rel_err(got, want) < tolerance(F16), workspace is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "dim,group,warps",
+    [(128, 4, 4), (128, 8, 4), (128, 1, 4), (64, 3, 4), (128, 4, 2), (128, 8, 2), (128, 4, 6), (128, 8, 6),
+     (128, 4, 8), (128, 8, 8)],
+)
 def test_mma_attention_keeps_its_arrays_in_registers(dim, group, warps):
     from infinilm_nb.kernels.common import compiled
 
