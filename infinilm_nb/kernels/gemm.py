@@ -377,11 +377,10 @@ def _launch(
     mma = USE_MMA if mma is None else mma
     M, K = x.shape
     N = out.shape[1]
-    if norm_eps is not None:
-        if NORM_IN_GEMM and M <= MMA_MAX_M and _on_tensor_cores(x, weight, mma):
-            launch_mma(mma_config(M, N, K, fused, normalise=True), x, weight, bias, residual, out, norm_eps)
-            return
-        x = norm.rms_norm(x, _unit_weight(x), norm_eps, normed)
+    x, normalise = _normalised(x, norm_eps, normed, M <= MMA_MAX_M and _on_tensor_cores(x, weight, mma))
+    if normalise:
+        launch_mma(mma_config(M, N, K, fused, normalise=True), x, weight, bias, residual, out, norm_eps)
+        return
     dtype = np.dtype(x.dtype)
     vec = _vector_width(x, weight)
     bf16 = is_bf16(dtype)
@@ -401,6 +400,17 @@ def _launch(
         outs = TILE_N // (2 if fused else 1)
         grid = (cdiv(N, outs), cdiv(M, TILE_M))
         launch(kernel, grid, TILE_THREADS, _flat_args(x, weight, bias, residual, out))
+
+
+def _normalised(x: Any, norm_eps: float | None, normed: Any, decode_mma: bool) -> tuple[Any, bool]:
+    """The x a linear multiplies and whether its kernel divides x's rows by their RMS itself: with
+    ``norm_eps``, the decode tensor-core kernel does (``decode_mma``, while NORM_IN_GEMM is on); else
+    RMSNorm with a unit weight writes ``normed`` first and the kernel multiplies that."""
+    if norm_eps is None:
+        return x, False
+    if decode_mma and NORM_IN_GEMM:
+        return x, True
+    return norm.rms_norm(x, _unit_weight(x), norm_eps, normed), False
 
 
 def _check_operands(op: str, x: Any, weight: Any) -> tuple[int, int, int]:
@@ -499,9 +509,7 @@ def linear_rope_store_kv(
         rope.rope_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping)
         return out
     rope.check_rope_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping)
-    normalise = norm_eps is not None and NORM_IN_GEMM
-    if norm_eps is not None and not normalise:
-        x = norm.rms_norm(x, _unit_weight(x), norm_eps, normed)
+    x, normalise = _normalised(x, norm_eps, normed, decode_mma=True)
     config = replace(mma_config(M, N, K, normalise=normalise), rope_dim=head_dim)
     rope_args = (positions, cos_sin.reshape(-1), slot_mapping, k_cache.reshape(-1), v_cache.reshape(-1), q_heads, kv_heads)
     launch_mma(config, x, weight, bias, None, out, norm_eps if normalise else 0.0, rope_args)
