@@ -35,7 +35,7 @@ from bench.kernels import ATTENTION_CASES, BLOCK_SIZE, HEAD_DIM, KV_HEADS, Decod
 from bench.timing import copy_bandwidth, gpu_name, time_graph  # noqa: E402
 from numba import cuda, int64, uint32  # noqa: E402
 
-from infinilm_nb.kernels import attention, attention_mma  # noqa: E402
+from infinilm_nb.kernels import attention, attention_mma, attention_plan  # noqa: E402
 from infinilm_nb.kernels.common import compiled, launch_stream  # noqa: E402
 from infinilm_nb.kernels.mma import load_words_stream  # noqa: E402
 
@@ -72,10 +72,10 @@ def _empty_kernel(sink):
 
 
 def part_counts(tokens: int, keys: int, most: int) -> list[int]:
-    """The distinct partition counts the launcher can end up with (:func:`attention.split_of`), from
+    """The distinct partition counts the launcher can end up with (:func:`attention_plan.split_of`), from
     1 up to ``most`` and to 8 waves of 4 blocks an SM."""
     sms = cupy.cuda.runtime.getDeviceProperties(0)["multiProcessorCount"]
-    counts = {attention.split_of(keys, parts)[0] for parts in range(1, most + 1)}
+    counts = {attention_plan.split_of(keys, parts)[0] for parts in range(1, most + 1)}
     return sorted(parts for parts in counts if tokens * KV_HEADS * parts <= 8 * 4 * sms)
 
 
@@ -101,13 +101,13 @@ def sweep_case(batch: int, length: int, bw: float, log) -> None:
     attention._plan = lambda *a: dispatched.append(choose(*a)) or dispatched[-1]
     attend(enabled, within_one_wave=True)
     kernels, parts = dispatched[-1]
-    chosen, _ = attention.split_of(length, parts)
+    chosen, _ = attention_plan.split_of(length, parts)
     print(f"--- B={batch} L={length}: {nbytes / 1e6:.1f} MB of K and V, dispatched {chosen} partitions "
           f"({f'mma, {kernels.threads // 32} warps' if kernels.merges else 'cuda-core'})", flush=True)
     print(f"  {'parts':>5} {'blocks':>6} {'keys':>5} | {'mma us':>7} {'%':>4} | {'+merge':>7} {'%':>4} | "
           f"{'cuda-core':>9} {'%':>4} | {'read us':>7} {'%':>4} | {'empty us':>8}", flush=True)
     for parts in part_counts(batch, length, most):
-        _, part_keys = attention.split_of(length, parts)
+        _, part_keys = attention_plan.split_of(length, parts)
         attention._plan = forced(parts, choose)
         row = {"batch": batch, "length": length, "parts": parts, "keys": part_keys,
                "mma_us": attend(True) * 1e6, "cuda_core_us": attend(False) * 1e6}

@@ -28,14 +28,13 @@ they are merged with the online-softmax rule: in the tensor-core kernel by the l
 host picks the number of partitions from the block table's capacity (a CUDA graph is captured
 before the contexts are known); each token then cuts its own causal range into that many,
 ``KEY_GRAIN`` keys at a time, so that a short context is spread over short partitions too instead
-of filling the first ones.
+of filling the first ones. How many, and the warps a block: :mod:`.attention_plan`.
 
 A float16 step that the caller marks as holding prefills (``max_query_len``) runs instead on tensor
 cores, FlashAttention-2 style: :mod:`.attention_prefill`. Other float16 steps (head dim 64 or 128,
 up to 8 query heads per KV head) whose (token, KV head) pairs fit in one wave of blocks of some warp
 count run the same blocks with the inner work on tensor cores: :mod:`.attention_mma`
-(:data:`.attention_mma.ENABLED`). The warps a block and the partitions are those of least time in a
-model of the launch (:func:`step_time`).
+(:data:`.attention_mma.ENABLED`).
 The merge of split partitions: :mod:`.attention_merge`.
 
 bfloat16 (uint16 bit patterns, see :data:`.common.BFLOAT16`) takes the CUDA-core kernels: they widen
@@ -57,6 +56,7 @@ from numba import cuda
 from . import attention_mma, attention_prefill
 from .attention_blocks import NEG_INF, block_kernels, row_finder, shared_layout, split_workspace, stream_folder
 from .attention_merge import merge_partitions
+from .attention_plan import KEY_GRAIN, fastest_launch, split_of
 from .common import (
     SIMULATOR, WITH_BFLOAT16, cdiv, check_array, check_same_dtype, compiled, launch, multiprocessors, numba_type,
 )
@@ -68,27 +68,9 @@ from .vector import (
 STORE_THREADS = 256
 HEAD_DIM_MULTIPLE = 8
 MAX_HEAD_DIM = 256
-# Partition lengths are multiples of this many keys. The simulator's is small so that tiny test
-# contexts span several partitions.
-KEY_GRAIN = 16 if SIMULATOR else 64
 WARP = 32
 # Warps per attention block (the simulator's are fewer: one Python thread per CUDA thread).
 ATTENTION_WARPS = 2 if SIMULATOR else 4
-# A model of a decode attention launch's time, for choosing its warps a block and its partitions
-# (step_time; fitted to 32 H200 timings of 32 / 8 heads at d 128, batch 1 to 64, 1K to 8K keys, 2 to
-# 8 warps, 1 to 128 partitions: bench/attention_sweep.py, bench/versus.py). Each warp keeps one
-# 16-key step of loads in flight, so a block streams keys at warps x STEP_KEYS / STEP_US until its
-# SM's blocks together near SM_BYTES_PER_US; SATURATION is how sharply they bend towards that.
-STEP_KEYS = 16
-STEP_US = 1.52  # a warp's 16-key step: 10.5 keys a microsecond
-SM_BYTES_PER_US = 34_800  # an SM's streaming ceiling (x 132 SMs: 4.6 TB/s)
-SATURATION = 3
-# A block's fixed chain of dependent round trips (sequence, q, table, fold, out), paid once a wave:
-# more when split (the partials, fence and counter); and the merge's cost a partition (the launch
-# with its key loop cut out: 4.3 us unsplit, 10.5 split in 3, 12.9 in 26; fourteenth session).
-WHOLE_US = 7.0
-SPLIT_US = 9.0
-MERGE_US = 0.15
 MAX_REGISTERS = 128  # per thread: 4 blocks of 128 threads per SM
 SHARED_BYTES = 40 * 1024  # static shared memory an attention block may take (the limit is 48 KB)
 # In the tensor-core split kernel the last partition block of a (token, KV head) merges the partials
@@ -431,7 +413,8 @@ def _attention(
         candidates.append(_cuda_core_kernels(q, caches, block_tables, context_lens, query_start_loc, kv_heads,
                                              scale, block_size, group))
     key_bytes = 2 * dim * q.dtype.itemsize  # a key's K and V rows
-    kernels, parts = _plan(candidates, tokens * kv_heads, capacity, max_parts, key_bytes)
+    kernels, asked = _plan(candidates, tokens * kv_heads, capacity, max_parts, key_bytes)
+    parts, _ = split_of(capacity, asked)
     whole, partition, split_signature, args, threads, options, merges = kernels
     merge_here = merges and MERGE_IN_PARTITION
     if parts == 1:
@@ -515,47 +498,6 @@ def _compile_options(head_dim: int, group: int, vec: int) -> dict[str, Any]:
     return {"fastmath": True, "max_registers": MAX_REGISTERS}
 
 
-def split_of(keys: int, parts: int, grain: int = KEY_GRAIN) -> tuple[int, int]:
-    """The partitions, and the keys of each, that ``keys`` are cut into when ``parts`` are asked for:
-    multiples of ``grain`` keys, so maybe fewer than asked; ``(1, keys)`` when one holds them all."""
-    part_keys = grain * cdiv(cdiv(keys, grain), parts)
-    return (1, keys) if part_keys >= keys else (cdiv(keys, part_keys), part_keys)
-
-
-def step_time(pairs: int, keys: int, parts: int, warps: int, per_sm: int, sms: int, key_bytes: int) -> float:
-    """Estimated microseconds of a decode attention launch (the model by ``STEP_US``): ``pairs`` (token,
-    KV head) blocks, each token's ``keys`` cut into ``parts`` partitions (:func:`split_of`), of
-    ``warps`` warps, of which each of ``sms`` SMs holds ``per_sm``; ``key_bytes`` of K and V a key.
-    The blocks run in waves; a wave takes its fixed chain and the keys of a partition at the rate of
-    the blocks on its fullest SM."""
-    parts, part_keys = split_of(keys, parts)
-    ceiling = SM_BYTES_PER_US / key_bytes  # keys a microsecond
-
-    def wave(blocks: int) -> float:
-        resident = cdiv(blocks, sms)
-        demand = resident * warps * STEP_KEYS / STEP_US
-        rate = demand / (1 + (demand / ceiling) ** SATURATION) ** (1 / SATURATION)
-        return (WHOLE_US if parts == 1 else SPLIT_US) + part_keys * resident / rate
-
-    full, rest = divmod(pairs * parts, per_sm * sms)
-    time = full * wave(per_sm * sms) + (wave(rest) if rest else 0.0)
-    return time + (MERGE_US * parts if parts > 1 else 0.0)
-
-
-def fastest_launch(
-    pairs: int, keys: int, most: int, families: list[tuple[int, int, int]], sms: int, key_bytes: int
-) -> tuple[int, int]:
-    """The kernel family and partition count (up to ``most``) of least :func:`step_time`. ``families``
-    lists each family's warps a block and blocks an SM of its whole-range and its split kernel; ties go
-    to the first listed."""
-    best = min(
-        (step_time(pairs, keys, parts, warps, whole if parts == 1 else split, sms, key_bytes), index, parts)
-        for index, (warps, whole, split) in enumerate(families)
-        for parts in range(1, min(most, cdiv(keys, KEY_GRAIN)) + 1)  # split_of makes no more
-    )
-    return best[1], best[2]
-
-
 def _plan(candidates: list[_Kernels], pairs: int, keys: int, most: int, key_bytes: int) -> tuple[_Kernels, int]:
     """:func:`fastest_launch` over ``candidates`` (their split kernels compiled when a step may split).
     The simulator takes the first family and every partition, so that tiny test contexts still split."""
@@ -569,11 +511,8 @@ def _plan(candidates: list[_Kernels], pairs: int, keys: int, most: int, key_byte
             split = _blocks_per_sm(compiled(kernels.partition, kernels.split_signature, **kernels.options),
                                    kernels.threads)
         families.append((kernels.threads // WARP, whole, split))
-    index, parts = _fastest(pairs, keys, most, tuple(families), multiprocessors(), key_bytes)
+    index, parts = fastest_launch(pairs, keys, most, tuple(families), multiprocessors(), key_bytes)
     return candidates[index], parts
-
-
-_fastest = functools.lru_cache(maxsize=4096)(fastest_launch)  # a step's host time: the same steps recur
 
 
 def _wave(kernels: _Kernels) -> int:

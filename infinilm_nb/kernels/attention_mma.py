@@ -59,8 +59,8 @@ HEAD_DIMS = (64, 128)
 MAX_GROUP = 8  # query heads per KV head: the rows g = lane // 4 of an m16n8k16 tile
 WARP = 32
 KEYS = 16  # keys per warp step: two 8-key tiles of S, one k-step of P V
-# Warps a block, from most to fewest, that the dispatcher chooses among for each step by its model of
-# the step's time (:func:`.attention.step_time`). More warps stream a block's keys faster; fewer let
+# Warps a block, from most to fewest, that the dispatcher chooses among for each step by its model
+# of the step's time (:mod:`.attention_plan`). More warps stream a block's keys faster; fewer let
 # an SM hold more blocks (at ~168 registers: one of 8 warps, 2 of 6, 3 of 4, 6 of 2). Measured on an
 # H200 (32 / 8 heads, d 128), the fastest were 8 warps at batch 1 over 8K keys (20.7 us against 22.9
 # with 4) and batch 16 over 1K (25.1 against 26.6), 6 at batch 32 over 2K (70.8 against 76.5), and 2

@@ -233,37 +233,24 @@ def _run_static(kb, rng, q_heads, kv_heads, dim, dtype, max_len, split):
     return kb.to_host(out), want
 
 
-# Decode attention on tensor cores (the split kernel merging in its last block), us by warps a block
-# and partition count: NVIDIA H200, 32 / 8 heads, d 128, 64-key grain, 132 SMs holding 1, 2, 3 or 6
-# blocks of 8, 6, 4 or 2 warps (bench/attention_sweep.py at 34390e7 for 4 warps; bench/versus.py at
-# 8a5c327, 2026-11-29, for the others, each at the count the dispatcher of the time chose).
-MEASURED = {  # (batch, keys): {(warps, partitions): us}
-    (1, 8192): {(4, 1): 195.7, (4, 16): 25.3, (4, 26): 23.9, (4, 32): 23.8, (4, 43): 26.1, (4, 64): 37.1,
-                (4, 128): 54.2, (8, 16): 20.7, (6, 26): 22.8},
-    (16, 1024): {(4, 1): 32.8, (4, 2): 28.3, (4, 3): 27.3, (4, 4): 38.2, (4, 6): 35.9, (4, 16): 64.6, (8, 1): 25.1,
-                 (6, 2): 27.3},
-    (16, 8192): {(4, 1): 217.5, (4, 3): 136.7, (4, 6): 146.1, (8, 1): 146.6, (6, 2): 135.7},
-    (32, 2048): {(4, 1): 76.2, (4, 2): 97.2, (4, 3): 82.6, (6, 1): 70.8, (2, 3): 74.9},
-    (64, 2048): {(2, 1): 145.5},
-}
-BLOCKS_PER_SM = {8: 1, 6: 2, 4: 3, 2: 6}
-
-
-@pytest.mark.parametrize("batch, keys", sorted(MEASURED))
-def test_the_launch_chosen_is_the_one_measured_fastest(batch, keys):
-    measured = MEASURED[batch, keys]
-    families = [(w, BLOCKS_PER_SM[w], BLOCKS_PER_SM[w]) for w in (8, 6, 4, 2) if batch * 8 <= BLOCKS_PER_SM[w] * 132]
-    index, asked = attention.fastest_launch(batch * 8, keys, 8192, families, 132, 512)
-    chosen = (families[index][0], attention.split_of(keys, asked, grain=64)[0])
-    assert chosen in measured, f"{chosen} (warps, partitions) was not measured"
-    assert measured[chosen] <= 1.03 * min(measured.values()), (chosen, measured)
-
-
-def test_the_time_model_is_near_every_measured_launch():
-    for (batch, keys), times in MEASURED.items():
-        for (warps, parts), us in times.items():
-            estimate = attention.step_time(batch * 8, keys, parts, warps, BLOCKS_PER_SM[warps], 132, 512)
-            assert abs(estimate / us - 1) < 0.15, (batch, keys, warps, parts, estimate, us)
+def test_the_plan_weighs_each_kernel_family_by_its_own_blocks_an_sm(monkeypatch):
+    """On a GPU, _plan gives the model each candidate's warps and blocks an SM (whole-range, and split
+    when the step may split) and launches its answer; checked here with stand-ins for compiled kernels."""
+    kernels = [attention._Kernels(whole=name, partition=f"{name} split", split_signature="", args=(),
+                                  threads=warps * 32, options={}, merges=True)
+               for name, warps in (("w8", 8), ("w2", 2))]
+    per_sm = {"w8": 1, "w8 split": 1, "w2": 6, "w2 split": 5}
+    monkeypatch.setattr(attention, "SIMULATOR", False)
+    monkeypatch.setattr(attention, "compiled", lambda function, signature, **options: function)
+    monkeypatch.setattr(attention, "_blocks_per_sm", lambda kernel, threads: per_sm[kernel])
+    monkeypatch.setattr(attention, "multiprocessors", lambda: 132)
+    asked = []
+    monkeypatch.setattr(attention, "fastest_launch", lambda *args: asked.append(args) or (1, 7))
+    assert attention._plan(kernels, 8, 8192, 64, 512) == (kernels[1], 7)
+    assert asked == [(8, 8192, 64, ((8, 1, 1), (2, 6, 5)), 132, 512)]
+    asked.clear()
+    attention._plan(kernels, 8, 8192, 1, 512)  # no room to split: the whole-range kernels' residency
+    assert asked[0][3] == ((8, 1, 1), (2, 6, 6))
 
 
 @pytest.mark.parametrize("split", [False, True])
