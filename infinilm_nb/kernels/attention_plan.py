@@ -10,7 +10,7 @@ holds some blocks an SM; :func:`fastest_launch` estimates every (family, partiti
 
 The model (fitted to 32 H200 timings of 32 / 8 heads at d 128, batch 1 to 64, 1K to 8K keys, 2 to 8
 warps, 1 to 128 partitions: bench/attention_sweep.py, bench/versus.py; within 15% of each, and it
-picks the measured fastest launch of each bench case: tests/kernels/test_attention.py). Each warp
+picks the measured fastest launch of each bench case: tests/kernels/test_attention_plan.py). Each warp
 keeps one 16-key step of loads in flight, so a block streams keys at ``warps x STEP_KEYS / STEP_US``
 until its SM's blocks together near ``SM_BYTES_PER_US``; ``SATURATION`` is how sharply they bend
 towards that. The blocks run in waves; a wave pays a fixed chain of dependent round trips
