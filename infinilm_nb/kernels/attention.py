@@ -404,9 +404,8 @@ def _attention(
         # in one wave of its blocks of some warp count; past that the fuller SMs of the CUDA-core
         # kernel stream faster (H100, float16, 32 / 8 heads, 4-warp blocks: batch 16 at 8K keys 95%
         # of copy against 89%; batch 64 at 2K 84% against 90%).
-        for warps in attention_mma.WARP_CHOICES:
-            kernels = _mma_kernels(q, caches, block_tables, context_lens, query_start_loc, kv_heads, scale,
-                                   block_size, warps)
+        for kernels in _mma_kernels(q, caches, block_tables, context_lens, query_start_loc, kv_heads, scale,
+                                    block_size):
             if not attention_mma.WITHIN_ONE_WAVE or tokens * kv_heads <= _wave(kernels):
                 candidates.append(kernels)
     if not candidates:
@@ -444,17 +443,21 @@ class _Kernels(NamedTuple):
 
 def _mma_kernels(
     q: Any, caches: tuple, block_tables: Any, context_lens: Any, query_start_loc: Any, kv_heads: int, scale: float,
-    block_size: int, warps: int,
-) -> _Kernels:
-    """The tensor-core kernels (:mod:`.attention_mma`) of ``warps`` warps a block for a checked float16 step."""
+    block_size: int,
+) -> list[_Kernels]:
+    """The tensor-core kernels (:mod:`.attention_mma`) for a checked float16 step, one family for each
+    of :data:`.attention_mma.WARP_CHOICES` warps a block, all with the same arguments."""
     dim, group = q.shape[2], q.shape[1] // kv_heads
-    whole_range, partition = attention_mma.mma_attention_kernels(dim, group, block_size, warps)
     whole_signature, split_signature = attention_mma.kernel_signatures()
     options = {"fastmath": True}
     args = (q.view(np.uint16), *caches, block_tables, context_lens, query_start_loc, kv_heads,
             attention_mma.scale_log2(scale))
-    return _Kernels(compiled(whole_range, whole_signature, **options), partition, split_signature, args,
-                    warps * WARP, options, merges=True)
+    families = []
+    for warps in attention_mma.WARP_CHOICES:
+        whole_range, partition = attention_mma.mma_attention_kernels(dim, group, block_size, warps)
+        families.append(_Kernels(compiled(whole_range, whole_signature, **options), partition, split_signature,
+                                 args, warps * WARP, options, merges=True))
+    return families
 
 
 def _cuda_core_kernels(
