@@ -27,17 +27,6 @@ MERGE_CASES = [(shape, split, True) for shape, split in CASES] + [
 ]
 
 
-def _record_builds(monkeypatch, record: list, entry) -> None:
-    """Append ``entry(head_dim, group, warps)`` to ``record`` at every build of tensor-core kernels."""
-    build = attention_mma.mma_attention_kernels
-
-    def spy(head_dim, group, block_size, warps):
-        record.append(entry(head_dim, group, warps))
-        return build(head_dim, group, block_size, warps)
-
-    monkeypatch.setattr(attention_mma, "mma_attention_kernels", spy)
-
-
 @pytest.fixture
 def mma_path(monkeypatch):
     """The switch on (also in the simulator) for every step it can take, and a record of the
@@ -45,7 +34,13 @@ def mma_path(monkeypatch):
     monkeypatch.setattr(attention_mma, "ENABLED", True)
     monkeypatch.setattr(attention_mma, "WITHIN_ONE_WAVE", False)
     launched = []
-    _record_builds(monkeypatch, launched, lambda dim, group, warps: (dim, group))
+    build = attention_mma.mma_attention_kernels
+
+    def spy(head_dim, group, block_size, warps):
+        launched.append((head_dim, group))
+        return build(head_dim, group, block_size, warps)
+
+    monkeypatch.setattr(attention_mma, "mma_attention_kernels", spy)
     return launched
 
 
