@@ -1,8 +1,9 @@
 """Tune the tensor-core decode linear: time every MmaConfig candidate on the Llama-3-8B shapes.
 
 Usage: ``python bench/gemm_sweep.py [--out DIR] [--shapes qkv,o] [--m 1,8,16,32] [--fused] [--probes]
-[--budget S]``. For each shape and M prints cuBLAS (torch.matmul in a CUDA graph), the launcher's choice, the CUDA-core
-kernel and each candidate (graph-timed, weights rotated), best first; writes ``gemm_sweep.jsonl`` as it
+[--splits 2,4,8] [--budget S]``. For each shape and M prints cuBLAS (torch.matmul in a CUDA graph), the launcher's choice, the CUDA-core
+kernel and each candidate (graph-timed, weights rotated), best first; with ``--splits``, the candidates
+that split K over that many blocks instead; writes ``gemm_sweep.jsonl`` as it
 goes so a cut-off run keeps what it measured. ``--probes`` first times an empty kernel and a pure read
 of each weight (the floor a single launch of that size can reach); ``--resources`` prints registers,
 local memory and SASS counts of the variants ``gemm.mma_config`` picks.
@@ -42,6 +43,20 @@ def candidates(m: int, n: int, fused: bool) -> list[MmaConfig]:
             continue
         config = MmaConfig(tiles_w, tiles_x, warps_n, warps_k, unroll, fused)
         if config.threads <= 512 and config.shared_floats * 4 <= SHARED_BYTES and config.words <= 160:
+            found.append(config)
+    return found
+
+
+def split_candidates(m: int, fused: bool, splits: list[int]) -> list[MmaConfig]:
+    """The variants that split K over ``splits`` blocks: blocks of 32 to 128 rows that read x once for
+    all of them (the point of splitting), few warps on K."""
+    tiles_x = -(-m // 8)
+    found = []
+    for tiles_w, warps_n, warps_k, unroll, split in itertools.product((1, 2), (2, 4), (1, 2, 4), (1, 2), splits):
+        if fused and tiles_w % 2:
+            continue
+        config = MmaConfig(tiles_w, tiles_x, warps_n, warps_k, unroll, fused, splits=split)
+        if config.shared_floats * 4 <= SHARED_BYTES and config.words <= 160:
             found.append(config)
     return found
 
@@ -110,8 +125,9 @@ def resources() -> None:
 def label(config) -> str:
     if isinstance(config, str):
         return config
-    return "tw={} tx={} wn={} wk={} u={}".format(config.tiles_w, config.tiles_x, config.warps_n, config.warps_k,
-                                                config.unroll)
+    split = f" s={config.splits}" if config.splits > 1 else ""
+    return "tw={} tx={} wn={} wk={} u={}{}".format(config.tiles_w, config.tiles_x, config.warps_n, config.warps_k,
+                                                  config.unroll, split)
 
 
 def main() -> int:
@@ -124,6 +140,7 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=6)
     parser.add_argument("--probes", action="store_true", help="first time an empty kernel and pure weight reads")
     parser.add_argument("--resources", action="store_true", help="only print the chosen variants' resources")
+    parser.add_argument("--splits", default="", help="time the variants splitting K over these block counts")
     args = parser.parse_args()
     if args.resources:
         resources()
@@ -155,7 +172,8 @@ def main() -> int:
         cores = [lambda i=i: gemm._launch(xs[i], ws[i], outs[i], None, None, args.fused, mma=False)
                  for i in range(copies)]
         rows = [("cuBLAS", t_peer), ("launcher", time_graph(chosen)), ("cuda cores", time_graph(cores))]
-        for config in candidates(m, n_out, args.fused):
+        splits = [int(v) for v in args.splits.split(",") if v]
+        for config in split_candidates(m, args.fused, splits) if splits else candidates(m, n_out, args.fused):
             calls = [
                 lambda i=i, c=config: gemm.launch_mma(c, xs[i], ws[i], None, None, outs[i])
                 for i in range(copies)

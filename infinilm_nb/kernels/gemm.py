@@ -251,10 +251,10 @@ def _group(m: int) -> int:
 
 
 def mma_signature(config: MmaConfig) -> str:
-    """The signature of tensor-core decode variant ``config``: :func:`kernel_signature` (float16) and
-    the norm's eps; for a ``config.rope_dim`` variant, then positions, cos_sin, slots, the flat k and
-    v caches, q heads and KV heads."""
-    signature = kernel_signature(np.float16)[:-1] + ", float32"
+    """The signature of tensor-core decode variant ``config``: :func:`kernel_signature` (float16), the
+    norm's eps, the split-K workspace and arrival counts; for a ``config.rope_dim`` variant, then
+    positions, cos_sin, slots, the flat k and v caches, q heads and KV heads."""
+    signature = kernel_signature(np.float16)[:-1] + ", float32, float32[::1], int32[::1]"
     if config.rope_dim:
         signature += ", int32[::1], float32[::1], int32[::1], float16[::1], float16[::1], int64, int64"
     return signature + ")"
@@ -330,9 +330,23 @@ def launch_mma(
     """Launch tensor-core variant ``config`` on checked float16 operands (K % 8 == 0, 16-byte aligned);
     ``norm_eps`` is the eps of a ``config.normalise`` variant, ``rope_args`` the trailing arguments of
     a ``config.rope_dim`` one (:func:`mma_signature`)."""
-    grid = cdiv(out.shape[1], config.outputs_per_block)
-    args = (*_flat_args(x, weight, bias, residual, out), norm_eps, *rope_args)
-    launch(compiled_mma(config), grid, config.threads, args)
+    groups = cdiv(out.shape[1], config.outputs_per_block)
+    args = (*_flat_args(x, weight, bias, residual, out), norm_eps, *_split_workspace(x, config, groups), *rope_args)
+    launch(compiled_mma(config), groups * config.splits, config.threads, args)
+
+
+def _split_workspace(like: Any, config: MmaConfig, groups: int) -> tuple[Any, Any]:
+    """Where the blocks of a ``config.splits > 1`` launch over ``groups`` groups of rows park their
+    shares of K, and their arrival counts (zeros, which the last block of each group restores): kept
+    arrays (:func:`.common.kept`), as the decode graphs need, of the launch's size rounded up to a
+    power of two so that the step's GEMMs share a few. A launch that does not split gets one float
+    and one count it never reads. Launches on one stream run one after another (a kernel under PDL
+    waits for the one before it before it reads), so they may share them."""
+    floats = 1 << (config.splits * groups * config.parked_floats - 1).bit_length() if config.splits > 1 else 1
+    counts = 1 << (groups - 1).bit_length() if config.splits > 1 else 1
+    workspace = kept(like, ("mma split-K workspace", floats), lambda xp: xp.zeros(floats, np.float32))
+    arrivals = kept(like, ("mma split-K arrivals", counts), lambda xp: xp.zeros(counts, np.int32))
+    return workspace, arrivals
 
 
 def launch_tc(config: TcConfig, x: Any, weight: Any, bias: Any, residual: Any, out: Any) -> None:

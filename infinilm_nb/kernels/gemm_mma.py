@@ -20,6 +20,13 @@ B (8 rows of x), so the arithmetic is free and the kernel only streams W.
   that). The split-K partial sums meet in shared memory and are added in a fixed order (no
   atomics: results do not depend on timing), then the epilogue adds bias and residual, or (fused)
   pairs gate row n with up row ``n + N`` and writes ``silu(gate) * up``.
+* With ``splits > 1`` the grid has ``splits`` blocks on each group of rows, each taking a
+  contiguous share of K's steps. A block adds its warps' partial sums as above and parks them in a
+  workspace in global memory; the block that arrives last at its group (an atomic count) adds the
+  ``splits`` shares in order and runs the epilogue, then sets the count back to zero for the next
+  launch. x costs the L2 ``M / rows per block`` of the weight's bytes per block's share of K, so
+  splitting K over blocks lets a block own more rows (x read once for all of them) and still give
+  every SM work: at M = 32, x read by 16-row blocks had cost the L2 twice the weight's bytes.
 
 With ``normalise`` the product is of each x row divided by its root mean square, ``x / sqrt(mean(x^2)
 + eps)``: RMSNorm without its weight, which the caller has folded into the weight's columns
@@ -55,7 +62,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
 
-from numba import cuda, float32, int64, uint32
+from numba import cuda, float32, int32, int64, uint32
 
 from .common import SIMULATOR
 from .intrinsics import await_previous_kernels, unpack_f16x2
@@ -81,6 +88,7 @@ class MmaConfig:
     normalise: bool = False  # x rows divided by their RMS (module doc)
     max_registers: int = 0  # a cap for ptxas (0: none)
     rope_dim: int = 0  # QKV: head dim of the RoPE and cache-store epilogue (module doc; 0: none)
+    splits: int = 1  # blocks splitting K, whose sums meet in a workspace (module doc)
 
     @property
     def threads(self) -> int:
@@ -101,6 +109,12 @@ class MmaConfig:
         slice's sums of squares of the x rows)."""
         squares = self.warps_k * 8 * self.tiles_x if self.normalise else 0
         return self.warps_k * self.warps_n * self.tiles_w * self.tiles_x * 4 * WARP + squares
+
+    @property
+    def parked_floats(self) -> int:
+        """Workspace a block of a ``splits > 1`` variant parks its share in: its outputs' sums over its
+        share of K as fragments (gate and up tiles alike), then, normalising, its x rows' squares."""
+        return self.warps_n * self.tiles_w * self.tiles_x * 4 * WARP + (8 * self.tiles_x if self.normalise else 0)
 
     @property
     def words(self) -> int:
@@ -145,7 +159,7 @@ def mma_kernel(config: MmaConfig) -> Callable:
     ``config.rope_dim``, the RoPE and cache-store arguments after the norm's eps)."""
     tiles_w, tiles_x = config.tiles_w, config.tiles_x
     warps_n, warps_k, unroll, fused = config.warps_n, config.warps_k, config.unroll, config.fused
-    normalise = config.normalise
+    normalise, splits = config.normalise, config.splits
     assert config.shared_floats * 4 <= SHARED_BYTES, config
     rows_w = 2 * tiles_w  # weight rows a lane loads per step (g and g + 8 of each tile)
     tiles_out = tiles_w // 2 if fused else tiles_w  # W tiles whose rows are outputs (gate tiles)
@@ -159,6 +173,9 @@ def mma_kernel(config: MmaConfig) -> Callable:
     shared_size = config.shared_floats
     outputs = warps_n * tiles_out * tiles_x * 4 * WARP  # output values per block, as fragments
     threads = config.threads
+    x_rows = 8 * tiles_x
+    parked = config.parked_floats
+    slices = 1 if splits > 1 else warps_k  # partial sums per output the epilogue adds
     D = config.rope_dim
     half = D // 2
     assert not (D and (fused or D % 16)), config
@@ -199,12 +216,57 @@ def mma_kernel(config: MmaConfig) -> Callable:
                             acc[i + q] = d[q]
 
     @cuda.jit(device=True, **({} if SIMULATOR else {"forceinline": True}))
+    def gather_shares(partial, workspace, arrivals, group, share):
+        """``splits > 1``: park this block's sums (its warps' partials added in order) in the
+        workspace; whether this block arrived last at its group, in which case the first slice of
+        ``partial`` (and of the squares) now holds the sums over every share, added in order."""
+        tid = cuda.threadIdx.x
+        mine = (group * splits + share) * parked
+        for i in range(tid, slot, threads):
+            total = float32(0)
+            for s in range(warps_k):
+                total += partial[s * slot + i]
+            workspace[mine + i] = total
+        if normalise:
+            for i in range(tid, x_rows, threads):
+                total = float32(0)
+                for s in range(warps_k):
+                    total += partial[squares_at + s * x_rows + i]
+                workspace[mine + slot + i] = total
+        cuda.threadfence()  # the sums reach the L2 before the count says so
+        cuda.syncthreads()
+        last = cuda.shared.array(1, int32)
+        if tid == 0:
+            last[0] = cuda.atomic.add(arrivals, group, 1) == splits - 1
+        cuda.syncthreads()
+        if not last[0]:
+            return False
+        cuda.threadfence()  # and the other blocks' sums are read after it
+        first = group * splits * parked
+        for i in range(tid, slot, threads):
+            total = float32(0)
+            for s in range(splits):
+                total += workspace[first + s * parked + i]
+            partial[i] = total
+        if normalise:
+            for i in range(tid, x_rows, threads):
+                total = float32(0)
+                for s in range(splits):
+                    total += workspace[first + s * parked + slot + i]
+                partial[squares_at + i] = total
+        if tid == 0:
+            arrivals[group] = 0  # ready for the next launch
+        cuda.syncthreads()
+        return True
+
+    @cuda.jit(device=True, **({} if SIMULATOR else {"forceinline": True}))
     def body(
-        x, weight, bias, residual, out, M, N, K, has_bias, has_residual, eps,
+        x, weight, bias, residual, out, M, N, K, has_bias, has_residual, eps, workspace, arrivals,
         positions, cos_sin, slots, k_cache, v_cache, q_heads, kv_heads,
     ):
         """Both kernels: the arguments from ``positions`` on are the RoPE variant's (never read when
-        ``rope_dim`` is 0), which adds no residual."""
+        ``rope_dim`` is 0), which adds no residual; ``workspace`` and ``arrivals`` are read only when
+        ``splits > 1``."""
         await_previous_kernels()
         tid = cuda.threadIdx.x
         lane = tid % WARP
@@ -213,9 +275,14 @@ def mma_kernel(config: MmaConfig) -> Callable:
         wk = warp - wn * warps_k
         g = lane // 4
         t = lane % 4
-        n0 = cuda.blockIdx.x * per_block + wn * per_warp
+        group = cuda.blockIdx.x // splits  # blocks of one group of rows are neighbours
+        share = cuda.blockIdx.x - group * splits
+        n0 = group * per_block + wn * per_warp
         stride = 4 * warps_k * unroll * CHUNK  # columns one iteration of the block covers
         iterations = (K + stride - 1) // stride
+        per_share = (iterations + splits - 1) // splits
+        begin = share * per_share
+        end = min(begin + per_share, iterations)
         first = (wk * unroll * 4 + t) * CHUNK  # this lane's column at step 0 of iteration 0
 
         rotated = (q_heads + kv_heads) * D  # rope_dim: the q and k rows
@@ -238,7 +305,7 @@ def mma_kernel(config: MmaConfig) -> Callable:
         squares = cuda.local.array(tiles_x, float32)  # this lane's share of x row 8 ib + g
         for ib in range(tiles_x):
             squares[ib] = 0
-        for it in range(iterations):
+        for it in range(begin, end):
             load_step(x, weight, K, w_base, x_base, first + it * stride, w, xw)
             multiply(w, xw, acc)
             if normalise:
@@ -259,8 +326,10 @@ def mma_kernel(config: MmaConfig) -> Callable:
                 total += cuda.shfl_xor_sync(FULL_MASK, total, 1)
                 total += cuda.shfl_xor_sync(FULL_MASK, total, 2)
                 if wn == 0 and t == 0:
-                    partial[squares_at + wk * 8 * tiles_x + 8 * ib + g] = total
+                    partial[squares_at + wk * x_rows + 8 * ib + g] = total
         cuda.syncthreads()
+        if splits > 1 and not gather_shares(partial, workspace, arrivals, group, share):
+            return
         for e in range(tid, outputs, threads):
             src_lane = e % WARP
             fragment = e // WARP
@@ -269,29 +338,29 @@ def mma_kernel(config: MmaConfig) -> Callable:
             ia = (fragment // (4 * tiles_x)) % tiles_out
             src_wn = fragment // (4 * tiles_x * tiles_out)
             m = 8 * ib + 2 * (src_lane % 4) + c % 2
-            n = cuda.blockIdx.x * per_block + src_wn * per_warp + 16 * ia + 8 * (c // 2) + src_lane // 4
+            n = group * per_block + src_wn * per_warp + 16 * ia + 8 * (c // 2) + src_lane // 4
             if m < M and n < N:
                 at = (src_wn * acc_size + (ia * tiles_x + ib) * 4 + c) * WARP + src_lane
                 total = float32(0)
-                for s in range(warps_k):
+                for s in range(slices):
                     total += partial[s * slot + at]
                 scale = float32(1)
                 if normalise:
                     sum_squares = float32(0)
-                    for s in range(warps_k):
-                        sum_squares += partial[squares_at + s * 8 * tiles_x + m]
+                    for s in range(slices):
+                        sum_squares += partial[squares_at + s * x_rows + m]
                     scale = float32(1) / math.sqrt(sum_squares / float32(K) + eps)
                     total *= scale
                 if fused:
                     up = float32(0)
-                    for s in range(warps_k):
+                    for s in range(slices):
                         up += partial[s * slot + at + tiles_out * tiles_x * 4 * WARP]
                     total = silu(total) * (up * scale)
                 elif D and n < rotated:
                     # the pair's other row: register c ^ 2 of the same lane and tile, row n ^ 8
                     pair_at = at + (2 - 4 * (c // 2)) * WARP
                     pair = float32(0)
-                    for s in range(warps_k):
+                    for s in range(slices):
                         pair += partial[s * slot + pair_at]
                     pair *= scale
                     pair_n = _rope_row(n ^ 8, D)
@@ -319,17 +388,20 @@ def mma_kernel(config: MmaConfig) -> Callable:
                         else:
                             v_cache[int64(slot_m) * kv_row + row - kv_row] = total
 
-    def kernel(x, weight, bias, residual, out, M, N, K, has_bias, has_residual, eps):
-        body(x, weight, bias, residual, out, M, N, K, has_bias, has_residual, eps, x, x, x, x, x, M, M)
+    def kernel(x, weight, bias, residual, out, M, N, K, has_bias, has_residual, eps, workspace, arrivals):
+        body(
+            x, weight, bias, residual, out, M, N, K, has_bias, has_residual, eps, workspace, arrivals,
+            x, x, x, x, x, M, M,
+        )
 
     def rope_kernel(
-        x, weight, bias, residual, out, M, N, K, has_bias, has_residual, eps,
+        x, weight, bias, residual, out, M, N, K, has_bias, has_residual, eps, workspace, arrivals,
         positions, cos_sin, slots, k_cache, v_cache, q_heads, kv_heads,
     ):
         """``kernel``, and RoPE and the cache store in its epilogue: positions and slots ``[M]``,
         cos_sin flat ``[P * D]``, caches flat ``[slots * kv_heads * D]``."""
         body(
-            x, weight, bias, residual, out, M, N, K, has_bias, has_residual, eps,
+            x, weight, bias, residual, out, M, N, K, has_bias, has_residual, eps, workspace, arrivals,
             positions, cos_sin, slots, k_cache, v_cache, q_heads, kv_heads,
         )
 

@@ -231,7 +231,8 @@ def test_linear_norm_eps_needs_normed_of_the_shape_of_x(kb, rng):
 # Tensor-core variants run directly (in the simulator too, whose mma gathers fragments through
 # shuffles): several W and x tiles, warps on rows and on K, unrolled steps, fused; M not a multiple
 # of 8, N of 16, K of 32 (the last step is partly past K); x rows RMS-normalised in the loop, with
-# warps on rows and on K. Blocks of at most 64 threads for the simulator.
+# warps on rows and on K; K split over blocks (splits), with shares of one step, of two, and empty
+# ones (more splits than steps). Blocks of at most 64 threads for the simulator.
 MMA_CASES = [
     (MmaConfig(1, 2, 1, 2, 1), 11, 37, 136),
     (MmaConfig(2, 1, 2, 1, 2), 5, 45, 200),
@@ -241,6 +242,9 @@ MMA_CASES = [
     (MmaConfig(1, 2, 1, 2, 1, normalise=True), 11, 37, 136),
     (MmaConfig(2, 1, 2, 1, 2, normalise=True), 5, 45, 200),
     (MmaConfig(2, 1, 1, 2, 1, fused=True, normalise=True), 1, 9, 72),
+    (MmaConfig(1, 2, 1, 2, 1, splits=3), 11, 37, 136),
+    (MmaConfig(2, 1, 2, 1, 2, normalise=True, splits=2), 5, 45, 200),
+    (MmaConfig(2, 1, 1, 2, 1, fused=True, normalise=True, splits=4), 1, 9, 72),
 ]
 
 
@@ -269,12 +273,28 @@ def test_tensor_core_variants_match_reference(kb, rng, config, M, N, K):
     assert rel_err(kb.to_host(out), want) < tolerance(np.float16)
 
 
+def test_split_k_launches_leave_their_arrival_counts_at_zero(kb, rng):
+    # the last block of each group of rows sets its count back, so a second launch (a graph replay)
+    # sums its own shares, not stale ones; its shares' sums are parked where the first launch's were
+    config, M, N, K = MmaConfig(1, 2, 1, 2, 1, splits=3), 9, 40, 136
+    weight = random(rng, (N, K), np.float16, scale=0.1)
+    for _ in range(2):
+        x = random(rng, (M, K), np.float16)
+        out = poisoned(kb, (M, N), np.float16)
+        gemm.launch_mma(config, kb.asarray(x), kb.asarray(weight), None, None, out)
+        want = reference.linear(x, weight, np.empty((M, N), np.float32))
+        assert rel_err(kb.to_host(out), want) < tolerance(np.float16)
+        _, arrivals = gemm._split_workspace(out, config, 3)
+        np.testing.assert_array_equal(kb.to_host(arrivals), 0)
+
+
 # The QKV variant with RoPE and the cache store in its epilogue (rope_dim): head dims 32 and 64, a
 # bias, warps on rows and on K, x rows normalised; M not a multiple of 8; padding tokens (slot -1).
 ROPE_CASES = [
     (MmaConfig(1, 1, 1, 2, 1, rope_dim=32), 3, (2, 1), 40, False),
     (MmaConfig(2, 1, 2, 1, 2, rope_dim=64), 5, (2, 2), 72, True),
     (MmaConfig(1, 2, 1, 2, 1, normalise=True, rope_dim=32), 9, (3, 1), 72, True),
+    (MmaConfig(1, 2, 1, 2, 1, normalise=True, rope_dim=32, splits=2), 9, (3, 1), 72, True),
 ]
 
 
