@@ -277,7 +277,10 @@ def mma_config(M: int, N: int, K: int, fused: bool = False, normalise: bool = Fa
     same choices won on both). Up to 8 rows of x, one 16-row tile per warp and 16 warps on K keep
     the most bytes in flight; more rows of x make each weight load feed more mma, so warps take
     fewer K slices (x traffic) and, for wide outputs, two W tiles or four warps on neighbouring rows
-    that share x through L1. Fused gate-up needs two W tiles per warp (gate and up).
+    that share x through L1. Fused gate-up needs two W tiles per warp (gate and up). From M = 32,
+    down (and o at M = 64) split K over blocks (``splits``), so that a block of more rows reads x
+    once for them all: on an H200, down 45.0 -> 42.0 us at M = 32 and 75.1 -> 67.4 at M = 64, o
+    28.3 -> 25.9 at M = 64; splitting lost on every other shape (bench/RESULTS.md, sixteenth session).
 
     M's 8-row tiles are rounded up to a power of two: the decode graphs compile those variants at
     start-up, so an odd M of an eager step (the lm_head of a step that ends 24 prompts) reuses one
@@ -285,6 +288,7 @@ def mma_config(M: int, N: int, K: int, fused: bool = False, normalise: bool = Fa
     """
     tiles_x = 1 << (cdiv(M, 8) - 1).bit_length()
     rows = 2 * N if fused else N
+    splits = 1
     if fused or rows >= WIDE_N:
         shapes = {1: (2, 1, 8, 1), 2: (2, 1, 4, 1)}
         tiles_w, warps_n, warps_k, unroll = shapes.get(tiles_x, (2, 4, 2, 1))
@@ -292,9 +296,14 @@ def mma_config(M: int, N: int, K: int, fused: bool = False, normalise: bool = Fa
         tiles_w, warps_n, warps_k, unroll = 1, 1, 16, 1
     elif tiles_x == 2:
         tiles_w, warps_n, warps_k, unroll = (1, 1, 16, 2) if N <= 4096 or K >= LONG_K else (1, 1, 8, 2)
+    elif tiles_x >= 4 and K >= LONG_K:
+        # down: 16-row blocks would each read all of x's 32 or 64 rows; 64-row blocks on a quarter of K
+        tiles_w, warps_n, warps_k, unroll, splits = (2, 2, 4, 1, 4) if tiles_x == 4 else (2, 2, 2, 2, 4)
+    elif tiles_x == 8 and N <= 4096:  # o at M = 64: 32-row blocks on half of K
+        tiles_w, warps_n, warps_k, unroll, splits = 1, 2, 4, 2, 2
     else:
         tiles_w, warps_n, warps_k, unroll = (1, 1, 16, 1) if K >= LONG_K else (1, 1, 8, 2)
-    config = MmaConfig(tiles_w, tiles_x, warps_n, warps_k, unroll, fused, normalise)
+    config = MmaConfig(tiles_w, tiles_x, warps_n, warps_k, unroll, fused, normalise, splits=splits)
     if normalise and config == MmaConfig(1, 1, 1, 16, 1, normalise=True):
         # 3 blocks of 16 warps an SM need <= 40 registers: the plain variant takes 39, normalising 48
         # uncapped (2 blocks, so QKV's 384 blocks took two waves); capped, ptxas sm_90a spills 8 bytes,
