@@ -140,9 +140,12 @@ class LLMEngine:
         self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams
     ) -> None:
         """Queue a tokenized request. One longer than ``max_model_len`` is not run: it finishes at the
-        next :meth:`step` with finish_reason "error" and a message, and the others go on."""
+        next :meth:`step` with finish_reason "error" and a message, and the others go on. An empty
+        prompt raises ``ValueError`` here (a step of it would fail every running request)."""
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already running")
+        if not prompt_token_ids:
+            raise ValueError(f"prompt is empty (no tokens) in request {request_id!r}")
         if len(prompt_token_ids) > self.max_model_len:
             message = (
                 f"prompt has {len(prompt_token_ids)} tokens, more than max_model_len={self.max_model_len}; "

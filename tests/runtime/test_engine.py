@@ -207,6 +207,8 @@ def test_bad_requests_raise_before_any_work(llm: LLM):
         llm.generate([["not", "a", "prompt"]], GREEDY)
     with pytest.raises(ValueError, match=r"one per prompt \(2\), got 3 items"):
         llm.generate(["a", "b"], [GREEDY] * 3)
+    with pytest.raises(ValueError, match=r"prompt is empty \(no tokens\) in request 'bare'"):
+        llm.engine.add_request("bare", None, [], GREEDY)  # the engine's own entry, as bench/decode.py uses it
     assert not llm.engine.has_unfinished()
 
 
