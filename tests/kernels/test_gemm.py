@@ -11,8 +11,8 @@ from tests.helpers import as_float, nans, pick, poisoned, random, rel_err, toler
 
 # (M, N, K). M <= gemm.DECODE_MAX_M takes the decode kernel (17 loops over groups of x rows), larger
 # M the tiled one. K = 40 fits 16-byte loads in every dtype, K = 13 only plain loads. The GPU list
-# adds Llama-3-8B decode (QKV 4096 -> 6144, down 14336 -> 4096, gate-up 4096 -> 28672) and prefill
-# shapes; there float16 with K % 8 == 0 and M <= gemm.MMA_MAX_M runs on tensor cores (gemm.mma_config's
+# adds Llama-3-8B decode (QKV 4096 -> 6144, down 14336 -> 4096, gate-up 4096 -> 28672; down at M = 32
+# and 61 and o at M = 40 split K over blocks) and prefill shapes; there float16 with K % 8 == 0 and M <= gemm.MMA_MAX_M runs on tensor cores (gemm.mma_config's
 # variants), larger M on the tensor-core prefill GEMM. bfloat16 (np.uint16 bits) always runs on CUDA cores.
 SHAPES = pick(
     sim=[(1, 37, 40), (3, 37, 40), (17, 37, 40), (70, 37, 40), (3, 37, 13), (70, 37, 13)],
@@ -29,6 +29,8 @@ SHAPES = pick(
         (16, 4096, 14336),
         (24, 28672, 4096),
         (32, 4096, 4096),
+        (32, 4096, 14336),
+        (40, 4096, 4096),
         (61, 4096, 14336),
         (64, 128256, 4096),
         (300, 4096, 4096),
@@ -286,6 +288,33 @@ def test_split_k_launches_leave_their_arrival_counts_at_zero(kb, rng):
         assert rel_err(kb.to_host(out), want) < tolerance(np.float16)
         _, arrivals = gemm._split_workspace(out, config, 3)
         np.testing.assert_array_equal(kb.to_host(arrivals), 0)
+
+
+@pytest.mark.gpu
+def test_split_k_linear_replayed_from_a_cuda_graph_matches_reference(kb, rng):
+    # down at M = 32 as a decode graph runs it: captured once, replayed over fresh rows of x
+    import cupy
+
+    M, N, K = 32, 4096, 14336
+    assert gemm.mma_config(M, N, K).splits > 1
+    weight = random(rng, (N, K), np.float16, scale=0.02)
+    residual = random(rng, (M, N), np.float16)
+    x_d, weight_d, residual_d = kb.asarray(np.zeros((M, K), np.float16)), kb.asarray(weight), kb.asarray(residual)
+    out = poisoned(kb, (M, N), np.float16)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        kb.ops.linear(x_d, weight_d, out, residual=residual_d)  # compiles and makes the kept workspace
+        stream.begin_capture()
+        kb.ops.linear(x_d, weight_d, out, residual=residual_d)
+        graph = stream.end_capture()
+        for _ in range(2):
+            x = random(rng, (M, K), np.float16)
+            x_d.set(x, stream=stream)
+            out.fill(np.nan)
+            graph.launch(stream)
+            stream.synchronize()
+            want = reference.linear(x, weight, np.empty((M, N), np.float32), residual=residual)
+            assert rel_err(kb.to_host(out), want) < tolerance(np.float16)
 
 
 # The QKV variant with RoPE and the cache store in its epilogue (rope_dim): head dims 32 and 64, a
