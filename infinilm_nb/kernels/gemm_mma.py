@@ -156,7 +156,7 @@ _rope_row = cuda.jit(device=True)(rope_row)  # the same in the kernel
 @lru_cache(maxsize=None)
 def mma_kernel(config: MmaConfig) -> Callable:
     """The kernel for ``config``; signature :func:`.gemm.mma_signature` (float16; with
-    ``config.rope_dim``, the RoPE and cache-store arguments after the norm's eps)."""
+    ``config.rope_dim``, the RoPE and cache-store arguments after the norm's eps and the split-K workspace)."""
     tiles_w, tiles_x = config.tiles_w, config.tiles_x
     warps_n, warps_k, unroll, fused = config.warps_n, config.warps_k, config.unroll, config.fused
     normalise, splits = config.normalise, config.splits
