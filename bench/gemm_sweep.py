@@ -1,10 +1,10 @@
 """Tune the tensor-core decode linear: time every MmaConfig candidate on the Llama-3-8B shapes.
 
 Usage: ``python bench/gemm_sweep.py [--out DIR] [--shapes qkv,o] [--m 1,8,16,32] [--fused] [--probes]
-[--splits 2,4,8] [--budget S]``. For each shape and M prints cuBLAS (torch.matmul in a CUDA graph), the launcher's choice, the CUDA-core
-kernel and each candidate (graph-timed, weights rotated), best first; with ``--splits``, the candidates
-that split K over that many blocks instead; writes ``gemm_sweep.jsonl`` as it
-goes so a cut-off run keeps what it measured. ``--probes`` first times an empty kernel and a pure read
+[--splits 2,4,8] [--budget S]``. For each shape and M prints cuBLAS (torch.matmul in a CUDA graph),
+the launcher's choice, the CUDA-core kernel and each candidate (graph-timed, weights rotated), best
+first (with ``--splits``, the candidates that split K over that many blocks instead); writes
+``gemm_sweep.jsonl`` as it goes so a cut-off run keeps what it measured. ``--probes`` first times an empty kernel and a pure read
 of each weight (the floor a single launch of that size can reach); ``--resources`` prints registers,
 local memory and SASS counts of the variants ``gemm.mma_config`` picks.
 """

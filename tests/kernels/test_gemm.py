@@ -12,8 +12,9 @@ from tests.helpers import as_float, nans, pick, poisoned, random, rel_err, toler
 # (M, N, K). M <= gemm.DECODE_MAX_M takes the decode kernel (17 loops over groups of x rows), larger
 # M the tiled one. K = 40 fits 16-byte loads in every dtype, K = 13 only plain loads. The GPU list
 # adds Llama-3-8B decode (QKV 4096 -> 6144, down 14336 -> 4096, gate-up 4096 -> 28672; down at M = 32
-# and 61 and o at M = 40 split K over blocks) and prefill shapes; there float16 with K % 8 == 0 and M <= gemm.MMA_MAX_M runs on tensor cores (gemm.mma_config's
-# variants), larger M on the tensor-core prefill GEMM. bfloat16 (np.uint16 bits) always runs on CUDA cores.
+# and 61 and o at M = 40 split K over blocks) and prefill shapes; there float16 with K % 8 == 0 and
+# M <= gemm.MMA_MAX_M runs on tensor cores (gemm.mma_config's variants), larger M on the tensor-core
+# prefill GEMM. bfloat16 (np.uint16 bits) always runs on CUDA cores.
 SHAPES = pick(
     sim=[(1, 37, 40), (3, 37, 40), (17, 37, 40), (70, 37, 40), (3, 37, 13), (70, 37, 13)],
     gpu=[
