@@ -242,6 +242,8 @@ def mma_kernel(config: MmaConfig) -> Callable:
         if not last[0]:
             return False
         cuda.threadfence()  # and the other blocks' sums are read after it
+        # Plain loads (attention's merge reads from L2 only): a block's share is whole 512-byte runs,
+        # and only this block reads its group's, so no line of this SM's L1 can hold one stale.
         first = group * splits * parked
         for i in range(tid, slot, threads):
             total = float32(0)
