@@ -65,7 +65,7 @@ from typing import Callable
 from numba import cuda, float32, int32, int64, uint32
 
 from .common import SIMULATOR
-from .intrinsics import await_previous_kernels, unpack_f16x2
+from .intrinsics import await_previous_kernels, load_f32_l2, unpack_f16x2
 from .mma import load_words, load_words_stream, mma_16816
 
 WARP = 32
@@ -242,19 +242,19 @@ def mma_kernel(config: MmaConfig) -> Callable:
         if not last[0]:
             return False
         cuda.threadfence()  # and the other blocks' sums are read after it
-        # Plain loads (attention's merge reads from L2 only): a block's share is whole 512-byte runs,
-        # and only this block reads its group's, so no line of this SM's L1 can hold one stale.
+        # from L2 only: this SM's L1 may hold a line of them read before they were written, by the
+        # last block of the group before (groups' shares are not whole lines when normalising)
         first = group * splits * parked
         for i in range(tid, slot, threads):
             total = float32(0)
             for s in range(splits):
-                total += workspace[first + s * parked + i]
+                total += load_f32_l2(workspace, first + s * parked + i)[0]
             partial[i] = total
         if normalise:
             for i in range(tid, x_rows, threads):
                 total = float32(0)
                 for s in range(splits):
-                    total += workspace[first + s * parked + slot + i]
+                    total += load_f32_l2(workspace, first + s * parked + slot + i)[0]
                 partial[squares_at + i] = total
         if tid == 0:
             arrivals[group] = 0  # ready for the next launch
