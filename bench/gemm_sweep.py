@@ -4,9 +4,10 @@ Usage: ``python bench/gemm_sweep.py [--out DIR] [--shapes qkv,o] [--m 1,8,16,32]
 [--splits 2,4,8] [--budget S]``. For each shape and M prints cuBLAS (torch.matmul in a CUDA graph),
 the launcher's choice, the CUDA-core kernel and each candidate (graph-timed, weights rotated), best
 first (with ``--splits``, the candidates that split K over that many blocks instead); writes
-``gemm_sweep.jsonl`` as it goes so a cut-off run keeps what it measured. ``--probes`` first times an empty kernel and a pure read
-of each weight (the floor a single launch of that size can reach); ``--resources`` prints registers,
-local memory and SASS counts of the variants ``gemm.mma_config`` picks.
+``gemm_sweep.jsonl`` as it goes so a cut-off run keeps what it measured. ``--probes`` first times an
+empty kernel and a pure read of each weight (the floor a single launch of that size can reach);
+``--resources`` prints registers, local memory and SASS counts of the variants ``gemm.mma_config``
+picks.
 """
 
 from __future__ import annotations
@@ -33,30 +34,22 @@ from infinilm_nb.kernels.gemm_mma import SHARED_BYTES, MmaConfig  # noqa: E402
 from infinilm_nb.kernels.mma import load_words_stream  # noqa: E402
 
 
-def candidates(m: int, n: int, fused: bool) -> list[MmaConfig]:
-    """The variants worth timing for M rows and N outputs: W tiles per warp, warps on rows and on
-    K, steps per load batch (the knobs that mattered in the sweeps behind gemm.mma_config)."""
+def candidates(m: int, fused: bool, splits: list[int] | None = None) -> list[MmaConfig]:
+    """The variants worth timing for M rows: W tiles per warp, warps on rows and on K, steps per load
+    batch (the knobs that mattered in the sweeps behind gemm.mma_config). With ``splits``, those that
+    split K over that many blocks instead: blocks of 32 to 128 rows that read x once for all of them
+    (the point of splitting), few warps on K."""
     tiles_x = -(-m // 8)
+    if splits:
+        knobs = ((1, 2), (2, 4), (1, 2, 4), (1, 2), splits)
+    else:
+        knobs = ((1, 2, 4), (1, 2, 4), (2, 4, 8, 16), (1, 2, 4), (1,))
     found = []
-    for tiles_w, warps_n, warps_k, unroll in itertools.product((1, 2, 4), (1, 2, 4), (2, 4, 8, 16), (1, 2, 4)):
-        if fused and tiles_w % 2:
-            continue
-        config = MmaConfig(tiles_w, tiles_x, warps_n, warps_k, unroll, fused)
-        if config.threads <= 512 and config.shared_floats * 4 <= SHARED_BYTES and config.words <= 160:
-            found.append(config)
-    return found
-
-
-def split_candidates(m: int, fused: bool, splits: list[int]) -> list[MmaConfig]:
-    """The variants that split K over ``splits`` blocks: blocks of 32 to 128 rows that read x once for
-    all of them (the point of splitting), few warps on K."""
-    tiles_x = -(-m // 8)
-    found = []
-    for tiles_w, warps_n, warps_k, unroll, split in itertools.product((1, 2), (2, 4), (1, 2, 4), (1, 2), splits):
+    for tiles_w, warps_n, warps_k, unroll, split in itertools.product(*knobs):
         if fused and tiles_w % 2:
             continue
         config = MmaConfig(tiles_w, tiles_x, warps_n, warps_k, unroll, fused, splits=split)
-        if config.shared_floats * 4 <= SHARED_BYTES and config.words <= 160:
+        if config.threads <= 512 and config.shared_floats * 4 <= SHARED_BYTES and config.words <= 160:
             found.append(config)
     return found
 
@@ -172,8 +165,7 @@ def main() -> int:
         cores = [lambda i=i: gemm._launch(xs[i], ws[i], outs[i], None, None, args.fused, mma=False)
                  for i in range(copies)]
         rows = [("cuBLAS", t_peer), ("launcher", time_graph(chosen)), ("cuda cores", time_graph(cores))]
-        splits = [int(v) for v in args.splits.split(",") if v]
-        for config in split_candidates(m, args.fused, splits) if splits else candidates(m, n_out, args.fused):
+        for config in candidates(m, args.fused, [int(v) for v in args.splits.split(",") if v]):
             calls = [
                 lambda i=i, c=config: gemm.launch_mma(c, xs[i], ws[i], None, None, outs[i])
                 for i in range(copies)
