@@ -280,7 +280,9 @@ def mma_config(M: int, N: int, K: int, fused: bool = False, normalise: bool = Fa
     that share x through L1. Fused gate-up needs two W tiles per warp (gate and up). From M = 32,
     down (and o at M = 64) split K over blocks (``splits``), so that a block of more rows reads x
     once for them all: on an H200, down 45.0 -> 42.0 us at M = 32 and 75.1 -> 67.4 at M = 64, o
-    28.3 -> 25.9 at M = 64; splitting lost on every other shape (bench/RESULTS.md, sixteenth session).
+    28.3 -> 25.9 at M = 64. Split, QKV, o and gate_up at M = 16 and 32 and down at 16 ran slower, QKV
+    at 64 only 1.03x faster; gate_up at 64 and lm_head were not swept (bench/RESULTS.md, sixteenth
+    session).
 
     M's 8-row tiles are rounded up to a power of two: the decode graphs compile those variants at
     start-up, so an odd M of an eager step (the lm_head of a step that ends 24 prompts) reuses one
