@@ -19,7 +19,7 @@ import numba
 import numpy as np
 from numba import cuda
 
-from .intrinsics import await_previous_kernels
+from .intrinsics import arrived_last, await_previous_kernels
 
 NEG_INF = np.float32(-np.inf)  # a float32 constant, so that selects with it stay float32
 
@@ -181,9 +181,9 @@ def block_kernels(
         key_stop = min(key_end, key_start + part_keys)
         part_s = cuda.shared.array(PARTS, numba.float32)
         state_s = cuda.shared.array(STATE, numba.float32)
-        # [the partitions that hold keys, whether this block merges]: in shared memory, rather than a
-        # register across attend (the tensor-core kernel's 166 would become 170, one block an SM less)
-        merge_s = cuda.shared.array(2, numba.int32)
+        # the partitions that hold keys: in shared memory, rather than a register across attend (the
+        # tensor-core kernel's 166 would become 170, one block an SM less)
+        merge_s = cuda.shared.array(1, numba.int32)
         if merges and cuda.threadIdx.x == 0:
             merge_s[0] = (key_end + part_keys - 1) // part_keys
         attend(q, k, v, block_tables, b, t, g, kv_heads, key_start, key_stop, scale, part_s, state_s)
@@ -196,17 +196,8 @@ def block_kernels(
             stats[1, t, g * G + tid, p] = state_s[G + tid]
         if not (merges and merge_here):
             return
-        # The last block to finish merges. Thread 0's fence after the barrier publishes the whole
-        # block's writes before it counts the block (fences are cumulative); its fence after the
-        # count orders the merge's reads after the other blocks' writes. The merging block resets the
-        # count for the next launch.
-        cuda.syncthreads()
-        if tid == 0:
-            cuda.threadfence()
-            merge_s[1] = cuda.atomic.add(finished, (t, g), 1) == merge_s[0] - 1
-            cuda.threadfence()
-        cuda.syncthreads()
-        if merge_s[1]:
+        # The last block to finish merges, and resets the count for the next launch.
+        if arrived_last(finished, (t, g), merge_s[0]):
             merge_group(t, g, merge_s[0], stats, partials, out)
             if tid == 0:
                 finished[t, g] = 0

@@ -62,10 +62,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
 
-from numba import cuda, float32, int32, int64, uint32
+from numba import cuda, float32, int64, uint32
 
 from .common import SIMULATOR
-from .intrinsics import await_previous_kernels, load_f32_l2, unpack_f16x2
+from .intrinsics import arrived_last, await_previous_kernels, load_f32_l2, unpack_f16x2
 from .mma import load_words, load_words_stream, mma_16816
 
 WARP = 32
@@ -233,16 +233,9 @@ def mma_kernel(config: MmaConfig) -> Callable:
                 for s in range(warps_k):
                     total += partial[squares_at + s * x_rows + i]
                 workspace[mine + slot + i] = total
-        cuda.threadfence()  # the sums reach the L2 before the count says so
-        cuda.syncthreads()
-        last = cuda.shared.array(1, int32)
-        if tid == 0:
-            last[0] = cuda.atomic.add(arrivals, group, 1) == splits - 1
-        cuda.syncthreads()
-        if not last[0]:
+        if not arrived_last(arrivals, group, splits):
             return False
-        cuda.threadfence()  # and the other blocks' sums are read after it
-        # from L2 only: this SM's L1 may hold a line of them read before they were written, by the
+        # The other blocks' sums from L2 only: this SM's L1 may hold a line of them read before they were written, by the
         # last block of the group before (groups' shares are not whole lines when normalising)
         first = group * splits * parked
         for i in range(tid, slot, threads):

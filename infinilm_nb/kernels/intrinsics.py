@@ -573,3 +573,30 @@ else:
         "have exited (it still waits for this kernel in its :func:`await_previous_kernels`).",
         hopper_only=True,
     )
+
+
+# ---------------------------------------------------------------- the last block of a group
+#
+# Blocks that each leave a share of a result in global memory (the split-K GEMM's sums, the split
+# attention's partials) count themselves in; the block that counts last combines the shares:
+#
+#     if arrived_last(counts, index, blocks):   # every thread of the block calls it
+#         ... read the other blocks' shares from L2 (load_f32_l2), combine, write ...
+#         counts[index] = 0                     # by one thread: ready for the next launch
+
+
+@cuda.jit(device=True)
+def arrived_last(counts, index, blocks):
+    """Whether this block is the last of ``blocks`` to count itself in at ``counts[index]`` (int32).
+
+    The barrier and thread 0's fence publish the whole block's global writes before its count
+    (fences are cumulative), and its fence after the count, with the barrier after it, orders what
+    the block reads next after the other blocks' writes. Every thread of the block must call it."""
+    last = cuda.shared.array(1, np.int32)
+    cuda.syncthreads()
+    if cuda.threadIdx.x == 0:
+        cuda.threadfence()
+        last[0] = cuda.atomic.add(counts, index, 1) == blocks - 1
+        cuda.threadfence()
+    cuda.syncthreads()
+    return last[0] != 0
