@@ -7,8 +7,8 @@ from numba import cuda, float32
 from infinilm_nb.kernels.common import cdiv, launch_stream
 from infinilm_nb.kernels import reference
 from infinilm_nb.kernels.intrinsics import (
-    aligned16, as_f32, bf16_to_f32, f32_to_bf16, load_bf16x8, load_f16x8, load_f16x8_f32, load_f32x4, store_bf16x8,
-    store_f16x8, store_f32x4,
+    aligned16, arrived_last, as_f32, bf16_to_f32, f32_to_bf16, load_bf16x8, load_f16x8, load_f16x8_f32, load_f32_l2,
+    load_f32x4, store_bf16x8, store_f16x8, store_f32x4,
 )
 
 SIGNATURES = {np.float16: "void(float16[:, ::1], float16[::1])", np.float32: "void(float32[:, ::1], float32[::1])"}
@@ -165,3 +165,41 @@ def test_float16_load_widened_to_float32(kb, rng):
     dst = kb.asarray(np.full(40, np.nan, np.float32))
     cuda.jit("void(float16[::1], float32[::1])")(_copier(load_f16x8_f32, 8))[1, 32, launch_stream()](kb.asarray(src), dst)
     np.testing.assert_array_equal(kb.to_host(dst), src.astype(np.float32))
+
+
+def _share_summer(two_d):
+    """A kernel: block ``(group, share)`` writes its share, and the last block of each group to count
+    itself in sums the group's shares (``counts`` 1-D, or 2-D indexed by a tuple as attention does)."""
+
+    def kernel(shares, counts, lasts, out):
+        group, share, tid = cuda.blockIdx.x, cuda.blockIdx.y, cuda.threadIdx.x
+        blocks, threads = cuda.gridDim.y, cuda.blockDim.x
+        shares[(group * blocks + share) * threads + tid] = float32(1000 * group + 10 * share + tid)
+        index = (group // 2, group % 2) if two_d else group
+        if arrived_last(counts, index, blocks):
+            total = float32(0)
+            for s in range(blocks):
+                total += load_f32_l2(shares, (group * blocks + s) * threads + tid)[0]
+            out[group * threads + tid] = total
+            if tid == 0:
+                lasts[group] += 1
+                counts[index] = 0
+
+    return kernel
+
+
+@pytest.mark.parametrize("two_d", [False, True])
+def test_the_last_block_of_a_group_sees_every_share_and_resets_the_count(kb, two_d):
+    groups, blocks, threads = 4, 5, 64
+    counts = kb.asarray(np.zeros((2, 2) if two_d else 4, np.int32))
+    lasts = kb.asarray(np.zeros(groups, np.int32))
+    counts_type = "int32[:, ::1]" if two_d else "int32[::1]"
+    kernel = cuda.jit(f"void(float32[::1], {counts_type}, int32[::1], float32[::1])")(_share_summer(two_d))
+    for launch in range(2):  # the second sees the counts the first reset
+        shares = kb.asarray(np.full(groups * blocks * threads, np.nan, np.float32))
+        out = kb.asarray(np.full(groups * threads, np.nan, np.float32))
+        kernel[(groups, blocks), threads, launch_stream()](shares, counts, lasts, out)
+        want = [[sum(1000 * g + 10 * s + t for s in range(blocks)) for t in range(threads)] for g in range(groups)]
+        np.testing.assert_array_equal(kb.to_host(out).reshape(groups, threads), np.array(want, np.float32))
+        np.testing.assert_array_equal(kb.to_host(lasts), launch + 1)  # one block a group took the shares
+        np.testing.assert_array_equal(kb.to_host(counts), 0)
