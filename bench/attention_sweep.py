@@ -36,7 +36,7 @@ from bench.timing import copy_bandwidth, gpu_name, time_graph  # noqa: E402
 from numba import cuda, int64, uint32  # noqa: E402
 
 from infinilm_nb.kernels import attention, attention_mma, attention_plan  # noqa: E402
-from infinilm_nb.kernels.common import compiled, launch_stream  # noqa: E402
+from infinilm_nb.kernels.common import compiled, launch_stream, multiprocessors  # noqa: E402
 from infinilm_nb.kernels.mma import load_words_stream  # noqa: E402
 
 THREADS = 128  # the attention blocks' (4 warps)
@@ -74,7 +74,7 @@ def _empty_kernel(sink):
 def part_counts(tokens: int, keys: int, most: int) -> list[int]:
     """The distinct partition counts the launcher can end up with (:func:`attention_plan.split_of`), from
     1 up to ``most`` and to 8 waves of 4 blocks an SM."""
-    sms = cupy.cuda.runtime.getDeviceProperties(0)["multiProcessorCount"]
+    sms = multiprocessors()
     counts = {attention_plan.split_of(keys, parts)[0] for parts in range(1, most + 1)}
     return sorted(parts for parts in counts if tokens * KV_HEADS * parts <= 8 * 4 * sms)
 

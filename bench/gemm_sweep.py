@@ -29,7 +29,7 @@ from bench.timing import copies_needed, copy_bandwidth, gpu_name, time_cublas, t
 from numba import cuda, uint32  # noqa: E402
 
 from infinilm_nb.kernels import gemm  # noqa: E402
-from infinilm_nb.kernels.common import compiled, launch_stream  # noqa: E402
+from infinilm_nb.kernels.common import compiled, launch_stream, multiprocessors  # noqa: E402
 from infinilm_nb.kernels.gemm_mma import SHARED_BYTES, MmaConfig  # noqa: E402
 from infinilm_nb.kernels.mma import load_words_stream  # noqa: E402
 
@@ -81,7 +81,7 @@ def probes(bw: float) -> None:
     t = time_graph([lambda: empty[132, 128, launch_stream()](sink)])
     print(f"empty kernel in a graph: {t * 1e6:.2f} us", flush=True)
     read = compiled(_read_kernel, "void(float16[::1], float16[::1])")
-    sms = cupy.cuda.runtime.getDeviceProperties(0)["multiProcessorCount"]
+    sms = multiprocessors()
     for name, (n, k) in GEMM_SHAPES.items():
         nbytes = 2 * n * k
         ws = [rand((n * k,), scale=0.02) for _ in range(copies_needed(nbytes))]

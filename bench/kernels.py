@@ -238,7 +238,7 @@ def copy_call(nbytes: int) -> Callable[[], None]:
     threads an SM: the ceiling of a bandwidth-bound kernel of that size, beside the elementwise ops."""
     kernel = common.compiled(_copy_kernel, "void(float16[::1], float16[::1])")
     src, dst = rand((nbytes // 4,)), cupy.empty(nbytes // 4, np.float16)
-    blocks = 8 * cupy.cuda.runtime.getDeviceProperties(0)["multiProcessorCount"]
+    blocks = 8 * common.multiprocessors()
     return lambda: kernel[blocks, 256, common.launch_stream()](src, dst)
 
 
