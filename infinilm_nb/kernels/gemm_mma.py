@@ -235,8 +235,9 @@ def mma_kernel(config: MmaConfig) -> Callable:
                 workspace[mine + slot + i] = total
         if not arrived_last(arrivals, group, splits):
             return False
-        # The other blocks' sums from L2 only: this SM's L1 may hold a line of them read before they were written, by the
-        # last block of the group before (groups' shares are not whole lines when normalising)
+        # The other blocks' sums from L2 only: this SM's L1 may hold a line of them read before they
+        # were written, by the last block of the group before (groups' shares are not whole lines
+        # when normalising)
         first = group * splits * parked
         for i in range(tid, slot, threads):
             total = float32(0)

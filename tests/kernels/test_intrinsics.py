@@ -199,7 +199,8 @@ def test_the_last_block_of_a_group_sees_every_share_and_resets_the_count(kb, two
         shares = kb.asarray(np.full(groups * blocks * threads, np.nan, np.float32))
         out = kb.asarray(np.full(groups * threads, np.nan, np.float32))
         kernel[(groups, blocks), threads, launch_stream()](shares, counts, lasts, out)
-        want = [[sum(1000 * g + 10 * s + t for s in range(blocks)) for t in range(threads)] for g in range(groups)]
-        np.testing.assert_array_equal(kb.to_host(out).reshape(groups, threads), np.array(want, np.float32))
+        g, t = np.arange(groups)[:, None], np.arange(threads)[None, :]
+        want = blocks * (1000 * g + t) + 10 * blocks * (blocks - 1) // 2
+        np.testing.assert_array_equal(kb.to_host(out).reshape(groups, threads), want.astype(np.float32))
         np.testing.assert_array_equal(kb.to_host(lasts), launch + 1)  # one block a group took the shares
         np.testing.assert_array_equal(kb.to_host(counts), 0)
