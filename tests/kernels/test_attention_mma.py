@@ -162,7 +162,8 @@ def test_every_warp_count_matches_reference(kb, rng, monkeypatch, shape, warps):
     q_heads, kv_heads, dim, block_size = shape
     seqs = _seqs(block_size, "decode") + [(1, 3000)]
     max_context = (-(-3000 // block_size) + 1) * block_size
-    for workspace in (None, AttentionWorkspace.allocate(kb.xp, len(seqs), q_heads, dim, max_context, partition_keys=256)):
+    split = AttentionWorkspace.allocate(kb.xp, len(seqs), q_heads, dim, max_context, partition_keys=256)
+    for workspace in (None, split):
         got, want = _run_paged(kb, rng, seqs, q_heads, kv_heads, dim, block_size, F16, workspace)
         assert rel_err(got, want) < tolerance(F16), workspace is not None
 
