@@ -203,6 +203,12 @@ def elementwise_cases(tokens: int, cos_sin: Any) -> list[tuple[str, str, int, Ca
     ]
 
 
+# (kernel, rows, temperature, top_p) of the sampler's rows: greedy, and top-p (which searches its cut-off),
+# at batch 32 and 1
+SAMPLER_CASES = (("sample greedy", 32, 0.0, 1.0), ("sample top_p=0.9", 32, 0.8, 0.9), ("sample greedy", 1, 0.0, 1.0),
+                 ("sample top_p=0.9", 1, 0.8, 0.9))
+
+
 def sampler_call(dtype: Any, temperature: float, top_p: float, rows: int = 32) -> Callable[[], None]:
     """The sampler on fresh ``[rows, VOCAB]`` logits of ``dtype``, every row with these settings."""
     logits = rand((rows, VOCAB), dtype)
@@ -255,9 +261,9 @@ def bench_elementwise(copy_bw: float, tokens: int = 4096) -> list[Row]:
     for kernel, shape, nbytes, make in elementwise_cases(tokens, rope_cache()):
         add(kernel, shape, nbytes, lambda make=make: make(np.float16))
         add("copy kernel", f"{nbytes / 2e6:.1f} MB in, out", nbytes, lambda nbytes=nbytes: copy_call(nbytes))
-    logits = 32 * VOCAB * 4
-    add("sample greedy", f"32x{VOCAB} f32", logits, lambda: sampler_call(np.float32, 0.0, 1.0))
-    add("sample top_p=0.9", f"32x{VOCAB} f32", logits, lambda: sampler_call(np.float32, 0.8, 0.9))
+    for kernel, batch, temperature, top_p in SAMPLER_CASES:
+        add(kernel, f"{batch}x{VOCAB} f32", batch * VOCAB * 4,
+            lambda case=(temperature, top_p, batch): sampler_call(np.float32, *case))
     return rows
 
 

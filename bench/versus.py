@@ -10,7 +10,7 @@ other's, ``--rounds`` times, the best of each kept.
 Usage, in two steps because the GPU machine's git may not hold the commit::
 
     python bench/versus.py --export HEAD                 # here: writes bench/out/versus/<sha>/infinilm_nb
-    python bench/versus.py --against bench/out/versus/<sha> [--only elementwise,attention,gemm] [--rounds 2]
+    python bench/versus.py --against bench/out/versus/<sha> [--only elementwise,sampling,attention,gemm] [--rounds 2]
 
 (carry ``bench/out/versus`` to the GPU machine: it is git-ignored). ``--against`` takes several
 directories (named apart: a directory's name names its package), so that variants are timed in one
@@ -87,6 +87,14 @@ def cases(only: list[str]) -> list[tuple[str, str, Callable[[], tuple[int, Calls
         for kernel, shape, nbytes, make in kernels.elementwise_cases(4096, kernels.rope_cache()):
             found.append(("elementwise", f"{kernel} {shape}", lambda make=make, nbytes=nbytes: (
                 nbytes, [make(np.float16) for _ in range(copies_needed(nbytes))])))
+    if "sampling" in only:
+        for kernel, batch, temperature, top_p in kernels.SAMPLER_CASES:
+            def make(batch=batch, temperature=temperature, top_p=top_p):
+                nbytes = batch * kernels.VOCAB * 4
+                return nbytes, [kernels.sampler_call(np.float32, temperature, top_p, batch)
+                                for _ in range(copies_needed(nbytes))]
+
+            found.append(("sampling", f"{kernel} {batch}x{kernels.VOCAB}", make))
     if "attention" in only:
         for batch, length in kernels.ATTENTION_CASES:
             def make(batch=batch, length=length):
@@ -109,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--export", metavar="REV", help="write the package at REV for --against, and stop")
     parser.add_argument("--against", type=Path, nargs="+", help="directories each holding an exported infinilm_nb")
-    parser.add_argument("--only", default="elementwise,attention", help="comma-separated: elementwise, attention, gemm")
+    parser.add_argument("--only", default="elementwise,attention",
+                        help="comma-separated: elementwise, sampling, attention, gemm")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("bench/out"))
     args = parser.parse_args(argv)

@@ -10,7 +10,7 @@
 #   bash scripts/gpu_session.sh tp [bench/tp.py args]           # 2 GPUs: tests/distributed, then tp=2 against tp=1
 #   bash scripts/gpu_session.sh sweep [bench/gemm_sweep.py args] # e.g. --m 32 --budget 120: decode GEMM variants
 #   bash scripts/gpu_session.sh attention [bench/attention_sweep.py args] # decode attention by partition count
-#   bash scripts/gpu_session.sh versus --against bench/out/versus/SHA [DIR ...] [--only elementwise,attention,gemm]
+#   bash scripts/gpu_session.sh versus --against bench/out/versus/SHA [DIR ...] [--only sampling,attention,...]
 #                                                               # the tree's kernels beside those of a commit (or several),
 #                                                               # exported here first: python3 bench/versus.py --export REV
 #                                                               # (carry bench/out/versus with .whl)

@@ -198,10 +198,14 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def launch(kernel: Any, grid: Any, block: Any, args: Sequence[Any], shared_bytes: int = 0) -> None:
+def launch(
+    kernel: Any, grid: Any, block: Any, args: Sequence[Any], shared_bytes: int = 0, cluster: tuple | None = None,
+) -> None:
     """Launch ``kernel`` (compiled for one signature) on :func:`launch_stream`. ``shared_bytes``: the
     block's shared memory when it may be more than :data:`STATIC_SHARED_BYTES`, which the kernel then
     declares dynamically (0, or anything up to that, launches with no dynamic shared memory).
+    ``cluster``: blocks a thread block cluster spans along each axis of ``grid`` (which counts blocks,
+    a multiple of it), where :func:`clusters_launch` (Hopper on); None: clusters of one block.
 
     A kernel that calls :func:`.intrinsics.await_previous_kernels` is launched with programmatic
     dependent launch (PDL) while :data:`PDL` is on: once every block of the kernel before it has
@@ -212,22 +216,53 @@ def launch(kernel: Any, grid: Any, block: Any, args: Sequence[Any], shared_bytes
     """
     stream = launch_stream()
     shared = _dynamic_shared_bytes(kernel, shared_bytes)
-    if not (PDL and _awaits_previous_kernels(kernel) and _programmatic_launch_config()):
+    programmatic = PDL and _awaits_previous_kernels(kernel) and _programmatic_launch_config()
+    if cluster is not None and not clusters_launch():
+        raise ValueError(f"launch: thread block clusters {cluster} need a Hopper or newer GPU")
+    if cluster is None and not programmatic:
         kernel[grid, block, stream, shared](*args)
         return
     from cuda.core import LaunchConfig
     from cuda.core import launch as core_launch
     from numba.cuda.cudadrv import driver
 
-    # numba's own launch (dispatcher._Kernel.launch) with the attribute added to its LaunchConfig
+    # numba's own launch (dispatcher._Kernel.launch) with PDL or clusters added to its LaunchConfig
     overload = _overload(kernel)
     core_stream = driver._to_core_stream(stream)
     retained: list = []
     kernel_args: list = []
     for arg_type, value in zip(overload.argument_types, args):
         overload._prepare_args(arg_type, value, core_stream, retained, kernel_args)
-    config = LaunchConfig(grid=grid, block=block, shmem_size=shared, programmatic_stream_serialization=True)
+    if cluster is not None:  # cuda.core counts the grid in clusters
+        grid = tuple(blocks // span for blocks, span in zip(_three(grid), _three(cluster)))
+        cluster = _three(cluster)
+    config = LaunchConfig(grid=grid, cluster=cluster, block=block, shmem_size=shared,
+                          **({"programmatic_stream_serialization": True} if programmatic else {}))
     core_launch(core_stream, config, overload._codelibrary.get_cufunc().kernel, *kernel_args)
+
+
+def _three(dims: Any) -> tuple[int, int, int]:
+    """Launch dimensions as three (an int or a shorter tuple padded with ones)."""
+    dims = (dims,) if isinstance(dims, int) else tuple(dims)
+    return dims + (1,) * (3 - len(dims))
+
+
+@lru_cache(maxsize=None)
+def clusters_launch() -> bool:
+    """Whether :func:`launch` can group blocks into clusters: a Hopper or newer GPU (never the simulator)."""
+    return not SIMULATOR and cuda.get_current_device().compute_capability >= (9, 0)
+
+
+@lru_cache(maxsize=None)
+def active_clusters(kernel: Any, block: int, cluster: tuple) -> int:
+    """The clusters of ``cluster`` blocks of ``block`` threads of the compiled ``kernel`` that the GPU
+    runs at once (the driver's occupancy calculator: blocks an SM, and the SMs of each GPC)."""
+    from cuda.core import LaunchConfig
+    from numba.cuda.cudadrv import driver
+
+    config = LaunchConfig(grid=1, cluster=_three(cluster), block=block)
+    occupancy = _overload(kernel)._codelibrary.get_cufunc().kernel.occupancy
+    return occupancy.max_active_clusters(config, stream=driver._to_core_stream(launch_stream()))
 
 
 @lru_cache(maxsize=None)

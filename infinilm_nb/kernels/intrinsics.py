@@ -548,9 +548,9 @@ if SIMULATOR:
 
 else:
 
-    def _on_hopper(builder: Any) -> Any:
-        """A branch taken only when the PTX is built for sm_90 or newer: NVVM folds
-        ``__nvvm_reflect("__CUDA_ARCH")`` to the target's 100 * major + 10 * minor."""
+    def _hopper(builder: Any) -> Any:
+        """Whether the PTX is built for sm_90 or newer, as an i1 that NVVM folds to a constant: it
+        replaces ``__nvvm_reflect("__CUDA_ARCH")`` by the target's 100 * major + 10 * minor."""
         module = builder.module
         reflect = cgutils.get_or_insert_function(module, ir.FunctionType(_I32, [ir.IntType(8).as_pointer()]),
                                                  "__nvvm_reflect")
@@ -558,7 +558,11 @@ else:
         if name is None:
             name = cgutils.global_constant(module, "__cuda_arch_name", cgutils.make_bytearray(b"__CUDA_ARCH\0"))
         arch = builder.call(reflect, [builder.bitcast(name, ir.IntType(8).as_pointer())])
-        return builder.if_then(builder.icmp_signed(">=", arch, ir.Constant(_I32, 900)))
+        return builder.icmp_signed(">=", arch, ir.Constant(_I32, 900))
+
+    def _on_hopper(builder: Any) -> Any:
+        """A branch taken only when the PTX is built for sm_90 or newer (:func:`_hopper`)."""
+        return builder.if_then(_hopper(builder))
 
     await_previous_kernels = _statement(
         "await_previous_kernels", "griddepcontrol.wait;",
@@ -573,6 +577,109 @@ else:
         "have exited (it still waits for this kernel in its :func:`await_previous_kernels`).",
         hopper_only=True,
     )
+
+
+# ---------------------------------------------------------------- thread block clusters
+#
+# On Hopper a launch may group its blocks into clusters (``cluster`` of :func:`.common.launch`),
+# which the hardware runs at the same time on one GPC: their threads can meet at one barrier and
+# read each other's shared memory. Every grid is made of clusters, of one block where the launch
+# asks for none (and always before Hopper, and in the simulator), so a kernel written with these
+# also runs in a plain launch::
+#
+#     cluster_blocks()                      # the blocks of this block's cluster
+#     cluster_sync()                        # every thread of every block of the cluster meets here
+#     load_shared_cluster(array, i, rank)   # array.flat[i] in the shared memory of the block of that rank
+#
+# A block's shared memory is gone once it exits, so the cluster meets at a cluster_sync after its
+# last reads of other blocks' memory.
+
+if SIMULATOR:
+
+    @cuda.jit(device=True)
+    def cluster_blocks():
+        """Blocks in a cluster: one in the simulator."""
+        return 1
+
+    @cuda.jit(device=True)
+    def cluster_sync():
+        """A block barrier: the simulator's clusters are one block."""
+        cuda.syncthreads()
+
+    @cuda.jit(device=True)
+    def load_shared_cluster(array, index, rank):
+        """``array.flat[index]`` of the block itself (rank 0, the simulator's only one)."""
+        return array.reshape(-1)[index]
+
+else:
+
+    @intrinsic
+    def cluster_blocks(typingctx):
+        """Type ``cluster_blocks() -> int32``: ``%cluster_nctarank``, the blocks in this block's cluster
+        (1 before Hopper)."""
+
+        def codegen(context, builder, sig, args):
+            blocks = cgutils.alloca_once_value(builder, ir.Constant(_I32, 1))
+            with _on_hopper(builder):
+                builder.store(builder.call(_asm(_I32, [], "mov.u32 $0, %cluster_nctarank;", "=r", volatile=False), []),
+                              blocks)
+            return builder.load(blocks)
+
+        return types.int32(), codegen
+
+    @intrinsic
+    def cluster_sync(typingctx):
+        """Type ``cluster_sync() -> None``: ``barrier.cluster.arrive.release`` then ``.wait.acquire``;
+        the shared and global writes of every thread of the cluster before it are seen by every thread
+        after it. Before Hopper a block barrier (``bar.sync 0``), the cluster being the block."""
+
+        def codegen(context, builder, sig, args):
+            with builder.if_else(_hopper(builder)) as (hopper, older):
+                with hopper:
+                    text = "barrier.cluster.arrive.release.aligned; barrier.cluster.wait.acquire.aligned;"
+                    builder.call(_asm(_VOID, [], text, ""), [])
+                with older:
+                    builder.call(_asm(_VOID, [], "bar.sync 0;", ""), [])
+            return context.get_dummy_value()
+
+        return types.void(), codegen
+
+    _CLUSTER_LOADS = {types.float32: ("f32", "=f", ir.FloatType()), types.int64: ("s64", "=l", ir.IntType(64))}
+
+    @intrinsic
+    def load_shared_cluster(typingctx, array, index, rank):
+        """Type ``load_shared_cluster(shared float32 or int64 array, integer, integer) -> element``:
+        ``array.flat[index]`` in the shared memory of the block of ``rank`` in this block's cluster
+        (``mapa`` then ``ld.shared::cluster``; before Hopper, of the block itself)."""
+        if not (
+            isinstance(array, types.Array)
+            and array.layout == "C"
+            and array.dtype in _CLUSTER_LOADS
+            and isinstance(index, types.Integer)
+            and isinstance(rank, types.Integer)
+        ):
+            return None
+        suffix, constraint, element = _CLUSTER_LOADS[array.dtype]
+
+        def codegen(context, builder, sig, args):
+            array_type, index_type, rank_type = sig.args
+            data = context.make_array(array_type)(context, builder, value=args[0]).data
+            pointer = builder.gep(data, [context.cast(builder, args[1], index_type, types.intp)])
+            value = cgutils.alloca_once(builder, element)
+            with builder.if_else(_hopper(builder)) as (hopper, older):
+                with hopper:
+                    generic = builder.bitcast(pointer, ir.IntType(8).as_pointer())
+                    shared = builder.addrspacecast(generic, ir.PointerType(ir.IntType(8), addrspace=3))
+                    address = builder.trunc(builder.ptrtoint(shared, ir.IntType(64)), _I32)
+                    text = (f"{{ .reg .b32 remote; mapa.shared::cluster.u32 remote, $1, $2; "
+                            f"ld.shared::cluster.{suffix} $0, [remote]; }}")
+                    asm = _asm(element, [_I32, _I32], text, f"{constraint},r,r")
+                    builder.store(builder.call(asm, [address, _u32(context, builder, args[2], rank_type)]), value)
+                with older:
+                    builder.store(builder.load(pointer), value)
+            return builder.load(value)
+
+        return array.dtype(array, index, rank), codegen
 
 
 # ---------------------------------------------------------------- the last block of a group

@@ -2,13 +2,13 @@ import re
 
 import numpy as np
 import pytest
-from numba import cuda, float32
+from numba import cuda, float32, int64
 
-from infinilm_nb.kernels.common import cdiv, launch_stream
+from infinilm_nb.kernels.common import cdiv, compiled, launch, launch_stream
 from infinilm_nb.kernels import reference
 from infinilm_nb.kernels.intrinsics import (
-    aligned16, arrived_last, as_f32, bf16_to_f32, f32_to_bf16, load_bf16x8, load_f16x8, load_f16x8_f32, load_f32_l2,
-    load_f32x4, store_bf16x8, store_f16x8, store_f32x4,
+    aligned16, arrived_last, as_f32, bf16_to_f32, cluster_blocks, cluster_sync, f32_to_bf16, load_bf16x8, load_f16x8,
+    load_f16x8_f32, load_f32_l2, load_f32x4, load_shared_cluster, store_bf16x8, store_f16x8, store_f32x4,
 )
 
 SIGNATURES = {np.float16: "void(float16[:, ::1], float16[::1])", np.float32: "void(float32[:, ::1], float32[::1])"}
@@ -195,12 +195,55 @@ def test_the_last_block_of_a_group_sees_every_share_and_resets_the_count(kb, two
     lasts = kb.asarray(np.zeros(groups, np.int32))
     counts_type = "int32[:, ::1]" if two_d else "int32[::1]"
     kernel = cuda.jit(f"void(float32[::1], {counts_type}, int32[::1], float32[::1])")(_share_summer(two_d))
-    for launch in range(2):  # the second sees the counts the first reset
+    for launches in range(1, 3):  # the second sees the counts the first reset
         shares = kb.asarray(np.full(groups * blocks * threads, np.nan, np.float32))
         out = kb.asarray(np.full(groups * threads, np.nan, np.float32))
         kernel[(groups, blocks), threads, launch_stream()](shares, counts, lasts, out)
         g, t = np.arange(groups)[:, None], np.arange(threads)[None, :]
         want = blocks * (1000 * g + t) + 10 * blocks * (blocks - 1) // 2
         np.testing.assert_array_equal(kb.to_host(out).reshape(groups, threads), want.astype(np.float32))
-        np.testing.assert_array_equal(kb.to_host(lasts), launch + 1)  # one block a group took the shares
+        np.testing.assert_array_equal(kb.to_host(lasts), launches)  # one block a group took the shares
         np.testing.assert_array_equal(kb.to_host(counts), 0)
+
+
+def _cluster_reader(floats, keys, blocks_seen):
+    """Each block puts values of its own in shared memory; every thread then adds up those of the
+    blocks of its cluster, weighted by rank, so that a block read in another's place shows."""
+    row, part, tid = cuda.blockIdx.x, cuda.blockIdx.y, cuda.threadIdx.x
+    shared_f = cuda.shared.array((2, 3), float32)
+    shared_k = cuda.shared.array(2, int64)
+    blocks = cluster_blocks()
+    if tid == 0:
+        shared_f[1, 2] = float32(100 * row + part)
+        shared_k[1] = int64(part + 1) << 40
+    cluster_sync()
+    total_f = float32(0)
+    total_k = int64(0)
+    for rank in range(blocks):
+        total_f += load_shared_cluster(shared_f, 5, rank) * float32(rank + 1)
+        total_k += load_shared_cluster(shared_k, 1, rank) * (rank + 1)
+    cluster_sync()  # no block leaves while another reads its memory
+    floats[row, part, tid] = total_f
+    keys[row, part, tid] = total_k
+    if tid == 0:
+        blocks_seen[row, part] = blocks
+
+
+@pytest.mark.parametrize("cluster", [None, pytest.param(4, marks=pytest.mark.gpu)])
+def test_the_blocks_of_a_cluster_read_each_others_shared_memory(kb, cluster):
+    rows, parts, threads = 3, 8, 64
+    floats = kb.asarray(np.full((rows, parts, threads), np.nan, np.float32))
+    keys = kb.asarray(np.full((rows, parts, threads), -1, np.int64))
+    seen = kb.asarray(np.zeros((rows, parts), np.int32))
+    kernel = compiled(_cluster_reader, "void(float32[:, :, ::1], int64[:, :, ::1], int32[:, ::1])")
+    launch(kernel, (rows, parts), threads, (floats, keys, seen), cluster=None if cluster is None else (1, cluster))
+    size = cluster or 1
+    row, part = np.arange(rows)[:, None], np.arange(parts)[None, :]
+    first = part - part % size  # the cluster's blocks: parts first .. first + size - 1, rank = part - first
+    ranks = np.arange(size)[:, None, None]
+    want_f = ((100 * row + first + ranks) * (ranks + 1)).sum(axis=0)
+    want_k = (((first + ranks + 1) << 40) * (ranks + 1)).sum(axis=0)
+    np.testing.assert_array_equal(kb.to_host(seen), size)
+    shape = (rows, parts, threads)
+    np.testing.assert_array_equal(kb.to_host(floats), np.broadcast_to(want_f[..., None], shape).astype(np.float32))
+    np.testing.assert_array_equal(kb.to_host(keys), np.broadcast_to(want_k[..., None], shape))

@@ -88,11 +88,13 @@ def test_sample_matches_reference(kb, rng, dtype, kinds, vocab):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-def test_rows_split_over_blocks_match_reference_and_leave_the_workspace_clean(kb, rng, dtype):
+# several blocks' rounds of loads, the last block's partly past the row; on a Hopper the top-k / top-p
+# rows are searched by clusters of 8 blocks (16 a row), 3 (9 a row) and 8 (16 a row, single-element loads)
+@pytest.mark.parametrize("vocab", pick(sim=[1500], gpu=[128256, 17 * 8192, 128255]))
+def test_rows_split_over_blocks_match_reference_and_leave_the_workspace_clean(kb, rng, dtype, vocab):
     from infinilm_nb.kernels import sampling
 
-    kinds = ["greedy", "temperature", "top-k and top-p", "greedy"]  # the top-k / top-p row stays in one block
-    vocab = pick(sim=1500, gpu=128256)  # several blocks' rounds of loads; the last block's partly past the row
+    kinds = ["greedy", "temperature", "top-k and top-p", "greedy", "top-p", "top-k", "top-p 0.9999"]
     logits = random(rng, (len(kinds), vocab), dtype, scale=3.0)
     logits[0, -5] = logits[0].max() + 1  # the winner in the last block
     logits[3, :] = 0  # a tie over the whole row: the lowest index wins
@@ -103,18 +105,36 @@ def test_rows_split_over_blocks_match_reference_and_leave_the_workspace_clean(kb
         assert (kb.to_host(best) == sampling.NO_BEST).all() and not kb.to_host(finished).any()
 
 
-def test_a_128k_row_is_split_over_16_blocks(kb, monkeypatch):
+@pytest.mark.parametrize("clusters", [False, True])
+def test_a_128k_row_is_split_over_16_blocks_and_searched_by_a_cluster_of_8(kb, monkeypatch, clusters):
     from infinilm_nb.kernels import sampling
 
-    grids = []
-    monkeypatch.setattr(sampling, "launch", lambda kernel, grid, *rest: grids.append(grid))
+    launches = []
+    monkeypatch.setattr(sampling, "launch",
+                        lambda kernel, grid, *rest, cluster=None: launches.append((grid, cluster)))
     monkeypatch.setattr(sampling, "THREADS", 512)
     monkeypatch.setattr(sampling, "compiled", lambda *args, **options: None)
-    for vocab in (128256, 8192, 17 * 8192):
+    monkeypatch.setattr(sampling, "clusters_launch", lambda: clusters)
+    monkeypatch.setattr(sampling, "active_clusters", lambda kernel, threads, cluster: 3)  # every row's fits
+    for vocab in (128256, 8192, 17 * 8192, 7 * 8192, 11 * 8192):
         args = [np.zeros((3, vocab), np.float16), np.zeros(3, np.float32), np.zeros(3, np.int32),
                 np.ones(3, np.float32), np.zeros(3, np.uint64), np.zeros(3, np.int32)]
         sampling.sample(*[kb.asarray(a) for a in args])
-    assert grids == [(3, 16), (3, 1), (3, 9)]  # 17 rounds: 2 each, the last block 1
+    # 17 rounds: 2 each, the last block 1; a cluster of the most blocks, up to 8, that divide a row's
+    grids = [(3, 16), (3, 1), (3, 9), (3, 7), (3, 11)]
+    want = [(1, 8), None, (1, 3), (1, 7), None] if clusters else [None] * 5
+    assert launches == list(zip(grids, want))
+
+
+def test_a_searched_row_takes_the_largest_cluster_whose_wave_holds_every_row(monkeypatch):
+    from infinilm_nb.kernels import sampling
+
+    monkeypatch.setattr(sampling, "clusters_launch", lambda: True)
+    active = {2: 66, 4: 28, 8: 14}.get  # clusters a GPU of 132 SMs runs at once, one block an SM
+    assert [sampling.cluster_size(16, rows, active) for rows in (1, 14, 15, 28, 29, 66, 67)] == [8, 8, 4, 4, 2, 2, 1]
+    assert sampling.cluster_size(9, 1, lambda blocks: 100) == 3  # the most that divide the row's blocks
+    monkeypatch.setattr(sampling, "clusters_launch", lambda: False)
+    assert sampling.cluster_size(16, 1, active) == 1
 
 
 def edge_seeds(rng, logits, temperature, top_k, top_p):
