@@ -216,41 +216,42 @@ def mma_kernel(config: MmaConfig) -> Callable:
                             acc[i + q] = d[q]
 
     @cuda.jit(device=True, **({} if SIMULATOR else {"forceinline": True}))
+    def park(partial, at, count, workspace, to):
+        """``workspace[to + i]`` = the warps' ``partial[at + s * count + i]`` added in order, ``i < count``."""
+        for i in range(cuda.threadIdx.x, count, threads):
+            total = float32(0)
+            for s in range(warps_k):
+                total += partial[at + s * count + i]
+            workspace[to + i] = total
+
+    @cuda.jit(device=True, **({} if SIMULATOR else {"forceinline": True}))
+    def gather(workspace, at, count, partial, to):
+        """``partial[to + i]`` = the group's parked ``workspace[at + s * parked + i]`` added in order,
+        ``i < count``. From L2 only: this SM's L1 may hold a line of them read before they were
+        written, by the last block of the group before (groups' shares are not whole lines when
+        normalising)."""
+        for i in range(cuda.threadIdx.x, count, threads):
+            total = float32(0)
+            for s in range(splits):
+                total += load_f32_l2(workspace, at + s * parked + i)[0]
+            partial[to + i] = total
+
+    @cuda.jit(device=True, **({} if SIMULATOR else {"forceinline": True}))
     def gather_shares(partial, workspace, arrivals, group, share):
         """``splits > 1``: park this block's sums (its warps' partials added in order) in the
         workspace; whether this block arrived last at its group, in which case the first slice of
         ``partial`` (and of the squares) now holds the sums over every share, added in order."""
-        tid = cuda.threadIdx.x
         mine = (group * splits + share) * parked
-        for i in range(tid, slot, threads):
-            total = float32(0)
-            for s in range(warps_k):
-                total += partial[s * slot + i]
-            workspace[mine + i] = total
+        park(partial, 0, slot, workspace, mine)
         if normalise:
-            for i in range(tid, x_rows, threads):
-                total = float32(0)
-                for s in range(warps_k):
-                    total += partial[squares_at + s * x_rows + i]
-                workspace[mine + slot + i] = total
+            park(partial, squares_at, x_rows, workspace, mine + slot)
         if not arrived_last(arrivals, group, splits):
             return False
-        # The other blocks' sums from L2 only: this SM's L1 may hold a line of them read before they
-        # were written, by the last block of the group before (groups' shares are not whole lines
-        # when normalising)
         first = group * splits * parked
-        for i in range(tid, slot, threads):
-            total = float32(0)
-            for s in range(splits):
-                total += load_f32_l2(workspace, first + s * parked + i)[0]
-            partial[i] = total
+        gather(workspace, first, slot, partial, 0)
         if normalise:
-            for i in range(tid, x_rows, threads):
-                total = float32(0)
-                for s in range(splits):
-                    total += load_f32_l2(workspace, first + s * parked + slot + i)[0]
-                partial[squares_at + i] = total
-        if tid == 0:
+            gather(workspace, first + slot, x_rows, partial, squares_at)
+        if cuda.threadIdx.x == 0:
             arrivals[group] = 0  # ready for the next launch
         cuda.syncthreads()
         return True
