@@ -7,6 +7,7 @@ Batch 1: tokens/s and ms/token of the decode phase, time to first token, and the
 (every weight byte once per step at the measured device-to-device copy bandwidth) with the share
 reached; the host time per decode step (the step's wall time minus the GPU time of its CUDA graph,
 replayed alone), and its parts (timed step by step). Then tokens/s at larger batches, batch 1 and the
+largest batch sampled (temperature 0.8, top-p 0.9: :data:`SAMPLED`), batch 1 and the
 largest batch again step by step (``async_scheduling`` off), the time to first token of one long prompt, how many 4K-token sequences the KV cache holds at
 ``gpu_memory_utilization=0.9``, with ``--ablate`` the GPU time of a batch-1 step with each fusion
 undone and with PDL switched (:mod:`bench.ablation`), and HF transformers (PyTorch eager, its default attention, float16,
@@ -37,13 +38,19 @@ UTILIZATION = 0.9
 H100_80GB_BYTES = 81559 * 2**20  # what an H100 80GB reports as its total memory
 
 
-def run_batch(llm: Any, batch: int, prompt_len: int, new_tokens: int, seed: int = 0) -> dict[str, float]:
+# the sampled rows' settings (a chat model's usual ones): the sampler searches each row's top-p cut-off
+SAMPLED = {"temperature": 0.8, "top_p": 0.9}
+
+
+def run_batch(
+    llm: Any, batch: int, prompt_len: int, new_tokens: int, seed: int = 0, sampling: dict[str, float] | None = None,
+) -> dict[str, float]:
     """Drive the engine through ``batch`` random prompts of ``prompt_len`` tokens, ``new_tokens`` each
-    (greedy, EOS ignored), timing every step. The decode phase starts once every sequence has its
-    first token."""
+    (greedy, or with the ``sampling`` settings; EOS ignored), timing every step. The decode phase
+    starts once every sequence has its first token."""
     engine = llm.engine
     rng = np.random.default_rng(seed)
-    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True, **(sampling or {"temperature": 0}))
     for i in range(batch):
         prompt = rng.integers(0, llm.model.config.vocab_size, prompt_len).tolist()
         engine.add_request(f"bench-{batch}-{i}", None, prompt, params)
@@ -204,6 +211,12 @@ def measure(args: argparse.Namespace, directory: Path, config: dict[str, Any]) -
         gpu = graph_step_seconds(llm, batch)
         row["host_pct"] = 100 * (1 - gpu / (row["ms_per_step"] / 1e3))
         batches.append(row)
+    # batch 1 and the largest batch again, sampled: what the sampler's search adds to a step
+    sampled = []
+    for batch in (1, max(args.batches, default=1)):
+        row = run_batch(llm, batch, args.prompt, args.tokens, seed=batch, sampling=SAMPLED)
+        row["host_pct"] = 100 * (1 - graph_step_seconds(llm, batch) / (row["ms_per_step"] / 1e3))
+        sampled.append(dict(row, sampling=SAMPLED))
     # the same engine step by step: each step launched only once the previous tokens are on the host
     llm.engine.async_scheduling = False
     step_by_step = []
@@ -217,7 +230,8 @@ def measure(args: argparse.Namespace, directory: Path, config: dict[str, Any]) -
     del llm
     free_gpu_memory()
     result = {"copy_gbps": bandwidth / 1e9, "weight_gb": weight_bytes(config) / 1e9, "batch1": single,
-              "batches": batches, "step_by_step": step_by_step, "memory": memory, "long_prompt_ttft_ms": long_ttft}
+              "batches": batches, "sampled": sampled, "step_by_step": step_by_step, "memory": memory,
+              "long_prompt_ttft_ms": long_ttft}
     if args.ablate:
         result["ablation_gpu_ms"] = ablation_ms(args, directory)
     return result
@@ -251,6 +265,10 @@ def print_report(result: dict[str, Any]) -> None:
           f"{s['roofline_pct']:>6.1f}% {s['host_pct']:>6.1f}%")
     for row in result["batches"]:
         print(f"{'infinilm-nb':<22} {row['batch']:>5} {row['decode_tok_s']:>9.1f} {row['ms_per_step']:>9.2f} "
+              f"{row['ttft_ms']:>8.1f} {'-':>7} {row['host_pct']:>6.1f}%")
+    for row in result.get("sampled", []):
+        sampled = ", ".join(f"{name} {value}" for name, value in row["sampling"].items())
+        print(f"{'  ' + sampled:<22} {row['batch']:>5} {row['decode_tok_s']:>9.1f} {row['ms_per_step']:>9.2f} "
               f"{row['ttft_ms']:>8.1f} {'-':>7} {row['host_pct']:>6.1f}%")
     for row in result.get("step_by_step", []):
         roof = f"{row['roofline_pct']:>6.1f}%" if "roofline_pct" in row else f"{'-':>7}"

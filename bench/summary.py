@@ -56,6 +56,10 @@ def decode_lines(data: dict[str, Any]) -> list[str]:
     for row in data["batches"]:
         lines.append(f"  batch {row['batch']}: {row['decode_tok_s']:.0f} tok/s, host {row['host_pct']:.1f}%, "
                      f"TTFT {row['ttft_ms']:.0f} ms")
+    for row in data.get("sampled", []):
+        sampling = ", ".join(f"{name} {value}" for name, value in row["sampling"].items())
+        lines.append(f"  sampled ({sampling}) batch {row['batch']}: {row['decode_tok_s']:.0f} tok/s, "
+                     f"host {row['host_pct']:.1f}%")
     for row in data.get("step_by_step", []):
         roof = f", {row['roofline_pct']:.1f}% of roofline" if "roofline_pct" in row else ""
         lines.append(f"  step by step batch {row['batch']}: {row['decode_tok_s']:.1f} tok/s{roof}, "

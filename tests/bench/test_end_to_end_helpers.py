@@ -56,6 +56,9 @@ def test_run_batch_times_a_generation(random_dir):
     assert row["decode_tok_s"] > 0 and row["ms_per_step"] > 0
     assert llm.tokenizer.decode([0, 299]) == "t0 t299"
     assert not llm.engine.has_unfinished()
+    sampled = decode.run_batch(llm, 2, prompt_len=5, new_tokens=6, sampling=decode.SAMPLED)
+    assert sampled["batch"] == 2 and sampled["decode_tok_s"] > 0
+    assert not llm.engine.has_unfinished()
 
 
 def test_requests_are_seeded_and_in_range():

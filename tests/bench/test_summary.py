@@ -28,6 +28,8 @@ def test_kernel_families_decode_throughput_and_tp(tmp_path):
     decode = {"gpu": "G", "commit": "c", "layers": 32, "long_prompt": 2048, "long_prompt_ttft_ms": 104.6,
               "batch1": {"decode_tok_s": 150.0, "roofline_pct": 81.2, "host_pct": 2.7},
               "batches": [{"batch": 8, "decode_tok_s": 1156.1, "host_pct": 1.4, "ttft_ms": 55.4}],
+              "sampled": [{"batch": 1, "decode_tok_s": 144.2, "host_pct": 2.9,
+                           "sampling": {"temperature": 0.8, "top_p": 0.9}}],
               "hf": {"decode_tok_s": 15.0, "long_ttft_ms": 65.8},
               "ablation_gpu_ms": {"fused": 6.0, "silu": 6.25, "rope": 6.125}}
     throughput = {"ours": {"output_tok_s": 3821.0, "requests": 256}, "hf": {"output_tok_s": 178.0}}
@@ -47,6 +49,7 @@ def test_kernel_families_decode_throughput_and_tp(tmp_path):
         "decode (G, c, 32 layers)",
         "  batch 1: 150.0 tok/s, 81.2% of roofline (target 85%), host 2.7%",
         "  batch 8: 1156 tok/s, host 1.4%, TTFT 55 ms",
+        "  sampled (temperature 0.8, top_p 0.9) batch 1: 144 tok/s, host 2.9%",
         "  HF transformers batch 1: 15.0 tok/s (10.0x)",
         "  fusions undone, PDL switched, step GPU time: silu +0.250 ms, rope +0.125 ms",
         "  TTFT of 2048 tokens: 104.6 ms, HF 65.8 ms",
