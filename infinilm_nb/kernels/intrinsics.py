@@ -25,7 +25,9 @@ In numba's CUDA simulator inline LLVM does not run; there the same names are pla
 that index the flattened array.
 
 The second section holds the data movement of the tensor-core prefill kernels (shared-memory
-addresses, ldmatrix, cp.async; those are GPU only) and f16x2 packing and unpacking.
+addresses, ldmatrix, cp.async; those are GPU only) and f16x2 packing and unpacking; the later ones
+programmatic dependent launch, thread block clusters (a barrier and each other's shared memory) and
+the last block of a group to arrive.
 """
 
 from __future__ import annotations
@@ -369,6 +371,12 @@ else:
     def _u32(context: Any, builder: Any, value: Any, value_type: Any) -> Any:
         return context.cast(builder, value, value_type, types.uint32)
 
+    def _shared_u32(builder: Any, pointer: Any) -> Any:
+        """The 32-bit shared-state-space address of a generic pointer into shared memory."""
+        generic = builder.bitcast(pointer, ir.IntType(8).as_pointer())
+        shared = builder.addrspacecast(generic, ir.PointerType(ir.IntType(8), addrspace=3))
+        return builder.trunc(builder.ptrtoint(shared, ir.IntType(64)), _I32)
+
     @intrinsic
     def shared_address(typingctx, array, index):
         """Type ``shared_address(shared array, integer) -> uint32``: the byte address of
@@ -380,9 +388,7 @@ else:
             array_type, index_type = sig.args
             data = context.make_array(array_type)(context, builder, value=args[0]).data
             offset = context.cast(builder, args[1], index_type, types.intp)
-            generic = builder.bitcast(builder.gep(data, [offset]), ir.IntType(8).as_pointer())
-            shared = builder.addrspacecast(generic, ir.PointerType(ir.IntType(8), addrspace=3))
-            return builder.trunc(builder.ptrtoint(shared, ir.IntType(64)), _I32)
+            return _shared_u32(builder, builder.gep(data, [offset]))
 
         return types.uint32(array, index), codegen
 
@@ -668,13 +674,11 @@ else:
             value = cgutils.alloca_once(builder, element)
             with builder.if_else(_hopper(builder)) as (hopper, older):
                 with hopper:
-                    generic = builder.bitcast(pointer, ir.IntType(8).as_pointer())
-                    shared = builder.addrspacecast(generic, ir.PointerType(ir.IntType(8), addrspace=3))
-                    address = builder.trunc(builder.ptrtoint(shared, ir.IntType(64)), _I32)
                     text = (f"{{ .reg .b32 remote; mapa.shared::cluster.u32 remote, $1, $2; "
                             f"ld.shared::cluster.{suffix} $0, [remote]; }}")
                     asm = _asm(element, [_I32, _I32], text, f"{constraint},r,r")
-                    builder.store(builder.call(asm, [address, _u32(context, builder, args[2], rank_type)]), value)
+                    rank_u32 = _u32(context, builder, args[2], rank_type)
+                    builder.store(builder.call(asm, [_shared_u32(builder, pointer), rank_u32]), value)
                 with older:
                     builder.store(builder.load(pointer), value)
             return builder.load(value)
